@@ -1,0 +1,232 @@
+"""Autograd for the fused kernels, and their registration with ``torch.library``.
+
+Each kernel family is one ``torch.autograd.Function``. Its forward runs one kernel that returns the
+loss *and* the gradient (already multiplied by the reduction's scale), and saves the gradient. Its
+backward only multiplies that saved gradient by ``grad_output``, in place and on the device: the
+kernel reads ``grad_output`` itself and returns at once when it is exactly 1.0 — the common
+``loss.backward()`` — so backward costs one launch, no memory traffic and no host sync.
+
+The launchers are registered as ``torch.library.custom_op``s with fake (meta) implementations, so
+``torch.compile(fullgraph=True)`` and CUDA-graph capture see opaque, shape-correct nodes.
+
+Backward twice (``retain_graph=True``): the scale kernel keeps the factor it last applied on the
+device and rescales by ``new / old``, so repeated backward passes stay exact.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------------------
+# torch.library registration (the kernels are imported on first use, never at import time)
+# --------------------------------------------------------------------------------------------------
+
+
+def _no_grad_buffer(like: Tensor) -> Tensor:
+    return like.new_empty(0)
+
+
+@torch.library.custom_op("fastloss::softmax_loss_fwd", mutates_args=())
+def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Tensor,
+                      write_grad: bool, ignore_index: int, label_smoothing: float, z_loss: float,
+                      softcap: Optional[float], gamma: Optional[float]) -> tuple[Tensor, Tensor]:
+    from .kernels.cross_entropy import cross_entropy_fwd
+
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if write_grad else None
+    loss = cross_entropy_fwd(logits, target, weight, scales, grad, ignore_index=ignore_index,
+                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma)
+    return loss, grad if grad is not None else _no_grad_buffer(logits)
+
+
+@_softmax_loss_fwd.register_fake
+def _(logits, target, weight, scales, write_grad, ignore_index, label_smoothing, z_loss, softcap, gamma):
+    loss = logits.new_empty(logits.shape[0], dtype=torch.float32)
+    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if write_grad else _no_grad_buffer(logits)
+    return loss, grad
+
+
+@torch.library.custom_op("fastloss::softmax_loss_fwd_inplace", mutates_args=("logits",))
+def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Tensor,
+                              ignore_index: int, label_smoothing: float, z_loss: float,
+                              softcap: Optional[float], gamma: Optional[float]) -> Tensor:
+    from .kernels.cross_entropy import cross_entropy_fwd
+
+    return cross_entropy_fwd(logits, target, weight, scales, logits, ignore_index=ignore_index,
+                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma)
+
+
+@_softmax_loss_fwd_inplace.register_fake
+def _(logits, target, weight, scales, ignore_index, label_smoothing, z_loss, softcap, gamma):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastloss::huber_fwd", mutates_args=())
+def _huber_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, mul: float,
+               scale: float, reduce: bool, grad_input: bool, grad_target: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from .kernels.huber import huber_fwd
+
+    gi = torch.empty_like(input) if grad_input else None
+    gt = torch.empty_like(target) if grad_target else None
+    loss = huber_fwd(input, target, weight, beta=beta, mul=mul, scale=scale, reduce=reduce,
+                     grad_input=gi, grad_target=gt)
+    return loss, gi if gi is not None else _no_grad_buffer(input), gt if gt is not None else _no_grad_buffer(input)
+
+
+@_huber_fwd.register_fake
+def _(input, target, weight, beta, mul, scale, reduce, grad_input, grad_target):
+    loss = input.new_empty((), dtype=torch.float32) if reduce else torch.empty_like(input)
+    gi = torch.empty_like(input) if grad_input else _no_grad_buffer(input)
+    gt = torch.empty_like(target) if grad_target else _no_grad_buffer(input)
+    return loss, gi, gt
+
+
+@torch.library.custom_op("fastloss::sigmoid_focal_fwd", mutates_args=())
+def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, scale: float,
+                       reduce: bool, grad_input: bool) -> tuple[Tensor, Tensor]:
+    from .kernels.focal import sigmoid_focal_fwd
+
+    gi = torch.empty_like(inputs) if grad_input else None
+    loss = sigmoid_focal_fwd(inputs, targets, alpha=alpha, gamma=gamma, scale=scale, reduce=reduce,
+                             grad_input=gi)
+    return loss, gi if gi is not None else _no_grad_buffer(inputs)
+
+
+@_sigmoid_focal_fwd.register_fake
+def _(inputs, targets, alpha, gamma, scale, reduce, grad_input):
+    loss = inputs.new_empty((), dtype=torch.float32) if reduce else torch.empty_like(inputs)
+    return loss, torch.empty_like(inputs) if grad_input else _no_grad_buffer(inputs)
+
+
+@torch.library.custom_op("fastloss::scale_grad_", mutates_args=("grad", "applied"))
+def _scale_grad_(grad: Tensor, grad_output: Tensor, applied: Tensor) -> None:
+    from .kernels.common import scale_grad_
+
+    scale_grad_(grad, grad_output, applied)
+
+
+@_scale_grad_.register_fake
+def _(grad, grad_output, applied):
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# autograd.Functions
+# --------------------------------------------------------------------------------------------------
+
+
+def _save(ctx, grads: tuple[Tensor, ...], loss: Tensor, per_element: bool) -> None:
+    """Saves the forward's gradients, plus one "factor applied so far" per gradient and output
+    element (all 1.0), which the scale kernel uses to keep repeated backward passes exact."""
+    ctx.per_element = per_element
+    n = 0 if per_element else loss.numel()
+    applied = torch.ones((len(grads), n), device=loss.device, dtype=torch.float32)
+    ctx.save_for_backward(*grads, applied)
+
+
+def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
+    """The saved gradients times ``grad_loss``; ``None`` for inputs that need no gradient.
+
+    A scalar ``grad_loss`` (``mean``/``sum``) or one per row (cross-entropy, ``none``) scales the
+    saved buffer in place on the device. An elementwise loss with ``none`` gets one factor per
+    element, so the product goes to a new buffer, which is no larger than the factors would be.
+    """
+    *grads, applied = ctx.saved_tensors
+    out: list[Optional[Tensor]] = []
+    for i, g in enumerate(grads):
+        if not ctx.needs_input_grad[i]:
+            out.append(None)
+        elif ctx.per_element:
+            out.append(g * grad_loss)
+        else:
+            torch.ops.fastloss.scale_grad_(g, grad_loss.reshape(-1).contiguous(), applied[i])
+            out.append(g)
+    return out
+
+
+class SoftmaxLoss(torch.autograd.Function):
+    """Cross-entropy, and softmax focal loss when ``gamma`` is set: one kernel family."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, scales, reduce, inplace, ignore_index, label_smoothing,
+                z_loss, softcap, gamma):
+        write_grad = ctx.needs_input_grad[0]
+        args = (target, weight, scales)
+        opts = (ignore_index, label_smoothing, z_loss, softcap, gamma)
+        if write_grad and inplace:
+            loss = torch.ops.fastloss.softmax_loss_fwd_inplace(logits, *args, *opts)
+            ctx.mark_dirty(logits)
+            grad = logits
+        else:
+            loss, grad = torch.ops.fastloss.softmax_loss_fwd(logits, *args, write_grad, *opts)
+        if reduce:
+            loss = loss.sum()
+        _save(ctx, (grad,), loss, per_element=False)
+        return (loss, logits) if write_grad and inplace else loss
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):
+        return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None, None, None, None, None, None)
+
+
+def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Tensor, reduce: bool,
+                 inplace: bool, ignore_index: int, label_smoothing: float, z_loss: float,
+                 softcap: Optional[float], gamma: Optional[float]) -> Tensor:
+    """Runs :class:`SoftmaxLoss` on 2-D logits; returns the fp32 loss, summed when ``reduce``."""
+    inplace = inplace and logits.requires_grad and torch.is_grad_enabled()
+    if inplace and logits.is_leaf:
+        raise RuntimeError(
+            "inplace_backward=True overwrites the logits with their gradient, which a leaf tensor "
+            "that requires grad does not allow: pass logits computed by the model, or set "
+            "inplace_backward=False"
+        )
+    out = SoftmaxLoss.apply(logits, target, weight, scales, reduce, inplace, ignore_index,
+                            label_smoothing, z_loss, softcap, gamma)
+    return out[0] if inplace else out
+
+
+class Huber(torch.autograd.Function):
+    """Huber, SmoothL1 and L1: one elementwise kernel, gradients for input and target."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, beta, mul, reduction):
+        scale = 1.0 / input.numel() if reduction == "mean" else 1.0
+        loss, g_in, g_t = torch.ops.fastloss.huber_fwd(
+            input, target, weight, beta, mul, scale, reduction != "none",
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        _save(ctx, (g_in, g_t), loss, per_element=reduction == "none")
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return (*_scaled_grads(ctx, grad_loss), None, None, None, None)
+
+
+def huber(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, mul: float,
+          reduction: str) -> Tensor:
+    """``mul * smooth_l1(input - target; beta)``, times ``weight``, reduced; in the input's dtype."""
+    input, target = input.contiguous(), target.contiguous()
+    weight = weight.contiguous() if weight is not None else None
+    return Huber.apply(input, target, weight, beta, mul, reduction).to(input.dtype)
+
+
+class SigmoidFocal(torch.autograd.Function):
+    """torchvision's sigmoid focal loss: one elementwise kernel, gradient for the inputs."""
+
+    @staticmethod
+    def forward(ctx, inputs, targets, alpha, gamma, reduction):
+        scale = 1.0 / inputs.numel() if reduction == "mean" else 1.0
+        loss, g_in = torch.ops.fastloss.sigmoid_focal_fwd(
+            inputs, targets, alpha, gamma, scale, reduction != "none", ctx.needs_input_grad[0])
+        _save(ctx, (g_in,), loss, per_element=reduction == "none")
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        return (*_scaled_grads(ctx, grad_loss), None, None, None, None)
+
+
+def sigmoid_focal(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
+    return SigmoidFocal.apply(inputs.contiguous(), targets.contiguous(), alpha, gamma, reduction).to(inputs.dtype)

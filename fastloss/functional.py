@@ -1,0 +1,352 @@
+"""The public loss functions: check arguments → dispatch to a backend → reduce.
+
+Every function is a drop-in replacement for the torch function it names: same signature (legacy
+``size_average``/``reduce`` included), defaults, output dtype and shape, and exception types. The
+keyword-only arguments after ``*`` are fastloss extras.
+
+Argument errors are raised here, before any kernel launch, so both backends fail the same way.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+from torch.nn import _reduction as _legacy
+
+from . import backend, reference
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+# --------------------------------------------------------------------------------------------------
+# argument checks (shared by all losses)
+# --------------------------------------------------------------------------------------------------
+
+
+def _reduction(reduction: str, size_average=None, reduce=None) -> str:
+    if size_average is not None or reduce is not None:
+        reduction = _legacy.legacy_get_string(size_average, reduce)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'none', 'mean' or 'sum', got {reduction!r}")
+    return reduction
+
+
+def _check_tensor(name: str, t, floating: bool = True) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.is_floating_point():
+        # torch raises NotImplementedError (a RuntimeError) from its kernels for integer inputs
+        raise NotImplementedError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+def _check_devices(fn: str, *named: tuple[str, Tensor | None]) -> None:
+    tensors = [(n, t) for n, t in named if t is not None]
+    first_name, first = tensors[0]
+    for name, t in tensors[1:]:
+        if t.device != first.device:
+            raise RuntimeError(
+                f"{fn}: expected all tensors on one device, but {first_name} is on {first.device} "
+                f"and {name} is on {t.device}"
+            )
+
+
+def _check_finite_scalar(fn: str, name: str, value: float, low: float, high: float | None = None,
+                         low_inclusive: bool = True, exc: type = ValueError) -> None:
+    ok = value >= low if low_inclusive else value > low
+    if high is not None:
+        ok = ok and value <= high
+    if not ok:
+        bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
+        raise exc(f"{fn}: {name} must be {bound}, got {value}")
+
+
+def _check_same_shape_or_broadcast(fn: str, input: Tensor, target: Tensor) -> bool:
+    """Torch warns (and broadcasts) when the shapes differ; returns whether they are equal."""
+    if target.shape == input.shape:
+        return True
+    warnings.warn(
+        f"{fn}: using a target size ({target.size()}) that is different to the input size "
+        f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
+        "Please ensure they have the same size.",
+        stacklevel=3,
+    )
+    torch.broadcast_shapes(input.shape, target.shape)  # raises RuntimeError as torch does
+    return False
+
+
+# --------------------------------------------------------------------------------------------------
+# softmax losses: cross-entropy and focal
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor | None,
+                        class_targets_only: bool = False) -> bool:
+    """Checks shapes and dtypes like torch's cross_entropy; returns True for class-index targets."""
+    _check_tensor("input", input)
+    _check_tensor("target", target, floating=False)
+    if input.dim() == 0:
+        raise RuntimeError(f"{fn}: input must have at least 1 dimension (the classes), got a 0-d tensor")
+    n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    class_targets = not target.is_floating_point()
+    if class_targets:
+        if target.dtype != torch.long:
+            raise RuntimeError(f"{fn}: expected target dtype int64 (class indices), got {target.dtype}")
+        expected = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else torch.Size([])
+        if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+            raise ValueError(
+                f"{fn}: expected input batch_size ({input.shape[0]}) to match target batch_size "
+                f"({target.shape[0]})"
+            )
+        if target.shape != expected:
+            raise RuntimeError(f"{fn}: expected target of shape {list(expected)}, got {list(target.shape)}")
+    else:
+        if class_targets_only:
+            raise RuntimeError(f"{fn}: target must hold class indices (int64), got {target.dtype}")
+        if target.shape != input.shape:
+            raise RuntimeError(
+                f"{fn}: probability targets must have the input's shape {list(input.shape)}, "
+                f"got {list(target.shape)}"
+            )
+    if weight is not None:
+        _check_tensor("weight", weight)
+        if weight.dim() != 1 or weight.shape[0] != n_classes:
+            raise RuntimeError(
+                f"{fn}: weight must be defined for all {n_classes} classes, got shape {list(weight.shape)}"
+            )
+    _check_devices(fn, ("input", input), ("target", target), ("weight", weight))
+    return class_targets
+
+
+def _check_class_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
+    """Out-of-range class indices raise IndexError, as torch does on CPU.
+
+    On CPU this check is free; on CUDA it syncs, so it runs only under ``FASTLOSS_STRICT=1``.
+    Without it the kernel never reads out of bounds: such a row's loss becomes NaN.
+    """
+    bad = ((target < 0) | (target >= n_classes)) & (target != ignore_index)
+    if bool(bad.any()):
+        raise IndexError(f"Target {int(target[bad][0])} is out of bounds for {n_classes} classes.")
+
+
+def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Views the input as (rows, classes) with unit class stride, and the target to match.
+
+    ``(N, C, d1, ...)`` inputs move the class dimension last, which costs one copy: the kernel
+    needs the classes of a row contiguous. A 2-D input with a row stride is used as it is.
+    """
+    if input.dim() == 1:
+        input, target = input.unsqueeze(0), target.unsqueeze(0)
+    elif input.dim() > 2:
+        n_classes = input.shape[1]
+        input = input.movedim(1, -1).reshape(-1, n_classes)
+        target = target.movedim(1, -1).reshape(-1, n_classes) if target.is_floating_point() else target.reshape(-1)
+    if input.stride(-1) != 1:
+        input = input.contiguous()
+    if target.is_floating_point() and target.stride(-1) != 1:
+        target = target.contiguous()
+    return input, target
+
+
+def _softmax_scales(x2d: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int,
+                    reduction: str, class_targets: bool) -> Tensor:
+    """[ce_scale, z_scale] on the device: what each row's loss and gradient are multiplied by.
+
+    For ``mean`` these are 1/Σw_y and 1/(count of counted rows), computed with no host sync.
+    """
+    if reduction != "mean":
+        return torch.ones(2, device=x2d.device, dtype=torch.float32)
+    if not class_targets:
+        return torch.full((2,), 1.0 / x2d.shape[0], device=x2d.device, dtype=torch.float32)
+    counted = t != ignore_index
+    count = counted.sum(dtype=torch.float32)
+    if weight is None:
+        denom = count
+    else:
+        w_y = weight.float()[t.clamp(0, x2d.shape[1] - 1)]
+        denom = (w_y * counted).sum()
+    return torch.stack([denom, count]).reciprocal()
+
+
+def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label_smoothing,
+                  z_loss, softcap, gamma, inplace_backward) -> Tensor:
+    class_targets = _check_softmax_args(fn, input, target, weight, class_targets_only=gamma is not None)
+    if softcap is not None:
+        _check_finite_scalar(fn, "softcap", softcap, 0.0, low_inclusive=False)
+    n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
+    if class_targets and (not input.is_cuda or backend.strict()):
+        _check_class_range(target, n_classes, ignore_index)
+
+    # Gradients for probability targets only exist in the reference.
+    if not backend.use_triton(input) or input.numel() == 0 or target.requires_grad:
+        if gamma is None:
+            return reference.cross_entropy(input, target, weight, ignore_index, reduction,
+                                           label_smoothing, z_loss, softcap)
+        return reference.focal_loss(input, target, gamma, weight, ignore_index, reduction, softcap)
+
+    from .autograd import softmax_loss  # noqa: PLC0415  (keeps triton out of `import fastloss`)
+
+    x2d, t = _rows(input, target)
+    if weight is not None:
+        weight = weight.float().contiguous()
+    scales = _softmax_scales(x2d, t, weight, ignore_index, reduction, class_targets)
+    loss = softmax_loss(x2d, t, weight, scales, reduction != "none", inplace_backward,
+                        ignore_index, label_smoothing, z_loss, softcap, gamma)
+    if reduction == "none":
+        loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ())
+    return loss.to(input.dtype)
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: bool | None = None,
+    ignore_index: int = -100,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    *,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Drop-in ``torch.nn.functional.cross_entropy`` that computes loss and gradient in one pass.
+
+    Accepts class-index targets (int64) or class probabilities (floats of the input's shape), and
+    inputs of shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)``. The last moves the class dimension
+    last with one copy (the kernel needs unit class stride); a 2-D input with a padded row stride is
+    read in place, and any other class stride is copied.
+
+    Extras (keyword-only):
+        z_loss: adds ``z_loss * logsumexp(logits)**2`` for each counted row, not class-weighted;
+            ``mean`` divides it by the count of counted rows.
+        softcap: logits ← ``softcap * tanh(logits / softcap)`` before the loss (inside the kernel).
+        inplace_backward: write the gradient into the logits' memory instead of a fresh buffer,
+            saving one ``N×C`` allocation. The logits are destroyed; if any other autograd node
+            still needs them, backward raises. Logits that are leaf tensors are refused.
+            The reference backend ignores it.
+    """
+    reduction = _reduction(reduction, size_average, reduce)
+    _check_finite_scalar("cross_entropy", "label_smoothing", label_smoothing, 0.0, 1.0, exc=RuntimeError)
+    _check_finite_scalar("cross_entropy", "z_loss", z_loss, 0.0)
+    return _softmax_loss("cross_entropy", input, target, weight, ignore_index, reduction,
+                         label_smoothing, z_loss, softcap, None, inplace_backward)
+
+
+def focal_loss(
+    input: Tensor,
+    target: Tensor,
+    gamma: float = 2.0,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    *,
+    softcap: float | None = None,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Softmax focal loss ``-w_y (1 - p_y)**gamma * log p_y`` over class-index targets.
+
+    With ``gamma=0`` it equals ``cross_entropy(input, target, weight=weight,
+    ignore_index=ignore_index, reduction=reduction)``; ``mean`` divides by ``Σ w_y`` over the
+    counted rows, as weighted cross-entropy does. Shapes and extras are those of
+    :func:`cross_entropy`.
+    """
+    reduction = _reduction(reduction)
+    _check_finite_scalar("focal_loss", "gamma", gamma, 0.0)
+    return _softmax_loss("focal_loss", input, target, weight, ignore_index, reduction,
+                         0.0, 0.0, softcap, float(gamma), inplace_backward)
+
+
+# --------------------------------------------------------------------------------------------------
+# elementwise losses: sigmoid focal, Huber, SmoothL1
+# --------------------------------------------------------------------------------------------------
+
+
+def _elementwise_ready(fn: str, input: Tensor, target: Tensor, weight: Tensor | None = None) -> bool:
+    """Common checks; returns whether the Triton path can take these tensors as they are."""
+    _check_tensor("input", input)
+    _check_tensor("target", target)
+    _check_devices(fn, ("input", input), ("target", target), ("weight", weight))
+    same_shape = _check_same_shape_or_broadcast(fn, input, target)
+    return (same_shape and input.dtype == target.dtype and input.numel() > 0
+            and backend.use_triton(input))
+
+
+def sigmoid_focal_loss(
+    inputs: Tensor,
+    targets: Tensor,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+) -> Tensor:
+    """Drop-in ``torchvision.ops.sigmoid_focal_loss`` (same formula and defaults).
+
+    ``loss = BCEWithLogits(x, t) * (1 - p_t)**gamma``, times ``α_t = alpha*t + (1-alpha)*(1-t)``
+    unless ``alpha < 0``. Targets are floats of the inputs' shape (soft labels allowed).
+    """
+    reduction = _reduction(reduction)
+    _check_finite_scalar("sigmoid_focal_loss", "gamma", gamma, 0.0)
+    _check_tensor("inputs", inputs)
+    _check_tensor("targets", targets)
+    if targets.shape != inputs.shape:
+        raise ValueError(
+            f"sigmoid_focal_loss: targets must have the inputs' shape {list(inputs.shape)}, "
+            f"got {list(targets.shape)}"
+        )
+    _check_devices("sigmoid_focal_loss", ("inputs", inputs), ("targets", targets))
+    if inputs.numel() == 0 or targets.requires_grad or not backend.use_triton(inputs):
+        return reference.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
+
+    from .autograd import sigmoid_focal  # noqa: PLC0415
+
+    return sigmoid_focal(inputs, targets, float(alpha), float(gamma), reduction)
+
+
+def huber_loss(
+    input: Tensor,
+    target: Tensor,
+    reduction: str = "mean",
+    delta: float = 1.0,
+    weight: Tensor | None = None,
+) -> Tensor:
+    """Drop-in ``torch.nn.functional.huber_loss``: quadratic below ``delta``, linear above.
+
+    ``weight`` (optional) has the input's shape and multiplies each element's loss; ``mean`` then
+    averages over all elements, as torch does. Gradients flow to ``input`` and ``target``.
+    """
+    reduction = _reduction(reduction)
+    _check_finite_scalar("huber_loss", "delta", delta, 0.0, low_inclusive=False, exc=RuntimeError)
+    if weight is not None:
+        _check_tensor("weight", weight)
+        if weight.shape != input.shape:
+            raise ValueError(
+                f"huber_loss: weight must have the input's shape {list(input.shape)}, got {list(weight.shape)}"
+            )
+    # The kernel gives no gradient for weight; the reference does.
+    if not _elementwise_ready("huber_loss", input, target, weight) or (weight is not None and weight.requires_grad):
+        return reference.huber_loss(input, target, reduction, delta, weight)
+
+    from .autograd import huber  # noqa: PLC0415
+
+    return huber(input, target, weight, float(delta), float(delta), reduction)
+
+
+def smooth_l1_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average: bool | None = None,
+    reduce: bool | None = None,
+    reduction: str = "mean",
+    beta: float = 1.0,
+) -> Tensor:
+    """Drop-in ``torch.nn.functional.smooth_l1_loss``: Huber loss divided by ``beta``; ``beta=0`` is L1."""
+    reduction = _reduction(reduction, size_average, reduce)
+    _check_finite_scalar("smooth_l1_loss", "beta", beta, 0.0, exc=RuntimeError)
+    if not _elementwise_ready("smooth_l1_loss", input, target):
+        return reference.smooth_l1_loss(input, target, reduction, beta)
+
+    from .autograd import huber  # noqa: PLC0415
+
+    return huber(input, target, None, float(beta), 1.0, reduction)

@@ -1,0 +1,216 @@
+"""The public API: signatures, the backend switch, bad arguments, modules and legacy arguments."""
+
+import inspect
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastloss
+import fastloss.nn as fnn
+from fastloss import backend, reference
+
+# --------------------------------------------------------------------------------------------------
+# signatures match torch's, extras are keyword-only
+# --------------------------------------------------------------------------------------------------
+
+PAIRS = [
+    (fastloss.cross_entropy, F.cross_entropy, {"z_loss", "softcap", "inplace_backward"}),
+    (fastloss.huber_loss, F.huber_loss, set()),
+    (fastloss.smooth_l1_loss, F.smooth_l1_loss, set()),
+    (fnn.CrossEntropyLoss.__init__, torch.nn.CrossEntropyLoss.__init__, {"z_loss", "softcap", "inplace_backward"}),
+    (fnn.HuberLoss.__init__, torch.nn.HuberLoss.__init__, set()),
+    (fnn.SmoothL1Loss.__init__, torch.nn.SmoothL1Loss.__init__, set()),
+]
+
+
+@pytest.mark.parametrize("ours, theirs, extras", PAIRS, ids=lambda v: getattr(v, "__qualname__", ""))
+def test_signature_matches_torch(ours, theirs, extras):
+    ours_p = inspect.signature(ours).parameters
+    theirs_p = inspect.signature(theirs).parameters
+    positional = [(n, p.default) for n, p in ours_p.items() if p.kind != p.KEYWORD_ONLY]
+    assert positional == [(n, p.default) for n, p in theirs_p.items()]
+    assert {n for n, p in ours_p.items() if p.kind == p.KEYWORD_ONLY} == extras
+
+
+def test_focal_signatures():
+    params = inspect.signature(fastloss.sigmoid_focal_loss).parameters
+    # torchvision.ops.sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2, reduction="none")
+    assert [(n, p.default) for n, p in params.items()] == [
+        ("inputs", inspect.Parameter.empty), ("targets", inspect.Parameter.empty),
+        ("alpha", 0.25), ("gamma", 2.0), ("reduction", "none")]
+    params = inspect.signature(fastloss.focal_loss).parameters
+    assert list(params)[:6] == ["input", "target", "gamma", "weight", "ignore_index", "reduction"]
+    assert params["gamma"].default == 2.0 and params["reduction"].default == "mean"
+
+
+# --------------------------------------------------------------------------------------------------
+# backend selection
+# --------------------------------------------------------------------------------------------------
+
+
+def test_backend_env_and_context(monkeypatch):
+    monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    assert backend.current() == "auto"
+    monkeypatch.setenv("FASTLOSS_BACKEND", "reference")
+    assert backend.current() == "reference"
+    with fastloss.use_backend("triton"):
+        assert backend.current() == "triton"
+        with fastloss.use_backend("auto"):
+            assert backend.current() == "auto"
+        assert backend.current() == "triton"
+    assert backend.current() == "reference"
+
+
+def test_backend_invalid_name(monkeypatch):
+    with pytest.raises(ValueError, match="backend"):
+        with fastloss.use_backend("cuda"):
+            pass
+    monkeypatch.setenv("FASTLOSS_BACKEND", "fast")
+    with pytest.raises(ValueError, match="'fast'"):
+        fastloss.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+
+
+def test_auto_on_cpu_runs_reference(monkeypatch):
+    calls = []
+    real = reference.cross_entropy
+    monkeypatch.setattr(reference, "cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    fastloss.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+    assert calls == [1]
+
+
+def test_forcing_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with fastloss.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fastloss.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
+    with fastloss.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        fastloss.huber_loss(torch.randn(4), torch.randn(4))
+
+
+# --------------------------------------------------------------------------------------------------
+# bad arguments: same exception type as torch, raised before any launch, naming the argument
+# --------------------------------------------------------------------------------------------------
+
+X = torch.randn(4, 5)
+T = torch.tensor([0, 1, 2, 3])
+Y = torch.randn(4, 5)
+
+BAD_CALLS = [
+    # (id, fastloss call, torch call or None when torch has no such function, pattern in our message)
+    ("reduction", lambda m: m.cross_entropy(X, T, reduction="avg"), "reduction"),
+    ("label_smoothing", lambda m: m.cross_entropy(X, T, label_smoothing=1.5), "label_smoothing"),
+    ("batch", lambda m: m.cross_entropy(X, T[:3]), "batch_size"),
+    ("target_shape", lambda m: m.cross_entropy(torch.randn(4, 5, 3), torch.zeros(4, 2, dtype=torch.long)), "target"),
+    ("target_dtype", lambda m: m.cross_entropy(X, T.int()), "target"),
+    ("prob_shape", lambda m: m.cross_entropy(X, torch.rand(4, 6)), "target"),
+    ("weight_size", lambda m: m.cross_entropy(X, T, weight=torch.ones(3)), "weight"),
+    ("out_of_range", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, 5])), "5"),
+    ("negative_target", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, -3])), "-3"),
+    ("int_input", lambda m: m.cross_entropy(X.long(), T), "input"),
+    ("huber_delta", lambda m: m.huber_loss(X, Y, delta=0.0), "delta"),
+    ("huber_reduction", lambda m: m.huber_loss(X, Y, reduction="max"), "reduction"),
+    ("huber_weight", lambda m: m.huber_loss(X, Y, weight=torch.ones(5)), "weight"),
+    ("huber_broadcast_fail", lambda m: m.huber_loss(X, torch.randn(3)), ""),
+    ("smooth_l1_beta", lambda m: m.smooth_l1_loss(X, Y, beta=-1.0), "beta"),
+    ("smooth_l1_reduction", lambda m: m.smooth_l1_loss(X, Y, reduction=""), "reduction"),
+    ("device", lambda m: m.cross_entropy(X, T.to("meta")), "device"),
+    ("huber_device", lambda m: m.huber_loss(X, Y.to("meta")), "device"),
+]
+
+
+def _raised(call):
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 - the type is what is compared
+        return exc
+    return None
+
+
+@pytest.mark.parametrize("case", BAD_CALLS, ids=lambda c: c[0])
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_bad_arguments_raise_like_torch(case, backend_name):
+    _, call, pattern = case
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = _raised(lambda: call(F))
+        with fastloss.use_backend(backend_name):
+            got = _raised(lambda: call(fastloss))
+    assert expected is not None, "torch accepts this call: the case is wrong"
+    assert type(got) is type(expected), f"torch raised {expected!r}, fastloss raised {got!r}"
+    assert pattern in str(got)
+
+
+FASTLOSS_ONLY_BAD_CALLS = [
+    (lambda: fastloss.cross_entropy(X, T, z_loss=-1.0), ValueError, "z_loss"),
+    (lambda: fastloss.cross_entropy(X, T, softcap=0.0), ValueError, "softcap"),
+    (lambda: fastloss.focal_loss(X, T, gamma=-0.5), ValueError, "gamma"),
+    (lambda: fastloss.focal_loss(X, torch.rand(4, 5)), RuntimeError, "class indices"),
+    (lambda: fastloss.focal_loss(X, T, reduction="avg"), ValueError, "reduction"),
+    (lambda: fastloss.sigmoid_focal_loss(X, torch.rand(4, 4)), ValueError, "targets"),
+    (lambda: fastloss.sigmoid_focal_loss(X, Y, gamma=-1.0), ValueError, "gamma"),
+    (lambda: fastloss.sigmoid_focal_loss(X, Y, reduction="avg"), ValueError, "reduction"),
+    (lambda: fastloss.sigmoid_focal_loss(X, "y"), TypeError, "targets"),
+]
+
+
+@pytest.mark.parametrize("call, exc, pattern", FASTLOSS_ONLY_BAD_CALLS)
+def test_bad_arguments_of_extras(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_broadcast_warns_like_torch():
+    with pytest.warns(UserWarning, match="target size"):
+        got = fastloss.huber_loss(X, torch.randn(5))
+    assert torch.isfinite(got)
+
+
+# --------------------------------------------------------------------------------------------------
+# legacy arguments, modules
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_legacy_positional_arguments():
+    # cross_entropy(input, target, weight, size_average, ignore_index, reduce, ...)
+    torch.testing.assert_close(fastloss.cross_entropy(X, T, None, False), F.cross_entropy(X, T, None, False))
+    torch.testing.assert_close(fastloss.cross_entropy(X, T, None, None, 1, False),
+                               F.cross_entropy(X, T, None, None, 1, False))
+    torch.testing.assert_close(fastloss.smooth_l1_loss(X, Y, None, False), F.smooth_l1_loss(X, Y, None, False))
+    m = fnn.CrossEntropyLoss(None, False)
+    assert m.reduction == "sum"
+    torch.testing.assert_close(m(X, T), torch.nn.CrossEntropyLoss(None, False)(X, T))
+
+
+MODULES = [
+    (fnn.CrossEntropyLoss(weight=torch.rand(5), ignore_index=1, label_smoothing=0.1),
+     torch.nn.CrossEntropyLoss(weight=torch.rand(5), ignore_index=1, label_smoothing=0.1), T),
+    (fnn.HuberLoss(reduction="sum", delta=0.5), torch.nn.HuberLoss(reduction="sum", delta=0.5), Y),
+    (fnn.SmoothL1Loss(reduction="none", beta=0.3), torch.nn.SmoothL1Loss(reduction="none", beta=0.3), Y),
+]
+
+
+@pytest.mark.parametrize("ours, theirs, target", MODULES, ids=["ce", "huber", "smooth_l1"])
+def test_modules_match_torch(ours, theirs, target):
+    if hasattr(theirs, "weight") and theirs.weight is not None:
+        ours.weight.copy_(theirs.weight)
+        assert "weight" in dict(ours.named_buffers())
+    torch.testing.assert_close(ours(X, target), theirs(X, target))
+
+
+def test_focal_modules():
+    fm = fnn.FocalLoss(gamma=0.0, ignore_index=2)
+    torch.testing.assert_close(fm(X, T), F.cross_entropy(X, T, ignore_index=2))
+    sm = fnn.SigmoidFocalLoss(alpha=-1, gamma=0.0, reduction="mean")
+    t = torch.rand(4, 5)
+    torch.testing.assert_close(sm(X, t), F.binary_cross_entropy_with_logits(X, t))
+    assert fnn.SigmoidFocalLoss().reduction == "none"
+
+
+def test_extras_reach_the_function():
+    m = fnn.CrossEntropyLoss(z_loss=1e-2, softcap=3.0)
+    expected = fastloss.cross_entropy(X, T, z_loss=1e-2, softcap=3.0)
+    torch.testing.assert_close(m(X, T), expected)
+    assert not torch.allclose(expected, fastloss.cross_entropy(X, T))
