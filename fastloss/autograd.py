@@ -9,12 +9,12 @@ kernel reads ``grad_output`` itself and returns at once when it is exactly 1.0 â
 The launchers are registered as ``torch.library.custom_op``s with fake (meta) implementations, so
 ``torch.compile(fullgraph=True)`` and CUDA-graph capture see opaque, shape-correct nodes.
 
-Backward twice (``retain_graph=True``): the scale kernel keeps the factor it last applied on the
-device and rescales by ``new / old``, so repeated backward passes stay exact.
+The backward consumes the saved gradient: a second backward through the same loss raises.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -29,6 +29,11 @@ def _no_grad_buffer(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def _on(t: Tensor):
+    """Launch on ``t``'s GPU, which need not be the current one (Triton launches on the current)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 @torch.library.custom_op("fastloss::softmax_loss_fwd", mutates_args=())
 def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Tensor,
                       write_grad: bool, ignore_index: int, label_smoothing: float, z_loss: float,
@@ -36,8 +41,9 @@ def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], 
     from .kernels.cross_entropy import cross_entropy_fwd
 
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if write_grad else None
-    loss = cross_entropy_fwd(logits, target, weight, scales, grad, ignore_index=ignore_index,
-                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma)
+    with _on(logits):
+        loss = cross_entropy_fwd(logits, target, weight, scales, grad, ignore_index=ignore_index,
+                                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma)
     return loss, grad if grad is not None else _no_grad_buffer(logits)
 
 
@@ -54,8 +60,9 @@ def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[T
                               softcap: Optional[float], gamma: Optional[float]) -> Tensor:
     from .kernels.cross_entropy import cross_entropy_fwd
 
-    return cross_entropy_fwd(logits, target, weight, scales, logits, ignore_index=ignore_index,
-                             label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma)
+    with _on(logits):
+        return cross_entropy_fwd(logits, target, weight, scales, logits, ignore_index=ignore_index,
+                                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma)
 
 
 @_softmax_loss_fwd_inplace.register_fake
@@ -70,8 +77,9 @@ def _huber_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: fl
 
     gi = torch.empty_like(input) if grad_input else None
     gt = torch.empty_like(target) if grad_target else None
-    loss = huber_fwd(input, target, weight, beta=beta, mul=mul, scale=scale, reduce=reduce,
-                     grad_input=gi, grad_target=gt)
+    with _on(input):
+        loss = huber_fwd(input, target, weight, beta=beta, mul=mul, scale=scale, reduce=reduce,
+                         grad_input=gi, grad_target=gt)
     return loss, gi if gi is not None else _no_grad_buffer(input), gt if gt is not None else _no_grad_buffer(input)
 
 
@@ -89,8 +97,9 @@ def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, alpha: float, gamma: flo
     from .kernels.focal import sigmoid_focal_fwd
 
     gi = torch.empty_like(inputs) if grad_input else None
-    loss = sigmoid_focal_fwd(inputs, targets, alpha=alpha, gamma=gamma, scale=scale, reduce=reduce,
-                             grad_input=gi)
+    with _on(inputs):
+        loss = sigmoid_focal_fwd(inputs, targets, alpha=alpha, gamma=gamma, scale=scale, reduce=reduce,
+                                 grad_input=gi)
     return loss, gi if gi is not None else _no_grad_buffer(inputs)
 
 
@@ -100,15 +109,16 @@ def _(inputs, targets, alpha, gamma, scale, reduce, grad_input):
     return loss, torch.empty_like(inputs) if grad_input else _no_grad_buffer(inputs)
 
 
-@torch.library.custom_op("fastloss::scale_grad_", mutates_args=("grad", "applied"))
-def _scale_grad_(grad: Tensor, grad_output: Tensor, applied: Tensor) -> None:
+@torch.library.custom_op("fastloss::scale_grad_", mutates_args=("grad",))
+def _scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
     from .kernels.common import scale_grad_
 
-    scale_grad_(grad, grad_output, applied)
+    with _on(grad):
+        scale_grad_(grad, grad_output)
 
 
 @_scale_grad_.register_fake
-def _(grad, grad_output, applied):
+def _(grad, grad_output):
     return None
 
 
@@ -117,23 +127,30 @@ def _(grad, grad_output, applied):
 # --------------------------------------------------------------------------------------------------
 
 
-def _save(ctx, grads: tuple[Tensor, ...], loss: Tensor, per_element: bool) -> None:
-    """Saves the forward's gradients, plus one "factor applied so far" per gradient and output
-    element (all 1.0), which the scale kernel uses to keep repeated backward passes exact."""
+def _save(ctx, grads: tuple[Tensor, ...], per_element: bool) -> None:
     ctx.per_element = per_element
-    n = 0 if per_element else loss.numel()
-    applied = torch.ones((len(grads), n), device=loss.device, dtype=torch.float32)
-    ctx.save_for_backward(*grads, applied)
+    ctx.save_for_backward(*grads)
 
 
 def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
     """The saved gradients times ``grad_loss``; ``None`` for inputs that need no gradient.
 
     A scalar ``grad_loss`` (``mean``/``sum``) or one per row (cross-entropy, ``none``) scales the
-    saved buffer in place on the device. An elementwise loss with ``none`` gets one factor per
-    element, so the product goes to a new buffer, which is no larger than the factors would be.
+    saved buffer in place on the device, and that buffer becomes the returned gradient: no new
+    allocation. An elementwise loss with ``none`` has one factor per element, so the product goes
+    to a new buffer, no larger than the factors themselves.
+
+    Scaling in place consumes the saved gradient, so a second backward through the same loss
+    (``retain_graph=True``) raises instead of returning a gradient scaled twice.
     """
-    *grads, applied = ctx.saved_tensors
+    try:
+        grads = ctx.saved_tensors
+    except RuntimeError as err:
+        raise RuntimeError(
+            "fastloss computes the gradient in the forward pass and scales it in place in the "
+            "backward, so backward can run only once through a fastloss loss; recompute the loss "
+            "to differentiate it again"
+        ) from err
     out: list[Optional[Tensor]] = []
     for i, g in enumerate(grads):
         if not ctx.needs_input_grad[i]:
@@ -141,7 +158,7 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
         elif ctx.per_element:
             out.append(g * grad_loss)
         else:
-            torch.ops.fastloss.scale_grad_(g, grad_loss.reshape(-1).contiguous(), applied[i])
+            torch.ops.fastloss.scale_grad_(g, grad_loss.reshape(-1))
             out.append(g)
     return out
 
@@ -163,7 +180,7 @@ class SoftmaxLoss(torch.autograd.Function):
             loss, grad = torch.ops.fastloss.softmax_loss_fwd(logits, *args, write_grad, *opts)
         if reduce:
             loss = loss.sum()
-        _save(ctx, (grad,), loss, per_element=False)
+        _save(ctx, (grad,), per_element=False)
         return (loss, logits) if write_grad and inplace else loss
 
     @staticmethod
@@ -196,7 +213,7 @@ class Huber(torch.autograd.Function):
         loss, g_in, g_t = torch.ops.fastloss.huber_fwd(
             input, target, weight, beta, mul, scale, reduction != "none",
             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        _save(ctx, (g_in, g_t), loss, per_element=reduction == "none")
+        _save(ctx, (g_in, g_t), per_element=reduction == "none")
         return loss
 
     @staticmethod
@@ -220,7 +237,7 @@ class SigmoidFocal(torch.autograd.Function):
         scale = 1.0 / inputs.numel() if reduction == "mean" else 1.0
         loss, g_in = torch.ops.fastloss.sigmoid_focal_fwd(
             inputs, targets, alpha, gamma, scale, reduction != "none", ctx.needs_input_grad[0])
-        _save(ctx, (g_in,), loss, per_element=reduction == "none")
+        _save(ctx, (g_in,), per_element=reduction == "none")
         return loss
 
     @staticmethod

@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import functools
 import importlib.util
 import os
 
@@ -20,7 +18,10 @@ import torch
 
 BACKENDS = ("auto", "triton", "reference")
 
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastloss_backend", default=None)
+# The use_backend() stack. A plain list rather than a ContextVar, so that torch.compile can trace
+# through backend selection; it is process-wide, not per thread.
+_overrides: list[str] = []
+_triton_found: list[bool] = []
 
 
 def _check(name: str) -> str:
@@ -31,25 +32,25 @@ def _check(name: str) -> str:
 
 def current() -> str:
     """The backend in force: the innermost :func:`use_backend`, else ``FASTLOSS_BACKEND``, else ``auto``."""
-    name = _override.get()
-    if name is None:
-        name = os.environ.get("FASTLOSS_BACKEND", "auto").strip().lower() or "auto"
-    return _check(name)
+    if _overrides:
+        return _overrides[-1]
+    return _check(os.environ.get("FASTLOSS_BACKEND", "auto").strip().lower() or "auto")
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the enclosed loss calls on backend ``name`` (``auto``, ``triton`` or ``reference``)."""
-    token = _override.set(_check(name))
+    _overrides.append(_check(name))
     try:
         yield
     finally:
-        _override.reset(token)
+        _overrides.pop()
 
 
-@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    if not _triton_found:
+        _triton_found.append(importlib.util.find_spec("triton") is not None)
+    return _triton_found[0]
 
 
 def interpreter_enabled() -> bool:

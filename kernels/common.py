@@ -1,0 +1,198 @@
+"""Shared Triton helpers, launch heuristics and the backward's gradient-scaling kernel.
+
+Everything here is used by the loss kernels in this package; it imports only torch and triton and
+does no work at import time (no device queries, no compilation).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+# --------------------------------------------------------------------------------------------------
+# Launch heuristics
+# --------------------------------------------------------------------------------------------------
+
+# Largest chunk a row-wise kernel handles at once. A row with V <= MAX_ROW_BLOCK is read once and
+# kept in registers (8 warps x 32 threads x 16 fp32 values); a longer row is swept in chunks of
+# this size.
+MAX_ROW_BLOCK = 4096
+# Elements per program for flat elementwise kernels.
+ELEMENTWISE_BLOCK = 4096
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    n = int(n)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def row_block(n_cols: int, max_block: int = MAX_ROW_BLOCK) -> int:
+    """Chunk size for a row of ``n_cols`` values: the whole row when it fits (at least one warp's
+    width, 32), else ``max_block``."""
+    return max(32, min(next_power_of_2(n_cols), max_block))
+
+
+def num_warps_for(block: int) -> int:
+    """Warps for a program that handles ``block`` values at a time: about 16 values per thread
+    (a 16-byte vector load per thread for 16-bit data and two for fp32), between 1 and 8 warps."""
+    return max(1, min(8, block // 512))
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared @triton.jit math helpers (fp32 in, fp32 out)
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def expm1(x):
+    """exp(x) - 1 with full relative precision near 0 (tl.math has no expm1, and libdevice is not
+    portable to the interpreter). |x| < 0.5: degree-8 Taylor polynomial in Horner form (truncation
+    error < 0.5^8 / 9! ~ 1e-8 relative); elsewhere exp(x) - 1 loses no precision."""
+    p = 1.0 / 40320.0
+    p = p * x + 1.0 / 5040.0
+    p = p * x + 1.0 / 720.0
+    p = p * x + 1.0 / 120.0
+    p = p * x + 1.0 / 24.0
+    p = p * x + 1.0 / 6.0
+    p = p * x + 0.5
+    p = p * x + 1.0
+    series = p * x
+    return tl.where(tl.abs(x) < 0.5, series, tl.exp(x) - 1.0)
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) with full relative precision near 0, for x > -1. |x| < 0.5: 2 atanh(z) with
+    z = x / (2 + x), |z| <= 1/3, as an odd series (relative truncation error < 2e-7, < 1e-10 for
+    0 <= x < 0.5); elsewhere log(1 + x) loses nothing, even with a fast approximate log."""
+    z = x / (2.0 + x)
+    z2 = z * z
+    p = 1.0 / 11.0
+    p = p * z2 + 1.0 / 9.0
+    p = p * z2 + 1.0 / 7.0
+    p = p * z2 + 1.0 / 5.0
+    p = p * z2 + 1.0 / 3.0
+    p = p * z2 + 1.0
+    return tl.where(tl.abs(x) < 0.5, 2.0 * z * p, tl.log(1.0 + x))
+
+
+@triton.jit
+def tanh(x):
+    """tanh through expm1: tanh(|x|) = -expm1(-2|x|) / (2 + expm1(-2|x|)), exact in relative terms for
+    small x; saturates to +-1 (and tanh(+-inf) = +-1)."""
+    e = expm1(-2.0 * tl.abs(x))
+    t = -e / (2.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def softcap(x, cap, inv_cap):
+    """cap * tanh(x / cap): squashes logits into (-cap, cap)."""
+    return cap * tanh(x * inv_cap)
+
+
+@triton.jit
+def cast_to(x, DTYPE: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """x (fp32) converted to DTYPE with round-to-nearest-even. The GPU conversion already rounds to
+    nearest even; Triton's interpreter truncates fp32 -> bf16, so when EMULATE_RNE is set (only under
+    the interpreter, see ``emulate_rne()``) bf16 is rounded by hand on the bits first."""
+    if EMULATE_RNE and DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(DTYPE)
+
+
+def emulate_rne() -> bool:
+    """True under Triton's interpreter, whose fp32 -> bf16 cast truncates (see ``cast_to``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward: grad *= grad_output
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scale_grad_kernel(
+    grad_ptr,
+    go_ptr,
+    n_elements,
+    n_cols,
+    row_stride,
+    PER_ROW: tl.constexpr,
+    STRIDED: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Flat index over the logical (rows, n_cols) view; int64 so > 2^31 elements work.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    if PER_ROW or STRIDED:
+        row = offs // n_cols
+    if STRIDED:
+        addr = row * row_stride + (offs - row * n_cols)
+    else:
+        addr = offs
+    if PER_ROW:
+        # One grad_output value per row (reduction='none'). Reads N*V (+R), writes N*V.
+        s = tl.load(go_ptr + row, mask=mask, other=1.0).to(tl.float32)
+        g = tl.load(grad_ptr + addr, mask=mask, eviction_policy="evict_first").to(tl.float32)
+        tl.store(grad_ptr + addr, cast_to(g * s, grad_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+    else:
+        # Scalar grad_output, read on the device. When it is exactly 1.0 (the usual loss.backward())
+        # no program touches memory; otherwise the gradient is read and written once.
+        s = tl.load(go_ptr).to(tl.float32)
+        if s != 1.0:
+            g = tl.load(grad_ptr + addr, mask=mask, eviction_policy="evict_first").to(tl.float32)
+            tl.store(grad_ptr + addr, cast_to(g * s, grad_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+
+
+def scale_grad_(grad: Tensor, grad_output: Tensor) -> Tensor:
+    """In place grad *= grad_output, on the device, no host sync; returns grad.
+
+    grad: contiguous (any float dtype), or 2-D with stride(1) == 1 and any row stride (the logits
+    buffer reused by an in-place backward). grad_output: fp32/bf16/fp16 with either 1 element (a
+    scalar: the kernel reads it on the device and every program exits at once when it is exactly
+    1.0, so the common loss.backward() moves no memory) or R elements, one per row of grad viewed as
+    (R, grad.numel() // R) (reduction='none': per row for CE, per element for Huber). Multiplies in
+    fp32 and stores in grad's dtype.
+    """
+    n = grad.numel()
+    n_go = grad_output.numel()
+    if n == 0:
+        return grad
+    if grad.is_contiguous():
+        strided, row_stride = False, 0
+        n_rows = max(n_go, 1)
+    elif grad.dim() == 2 and grad.stride(1) == 1:
+        strided, row_stride = True, grad.stride(0)
+        n_rows = grad.shape[0]
+        if n_go not in (1, n_rows):
+            raise ValueError(f"scale_grad_: grad_output must have 1 or {n_rows} elements, got {n_go}")
+    else:
+        raise ValueError("scale_grad_: grad must be contiguous, or 2-D with stride(1) == 1")
+    if n_go == 0 or n % n_rows != 0:
+        raise ValueError(f"scale_grad_: grad_output has {n_go} elements, which does not divide {n}")
+    per_row = n_go > 1
+    # A per-row grad_output may come from an expand (stride 0) or another view: O(R) copy at most.
+    go = grad_output.reshape(-1).contiguous() if per_row else grad_output.reshape(1)
+    grid = (triton.cdiv(n, ELEMENTWISE_BLOCK),)
+    _scale_grad_kernel[grid](
+        grad,
+        go,
+        n,
+        n // n_rows,
+        row_stride,
+        PER_ROW=per_row,
+        STRIDED=strided,
+        EMULATE_RNE=emulate_rne(),
+        BLOCK=ELEMENTWISE_BLOCK,
+        num_warps=8,
+    )
+    return grad

@@ -1,0 +1,166 @@
+"""Sigmoid focal loss (torchvision.ops.sigmoid_focal_loss semantics) and its gradient in one
+elementwise pass.
+
+With x the logit and t the (possibly soft) target, in fp32:
+    p   = sigmoid(x)
+    ce  = max(x, 0) - x*t + log1p(exp(-|x|))          (BCE with logits)
+    q   = 1 - p_t = p*(1 - t) + (1 - p)*t              (1 - p taken as sigmoid(-x): no cancellation)
+    a_t = alpha*t + (1 - alpha)*(1 - t)                (1 when alpha < 0)
+    loss = a_t * ce * q^gamma
+    dloss/dx = a_t * q^gamma * [(p - t) - gamma * ce * (2t - 1) * p(1 - p) / q]
+The last form follows from dce/dx = p - t and dq/dx = -p(1 - p)(2t - 1); it folds q^(gamma - 1) into
+q^gamma / q, and p(1 - p) / q <= 1 for t in [0, 1], so it is finite for every gamma >= 0 even on
+saturated logits (q = 0 gives 0 there, the limit of the exact gradient).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import ELEMENTWISE_BLOCK, cast_to, emulate_rne, num_warps_for
+
+BLOCK = ELEMENTWISE_BLOCK
+# gamma in {0, 1, ..., MAX_INT_GAMMA} is computed by repeated multiplication (exact, no log/exp);
+# other values through exp2(gamma * log2(q)).
+MAX_INT_GAMMA = 4
+
+
+@triton.jit
+def log1p_unit(e):
+    """log(1 + e) for e in [0, 1] to full fp32 relative precision. tl.log(1 + e) would round 1 + e
+    and lose it for small e (the BCE of a confident, correct logit); libdevice's log1p does not run
+    under the interpreter, and tl.log's accuracy differs between Triton versions and backends. So:
+    log1p(e) = 2 atanh(s) with s = e / (2 + e) in [0, 1/3], i.e. 2s (1 + s^2/3 + ... + s^12/13),
+    truncation error below (1/9)^7 / 15 ~ 1.4e-8 relative; 7 FMAs and a division, no log."""
+    s = e / (2.0 + e)
+    z = s * s
+    r = 1.0 / 13.0
+    r = r * z + 1.0 / 11.0
+    r = r * z + 1.0 / 9.0
+    r = r * z + 1.0 / 7.0
+    r = r * z + 1.0 / 5.0
+    r = r * z + 1.0 / 3.0
+    r = r * z + 1.0
+    return 2.0 * s * r
+
+
+@triton.jit
+def _sigmoid_focal_kernel(
+    x_ptr,
+    t_ptr,
+    out_ptr,  # elementwise loss (input dtype), or one fp32 partial sum per program when REDUCE
+    gx_ptr,
+    n,
+    alpha,
+    gamma,
+    scale,
+    BLOCK: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
+    GAMMA_INT: tl.constexpr,  # gamma when it is a small integer, else -1
+    USE_ALPHA: tl.constexpr,
+    REDUCE: tl.constexpr,
+    WRITE_GRAD_INPUT: tl.constexpr,
+):
+    # Bytes per element: reads the logit and the target; writes the unreduced loss (4 bytes per
+    # BLOCK when reduced) and the gradient. The usual training step (reduced, with gradient) reads
+    # 2n and writes n elements.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    t = tl.load(t_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+
+    e = tl.exp(-tl.abs(x))  # in [0, 1]; underflows to 0 for |x| > ~87 (flushed) to ~104
+    r = 1.0 / (1.0 + e)
+    pos = x >= 0
+    p = tl.where(pos, r, e * r)  # sigmoid(x)
+    omp = tl.where(pos, e * r, r)  # 1 - p = sigmoid(-x)
+    ce = tl.maximum(x, 0.0) - x * t + log1p_unit(e)
+    q = p * (1.0 - t) + omp * t
+    q_safe = tl.where(q > 0, q, 1.0)  # keeps log2 and the division finite where q == 0
+
+    if GAMMA_INT >= 0:
+        qg = tl.full(q.shape, 1.0, tl.float32)  # q^0 = 1, including 0^0
+        for _ in tl.static_range(GAMMA_INT):
+            qg = qg * q
+    else:
+        # gamma > 0 here, so q == 0 gives 0.
+        qg = tl.where(q > 0, tl.exp2(gamma * tl.log2(q_safe)), 0.0)
+
+    if USE_ALPHA:
+        k = (alpha * t + (1.0 - alpha) * (1.0 - t)) * scale
+    else:
+        k = scale
+    kq = k * qg
+    loss = ce * kq
+    if REDUCE:
+        # One fp32 partial per program, summed in a fixed order by the launcher (no atomics).
+        tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
+    else:
+        tl.store(out_ptr + offs, cast_to(loss, out_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+
+    if WRITE_GRAD_INPUT:
+        p_minus_t = p * (1.0 - t) - omp * t  # = p - t, exact for hard labels
+        h = p * omp / q_safe  # p(1-p)/q in [0, 1]; 0 where q == 0 (then p(1-p) == 0 too)
+        g = kq * (p_minus_t - gamma * ce * h * (2.0 * t - 1.0))
+        tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+
+
+def sigmoid_focal_fwd(
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    alpha: float,
+    gamma: float,
+    scale: float,
+    reduce: bool,
+    grad_input: Tensor | None,
+) -> Tensor:
+    """Sigmoid focal loss ``scale * a_t * ce * (1 - p_t)^gamma`` and optionally its gradient.
+
+    inputs, targets (and grad_input when given): contiguous, same number of elements, one device;
+    inputs fp32, bf16 or fp16; targets any float dtype, soft labels in [0, 1] allowed. alpha < 0
+    disables the alpha weighting; gamma >= 0.
+
+    Returns the elementwise loss (inputs' shape and dtype) when ``reduce`` is False, else a 0-dim
+    fp32 tensor holding the deterministic sum of the scaled losses. grad_input, when given, is
+    overwritten with d(loss)/d(inputs) * scale in its own dtype (for reduce=False: the gradient of
+    the summed loss).
+    """
+    n = inputs.numel()
+    for name, t in (("targets", targets), ("grad_input", grad_input)):
+        if t is not None and t.numel() != n:
+            raise ValueError(f"sigmoid_focal_fwd: {name} has {t.numel()} elements, inputs has {n}")
+    for name, t in (("inputs", inputs), ("targets", targets), ("grad_input", grad_input)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"sigmoid_focal_fwd: {name} must be contiguous")
+
+    gamma = float(gamma)
+    gamma_int = int(gamma) if gamma.is_integer() and 0 <= gamma <= MAX_INT_GAMMA else -1
+    n_programs = triton.cdiv(n, BLOCK)
+    if reduce:
+        out = torch.empty(n_programs, device=inputs.device, dtype=torch.float32)
+    else:
+        out = torch.empty(inputs.shape, device=inputs.device, dtype=inputs.dtype)
+    if n > 0:
+        _sigmoid_focal_kernel[(n_programs,)](
+            inputs,
+            targets,
+            out,
+            grad_input if grad_input is not None else inputs,  # placeholder, never touched
+            n,
+            float(alpha),
+            gamma,
+            float(scale),
+            BLOCK=BLOCK,
+            GAMMA_INT=gamma_int,
+            USE_ALPHA=float(alpha) >= 0,
+            REDUCE=bool(reduce),
+            WRITE_GRAD_INPUT=grad_input is not None,
+            EMULATE_RNE=emulate_rne(),
+            num_warps=num_warps_for(BLOCK),
+        )
+    # Fixed-order sum of the partials (an empty sum is 0 for n = 0).
+    return out.sum() if reduce else out

@@ -1,0 +1,142 @@
+"""Huber / SmoothL1 / L1 loss and gradients in one elementwise pass.
+
+With d = input - target (in fp32):
+    smoothl1(d; beta) = 0.5 * d^2 / beta   if |d| < beta
+                        |d| - 0.5 * beta   otherwise          (beta = 0: |d|, i.e. L1)
+    d smoothl1 / d input = d / beta if |d| < beta else sign(d)   (sign(0) = 0)
+and Huber(d; delta) = delta * smoothl1(d; beta=delta), so one kernel serves all three losses through
+a loss multiplier ``mul``. Loss and gradients are multiplied by ``mul``, the optional per-element
+weight and ``scale`` (1/numel for a mean), so the backward only has to apply grad_output.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .common import ELEMENTWISE_BLOCK, cast_to, emulate_rne, num_warps_for
+
+BLOCK = ELEMENTWISE_BLOCK
+
+
+@triton.jit
+def _huber_kernel(
+    x_ptr,
+    y_ptr,
+    w_ptr,
+    out_ptr,  # elementwise loss (input dtype), or one fp32 partial sum per program when REDUCE
+    gx_ptr,
+    gy_ptr,
+    n,
+    beta,  # fp32 threshold; unused when L1
+    c,  # mul * scale, folded on the host
+    BLOCK: tl.constexpr,
+    EMULATE_RNE: tl.constexpr,
+    L1: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    REDUCE: tl.constexpr,
+    WRITE_GRAD_INPUT: tl.constexpr,
+    WRITE_GRAD_TARGET: tl.constexpr,
+):
+    # Bytes per element (e = element size): reads 2e (input, target) + e with a weight; writes e for
+    # the unreduced loss (4 bytes per BLOCK when reduced) + e per gradient requested. The usual
+    # training step (reduced, grad_input only) reads 2n and writes n elements.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    d = x - y
+    ad = tl.abs(d)
+    # sign(d) with sign(0) = 0; a NaN difference stays NaN (as torch's gradient does).
+    sign = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d))
+    if L1:
+        loss = ad
+        grad = sign
+    else:
+        # Same expressions, operation order and IEEE division as torch (a plain `/` compiles to an
+        # approximate division on NVIDIA GPUs). |d| == beta takes the linear branch; both branches
+        # agree there: 0.5 * beta, gradient +-1.
+        quad = ad < beta
+        loss = tl.where(quad, tl.math.div_rn(0.5 * ad * ad, beta), ad - 0.5 * beta)
+        grad = tl.where(quad, tl.math.div_rn(d, beta), sign)
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+        cw = c * w.to(tl.float32)
+    else:
+        cw = c
+    loss = loss * cw
+    if REDUCE:
+        # One fp32 partial per program, summed in a fixed order by the launcher (no atomics).
+        tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
+    else:
+        tl.store(out_ptr + offs, cast_to(loss, out_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+    if WRITE_GRAD_INPUT or WRITE_GRAD_TARGET:
+        g = grad * cw
+        if WRITE_GRAD_INPUT:
+            tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+        if WRITE_GRAD_TARGET:
+            tl.store(gy_ptr + offs, cast_to(-g, gy_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+
+
+def huber_fwd(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    *,
+    beta: float,
+    mul: float,
+    scale: float,
+    reduce: bool,
+    grad_input: Tensor | None,
+    grad_target: Tensor | None,
+) -> Tensor:
+    """Loss (and optionally gradients) of ``mul * weight * scale * smoothl1(input - target; beta)``.
+
+    input, target (and weight, grad_input, grad_target when given): contiguous, same number of
+    elements, on one device; input/target fp32, bf16 or fp16. beta = 0 is pure L1. Huber(delta) is
+    beta=delta, mul=delta; SmoothL1(beta) is beta, mul=1.
+
+    Returns the elementwise loss (input's shape and dtype) when ``reduce`` is False, else a 0-dim
+    fp32 tensor holding the deterministic sum of the scaled losses. grad_input / grad_target, when
+    given, are overwritten with d(loss)/d(input) * scale and its negation (for reduce=False this is
+    the gradient of the summed loss, i.e. grad_output = 1 everywhere).
+    """
+    n = input.numel()
+    for name, t in (("target", target), ("weight", weight), ("grad_input", grad_input),
+                    ("grad_target", grad_target)):
+        if t is not None and t.numel() != n:
+            raise ValueError(f"huber_fwd: {name} has {t.numel()} elements, input has {n}")
+    for name, t in (("input", input), ("target", target), ("weight", weight),
+                    ("grad_input", grad_input), ("grad_target", grad_target)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"huber_fwd: {name} must be contiguous")
+
+    n_programs = triton.cdiv(n, BLOCK)
+    if reduce:
+        out = torch.empty(n_programs, device=input.device, dtype=torch.float32)
+    else:
+        out = torch.empty(input.shape, device=input.device, dtype=input.dtype)
+    if n > 0:
+        _huber_kernel[(n_programs,)](
+            input,
+            target,
+            weight if weight is not None else input,  # placeholders are never touched
+            out,
+            grad_input if grad_input is not None else input,
+            grad_target if grad_target is not None else input,
+            n,
+            float(beta),
+            float(mul) * float(scale),
+            BLOCK=BLOCK,
+            L1=float(beta) == 0.0,
+            HAS_WEIGHT=weight is not None,
+            REDUCE=bool(reduce),
+            WRITE_GRAD_INPUT=grad_input is not None,
+            EMULATE_RNE=emulate_rne(),
+            WRITE_GRAD_TARGET=grad_target is not None,
+            num_warps=num_warps_for(BLOCK),
+        )
+    # Fixed-order sum of the partials (an empty sum is 0 for n = 0).
+    return out.sum() if reduce else out

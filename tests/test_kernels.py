@@ -1,0 +1,411 @@
+"""The Triton kernels, through the public API, against the reference.
+
+On CPU they run under Triton's interpreter (TRITON_INTERPRET=1, set in conftest) with the backend
+forced to ``triton`` and small shapes; on CUDA the same tests run natively, and the ``full size``
+section adds the large shapes, ``torch.compile(fullgraph=True)`` and CUDA-graph capture.
+
+Accuracy rule: in fp32 the kernel is within 1e-5 (relative) of a float64 ground truth. In bf16/fp16
+its error against that ground truth is compared with that of torch at the same dtype (torch's own
+function where torch has one, else the reference run at that dtype): the loss, and the gradient for
+``grad_output == 1``, may be no worse; a gradient for another ``grad_output`` may be up to twice as
+far off, because the saved gradient is rounded to the input dtype in the forward and rounded again
+when the backward scales it (one rounding more than torch, by design: see fastloss/autograd.py).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastloss
+from fastloss import reference
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+LOW = [torch.bfloat16, torch.float16]
+DTYPES = [torch.float32, *LOW]
+
+# torch's function at the test dtype, where torch has one: the low-precision baseline.
+TORCH_BASELINE = {
+    "cross_entropy": F.cross_entropy,
+    "huber_loss": F.huber_loss,
+    "smooth_l1_loss": F.smooth_l1_loss,
+}
+TORCH_ARGS = {"cross_entropy": {"weight", "ignore_index", "reduction", "label_smoothing"},
+              "huber_loss": {"reduction", "delta", "weight"}, "smooth_l1_loss": {"reduction", "beta"}}
+
+
+def _run(fn, tensors, grad_of, kwargs, grad_output, backend_name=None):
+    """``fn(*tensors, **kwargs)`` and the gradients of ``tensors[i]`` for ``i in grad_of``."""
+    leaves = [t.detach().clone().requires_grad_(i in grad_of) for i, t in enumerate(tensors)]
+    if backend_name is None:
+        loss = fn(*leaves, **kwargs)
+    else:
+        with fastloss.use_backend(backend_name):
+            loss = fn(*leaves, **kwargs)
+    g = grad_output(loss)
+    grads = torch.autograd.grad(loss, [leaves[i] for i in grad_of], g) if grad_of else ()
+    return [loss.detach(), *grads]
+
+
+def _random_grad_output(loss):
+    # a random grad_output, never exactly 1, so the backward scale kernel does real work
+    return (torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)) + 0.5).to(loss)
+
+
+def _max_err(got, truth):
+    got, truth = got.double(), truth.double()
+    both_nan = torch.isnan(got) & torch.isnan(truth)
+    same_inf = torch.isinf(truth) & (got == truth)
+    diff = (got - truth).abs().masked_fill(both_nan | same_inf, 0.0)
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def check(name, tensors, kwargs, grad_of=(0,), grad_output=_random_grad_output):
+    """Checks fastloss.<name> on the triton backend against the float64 reference."""
+    fn = getattr(fastloss, name)
+    dtype = tensors[0].dtype
+    ours = _run(fn, tensors, grad_of, kwargs, grad_output, "triton")
+    wide = [t.double() if t.is_floating_point() else t for t in tensors]
+    wide_kwargs = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                   for k, v in kwargs.items()}
+    truth = _run(getattr(reference, name), wide, grad_of, wide_kwargs, lambda l: grad_output(l).double())
+    for got, exp in zip(ours, truth):
+        assert got.shape == exp.shape and got.dtype == dtype
+    if dtype == torch.float32:
+        for got, exp in zip(ours, truth):
+            torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=1e-6, equal_nan=True)
+        return ours
+    if name in TORCH_BASELINE and set(kwargs) <= TORCH_ARGS[name]:
+        base_fn = TORCH_BASELINE[name]
+    else:
+        base_fn = getattr(reference, name)
+    base = _run(base_fn, tensors, grad_of, kwargs, grad_output)
+    rounded_twice = any(not torch.all(grad_output(o) == 1) for o in ours[:1])
+    for i, (b, g, e) in enumerate(zip(base, ours, truth)):
+        factor = 2.0 if i > 0 and rounded_twice else 1.25
+        # torch's error, but at least half an ulp of the largest value: one element can round luckily
+        finite = e[torch.isfinite(e)]
+        half_ulp = torch.finfo(dtype).eps / 2 * (finite.abs().max().item() if finite.numel() else 0.0)
+        limit = factor * max(_max_err(b, e), half_ulp) + 1e-6
+        assert _max_err(g, e) <= limit, (name, kwargs, i, _max_err(g, e), _max_err(b, e))
+    return ours
+
+
+def logits(*shape, dtype=torch.float32, scale=3.0):
+    return (torch.randn(*shape, device=DEVICE) * scale).to(dtype)
+
+
+def labels(n, v, ignore=0):
+    t = torch.randint(0, v, (n,), device=DEVICE)
+    t[:ignore] = -100
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
+# cross-entropy and softmax focal
+# --------------------------------------------------------------------------------------------------
+
+# (N, V) and why: V=1 (one class), 7 (unaligned), 64 (power of two), 1000 (several warps' worth),
+# 4099 (more than one block, unaligned)
+SHAPES = [(3, 1), (5, 7), (4, 64), (6, 1000), (2, 4099)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n, v", SHAPES)
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
+def test_softmax_shapes_and_dtypes(loss, n, v, dtype):
+    check(loss, [logits(n, v, dtype=dtype), labels(n, v, ignore=1)], {})
+
+
+CE_OPTIONS = {
+    "plain": {},
+    "weight": {"weight": "w"},
+    "smoothing": {"label_smoothing": 0.1},
+    "weight_smoothing": {"weight": "w", "label_smoothing": 0.3},
+    "z_loss": {"z_loss": 1e-2},
+    "softcap": {"softcap": 2.0},
+    "everything": {"weight": "w", "label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 5.0},
+    "ignore_index_7": {"ignore_index": 7},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", list(CE_OPTIONS))
+def test_cross_entropy_options(option, reduction, dtype):
+    n, v = 9, 37
+    kwargs = {k: ((torch.rand(v, device=DEVICE) + 0.1).to(dtype) if val == "w" else val)
+              for k, val in CE_OPTIONS[option].items()}
+    t = labels(n, v, ignore=2)
+    t[t == -100] = kwargs.get("ignore_index", -100)
+    t[3] = 7
+    check("cross_entropy", [logits(n, v, dtype=dtype), t], {**kwargs, "reduction": reduction})
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", ["plain", "smoothing", "weight_smoothing", "everything"])
+def test_cross_entropy_probability_targets(option, reduction):
+    n, v = 6, 45
+    kwargs = {k: (torch.rand(v, device=DEVICE) + 0.1 if val == "w" else val) for k, val in CE_OPTIONS[option].items()}
+    target = torch.rand(n, v, device=DEVICE).softmax(-1)
+    check("cross_entropy", [logits(n, v), target], {**kwargs, "reduction": reduction})
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", [{}, {"weight": "w"}, {"softcap": 3.0}, {"ignore_index": 4}])
+def test_focal_options(option, reduction, gamma):
+    n, v = 8, 29
+    kwargs = {k: (torch.rand(v, device=DEVICE) + 0.1 if val == "w" else val) for k, val in option.items()}
+    t = labels(n, v, ignore=2)
+    t[t == -100] = kwargs.get("ignore_index", -100)
+    t[5] = 4
+    check("focal_loss", [logits(n, v), t], {**kwargs, "gamma": gamma, "reduction": reduction})
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
+def test_all_rows_ignored(loss, reduction):
+    # torch: mean over no counted rows is NaN, sum is 0, gradients are 0
+    x, t = logits(4, 11), torch.full((4,), -100, device=DEVICE)
+    out = check(loss, [x, t], {"reduction": reduction})
+    assert torch.all(out[1] == 0)
+    assert math.isnan(out[0].item()) if reduction == "mean" else torch.all(out[0] == 0)
+
+
+@pytest.mark.parametrize("shape", [(11,), (2, 7, 3), (2, 7, 3, 2)], ids=["unbatched", "3d", "4d"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cross_entropy_spatial_inputs(shape, reduction):
+    x = logits(*shape)
+    t = torch.randint(0, shape[0] if len(shape) == 1 else shape[1],
+                      shape[:1] + shape[2:] if len(shape) > 1 else (), device=DEVICE)
+    check("cross_entropy", [x, t], {"reduction": reduction})
+    check("cross_entropy", [x, torch.rand_like(x)], {"reduction": reduction})
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_grad_output_of_exactly_one_and_second_backward(reduction):
+    x = logits(5, 33).requires_grad_()
+    t = labels(5, 33)
+    with fastloss.use_backend("triton"):
+        loss = fastloss.cross_entropy(x, t, reduction=reduction)
+    (g,) = torch.autograd.grad(loss, x, torch.ones_like(loss), retain_graph=True)  # scalar 1: early exit
+    (expected,) = torch.autograd.grad(F.cross_entropy(x, t, reduction=reduction), x, torch.ones_like(loss))
+    torch.testing.assert_close(g, expected)
+    # the saved gradient was consumed in place: a second backward raises instead of scaling it twice
+    with pytest.raises(RuntimeError, match="backward can run only once"):
+        torch.autograd.grad(loss, x, torch.ones_like(loss))
+
+
+def test_masked_vocabulary_huge_logits_and_nan_row():
+    n, v = 4, 50
+    x = logits(n, v) * 1e3                        # saturated softmax
+    x[0, 10:] = float("-inf")                     # masked vocabulary
+    x[2, 7] = float("nan")                        # NaN row → NaN loss for that row only
+    t = torch.tensor([3, 1, 2, 0], device=DEVICE)
+    ours = check("cross_entropy", [x, t], {"reduction": "none"})
+    assert torch.isnan(ours[0][2]) and torch.isfinite(ours[0][[0, 1, 3]]).all()
+    check("focal_loss", [x[[0, 1, 3]], t[[0, 1, 3]]], {"reduction": "none", "gamma": 0.5})
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 1.0, 2.0])
+def test_focal_saturated_logits_are_finite(gamma):
+    x = torch.tensor([[60.0, 0.0, -60.0], [-60.0, 60.0, 0.0], [0.0, 1e4, -1e4]], device=DEVICE)
+    x.requires_grad_()
+    t = torch.tensor([0, 0, 1], device=DEVICE)     # p_y → 1, p_y → 0, p_y → 1
+    with fastloss.use_backend("triton"):
+        loss = fastloss.focal_loss(x, t, gamma=gamma, reduction="sum")
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+
+
+def test_out_of_range_target_on_device_gives_nan_row(monkeypatch):
+    if not CUDA:
+        pytest.skip("on CPU out-of-range targets raise IndexError before the kernel (tested in test_api)")
+    x, t = logits(3, 10), torch.tensor([1, 10, 2], device=DEVICE)
+    loss = fastloss.cross_entropy(x, t, reduction="none")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    monkeypatch.setenv("FASTLOSS_STRICT", "1")
+    with pytest.raises(IndexError):
+        fastloss.cross_entropy(x, t)
+
+
+def test_non_contiguous_logits():
+    big = logits(6, 80)
+    check("cross_entropy", [big[:, :70], labels(6, 70)], {})       # padded row stride, read in place
+    check("cross_entropy", [big.t()[:30], labels(30, 6)], {})        # strided classes: copied
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
+def test_deterministic(loss):
+    x, t = logits(16, 300), labels(16, 300, ignore=3)
+    fn = getattr(fastloss, loss)
+    first = _run(fn, [x, t], (0,), {}, _random_grad_output, "triton")
+    second = _run(fn, [x, t], (0,), {}, _random_grad_output, "triton")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_inplace_backward_matches_and_saves_the_buffer():
+    x0, t = logits(5, 40), labels(5, 40)
+    expected = _run(fastloss.cross_entropy, [x0, t], (0,), {}, _random_grad_output, "triton")
+    leaf = x0.clone().requires_grad_()
+    x = leaf * 1.0                                  # a non-leaf, like a model's output
+    with fastloss.use_backend("triton"):
+        loss = fastloss.cross_entropy(x, t, inplace_backward=True)
+    (g,) = torch.autograd.grad(loss, leaf, _random_grad_output(loss))
+    torch.testing.assert_close(loss, expected[0])
+    torch.testing.assert_close(g, expected[1])
+    torch.testing.assert_close(x.detach(), expected[1])   # the gradient lives in the logits' memory
+
+
+def test_inplace_backward_never_silently_wrong():
+    t = labels(4, 12)
+    leaf = logits(4, 12).requires_grad_()
+    with fastloss.use_backend("triton"):
+        # a leaf cannot be overwritten: refused before the kernel runs
+        with pytest.raises(RuntimeError, match="leaf"):
+            fastloss.cross_entropy(leaf, t, inplace_backward=True)
+        # another node (x * x) saved the logits: backward raises instead of using the overwritten values
+        x = leaf * 2.0
+        other = (x * x).sum()
+        loss = fastloss.cross_entropy(x, t, inplace_backward=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            (loss + other).backward()
+
+
+def test_forward_only_under_no_grad():
+    x, t = logits(7, 90), labels(7, 90, ignore=1)
+    with torch.no_grad(), fastloss.use_backend("triton"):
+        got = fastloss.cross_entropy(x, t, label_smoothing=0.1)
+    torch.testing.assert_close(got, F.cross_entropy(x, t, label_smoothing=0.1))
+
+
+# --------------------------------------------------------------------------------------------------
+# elementwise: Huber, SmoothL1, sigmoid focal
+# --------------------------------------------------------------------------------------------------
+
+# sizes and why: 1 (one element), 37 (odd), 4096 (one block), 5003 (several blocks, odd tail)
+SIZES = [1, 37, 4096, 5003]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_huber(reduction, size, dtype):
+    x, y = logits(size, dtype=dtype, scale=2.0), logits(size, dtype=dtype, scale=2.0)
+    for delta in (0.1, 1.0, 50.0):                # the error scale is ~3: both regimes, and all-quadratic
+        check("huber_loss", [x, y], {"reduction": reduction, "delta": delta}, grad_of=(0, 1))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_huber_weight_and_input_only(reduction):
+    x, y, w = logits(3, 41), logits(3, 41), torch.rand(3, 41, device=DEVICE)
+    check("huber_loss", [x, y], {"reduction": reduction, "weight": w}, grad_of=(0, 1))
+    check("huber_loss", [x, y], {"reduction": reduction}, grad_of=(0,))
+    check("huber_loss", [x, y], {"reduction": reduction}, grad_of=(1,))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_smooth_l1(reduction, beta, dtype):
+    x, y = logits(2, 501, dtype=dtype), logits(2, 501, dtype=dtype)
+    check("smooth_l1_loss", [x, y], {"reduction": reduction, "beta": beta}, grad_of=(0, 1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_sigmoid_focal(reduction, size, dtype):
+    x = logits(size, dtype=dtype)
+    t = (torch.rand(size, device=DEVICE) < 0.3).to(dtype)
+    for alpha, gamma in ((0.25, 2.0), (-1.0, 0.5), (0.6, 0.0)):
+        check("sigmoid_focal_loss", [x, t], {"alpha": alpha, "gamma": gamma, "reduction": reduction})
+
+
+def test_sigmoid_focal_soft_targets_and_saturation():
+    x = logits(4, 20)
+    check("sigmoid_focal_loss", [x, torch.rand(4, 20, device=DEVICE)], {"reduction": "mean"})
+    sat = torch.tensor([-1e4, -60.0, 0.0, 60.0, 1e4] * 2, device=DEVICE, requires_grad=True)
+    t = torch.tensor([0.0] * 5 + [1.0] * 5, device=DEVICE)
+    for gamma in (0.0, 0.5, 2.0):
+        with fastloss.use_backend("triton"):
+            loss = fastloss.sigmoid_focal_loss(sat, t, gamma=gamma, reduction="sum")
+        (g,) = torch.autograd.grad(loss, sat)
+        assert torch.isfinite(loss) and torch.isfinite(g).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# full size, CUDA only: large shapes, N·V > 2³¹, torch.compile and CUDA graphs
+# --------------------------------------------------------------------------------------------------
+
+gpu = pytest.mark.skipif(not CUDA, reason="full-size kernel tests need a CUDA device")
+
+
+@gpu
+@pytest.mark.parametrize("v", [32768, 128256, 151936, 262144])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_full_size_cross_entropy(v, dtype):
+    check("cross_entropy", [logits(8192 if v <= 128256 else 2048, v, dtype=dtype), labels(8192 if v <= 128256 else 2048, v, ignore=16)], {})
+
+
+@gpu
+@pytest.mark.parametrize("v", [32768, 128256])
+def test_full_size_focal(v):
+    check("focal_loss", [logits(4096, v, dtype=torch.bfloat16), labels(4096, v, ignore=16)], {"gamma": 2.0})
+
+
+@gpu
+def test_more_than_2_31_elements():
+    n, v = 16400, 131072                              # N·V = 2.15e9 > 2³¹, bf16: 4.3 GB of logits
+    x, t = logits(n, v, dtype=torch.bfloat16).requires_grad_(), labels(n, v)
+    loss = fastloss.cross_entropy(x, t, reduction="none")
+    loss.backward(torch.ones_like(loss))
+    tail = slice(n - 4, n)                              # rows past the 2³¹ boundary
+    x_tail = x.detach()[tail].float().requires_grad_()
+    expected = F.cross_entropy(x_tail, t[tail], reduction="none")
+    expected.sum().backward()
+    torch.testing.assert_close(loss[tail].float(), expected, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(x.grad[tail].float(), x_tail.grad, rtol=2e-2, atol=2e-3)
+
+
+@gpu
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss", "huber_loss", "sigmoid_focal_loss"])
+def test_torch_compile_fullgraph(loss):
+    fn = getattr(fastloss, loss)
+    if loss in ("cross_entropy", "focal_loss"):
+        args = [logits(64, 1000), labels(64, 1000, ignore=4)]
+    else:
+        args = [logits(64, 1000), torch.rand(64, 1000, device=DEVICE)]
+    eager = _run(fn, args, (0,), {}, _random_grad_output)
+    compiled = _run(torch.compile(fn, fullgraph=True), args, (0,), {}, _random_grad_output)
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b)
+
+
+@gpu
+def test_cuda_graph_capture():
+    x = logits(256, 5000).requires_grad_()
+    t = labels(256, 5000, ignore=8)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):                        # warm up (compiles the kernels) off the graph
+        fastloss.cross_entropy(x, t).backward()
+    torch.cuda.current_stream().wait_stream(s)
+    x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = fastloss.cross_entropy(x, t)
+        loss.backward()
+    x.data.copy_(logits(256, 5000))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected_x = x.detach().clone().requires_grad_()
+    expected = F.cross_entropy(expected_x, t)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(x.grad, expected_x.grad)

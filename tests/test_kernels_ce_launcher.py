@@ -1,0 +1,407 @@
+"""Launcher-level tests of kernels/cross_entropy.py and kernels/common.py.
+
+``cross_entropy_fwd`` and ``scale_grad_`` are called directly (no autograd, no reductions) and compared
+with an independent float64 oracle written here with torch ops and autograd. Without CUDA they run
+under Triton's interpreter on small shapes.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from fastloss.kernels.common import scale_grad_  # noqa: E402
+from fastloss.kernels.cross_entropy import cross_entropy_fwd  # noqa: E402
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# The interpreter evaluates both sides of every tl.where in numpy, which warns about log(0), 0 * inf...
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+# Relative precision of one ulp (2^-(mantissa bits)) per dtype: the kernel computes in fp32 and
+# rounds once, so a bf16/fp16 gradient must be within one ulp of the float64 truth.
+ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+# V: 1 (degenerate), 7 (tiny, unaligned), 1000 (one chunk, unaligned), 4099 (> BLOCK = 4096: two
+# chunks and a ragged tail)
+SIZES = [1, 7, 1000, 4099]
+
+
+def oracle(logits, target, weight=None, scales=(1.0, 1.0), *, ignore_index=-100, eps=0.0, z=0.0,
+           softcap=None, gamma=None):
+    """Per-row loss and d(loss_row)/d(logits) in float64, straight from the definitions, by autograd."""
+    raw = logits.detach().double().requires_grad_(True)
+    x = raw if softcap is None else softcap * torch.tanh(raw / softcap)
+    n, v = x.shape
+    w = torch.ones(v, dtype=torch.float64, device=x.device) if weight is None else weight.double()
+    logp = torch.log_softmax(x, dim=-1)
+    lse = torch.logsumexp(x, dim=-1)
+    ce_scale, z_scale = scales
+    if target.is_floating_point():
+        t = (1 - eps) * target.double() + eps / v
+        ce = -(w * t * logp).sum(-1)
+        counted = torch.ones(n, dtype=torch.bool, device=x.device)
+    else:
+        counted = target != ignore_index
+        y = torch.where(counted, target, 0)
+        logp_y = logp.gather(1, y[:, None]).squeeze(1)
+        if gamma is None:
+            ce = (1 - eps) * w[y] * -logp_y
+            if eps:  # (eps = 0 must not turn the infinite sum over -inf logits into 0 * inf)
+                ce = ce + eps / v * -(w * logp).sum(-1)
+        else:
+            ce = -w[y] * (-torch.expm1(logp_y)) ** gamma * logp_y
+    loss = ce_scale * ce + z_scale * z * lse**2
+    loss = torch.where(counted, loss, 0.0)
+    (grad,) = torch.autograd.grad(loss.sum(), raw)
+    return loss.detach(), grad
+
+
+def run(logits, target, weight=None, scales=(1.0, 1.0), *, write_grad=True, **opts):
+    grad = torch.empty_like(logits) if write_grad else None
+    sc = torch.tensor(scales, dtype=torch.float32, device=logits.device)
+    loss = cross_entropy_fwd(logits, target, weight, sc, grad, **opts)
+    return loss, grad
+
+
+def oracle_opts(opts):
+    o = dict(opts)
+    if "label_smoothing" in o:
+        o["eps"] = o.pop("label_smoothing")
+    if "z_loss" in o:
+        o["z"] = o.pop("z_loss")
+    return o
+
+
+def check(logits, target, weight=None, scales=(1.0, 1.0), **opts):
+    """Kernel vs oracle: loss within 1e-5 relative (fp32 accumulation); gradient within one ulp of the
+    logits dtype (fp32: a few ulps)."""
+    loss, grad = run(logits, target, weight, scales, **opts)
+    ref_loss, ref_grad = oracle(logits, target, weight, scales, **oracle_opts(opts))
+    assert loss.dtype == torch.float32 and loss.shape == (logits.shape[0],)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7, equal_nan=True)
+    assert grad.dtype == logits.dtype
+    ulp = ULP[logits.dtype]
+    # + 1e-7 absolute: fp32 cannot resolve what lies below its epsilon relative to the row's O(1)
+    # terms (for example 1 - p_y ~ 1e-16 of a saturated focal row)
+    tol = (ulp if logits.dtype != torch.float32 else 20 * ulp) * ref_grad.abs() + 1e-7
+    err = (grad.double() - ref_grad).abs()
+    assert bool((err <= tol).all()), f"grad error {(err - tol).max().item():.3g} over tolerance"
+    return loss, grad
+
+
+def make(n, v, dtype, *, ignore=0, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, v, generator=g) * scale).to(dtype).to(DEV)
+    target = torch.randint(0, v, (n,), generator=g)
+    if ignore:
+        target[:ignore] = -100
+    return logits, target.to(DEV)
+
+
+# ------------------------------------------------------------------------------------------------
+# Class-index cross-entropy
+# ------------------------------------------------------------------------------------------------
+
+OPTIONS = {
+    "plain": {},
+    "weight+ignore": dict(weight=True, ignore=2),
+    "smooth+weight": dict(weight=True, label_smoothing=0.1, ignore=1),
+    "zloss": dict(z_loss=1e-3, scales=(0.5, 0.25)),
+    "softcap": dict(softcap=5.0),
+    "all": dict(weight=True, ignore=1, label_smoothing=0.2, z_loss=1e-2, softcap=4.0, scales=(0.3, 0.7)),
+}
+
+
+@pytest.mark.parametrize("v", SIZES)
+@pytest.mark.parametrize("name", list(OPTIONS))
+def test_class_index_fp32(v, name):
+    opts = dict(OPTIONS[name])
+    logits, target = make(6, v, torch.float32, ignore=opts.pop("ignore", 0))
+    weight = torch.rand(v, device=DEV) + 0.5 if opts.pop("weight", False) else None
+    check(logits, target, weight, opts.pop("scales", (1.0, 1.0)), **opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("v", [7, 4099])
+@pytest.mark.parametrize("name", ["plain", "all"])
+def test_class_index_half(dtype, v, name):
+    opts = dict(OPTIONS[name])
+    logits, target = make(5, v, dtype, ignore=opts.pop("ignore", 0))
+    weight = torch.rand(v, device=DEV) + 0.5 if opts.pop("weight", False) else None
+    check(logits, target, weight, opts.pop("scales", (1.0, 1.0)), **opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_gradient_is_correctly_rounded(dtype):
+    """fp32 math, one rounding at the store: (nearly) every element is the float64 truth rounded."""
+    logits, target = make(8, 300, dtype)
+    _, grad = run(logits, target, scales=(0.125, 1.0))
+    _, ref_grad = oracle(logits, target, scales=(0.125, 1.0))
+    # fp32 errors (a fast exp on the GPU) can tip an element sitting right at a rounding boundary
+    assert (grad != ref_grad.to(dtype)).sum().item() <= grad.numel() // 500
+
+
+def test_all_rows_ignored():
+    logits, target = make(4, 33, torch.float32)
+    target[:] = -100
+    loss, grad = run(logits, target)
+    assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
+    # reduction='mean' over zero counted rows has scale 1/0: 0 * inf reproduces torch's NaN
+    loss, grad = run(logits, target, scales=(float("inf"), float("inf")))
+    assert loss.isnan().all() and torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_ignore_index_inside_class_range():
+    logits, target = make(6, 10, torch.float32)
+    target[::2] = 3
+    loss, grad = check(logits, target, ignore_index=3)
+    assert torch.equal(loss[::2], torch.zeros(3, device=DEV)) and not grad[::2].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_saturated_and_masked_logits(dtype):
+    """Confident rows keep their target gradient p_y - 1 (computed in fp32 before rounding), and
+    -inf logits (a masked vocabulary) are harmless."""
+    v = 40
+    logits = torch.zeros(4, v)
+    target = torch.tensor([0, 1, 2, 3])
+    logits[0, 0] = 12.0  # 1 - p_y ~ 2.4e-4: in bf16, 1 - round(p_y) would be 0 or 2^-8
+    logits[1, 1] = 30.0  # saturated even in fp32
+    logits[2, 10:] = float("-inf")  # masked vocabulary
+    logits[3, 3] = -30.0  # p_y ~ 0
+    logits = logits.to(dtype).to(DEV)
+    target = target.to(DEV)
+    loss, grad = check(logits, target)
+    assert grad[0, 0] < 0 and torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert not grad[2, 10:].any()
+    check(logits, target, softcap=20.0)
+    check(logits, target, label_smoothing=0.1)  # smoothing over -inf classes: an infinite loss, as torch
+    check(logits, target, z_loss=1e-3)
+
+
+@pytest.mark.parametrize("v", [50, 4099])
+def test_nan_row(v):
+    logits, target = make(4, v, torch.float32)
+    logits[1, 7] = float("nan")  # first chunk
+    logits[2, v - 2] = float("nan")  # last chunk (the same one when v <= BLOCK)
+    loss, grad = run(logits, target)
+    assert loss[1:3].isnan().all() and not loss[[0, 3]].isnan().any()
+    ref_loss, _ = oracle(logits[[0, 3]], target[[0, 3]])
+    torch.testing.assert_close(loss[[0, 3]].double(), ref_loss, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("v", [7, 4099])
+def test_ties_and_late_max(v):
+    """Several lanes at the row max (uniform rows, a max repeated in two chunks), and a max that
+    first appears in the ragged last chunk."""
+    logits = torch.zeros(4, v)
+    logits[1, :] = -2.0
+    logits[1, [0, v - 1]] = 3.0
+    logits[2] = torch.linspace(-5, 5, v)
+    logits[3, v - 1] = 9.0
+    target = torch.tensor([0, v - 1, v // 2, 1])
+    loss, _ = check(logits.to(DEV), target.to(DEV))
+    assert abs(loss[0].item() - torch.tensor(float(v)).log().item()) < 1e-5 * max(1.0, loss[0].item())
+
+
+@pytest.mark.parametrize("v", [1000, 4099])
+def test_confident_rows_keep_relative_precision(v):
+    """lse - x_y ~ 1e-4 .. 1e-7 keeps ~1e-5 relative precision in fp32 (not 1 - p_y's rounding)."""
+    logits, target = make(4, v, torch.float32, scale=1.0)
+    for i, margin in enumerate((12.0, 15.0, 18.0, 21.0)):
+        logits[i, target[i]] = margin + logits[i].max()
+    loss, grad = run(logits, target)
+    ref_loss, ref_grad = oracle(logits, target)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-5, atol=0)
+    rows = torch.arange(4, device=DEV)
+    torch.testing.assert_close(grad[rows, target].double(), ref_grad[rows, target], rtol=2e-5, atol=0)
+    for gamma in (0.5, 2.0):
+        loss, grad = run(logits, target, gamma=gamma)
+        ref_loss, ref_grad = oracle(logits, target, gamma=gamma)
+        torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=0)
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-30)
+
+
+def test_out_of_range_target_is_nan():
+    logits, target = make(5, 20, torch.float32)
+    target[1], target[3] = 20, -5
+    loss, grad = run(logits, target)
+    bad = torch.tensor([False, True, False, True, False], device=DEV)
+    assert loss[bad].isnan().all() and grad[bad].isnan().all()
+    assert torch.isfinite(loss[~bad]).all() and torch.isfinite(grad[~bad]).all()
+    loss_ok, grad_ok = run(logits[~bad], target[~bad])
+    assert torch.equal(loss[~bad], loss_ok) and torch.equal(grad[~bad], grad_ok)
+
+
+def test_matches_torch_cross_entropy():
+    """An anchor against torch itself (no oracle): weighted, smoothed, with ignored rows."""
+    logits, target = make(8, 1000, torch.float32, ignore=2)
+    weight = torch.rand(1000, device=DEV) + 0.5
+    loss, grad = run(logits, target, weight, label_smoothing=0.1)
+    x = logits.detach().double().requires_grad_(True)
+    ref = F.cross_entropy(x, target, weight=weight.double(), label_smoothing=0.1, reduction="none")
+    ref.sum().backward()
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), x.grad, rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------
+# Probability targets
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("v", [7, 4099])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("extras", [False, True])
+def test_probability_targets(v, dtype, extras):
+    logits, _ = make(4, v, dtype)
+    target = torch.softmax(torch.randn(4, v, device=DEV) * 2, dim=-1).to(dtype)
+    if extras:  # smoothing, class weights, z-loss and softcap together
+        weight = torch.rand(v, device=DEV) + 0.5
+        check(logits, target, weight, (0.5, 0.25), label_smoothing=0.15, z_loss=1e-2, softcap=6.0)
+    else:
+        check(logits, target)
+
+
+def test_probability_targets_large_logits():
+    """sum_c w_c t_c (lse - x_c) is kept relative to the running max: no cancellation at |x| ~ 1e3."""
+    logits, _ = make(3, 300, torch.float32, scale=1.0)
+    logits = logits + 1000.0
+    target = torch.softmax(torch.randn(3, 300, device=DEV), dim=-1)
+    check(logits, target)
+    check(logits, target, label_smoothing=0.3)
+    _, onehot = make(3, 300, torch.float32)
+    check(logits, onehot, label_smoothing=0.3)  # class-index smoothing: the same sums
+
+
+# ------------------------------------------------------------------------------------------------
+# Softmax focal loss
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("v", [7, 1000])
+def test_focal(gamma, v):
+    logits, target = make(6, v, torch.float32, ignore=1)
+    weight = torch.rand(v, device=DEV) + 0.5
+    check(logits, target, weight, (0.5, 1.0), gamma=gamma)
+    check(logits.bfloat16(), target, gamma=gamma, softcap=8.0)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+def test_focal_saturated(gamma):
+    """p_y -> 1 (1 - p_y below fp32's epsilon), p_y -> 0, and p_y == 1 exactly: finite, and equal to
+    the float64 oracle (whose saturation is not yet exact for these margins)."""
+    v = 30
+    logits = torch.zeros(3, v)
+    target = torch.tensor([0, 1, 2])
+    logits[0, 0] = 25.0  # 1 - p_y ~ 4e-10: 1.0 in fp32, not in float64
+    logits[1, 1] = -40.0  # p_y ~ 1e-19
+    logits[2, 2] = 200.0  # p_y == 1 even in float64 would be 1 - 1e-86: exactly 1 in fp32
+    logits, target = logits.to(DEV), target.to(DEV)
+    loss, grad = run(logits, target, gamma=gamma)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    check(logits[:2], target[:2], gamma=gamma)
+    if gamma > 0:
+        assert loss[2] == 0 and not grad[2].any()
+
+
+def test_focal_gamma0_equals_cross_entropy_bitwise():
+    for v in (7, 4099):
+        logits, target = make(5, v, torch.bfloat16, ignore=1)
+        weight = torch.rand(v, device=DEV) + 0.5
+        for kw in ({}, {"softcap": 3.0}):
+            a = run(logits, target, weight, (0.3, 1.0), **kw)
+            b = run(logits, target, weight, (0.3, 1.0), gamma=0.0, **kw)
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Memory layout, in-place, determinism, forward-only, empty
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("v", [7, 4099])
+def test_inplace_and_strided(v):
+    logits, target = make(4, v, torch.bfloat16, ignore=1)
+    opts = dict(label_smoothing=0.1, z_loss=1e-3, softcap=10.0)
+    loss, grad = run(logits, target, **opts)
+    # rows of a wider buffer (row stride v + 5), gradient written over the logits themselves
+    buf = torch.full((4, v + 5), 7.0, dtype=torch.bfloat16, device=DEV)
+    buf[:, :v] = logits
+    view = buf[:, :v]
+    sc = torch.ones(2, device=DEV)
+    loss2 = cross_entropy_fwd(view, target, None, sc, view, **opts)
+    assert torch.equal(loss, loss2) and torch.equal(view, grad)
+    assert (buf[:, v:] == 7.0).all()  # nothing written past the row
+    # a strided input with a fresh contiguous gradient
+    buf[:, :v] = logits
+    grad3 = torch.empty_like(logits)
+    loss3 = cross_entropy_fwd(view, target, None, sc, grad3, **opts)
+    assert torch.equal(loss, loss3) and torch.equal(grad3, grad)
+
+
+def test_deterministic_and_forward_only():
+    logits, target = make(8, 4099, torch.float32, ignore=2)
+    weight = torch.rand(4099, device=DEV) + 0.5
+    opts = dict(label_smoothing=0.1, z_loss=1e-3)
+    a = run(logits, target, weight, **opts)
+    b = run(logits, target, weight, **opts)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    c, none = run(logits, target, weight, write_grad=False, **opts)
+    assert none is None and torch.equal(a[0], c)
+
+
+def test_empty_batch():
+    for target in (torch.zeros(0, dtype=torch.long, device=DEV), torch.zeros(0, 9, device=DEV)):
+        loss, grad = run(torch.zeros(0, 9, device=DEV), target)
+        assert loss.shape == (0,) and loss.dtype == torch.float32 and grad.shape == (0, 9)
+
+
+# ------------------------------------------------------------------------------------------------
+# scale_grad_
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_grad_scalar(dtype):
+    g0 = torch.randn(5, 1000, device=DEV).to(dtype)
+    g0[0, 0] = float("nan")  # untouched means untouched
+    g = g0.clone()
+    assert scale_grad_(g, torch.tensor(1.0, device=DEV)) is g
+    assert torch.equal(g.isnan(), g0.isnan()) and torch.equal(g.nan_to_num(), g0.nan_to_num())
+    g = g0.clone()
+    scale_grad_(g, torch.tensor(2.5, device=DEV, dtype=torch.bfloat16))
+    ref = (g0.float() * 2.5).to(dtype)
+    assert torch.equal(g.nan_to_num(), ref.nan_to_num())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_grad_per_row(dtype):
+    g0 = torch.randn(6, 4099, device=DEV).to(dtype)
+    go = torch.randn(6, device=DEV)
+    g = g0.clone()
+    scale_grad_(g, go)
+    assert torch.equal(g, (g0.float() * go[:, None]).to(dtype))
+    # one factor per element (reduction='none' of an elementwise loss); expanded grad_output
+    h0 = torch.randn(3, 4, 5, device=DEV).to(dtype)
+    h = h0.clone()
+    go3 = torch.randn(3, 4, 5, device=DEV)
+    scale_grad_(h, go3)
+    assert torch.equal(h, (h0.float() * go3).to(dtype))
+    h = h0.clone()
+    scale_grad_(h, torch.full((1,), 3.0, device=DEV).expand(60))
+    assert torch.equal(h, (h0.float() * 3.0).to(dtype))
+
+
+def test_scale_grad_strided():
+    buf = torch.randn(4, 20, device=DEV)
+    b0 = buf.clone()
+    go = torch.randn(4, device=DEV)
+    scale_grad_(buf[:, :15], go)  # an in-place gradient living in a wider logits buffer
+    assert torch.equal(buf[:, :15], b0[:, :15] * go[:, None]) and torch.equal(buf[:, 15:], b0[:, 15:])
+    scale_grad_(torch.empty(0, device=DEV), torch.tensor(2.0, device=DEV))  # nothing to do
