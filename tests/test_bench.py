@@ -1,0 +1,135 @@
+"""Smoke tests of the benchmark tooling (bench/) on CPU: the harness's entry point with --quick on tiny
+cases, its accuracy gate, the floor arithmetic, and the two-run training script."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench import __main__ as bench_main
+from bench import cases, harness, report, train
+
+CPU = torch.device("cpu")
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
+
+
+@pytest.fixture(autouse=True)
+def _bench_environment(monkeypatch):
+    """These tests check the tooling, not the kernels: fastloss takes its CPU (reference) path even when
+    the suite runs with FASTLOSS_BACKEND=triton. The entry points also set torch's CPU thread count;
+    give the rest of the suite its own back."""
+    monkeypatch.setenv("FASTLOSS_BACKEND", "auto")
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_floor_bytes():
+    # ce / focal fwd+bwd: read N·V logits + N int64 targets, write the N·V gradient.
+    assert cases.Case("ce", "bf16", (8192, 32768)).floor_bytes() == 2 * 8192 * 32768 * 2 + 8192 * 8
+    assert cases.Case("focal", "fp32", (4, 10)).floor_bytes() == 2 * 40 * 4 + 4 * 8
+    # fwd only: the read alone.
+    assert cases.Case("ce", "fp32", (4, 10), mode="fwd").floor_bytes() == 40 * 4 + 4 * 8
+    # sigmoid focal: read x and t, write grad x.
+    assert cases.Case("sigmoid_focal", "bf16", (8, 80)).floor_bytes() == 3 * 640 * 2
+    # huber: read input and target, write grad input, and grad target when it requires grad.
+    assert cases.Case("huber", "fp32", (1024,)).floor_bytes() == 3 * 1024 * 4
+    assert cases.Case("huber", "fp32", (1024,), target_grad=True).floor_bytes() == 4 * 1024 * 4
+
+
+def test_inputs_are_random_and_rotated_when_small():
+    case = cases.Case("huber", "fp32", (1 << 12,), target_grad=True)
+    sets = harness.make_input_sets(case, CPU)
+    assert len(sets) == harness.MAX_COPIES  # 32 KiB per set: cycled to defeat cache reuse
+    x, y = sets[0]
+    assert x.requires_grad and y.requires_grad and x.std() > 0.5 and not torch.equal(sets[0][0], sets[1][0])
+    big = cases.Case("ce", "fp32", (4096, 8192))  # 128 MiB: no copies
+    assert len(harness.make_input_sets(big, CPU)) == 1
+
+
+def test_mismatching_provider_is_marked_and_not_timed():
+    case = cases.Case("ce", "fp32", (64, 100))
+    providers = {
+        "torch": cases.Provider("torch", cases.TORCH_FNS["ce"]),
+        "wrong": cases.Provider("wrong", lambda x, t: 1.01 * F.cross_entropy(x, t)),
+        "absent": "not installed",
+    }
+    rows = {r["provider"]: r for r in harness.run_case(case, providers, CPU, bandwidth=1e10, quick=True)}
+    assert rows["torch"]["status"] == "ok" and rows["torch"]["check"] == "✓" and rows["torch"]["ms"] > 0
+    assert rows["torch"]["loss_err"] < 1e-6 and rows["torch"]["vs_torch"] == 1.0
+    assert rows["wrong"]["status"] == "mismatch" and rows["wrong"]["check"] == "✗"
+    assert rows["wrong"]["loss_err"] == pytest.approx(0.01, rel=1e-3)
+    assert rows["wrong"].get("ms") is None
+    assert rows["absent"]["status"] == "skipped" and rows["absent"]["note"] == "not installed"
+
+
+def test_quick_run_writes_sane_results(tmp_path, capsys):
+    args = ["--quick", "--device", "cpu", "--losses", "ce,huber", "--dtypes", "fp32", "--modes", "fwdbwd"]
+    args += ["--shapes", "all", "--copy-mib", "16", "--save", str(tmp_path)]
+    assert bench_main.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "copy bandwidth:" in printed and "Share of the floor" in printed
+
+    expected = cases.select_cases(CPU, quick=True, losses=("ce", "huber"), modes=("fwdbwd",), dtypes=("fp32",),
+                                  shapes="all")  # fmt: skip
+    assert any(c.sweep for c in expected) and any(c.target_grad for c in expected)
+    records = json.loads((tmp_path / "results.json").read_text())
+    assert len(records) == 2 * len(expected)
+    assert {r["case"] for r in records} == {c.label for c in expected}
+    by_label = {c.label: c for c in expected}
+    for r in records:
+        assert list(r) == report.COLUMNS
+        assert r["device_type"] == "cpu" and r["torch"] == torch.__version__ and r["date"]
+        assert r["provider"] in ("fastloss", "torch")
+        assert r["status"] == "ok" and r["check"] == "✓", r
+        assert r["bytes"] == by_label[r["case"]].floor_bytes()
+        assert r["ms"] > 0 and r["ms_p20"] <= r["ms"] <= r["ms_p80"]
+        # GB/s and % of floor are the same bytes over the measured time and over the copy bandwidth.
+        assert r["gbps"] == pytest.approx(r["bytes"] / (r["ms"] * 1e-3) / 1e9)
+        assert r["pct_floor"] == pytest.approx(100 * r["gbps"] / r["copy_gbps"])
+        assert r["peak_extra_mib"] is None  # no CUDA: n/a
+        if r["provider"] == "torch":
+            assert r["vs_torch"] == 1.0
+
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(records) and list(rows[0]) == report.COLUMNS
+    markdown = (tmp_path / "results.md").read_text()
+    assert "| case | provider |" in markdown and all(c.label in markdown for c in expected)
+    if HAVE_MATPLOTLIB:
+        png = tmp_path / "ce_fp32_fwdbwd_N256.png"  # the V sweep's plot
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png.name})" in markdown
+
+
+def test_fastloss_mismatch_fails_the_run(monkeypatch, capsys):
+    monkeypatch.setitem(cases.FASTLOSS_FNS, "huber", lambda x, y: F.huber_loss(x, y) + 1.0)
+    args = ["--quick", "--device", "cpu", "--losses", "huber", "--dtypes", "fp32", "--copy-mib", "16"]
+    assert bench_main.main(args) == 1
+    assert "FAILED: fastloss mismatch" in capsys.readouterr().err
+
+
+def test_train_cpu_curves_agree(tmp_path):
+    assert train.main(["--config", "cpu", "--steps", "4", "--save", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "train.json").read_text())
+    curves = {name: run["losses"] for name, run in result["runs"].items()}
+    assert set(curves) == {"torch", "fastloss"} and all(len(c) == 4 for c in curves.values())
+    assert all(math.isfinite(x) for c in curves.values() for x in c)
+    assert curves["torch"][0] == pytest.approx(math.log(train.CONFIGS["cpu"].vocab), rel=0.05)  # starts near ln V
+    assert curves["torch"][-1] < curves["torch"][0]  # it learns
+    assert result["agree"] and result["max_rel_diff"] <= train.CONFIGS["cpu"].tolerance
+    assert max(abs(a - b) for a, b in zip(curves["torch"], curves["fastloss"])) == result["max_abs_diff"]
+    assert all(run["tokens_per_s"] > 0 for run in result["runs"].values())
+    if HAVE_MATPLOTLIB:
+        assert (tmp_path / "train.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_compare_measures_the_gap():
+    gap = train.compare([1.0, 2.0, 3.0], [1.0, 2.1, 3.0])
+    assert gap["max_abs_diff"] == pytest.approx(0.1) and gap["max_rel_diff"] == pytest.approx(0.1 / 2.1)
+    assert gap["first_step_rel_diff"] == 0.0 and gap["max_rel_diff"] > train.CONFIGS["gpu"].tolerance
