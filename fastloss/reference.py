@@ -154,33 +154,27 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none")
     return _reduce(loss, reduction, loss.numel(), loss.shape, torch.promote_types(inputs.dtype, targets.dtype))
 
 
-def _huber(d: torch.Tensor, delta: float) -> torch.Tensor:
-    """Huber of the difference d: 0.5·d² for |d| < delta, delta·(|d| - delta/2) beyond.
-
-    Written as 0.5·m² + delta·(|d| - m) with m = min(|d|, delta): the same value, with no
-    branch whose gradient can become 0·inf = nan (for example at |d| = inf).
-    """
-    a = d.abs()
-    m = a.clamp(max=delta)
-    return 0.5 * m * m + delta * (a - m)
-
-
 def _elementwise(input, target, weight, fn, reduction):
-    """Broadcast (silently), compute fn(input - target) in the compute dtype, weight, reduce."""
+    """Broadcast (silently), compute fn(input, target) per element in the compute dtype, weight, reduce."""
     x, y = torch.broadcast_tensors(input, target)
     acc = _acc(x, y)
-    loss = fn(x.to(acc) - y.to(acc))
+    loss = fn(x.to(acc), y.to(acc))
     if weight is not None:
         loss = loss * weight.to(acc)
     return _reduce(loss, reduction, loss.numel(), loss.shape, torch.promote_types(input.dtype, target.dtype))
 
 
+# Huber and SmoothL1 use torch's own fused elementwise ops: they are the definition, and they keep
+# the CPU fallback as fast as torch.nn.
+
+
 def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
     """``torch.nn.functional.huber_loss``; ``weight`` multiplies the per-element loss (mean = its mean)."""
-    return _elementwise(input, target, weight, lambda d: _huber(d, delta), reduction)
+    return _elementwise(input, target, weight,
+                        lambda x, y: F.huber_loss(x, y, reduction="none", delta=delta), reduction)
 
 
 def smooth_l1_loss(input, target, reduction="mean", beta=1.0):
     """``torch.nn.functional.smooth_l1_loss`` = huber(delta=beta) / beta; beta = 0 is the L1 loss."""
-    fn = torch.abs if beta == 0 else (lambda d: _huber(d, beta) / beta)
-    return _elementwise(input, target, None, fn, reduction)
+    return _elementwise(input, target, None,
+                        lambda x, y: F.smooth_l1_loss(x, y, reduction="none", beta=beta), reduction)

@@ -108,6 +108,16 @@ def cast_to(x, DTYPE: tl.constexpr, EMULATE_RNE: tl.constexpr):
     return x.to(DTYPE)
 
 
+@triton.jit
+def store_loss(out_ptr, offs, mask, loss, REDUCE: tl.constexpr, EMULATE_RNE: tl.constexpr):
+    """Elementwise kernels' loss output: the per-element loss in out_ptr's dtype, or (REDUCE) one
+    fp32 partial sum per program, which the launcher sums in a fixed order (no atomics)."""
+    if REDUCE:
+        tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
+    else:
+        tl.store(out_ptr + offs, cast_to(loss, out_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+
+
 def emulate_rne() -> bool:
     """True under Triton's interpreter, whose fp32 -> bf16 cast truncates (see ``cast_to``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -20,31 +20,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import ELEMENTWISE_BLOCK, cast_to, emulate_rne, num_warps_for
+from .common import ELEMENTWISE_BLOCK, cast_to, emulate_rne, log1p, num_warps_for, store_loss
 
 BLOCK = ELEMENTWISE_BLOCK
 # gamma in {0, 1, ..., MAX_INT_GAMMA} is computed by repeated multiplication (exact, no log/exp);
 # other values through exp2(gamma * log2(q)).
 MAX_INT_GAMMA = 4
-
-
-@triton.jit
-def log1p_unit(e):
-    """log(1 + e) for e in [0, 1] to full fp32 relative precision. tl.log(1 + e) would round 1 + e
-    and lose it for small e (the BCE of a confident, correct logit); libdevice's log1p does not run
-    under the interpreter, and tl.log's accuracy differs between Triton versions and backends. So:
-    log1p(e) = 2 atanh(s) with s = e / (2 + e) in [0, 1/3], i.e. 2s (1 + s^2/3 + ... + s^12/13),
-    truncation error below (1/9)^7 / 15 ~ 1.4e-8 relative; 7 FMAs and a division, no log."""
-    s = e / (2.0 + e)
-    z = s * s
-    r = 1.0 / 13.0
-    r = r * z + 1.0 / 11.0
-    r = r * z + 1.0 / 9.0
-    r = r * z + 1.0 / 7.0
-    r = r * z + 1.0 / 5.0
-    r = r * z + 1.0 / 3.0
-    r = r * z + 1.0
-    return 2.0 * s * r
 
 
 @triton.jit
@@ -77,7 +58,7 @@ def _sigmoid_focal_kernel(
     pos = x >= 0
     p = tl.where(pos, r, e * r)  # sigmoid(x)
     omp = tl.where(pos, e * r, r)  # 1 - p = sigmoid(-x)
-    ce = tl.maximum(x, 0.0) - x * t + log1p_unit(e)
+    ce = tl.maximum(x, 0.0) - x * t + log1p(e)
     q = p * (1.0 - t) + omp * t
     q_safe = tl.where(q > 0, q, 1.0)  # keeps log2 and the division finite where q == 0
 
@@ -95,11 +76,7 @@ def _sigmoid_focal_kernel(
         k = scale
     kq = k * qg
     loss = ce * kq
-    if REDUCE:
-        # One fp32 partial per program, summed in a fixed order by the launcher (no atomics).
-        tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
-    else:
-        tl.store(out_ptr + offs, cast_to(loss, out_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+    store_loss(out_ptr, offs, mask, loss, REDUCE, EMULATE_RNE)
 
     if WRITE_GRAD_INPUT:
         p_minus_t = p * (1.0 - t) - omp * t  # = p - t, exact for hard labels

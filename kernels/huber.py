@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import ELEMENTWISE_BLOCK, cast_to, emulate_rne, num_warps_for
+from .common import ELEMENTWISE_BLOCK, cast_to, emulate_rne, num_warps_for, store_loss
 
 BLOCK = ELEMENTWISE_BLOCK
 
@@ -67,11 +67,7 @@ def _huber_kernel(
     else:
         cw = c
     loss = loss * cw
-    if REDUCE:
-        # One fp32 partial per program, summed in a fixed order by the launcher (no atomics).
-        tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
-    else:
-        tl.store(out_ptr + offs, cast_to(loss, out_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+    store_loss(out_ptr, offs, mask, loss, REDUCE, EMULATE_RNE)
     if WRITE_GRAD_INPUT or WRITE_GRAD_TARGET:
         g = grad * cw
         if WRITE_GRAD_INPUT:
