@@ -1,0 +1,71 @@
+"""Compiles representative variants of every kernel for an H100 (sm_90) without a GPU.
+
+Run by tests/test_gpu_compile.py in a subprocess with TRITON_INTERPRET=0: under the interpreter
+``@triton.jit`` gives interpreted functions, which cannot be compiled. Triton's full pipeline
+(frontend, LLVM, ptxas) rejects code that the interpreter accepts, such as a plain Python global
+inside a kernel or a loop-carried value that changes type.
+"""
+
+import itertools
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastloss.kernels.common import _scale_grad_kernel
+from fastloss.kernels.cross_entropy import _cross_entropy_kernel
+from fastloss.kernels.focal import _sigmoid_focal_kernel
+from fastloss.kernels.huber import _huber_kernel
+
+TARGET = GPUTarget("cuda", 90, 32)
+
+
+def compile_variant(kernel, runtime: dict, constexprs: dict, num_warps: int = 8) -> None:
+    signature = {**runtime, **{name: "constexpr" for name in constexprs}}
+    triton.compile(ASTSource(kernel, signature, constexprs), target=TARGET, options={"num_warps": num_warps})
+
+
+def cross_entropy_variants():
+    for dt, (prob, smooth, z, cap, focal, weight), single in itertools.product(
+        ["bf16", "fp32"],
+        [(0, 0, 0, 0, 0, 0), (0, 1, 1, 1, 0, 1), (1, 1, 1, 1, 0, 1), (0, 0, 0, 1, 1, 1), (1, 0, 0, 0, 0, 0)],
+        [False, True],
+    ):
+        runtime = {"logits_ptr": f"*{dt}", "logits_stride": "i64", "target_ptr": "*fp32" if prob else "*i64",
+                   "target_stride": "i64", "weight_ptr": "*fp32", "scales_ptr": "*fp32", "grad_ptr": f"*{dt}",
+                   "grad_stride": "i64", "loss_ptr": "*fp32", "V": "i32", "ignore_index": "i64", "eps": "fp32",
+                   "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32", "gamma": "fp32"}
+        constexprs = dict(HAS_WEIGHT=bool(weight), SMOOTH=bool(smooth), ZLOSS=bool(z), SOFTCAP=bool(cap),
+                          PROB=bool(prob), FOCAL=bool(focal), WRITE_GRAD=True, NEED_A=bool(prob or smooth),
+                          REST=bool(prob or smooth or z), EMULATE_RNE=False,
+                          BLOCK=1024 if single else 4096, SINGLE=single)
+        yield _cross_entropy_kernel, runtime, constexprs
+
+
+def elementwise_variants():
+    for dt, reduce in itertools.product(["bf16", "fp32"], [False, True]):
+        yield _huber_kernel, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}",
+                              "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}",
+                              "gy_ptr": f"*{dt}", "n": "i64", "beta": "fp32", "c": "fp32"}, dict(
+            BLOCK=4096, EMULATE_RNE=False, L1=False, HAS_WEIGHT=True, REDUCE=reduce,
+            WRITE_GRAD_INPUT=True, WRITE_GRAD_TARGET=True)
+        for gamma_int in (2, -1):
+            yield _sigmoid_focal_kernel, {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}",
+                                          "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}",
+                                          "n": "i64", "alpha": "fp32", "gamma": "fp32", "scale": "fp32"}, dict(
+                BLOCK=4096, EMULATE_RNE=False, GAMMA_INT=gamma_int, USE_ALPHA=True, REDUCE=reduce,
+                WRITE_GRAD_INPUT=True)
+    for per_row, strided in itertools.product([False, True], repeat=2):
+        yield _scale_grad_kernel, {"grad_ptr": "*bf16", "go_ptr": "*fp32", "n_elements": "i64",
+                                   "n_cols": "i64", "row_stride": "i64"}, dict(
+            PER_ROW=per_row, STRIDED=strided, EMULATE_RNE=False, BLOCK=4096)
+
+
+if __name__ == "__main__":
+    count = 0
+    for kernel, runtime, constexprs in itertools.chain(cross_entropy_variants(), elementwise_variants()):
+        compile_variant(kernel, runtime, constexprs)
+        count += 1
+    print(f"compiled {count} kernel variants for sm_90")
+    sys.exit(0)
