@@ -7,7 +7,9 @@ kernel reads ``grad_output`` itself and returns at once when it is exactly 1.0 â
 ``loss.backward()`` â€” so backward costs one launch, no memory traffic and no host sync.
 
 The launchers are registered as ``torch.library.custom_op``s with fake (meta) implementations, so
-``torch.compile(fullgraph=True)`` and CUDA-graph capture see opaque, shape-correct nodes.
+``torch.compile(fullgraph=True)`` sees opaque, shape-correct nodes. In eager mode the same functions
+are called directly: the custom-op dispatcher costs tens of microseconds of CPU per call, which a
+short kernel cannot hide.
 
 The backward consumes the saved gradient: a second backward through the same loss raises.
 """
@@ -15,6 +17,7 @@ The backward consumes the saved gradient: a second backward through the same los
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Optional
 
 import torch
@@ -34,7 +37,37 @@ def _on(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-@torch.library.custom_op("fastloss::softmax_loss_fwd", mutates_args=())
+class _Op:
+    """A launcher registered as the custom op ``fastloss::<name>``.
+
+    Calling it runs the registered op while torch.compile traces, and the function itself in eager
+    mode, bumping the version counters of the tensors it mutates as the op would (so autograd still
+    sees in-place writes).
+    """
+
+    def __init__(self, name: str, fn, mutates_args: tuple[str, ...]):
+        self.name, self.fn = name, fn
+        self.custom_op = torch.library.custom_op(f"fastloss::{name}", fn, mutates_args=mutates_args)
+        params = list(inspect.signature(fn).parameters)
+        self.mutated = tuple(params.index(a) for a in mutates_args)
+
+    def register_fake(self, fake):
+        return self.custom_op.register_fake(fake)
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return getattr(torch.ops.fastloss, self.name)(*args)
+        out = self.fn(*args)
+        for i in self.mutated:
+            torch.autograd.graph.increment_version(args[i])
+        return out
+
+
+def _op(name: str, mutates_args: tuple[str, ...] = ()):
+    return lambda fn: _Op(name, fn, mutates_args)
+
+
+@_op("softmax_loss_fwd")
 def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Tensor,
                       write_grad: bool, ignore_index: int, label_smoothing: float, z_loss: float,
                       softcap: Optional[float], gamma: Optional[float]) -> tuple[Tensor, Tensor]:
@@ -54,7 +87,7 @@ def _(logits, target, weight, scales, write_grad, ignore_index, label_smoothing,
     return loss, grad
 
 
-@torch.library.custom_op("fastloss::softmax_loss_fwd_inplace", mutates_args=("logits",))
+@_op("softmax_loss_fwd_inplace", mutates_args=("logits",))
 def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Tensor,
                               ignore_index: int, label_smoothing: float, z_loss: float,
                               softcap: Optional[float], gamma: Optional[float]) -> Tensor:
@@ -70,7 +103,7 @@ def _(logits, target, weight, scales, ignore_index, label_smoothing, z_loss, sof
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("fastloss::huber_fwd", mutates_args=())
+@_op("huber_fwd")
 def _huber_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, mul: float,
                scale: float, reduce: bool, grad_input: bool, grad_target: bool) -> tuple[Tensor, Tensor, Tensor]:
     from .kernels.huber import huber_fwd
@@ -91,7 +124,7 @@ def _(input, target, weight, beta, mul, scale, reduce, grad_input, grad_target):
     return loss, gi, gt
 
 
-@torch.library.custom_op("fastloss::sigmoid_focal_fwd", mutates_args=())
+@_op("sigmoid_focal_fwd")
 def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, scale: float,
                        reduce: bool, grad_input: bool) -> tuple[Tensor, Tensor]:
     from .kernels.focal import sigmoid_focal_fwd
@@ -109,7 +142,7 @@ def _(inputs, targets, alpha, gamma, scale, reduce, grad_input):
     return loss, torch.empty_like(inputs) if grad_input else _no_grad_buffer(inputs)
 
 
-@torch.library.custom_op("fastloss::scale_grad_", mutates_args=("grad",))
+@_op("scale_grad_", mutates_args=("grad",))
 def _scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
     from .kernels.common import scale_grad_
 
@@ -158,7 +191,7 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
         elif ctx.per_element:
             out.append(g * grad_loss)
         else:
-            torch.ops.fastloss.scale_grad_(g, grad_loss.reshape(-1))
+            _scale_grad_(g, grad_loss.reshape(-1))
             out.append(g)
     return out
 
@@ -173,11 +206,11 @@ class SoftmaxLoss(torch.autograd.Function):
         args = (target, weight, scales)
         opts = (ignore_index, label_smoothing, z_loss, softcap, gamma)
         if write_grad and inplace:
-            loss = torch.ops.fastloss.softmax_loss_fwd_inplace(logits, *args, *opts)
+            loss = _softmax_loss_fwd_inplace(logits, *args, *opts)
             ctx.mark_dirty(logits)
             grad = logits
         else:
-            loss, grad = torch.ops.fastloss.softmax_loss_fwd(logits, *args, write_grad, *opts)
+            loss, grad = _softmax_loss_fwd(logits, *args, write_grad, *opts)
         if reduce:
             loss = loss.sum()
         _save(ctx, (grad,), per_element=False)
@@ -210,7 +243,7 @@ class Huber(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, target, weight, beta, mul, reduction):
         scale = 1.0 / input.numel() if reduction == "mean" else 1.0
-        loss, g_in, g_t = torch.ops.fastloss.huber_fwd(
+        loss, g_in, g_t = _huber_fwd(
             input, target, weight, beta, mul, scale, reduction != "none",
             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         _save(ctx, (g_in, g_t), per_element=reduction == "none")
@@ -235,7 +268,7 @@ class SigmoidFocal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, inputs, targets, alpha, gamma, reduction):
         scale = 1.0 / inputs.numel() if reduction == "mean" else 1.0
-        loss, g_in = torch.ops.fastloss.sigmoid_focal_fwd(
+        loss, g_in = _sigmoid_focal_fwd(
             inputs, targets, alpha, gamma, scale, reduction != "none", ctx.needs_input_grad[0])
         _save(ctx, (g_in,), per_element=reduction == "none")
         return loss
