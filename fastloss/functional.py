@@ -18,6 +18,8 @@ from torch.nn import _reduction as _legacy
 from . import backend, reference
 
 _REDUCTIONS = ("none", "mean", "sum")
+# What the kernels read and write; float64 (and anything else) runs the reference everywhere.
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -91,8 +93,8 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
     n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
     class_targets = not target.is_floating_point()
     if class_targets:
-        if target.dtype != torch.long:
-            raise RuntimeError(f"{fn}: expected target dtype int64 (class indices), got {target.dtype}")
+        if target.dtype not in (torch.long, torch.uint8):
+            raise RuntimeError(f"{fn}: expected target dtype int64 or uint8 (class indices), got {target.dtype}")
         expected = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else torch.Size([])
         if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
             raise ValueError(
@@ -181,7 +183,8 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
         _check_class_range(target, n_classes, ignore_index)
 
     # Gradients for probability targets only exist in the reference.
-    if not backend.use_triton(input) or input.numel() == 0 or target.requires_grad:
+    if (not backend.use_triton(input) or input.dtype not in _KERNEL_DTYPES or input.numel() == 0
+            or target.requires_grad):
         if gamma is None:
             return reference.cross_entropy(input, target, weight, ignore_index, reduction,
                                            label_smoothing, z_loss, softcap)
@@ -189,7 +192,7 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
 
     from .autograd import softmax_loss  # noqa: PLC0415  (keeps triton out of `import fastloss`)
 
-    x2d, t = _rows(input, target)
+    x2d, t = _rows(input, target.long() if target.dtype == torch.uint8 else target)
     if weight is not None:
         weight = weight.float().contiguous()
     scales = _softmax_scales(x2d, t, weight, ignore_index, reduction, class_targets)
@@ -272,8 +275,8 @@ def _elementwise_ready(fn: str, input: Tensor, target: Tensor, weight: Tensor | 
     _check_tensor("target", target)
     _check_devices(fn, ("input", input), ("target", target), ("weight", weight))
     same_shape = _check_same_shape_or_broadcast(fn, input, target)
-    return (same_shape and input.dtype == target.dtype and input.numel() > 0
-            and backend.use_triton(input))
+    return (same_shape and input.dtype == target.dtype and input.dtype in _KERNEL_DTYPES
+            and input.numel() > 0 and backend.use_triton(input))
 
 
 def sigmoid_focal_loss(
@@ -298,7 +301,8 @@ def sigmoid_focal_loss(
             f"got {list(targets.shape)}"
         )
     _check_devices("sigmoid_focal_loss", ("inputs", inputs), ("targets", targets))
-    if inputs.numel() == 0 or targets.requires_grad or not backend.use_triton(inputs):
+    if (inputs.numel() == 0 or inputs.dtype not in _KERNEL_DTYPES or targets.requires_grad
+            or not backend.use_triton(inputs)):
         return reference.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
 
     from .autograd import sigmoid_focal  # noqa: PLC0415

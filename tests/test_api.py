@@ -104,6 +104,7 @@ BAD_CALLS = [
     ("batch", lambda m: m.cross_entropy(X, T[:3]), "batch_size"),
     ("target_shape", lambda m: m.cross_entropy(torch.randn(4, 5, 3), torch.zeros(4, 2, dtype=torch.long)), "target"),
     ("target_dtype", lambda m: m.cross_entropy(X, T.int()), "target"),
+    ("target_float_dtype_mismatch", lambda m: m.cross_entropy(X, T.double()), "target"),
     ("prob_shape", lambda m: m.cross_entropy(X, torch.rand(4, 6)), "target"),
     ("weight_size", lambda m: m.cross_entropy(X, T, weight=torch.ones(3)), "weight"),
     ("out_of_range", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, 5])), "5"),

@@ -292,6 +292,17 @@ def test_empty_batch(loss, target, reduction):
         assert out[0].item() == 0
 
 
+def test_uint8_targets_and_float64_fallback():
+    x, t = logits(6, 20), labels(6, 20)
+    check("cross_entropy", [x, t.to(torch.uint8)], {})             # torch accepts Byte class indices
+    # float64 is not a kernel dtype: every backend runs the reference, exactly
+    with fastloss.use_backend("triton"):
+        got = fastloss.cross_entropy(x.double(), t, label_smoothing=0.1)
+        got_huber = fastloss.huber_loss(x.double(), x.double().flip(0))
+    assert torch.equal(got, reference.cross_entropy(x.double(), t, label_smoothing=0.1))
+    assert torch.equal(got_huber, reference.huber_loss(x.double(), x.double().flip(0)))
+
+
 def test_forward_only_under_no_grad():
     x, t = logits(7, 90), labels(7, 90, ignore=1)
     with torch.no_grad(), fastloss.use_backend("triton"):
