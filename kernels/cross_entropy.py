@@ -55,6 +55,19 @@ def _coef(weight_ptr, target_row, cols, mask, eps, eps_over_v, HAS_WEIGHT: tl.co
 
 
 @triton.jit
+def _load_chunk(x_row, t_row, weight_ptr, c, V, v_live, cap, inv_cap, eps, eps_over_v,
+                SOFTCAP: tl.constexpr, NEED_A: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+                PROB: tl.constexpr, POLICY: tl.constexpr):
+    """Columns ``c`` of a row: the logits x (see _load_logits; nothing is read past ``v_live``) and,
+    when NEED_A, the coefficients a (see _coef)."""
+    x = _load_logits(x_row, c, c < v_live, cap, inv_cap, SOFTCAP, POLICY)
+    a = 0.0
+    if NEED_A:
+        a = _coef(weight_ptr, t_row, c, c < V, eps, eps_over_v, HAS_WEIGHT, SMOOTH, PROB, POLICY)
+    return x, a
+
+
+@triton.jit
 def _online_update(x, a, mask, m, t, sa, d, NEED_A: tl.constexpr):
     """Folds one chunk into the running statistics of a row: m = max x, t = sum exp(x - m) - 1,
     sa = sum a, d = sum a (x - ref), where ref = m, or 0 while m is -inf (nothing but -inf so far).
@@ -164,23 +177,18 @@ def _cross_entropy_kernel(
     t = tl.zeros([], tl.float32)
     sa = tl.zeros([], tl.float32)
     d = tl.zeros([], tl.float32)
-    a = 0.0
     if SINGLE:
         # The whole row fits one chunk: read it once and keep x (and a) in registers for sweep 2.
         mask = cols < V
-        x = _load_logits(x_row, cols, cols < v_live, cap, inv_cap, SOFTCAP, "evict_first")
-        if NEED_A:
-            a = _coef(weight_ptr, t_row, cols, mask, eps, eps_over_v, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
+        x, a = _load_chunk(x_row, t_row, weight_ptr, cols, V, v_live, cap, inv_cap, eps, eps_over_v,
+                           SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
         m, t, sa, d = _online_update(x, a, mask, m, t, sa, d, NEED_A)
     else:
         for start in range(0, V, BLOCK):
             c = start + cols
-            cmask = c < V
-            xc = _load_logits(x_row, c, c < v_live, cap, inv_cap, SOFTCAP, "evict_last")
-            ac = 0.0
-            if NEED_A:
-                ac = _coef(weight_ptr, t_row, c, cmask, eps, eps_over_v, HAS_WEIGHT, SMOOTH, PROB, "evict_last")
-            m, t, sa, d = _online_update(xc, ac, cmask, m, t, sa, d, NEED_A)
+            xc, ac = _load_chunk(x_row, t_row, weight_ptr, c, V, v_live, cap, inv_cap, eps, eps_over_v,
+                                 SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_last")
+            m, t, sa, d = _online_update(xc, ac, c < V, m, t, sa, d, NEED_A)
 
     # ---- the row's loss ---------------------------------------------------------------------------
     ref = tl.where(m == NEG_INF, 0.0, m)
@@ -240,15 +248,11 @@ def _cross_entropy_kernel(
         else:
             for start in range(0, V, BLOCK):
                 c = start + cols
-                cmask = c < V
                 # In place (grad is the logits): this chunk is read before it is overwritten.
-                xc = _load_logits(x_row, c, c < v_live, cap, inv_cap, SOFTCAP, "evict_first")
-                ac = 0.0
-                if NEED_A:
-                    ac = _coef(weight_ptr, t_row, c, cmask, eps, eps_over_v, HAS_WEIGHT, SMOOTH, PROB,
-                               "evict_first")
+                xc, ac = _load_chunk(x_row, t_row, weight_ptr, c, V, v_live, cap, inv_cap, eps, eps_over_v,
+                                     SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
                 g = _row_grad(xc, ac, c, y, ref, inv_s, K, q, A, B, live, fill, inv_cap, PROB, REST, SOFTCAP)
-                tl.store(g_row + c, cast_to(g, out_ty, EMULATE_RNE), mask=cmask)
+                tl.store(g_row + c, cast_to(g, out_ty, EMULATE_RNE), mask=c < V)
 
 
 def cross_entropy_fwd(
