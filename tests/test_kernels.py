@@ -166,6 +166,36 @@ def test_focal_options(option, reduction, gamma):
     check("focal_loss", [logits(n, v), t], {**kwargs, "gamma": gamma, "reduction": reduction})
 
 
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_focal_kernel_properties(gamma):
+    # γ = 0 is cross-entropy; otherwise focal ≤ CE, and focal / CE = (1 - p_y)^γ per row
+    x, t = logits(12, 300), labels(12, 300, ignore=2)
+    w = torch.rand(300, device=DEVICE) + 0.1
+    with fastloss.use_backend("triton"):
+        ce = fastloss.cross_entropy(x, t, weight=w, reduction="none")
+        torch.testing.assert_close(fastloss.focal_loss(x, t, gamma=0.0, weight=w, reduction="none"), ce,
+                                   rtol=1e-6, atol=0)
+        focal = fastloss.focal_loss(x, t, gamma=gamma, weight=w, reduction="none")
+    assert torch.all(focal <= ce)
+    counted = t != -100
+    p_y = x.softmax(-1)[counted, t[counted]]
+    torch.testing.assert_close(focal[counted] / ce[counted], (1 - p_y) ** gamma, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_sigmoid_focal_kernel_properties(gamma):
+    # γ = 0 and α < 0 is BCE-with-logits; otherwise loss / BCE = (1 - p_t)^γ · α_t
+    x, t = logits(500), torch.rand(500, device=DEVICE)
+    bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    with fastloss.use_backend("triton"):
+        torch.testing.assert_close(fastloss.sigmoid_focal_loss(x, t, alpha=-1.0, gamma=0.0), bce)
+        focal = fastloss.sigmoid_focal_loss(x, t, alpha=0.25, gamma=gamma)
+    p = torch.sigmoid(x)
+    p_t = p * t + (1 - p) * (1 - t)
+    alpha_t = 0.25 * t + 0.75 * (1 - t)
+    torch.testing.assert_close(focal / bce, (1 - p_t) ** gamma * alpha_t, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
 def test_all_rows_ignored(loss, reduction):
