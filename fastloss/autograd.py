@@ -105,41 +105,46 @@ def _(logits, target, weight, scales, ignore_index, label_smoothing, z_loss, sof
 
 @_op("huber_fwd")
 def _huber_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, mul: float,
-               scale: float, reduce: bool, grad_input: bool, grad_target: bool) -> tuple[Tensor, Tensor, Tensor]:
+               scale: float, reduce: bool, grad_input: bool, grad_target: bool,
+               fp32_loss: bool) -> tuple[Tensor, Tensor, Tensor]:
     from .kernels.huber import huber_fwd
 
     gi = torch.empty_like(input) if grad_input else None
     gt = torch.empty_like(target) if grad_target else None
     with _on(input):
         loss = huber_fwd(input, target, weight, beta=beta, mul=mul, scale=scale, reduce=reduce,
-                         grad_input=gi, grad_target=gt)
+                         grad_input=gi, grad_target=gt, loss_dtype=torch.float32 if fp32_loss else None)
     return loss, gi if gi is not None else _no_grad_buffer(input), gt if gt is not None else _no_grad_buffer(input)
 
 
+def _fake_elementwise_loss(input: Tensor, reduce: bool, fp32_loss: bool) -> Tensor:
+    if reduce:
+        return input.new_empty((), dtype=torch.float32)
+    return torch.empty_like(input, dtype=torch.float32 if fp32_loss else input.dtype)
+
+
 @_huber_fwd.register_fake
-def _(input, target, weight, beta, mul, scale, reduce, grad_input, grad_target):
-    loss = input.new_empty((), dtype=torch.float32) if reduce else torch.empty_like(input)
+def _(input, target, weight, beta, mul, scale, reduce, grad_input, grad_target, fp32_loss):
     gi = torch.empty_like(input) if grad_input else _no_grad_buffer(input)
     gt = torch.empty_like(target) if grad_target else _no_grad_buffer(input)
-    return loss, gi, gt
+    return _fake_elementwise_loss(input, reduce, fp32_loss), gi, gt
 
 
 @_op("sigmoid_focal_fwd")
 def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, scale: float,
-                       reduce: bool, grad_input: bool) -> tuple[Tensor, Tensor]:
+                       reduce: bool, grad_input: bool, fp32_loss: bool) -> tuple[Tensor, Tensor]:
     from .kernels.focal import sigmoid_focal_fwd
 
     gi = torch.empty_like(inputs) if grad_input else None
     with _on(inputs):
         loss = sigmoid_focal_fwd(inputs, targets, alpha=alpha, gamma=gamma, scale=scale, reduce=reduce,
-                                 grad_input=gi)
+                                 grad_input=gi, loss_dtype=torch.float32 if fp32_loss else None)
     return loss, gi if gi is not None else _no_grad_buffer(inputs)
 
 
 @_sigmoid_focal_fwd.register_fake
-def _(inputs, targets, alpha, gamma, scale, reduce, grad_input):
-    loss = inputs.new_empty((), dtype=torch.float32) if reduce else torch.empty_like(inputs)
-    return loss, torch.empty_like(inputs) if grad_input else _no_grad_buffer(inputs)
+def _(inputs, targets, alpha, gamma, scale, reduce, grad_input, fp32_loss):
+    return _fake_elementwise_loss(inputs, reduce, fp32_loss), torch.empty_like(inputs) if grad_input else _no_grad_buffer(inputs)
 
 
 @_op("scale_grad_", mutates_args=("grad",))
@@ -189,7 +194,7 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
         if not ctx.needs_input_grad[i]:
             out.append(None)
         elif ctx.per_element:
-            out.append(g * grad_loss)
+            out.append((g * grad_loss).to(g.dtype))
         else:
             _scale_grad_(g, grad_loss.reshape(-1))
             out.append(g)
@@ -241,42 +246,46 @@ class Huber(torch.autograd.Function):
     """Huber, SmoothL1 and L1: one elementwise kernel, gradients for input and target."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, beta, mul, reduction):
+    def forward(ctx, input, target, weight, beta, mul, reduction, fp32_loss):
         scale = 1.0 / input.numel() if reduction == "mean" else 1.0
         loss, g_in, g_t = _huber_fwd(
             input, target, weight, beta, mul, scale, reduction != "none",
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1], fp32_loss)
         _save(ctx, (g_in, g_t), per_element=reduction == "none")
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return (*_scaled_grads(ctx, grad_loss), None, None, None, None)
+        return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None)
 
 
 def huber(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, mul: float,
-          reduction: str) -> Tensor:
-    """``mul * smooth_l1(input - target; beta)``, times ``weight``, reduced; in the input's dtype."""
+          reduction: str, out_dtype: torch.dtype) -> Tensor:
+    """``mul * smooth_l1(input - target; beta)``, times ``weight``, reduced, as ``out_dtype``."""
     input, target = input.contiguous(), target.contiguous()
     weight = weight.contiguous() if weight is not None else None
-    return Huber.apply(input, target, weight, beta, mul, reduction).to(input.dtype)
+    fp32_loss = out_dtype == torch.float32
+    return Huber.apply(input, target, weight, beta, mul, reduction, fp32_loss).to(out_dtype)
 
 
 class SigmoidFocal(torch.autograd.Function):
     """torchvision's sigmoid focal loss: one elementwise kernel, gradient for the inputs."""
 
     @staticmethod
-    def forward(ctx, inputs, targets, alpha, gamma, reduction):
+    def forward(ctx, inputs, targets, alpha, gamma, reduction, fp32_loss):
         scale = 1.0 / inputs.numel() if reduction == "mean" else 1.0
         loss, g_in = _sigmoid_focal_fwd(
-            inputs, targets, alpha, gamma, scale, reduction != "none", ctx.needs_input_grad[0])
+            inputs, targets, alpha, gamma, scale, reduction != "none", ctx.needs_input_grad[0], fp32_loss)
         _save(ctx, (g_in,), per_element=reduction == "none")
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return (*_scaled_grads(ctx, grad_loss), None, None, None, None)
+        return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None)
 
 
-def sigmoid_focal(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, reduction: str) -> Tensor:
-    return SigmoidFocal.apply(inputs.contiguous(), targets.contiguous(), alpha, gamma, reduction).to(inputs.dtype)
+def sigmoid_focal(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, reduction: str,
+                  out_dtype: torch.dtype) -> Tensor:
+    fp32_loss = out_dtype == torch.float32
+    return SigmoidFocal.apply(inputs.contiguous(), targets.contiguous(), alpha, gamma, reduction,
+                              fp32_loss).to(out_dtype)

@@ -43,6 +43,20 @@ def _check_tensor(name: str, t, floating: bool = True) -> None:
         raise NotImplementedError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
+def _loss_dtype(input: Tensor) -> torch.dtype:
+    """The result's dtype: the input's, except under ``torch.autocast``, where torch computes its
+    losses in fp32 and returns fp32 (the kernels read the low-precision input as it is)."""
+    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type):
+        return torch.float32
+    return input.dtype
+
+
+def _upcast(*tensors: Tensor | None) -> list[Tensor | None]:
+    """What torch.autocast does to a loss's floating-point arguments, for the reference path."""
+    return [t.float() if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+            for t in tensors]
+
+
 def _check_devices(fn: str, *named: tuple[str, Tensor | None]) -> None:
     tensors = [(n, t) for n, t in named if t is not None]
     first_name, first = tensors[0]
@@ -182,9 +196,12 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
     if class_targets and (not input.is_cuda or backend.strict()) and not torch.compiler.is_compiling():
         _check_class_range(target, n_classes, ignore_index)
 
+    out_dtype = _loss_dtype(input)
     # Gradients for probability targets only exist in the reference.
     if (not backend.use_triton(input) or input.dtype not in _KERNEL_DTYPES or input.numel() == 0
             or target.requires_grad):
+        if out_dtype != input.dtype:
+            input, target, weight = _upcast(input, target, weight)
         if gamma is None:
             return reference.cross_entropy(input, target, weight, ignore_index, reduction,
                                            label_smoothing, z_loss, softcap)
@@ -200,7 +217,7 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
                         ignore_index, label_smoothing, z_loss, softcap, gamma)
     if reduction == "none":
         loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ())
-    return loss.to(input.dtype)
+    return loss.to(out_dtype)
 
 
 def cross_entropy(
@@ -301,13 +318,16 @@ def sigmoid_focal_loss(
             f"got {list(targets.shape)}"
         )
     _check_devices("sigmoid_focal_loss", ("inputs", inputs), ("targets", targets))
+    out_dtype = _loss_dtype(inputs)
     if (inputs.numel() == 0 or inputs.dtype not in _KERNEL_DTYPES or targets.requires_grad
             or not backend.use_triton(inputs)):
+        if out_dtype != inputs.dtype:
+            inputs, targets = _upcast(inputs, targets)
         return reference.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
 
     from .autograd import sigmoid_focal  # noqa: PLC0415
 
-    return sigmoid_focal(inputs, targets, float(alpha), float(gamma), reduction)
+    return sigmoid_focal(inputs, targets, float(alpha), float(gamma), reduction, out_dtype)
 
 
 def huber_loss(
@@ -331,12 +351,15 @@ def huber_loss(
                 f"huber_loss: weight must have the input's shape {list(input.shape)}, got {list(weight.shape)}"
             )
     # The kernel gives no gradient for weight; the reference does.
+    out_dtype = _loss_dtype(input)
     if not _elementwise_ready("huber_loss", input, target, weight) or (weight is not None and weight.requires_grad):
+        if out_dtype != input.dtype:
+            input, target, weight = _upcast(input, target, weight)
         return reference.huber_loss(input, target, reduction, delta, weight)
 
     from .autograd import huber  # noqa: PLC0415
 
-    return huber(input, target, weight, float(delta), float(delta), reduction)
+    return huber(input, target, weight, float(delta), float(delta), reduction, out_dtype)
 
 
 def smooth_l1_loss(
@@ -350,9 +373,12 @@ def smooth_l1_loss(
     """Drop-in ``torch.nn.functional.smooth_l1_loss``: Huber loss divided by ``beta``; ``beta=0`` is L1."""
     reduction = _reduction(reduction, size_average, reduce)
     _check_finite_scalar("smooth_l1_loss", "beta", beta, 0.0, exc=RuntimeError)
+    out_dtype = _loss_dtype(input)
     if not _elementwise_ready("smooth_l1_loss", input, target):
+        if out_dtype != input.dtype:
+            input, target = _upcast(input, target)
         return reference.smooth_l1_loss(input, target, reduction, beta)
 
     from .autograd import huber  # noqa: PLC0415
 
-    return huber(input, target, None, float(beta), 1.0, reduction)
+    return huber(input, target, None, float(beta), 1.0, reduction, out_dtype)

@@ -32,7 +32,7 @@ MAX_INT_GAMMA = 4
 def _sigmoid_focal_kernel(
     x_ptr,
     t_ptr,
-    out_ptr,  # elementwise loss (input dtype), or one fp32 partial sum per program when REDUCE
+    out_ptr,  # elementwise loss (loss_dtype), or one fp32 partial sum per program when REDUCE
     gx_ptr,
     n,
     alpha,
@@ -94,6 +94,7 @@ def sigmoid_focal_fwd(
     scale: float,
     reduce: bool,
     grad_input: Tensor | None,
+    loss_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Sigmoid focal loss ``scale * a_t * ce * (1 - p_t)^gamma`` and optionally its gradient.
 
@@ -101,7 +102,8 @@ def sigmoid_focal_fwd(
     inputs fp32, bf16 or fp16; targets any float dtype, soft labels in [0, 1] allowed. alpha < 0
     disables the alpha weighting; gamma >= 0.
 
-    Returns the elementwise loss (inputs' shape and dtype) when ``reduce`` is False, else a 0-dim
+    Returns the elementwise loss (inputs' shape; ``loss_dtype``, by default inputs' dtype) when
+    ``reduce`` is False, else a 0-dim
     fp32 tensor holding the deterministic sum of the scaled losses. grad_input, when given, is
     overwritten with d(loss)/d(inputs) * scale in its own dtype (for reduce=False: the gradient of
     the summed loss).
@@ -120,7 +122,7 @@ def sigmoid_focal_fwd(
     if reduce:
         out = torch.empty(n_programs, device=inputs.device, dtype=torch.float32)
     else:
-        out = torch.empty(inputs.shape, device=inputs.device, dtype=inputs.dtype)
+        out = torch.empty(inputs.shape, device=inputs.device, dtype=loss_dtype or inputs.dtype)
     if n > 0:
         _sigmoid_focal_kernel[(n_programs,)](
             inputs,

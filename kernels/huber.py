@@ -26,7 +26,7 @@ def _huber_kernel(
     x_ptr,
     y_ptr,
     w_ptr,
-    out_ptr,  # elementwise loss (input dtype), or one fp32 partial sum per program when REDUCE
+    out_ptr,  # elementwise loss (loss_dtype), or one fp32 partial sum per program when REDUCE
     gx_ptr,
     gy_ptr,
     n,
@@ -87,6 +87,7 @@ def huber_fwd(
     reduce: bool,
     grad_input: Tensor | None,
     grad_target: Tensor | None,
+    loss_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Loss (and optionally gradients) of ``mul * weight * scale * smoothl1(input - target; beta)``.
 
@@ -94,7 +95,8 @@ def huber_fwd(
     elements, on one device; input/target fp32, bf16 or fp16. beta = 0 is pure L1. Huber(delta) is
     beta=delta, mul=delta; SmoothL1(beta) is beta, mul=1.
 
-    Returns the elementwise loss (input's shape and dtype) when ``reduce`` is False, else a 0-dim
+    Returns the elementwise loss (input's shape; ``loss_dtype``, by default input's dtype) when
+    ``reduce`` is False, else a 0-dim
     fp32 tensor holding the deterministic sum of the scaled losses. grad_input / grad_target, when
     given, are overwritten with d(loss)/d(input) * scale and its negation (for reduce=False this is
     the gradient of the summed loss, i.e. grad_output = 1 everywhere).
@@ -113,7 +115,7 @@ def huber_fwd(
     if reduce:
         out = torch.empty(n_programs, device=input.device, dtype=torch.float32)
     else:
-        out = torch.empty(input.shape, device=input.device, dtype=input.dtype)
+        out = torch.empty(input.shape, device=input.device, dtype=loss_dtype or input.dtype)
     if n > 0:
         _huber_kernel[(n_programs,)](
             input,

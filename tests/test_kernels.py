@@ -333,6 +333,44 @@ def test_uint8_targets_and_float64_fallback():
     assert torch.equal(got_huber, reference.huber_loss(x.double(), x.double().flip(0)))
 
 
+AUTOCAST_CASES = [
+    ("cross_entropy", lambda z: labels(z.shape[0], z.shape[1], ignore=1), F.cross_entropy),
+    ("focal_loss", lambda z: labels(z.shape[0], z.shape[1]), None),
+    ("huber_loss", lambda z: torch.randn_like(z), F.huber_loss),
+    ("smooth_l1_loss", lambda z: torch.randn_like(z), F.smooth_l1_loss),
+    ("sigmoid_focal_loss", lambda z: torch.rand_like(z), None),
+]
+
+
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("loss, make_target, torch_fn", AUTOCAST_CASES, ids=[c[0] for c in AUTOCAST_CASES])
+def test_autocast(loss, make_target, torch_fn, reduction, backend_name, monkeypatch):
+    # Under autocast torch computes these losses in fp32 and returns fp32; fastloss returns fp32 too,
+    # and its kernels read the bf16 logits as they are (no fp32 copy).
+    seen = []
+    import fastloss.kernels.cross_entropy as kce
+    real = kce.cross_entropy_fwd
+    monkeypatch.setattr(kce, "cross_entropy_fwd", lambda x, *a, **k: seen.append(x.dtype) or real(x, *a, **k))
+    lin = torch.nn.Linear(16, 40).to(DEVICE)
+    h = torch.randn(8, 16, device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        z = lin(h)
+        target = make_target(z).to(z.dtype) if loss not in ("cross_entropy", "focal_loss") else make_target(z)
+        with fastloss.use_backend(backend_name):
+            got = getattr(fastloss, loss)(z, target, reduction=reduction)
+        if torch_fn is not None:
+            expected = torch_fn(z, target, reduction=reduction)
+            assert expected.dtype == torch.float32
+    assert got.dtype == torch.float32
+    if torch_fn is not None:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    (g,) = torch.autograd.grad(got.sum(), z)
+    assert g.dtype == torch.bfloat16 and torch.isfinite(g).all()
+    if backend_name == "triton" and loss in ("cross_entropy", "focal_loss"):
+        assert seen == [torch.bfloat16]
+
+
 def test_forward_only_under_no_grad():
     x, t = logits(7, 90), labels(7, 90, ignore=1)
     with torch.no_grad(), fastloss.use_backend("triton"):
