@@ -68,7 +68,7 @@ def _check_devices(fn: str, *named: tuple[str, Tensor | None]) -> None:
             )
 
 
-def _check_finite_scalar(fn: str, name: str, value: float, low: float, high: float | None = None,
+def _check_range(fn: str, name: str, value: float, low: float, high: float | None = None,
                          low_inclusive: bool = True, exc: type = ValueError) -> None:
     ok = value >= low if low_inclusive else value > low
     if high is not None:
@@ -86,7 +86,7 @@ def _check_same_shape_or_broadcast(fn: str, input: Tensor, target: Tensor) -> bo
         f"{fn}: using a target size ({target.size()}) that is different to the input size "
         f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
         "Please ensure they have the same size.",
-        stacklevel=3,
+        stacklevel=4,  # the caller of huber_loss / smooth_l1_loss
     )
     torch.broadcast_shapes(input.shape, target.shape)  # raises RuntimeError as torch does
     return False
@@ -189,7 +189,7 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
                   z_loss, softcap, gamma, inplace_backward) -> Tensor:
     class_targets = _check_softmax_args(fn, input, target, weight, class_targets_only=gamma is not None)
     if softcap is not None:
-        _check_finite_scalar(fn, "softcap", softcap, 0.0, low_inclusive=False)
+        _check_range(fn, "softcap", softcap, 0.0, low_inclusive=False)
     n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
     # A data-dependent check: free on CPU, a sync on CUDA (FASTLOSS_STRICT=1), and impossible to
     # trace into a graph, so compiled code relies on the kernel's NaN rows instead.
@@ -251,8 +251,8 @@ def cross_entropy(
             The reference backend ignores it.
     """
     reduction = _reduction(reduction, size_average, reduce)
-    _check_finite_scalar("cross_entropy", "label_smoothing", label_smoothing, 0.0, 1.0, exc=RuntimeError)
-    _check_finite_scalar("cross_entropy", "z_loss", z_loss, 0.0)
+    _check_range("cross_entropy", "label_smoothing", label_smoothing, 0.0, 1.0, exc=RuntimeError)
+    _check_range("cross_entropy", "z_loss", z_loss, 0.0)
     return _softmax_loss("cross_entropy", input, target, weight, ignore_index, reduction,
                          label_smoothing, z_loss, softcap, None, inplace_backward)
 
@@ -276,7 +276,7 @@ def focal_loss(
     :func:`cross_entropy`.
     """
     reduction = _reduction(reduction)
-    _check_finite_scalar("focal_loss", "gamma", gamma, 0.0)
+    _check_range("focal_loss", "gamma", gamma, 0.0)
     return _softmax_loss("focal_loss", input, target, weight, ignore_index, reduction,
                          0.0, 0.0, softcap, float(gamma), inplace_backward)
 
@@ -309,7 +309,7 @@ def sigmoid_focal_loss(
     unless ``alpha < 0``. Targets are floats of the inputs' shape (soft labels allowed).
     """
     reduction = _reduction(reduction)
-    _check_finite_scalar("sigmoid_focal_loss", "gamma", gamma, 0.0)
+    _check_range("sigmoid_focal_loss", "gamma", gamma, 0.0)
     _check_tensor("inputs", inputs)
     _check_tensor("targets", targets)
     if targets.shape != inputs.shape:
@@ -343,7 +343,7 @@ def huber_loss(
     averages over all elements, as torch does. Gradients flow to ``input`` and ``target``.
     """
     reduction = _reduction(reduction)
-    _check_finite_scalar("huber_loss", "delta", delta, 0.0, low_inclusive=False, exc=RuntimeError)
+    _check_range("huber_loss", "delta", delta, 0.0, low_inclusive=False, exc=RuntimeError)
     if weight is not None:
         _check_tensor("weight", weight)
         if weight.shape != input.shape:
@@ -372,7 +372,7 @@ def smooth_l1_loss(
 ) -> Tensor:
     """Drop-in ``torch.nn.functional.smooth_l1_loss``: Huber loss divided by ``beta``; ``beta=0`` is L1."""
     reduction = _reduction(reduction, size_average, reduce)
-    _check_finite_scalar("smooth_l1_loss", "beta", beta, 0.0, exc=RuntimeError)
+    _check_range("smooth_l1_loss", "beta", beta, 0.0, exc=RuntimeError)
     out_dtype = _loss_dtype(input)
     if not _elementwise_ready("smooth_l1_loss", input, target):
         if out_dtype != input.dtype:
