@@ -3,6 +3,10 @@
 Without CUDA the Triton kernels run under Triton's interpreter on CPU tensors: TRITON_INTERPRET must
 be set before triton is first imported, so it is set here. With CUDA the same tests run natively at
 full size.
+
+Checked on torch 2.13 + triton 3.9 and on torch 2.11 + triton 3.6. Triton 3.6's interpreter fails on
+loops with a runtime bound when NumPy >= 2.3 is installed ("only 0-dimensional arrays can be
+converted to Python scalars"): use numpy < 2.3 with it.
 """
 
 import os
