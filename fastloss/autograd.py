@@ -202,7 +202,12 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
 
 
 class SoftmaxLoss(torch.autograd.Function):
-    """Cross-entropy, and softmax focal loss when ``gamma`` is set: one kernel family."""
+    """Cross-entropy, and softmax focal loss when ``gamma`` is set: one kernel family.
+
+    With ``inplace`` the gradient overwrites the logits. The Function does not mark them dirty
+    (autograd forbids that for views, and ``logits.view(-1, V)`` is the usual call); the write bumps
+    their version counter instead, so any other node that saved the logits raises in backward.
+    """
 
     @staticmethod
     def forward(ctx, logits, target, weight, scales, reduce, inplace, ignore_index, label_smoothing,
@@ -212,17 +217,16 @@ class SoftmaxLoss(torch.autograd.Function):
         opts = (ignore_index, label_smoothing, z_loss, softcap, gamma)
         if write_grad and inplace:
             loss = _softmax_loss_fwd_inplace(logits, *args, *opts)
-            ctx.mark_dirty(logits)
             grad = logits
         else:
             loss, grad = _softmax_loss_fwd(logits, *args, write_grad, *opts)
         if reduce:
             loss = loss.sum()
         _save(ctx, (grad,), per_element=False)
-        return (loss, logits) if write_grad and inplace else loss
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, *unused):
+    def backward(ctx, grad_loss):
         return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None, None, None, None, None, None)
 
 
@@ -231,15 +235,14 @@ def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], scale
                  softcap: Optional[float], gamma: Optional[float]) -> Tensor:
     """Runs :class:`SoftmaxLoss` on 2-D logits; returns the fp32 loss, summed when ``reduce``."""
     inplace = inplace and logits.requires_grad and torch.is_grad_enabled()
-    if inplace and logits.is_leaf:
+    if inplace and (logits.is_leaf or (logits._base is not None and logits._base.is_leaf)):
         raise RuntimeError(
             "inplace_backward=True overwrites the logits with their gradient, which a leaf tensor "
-            "that requires grad does not allow: pass logits computed by the model, or set "
-            "inplace_backward=False"
+            "that requires grad (or a view of one) does not allow: pass logits computed by the "
+            "model, or set inplace_backward=False"
         )
-    out = SoftmaxLoss.apply(logits, target, weight, scales, reduce, inplace, ignore_index,
-                            label_smoothing, z_loss, softcap, gamma)
-    return out[0] if inplace else out
+    return SoftmaxLoss.apply(logits, target, weight, scales, reduce, inplace, ignore_index,
+                             label_smoothing, z_loss, softcap, gamma)
 
 
 class Huber(torch.autograd.Function):

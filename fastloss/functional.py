@@ -9,6 +9,7 @@ Argument errors are raised here, before any kernel launch, so both backends fail
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -43,12 +44,14 @@ def _check_tensor(name: str, t, floating: bool = True) -> None:
         raise NotImplementedError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
-def _loss_dtype(input: Tensor) -> torch.dtype:
-    """The result's dtype: the input's, except under ``torch.autocast``, where torch computes its
-    losses in fp32 and returns fp32 (the kernels read the low-precision input as it is)."""
-    if input.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(input.device.type):
+def _loss_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """The result's dtype, as torch's: the floating-point arguments' dtypes promoted together, and
+    fp32 under ``torch.autocast``, where torch computes its losses in fp32 (the kernels still read
+    low-precision inputs as they are)."""
+    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None and t.is_floating_point()])
+    if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(tensors[0].device.type):
         return torch.float32
-    return input.dtype
+    return dtype
 
 
 def _upcast(*tensors: Tensor | None) -> list[Tensor | None]:
@@ -160,8 +163,11 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         target = target.movedim(1, -1).reshape(-1, n_classes) if target.is_floating_point() else target.reshape(-1)
     if input.stride(-1) != 1:
         input = input.contiguous()
-    if target.is_floating_point() and target.stride(-1) != 1:
-        target = target.contiguous()
+    if target.is_floating_point():
+        if target.stride(-1) != 1:
+            target = target.contiguous()
+    else:
+        target = target.contiguous()  # the kernel reads the class index of row i at offset i
     return input, target
 
 
@@ -286,14 +292,15 @@ def focal_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-def _elementwise_ready(fn: str, input: Tensor, target: Tensor, weight: Tensor | None = None) -> bool:
+def _elementwise_ready(fn: str, input: Tensor, target: Tensor, weight: Tensor | None,
+                       out_dtype: torch.dtype) -> bool:
     """Common checks; returns whether the Triton path can take these tensors as they are."""
     _check_tensor("input", input)
     _check_tensor("target", target)
     _check_devices(fn, ("input", input), ("target", target), ("weight", weight))
     same_shape = _check_same_shape_or_broadcast(fn, input, target)
     return (same_shape and input.dtype == target.dtype and input.dtype in _KERNEL_DTYPES
-            and input.numel() > 0 and backend.use_triton(input))
+            and out_dtype in (input.dtype, torch.float32) and input.numel() > 0 and backend.use_triton(input))
 
 
 def sigmoid_focal_loss(
@@ -318,9 +325,9 @@ def sigmoid_focal_loss(
             f"got {list(targets.shape)}"
         )
     _check_devices("sigmoid_focal_loss", ("inputs", inputs), ("targets", targets))
-    out_dtype = _loss_dtype(inputs)
+    out_dtype = _loss_dtype(inputs, targets)
     if (inputs.numel() == 0 or inputs.dtype not in _KERNEL_DTYPES or targets.requires_grad
-            or not backend.use_triton(inputs)):
+            or out_dtype not in (inputs.dtype, torch.float32) or not backend.use_triton(inputs)):
         if out_dtype != inputs.dtype:
             inputs, targets = _upcast(inputs, targets)
         return reference.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
@@ -351,8 +358,9 @@ def huber_loss(
                 f"huber_loss: weight must have the input's shape {list(input.shape)}, got {list(weight.shape)}"
             )
     # The kernel gives no gradient for weight; the reference does.
-    out_dtype = _loss_dtype(input)
-    if not _elementwise_ready("huber_loss", input, target, weight) or (weight is not None and weight.requires_grad):
+    out_dtype = _loss_dtype(input, target, weight)
+    if (not _elementwise_ready("huber_loss", input, target, weight, out_dtype)
+            or (weight is not None and weight.requires_grad)):
         if out_dtype != input.dtype:
             input, target, weight = _upcast(input, target, weight)
         return reference.huber_loss(input, target, reduction, delta, weight)
@@ -373,8 +381,8 @@ def smooth_l1_loss(
     """Drop-in ``torch.nn.functional.smooth_l1_loss``: Huber loss divided by ``beta``; ``beta=0`` is L1."""
     reduction = _reduction(reduction, size_average, reduce)
     _check_range("smooth_l1_loss", "beta", beta, 0.0, exc=RuntimeError)
-    out_dtype = _loss_dtype(input)
-    if not _elementwise_ready("smooth_l1_loss", input, target):
+    out_dtype = _loss_dtype(input, target)
+    if not _elementwise_ready("smooth_l1_loss", input, target, None, out_dtype):
         if out_dtype != input.dtype:
             input, target = _upcast(input, target)
         return reference.smooth_l1_loss(input, target, reduction, beta)

@@ -161,7 +161,10 @@ def _elementwise(input, target, weight, fn, reduction):
     loss = fn(x.to(acc), y.to(acc))
     if weight is not None:
         loss = loss * weight.to(acc)
-    return _reduce(loss, reduction, loss.numel(), loss.shape, torch.promote_types(input.dtype, target.dtype))
+    dtype = torch.promote_types(input.dtype, target.dtype)
+    if weight is not None:
+        dtype = torch.promote_types(dtype, weight.dtype)  # torch multiplies by the weight last
+    return _reduce(loss, reduction, loss.numel(), loss.shape, dtype)
 
 
 # Huber and SmoothL1 use torch's own fused elementwise ops: they are the definition, and they keep

@@ -279,18 +279,24 @@ def cross_entropy_fwd(
     Returns the (N,) fp32 loss: ce_scale * loss_ce + z_scale * z_loss * lse^2 per row. Ignored rows
     give 0 * ce_scale and a zero gradient row; out-of-range targets give NaN (loss and gradient row).
     """
-    if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError(f"cross_entropy_fwd: logits must be 2-D with stride(1) == 1, got {tuple(logits.shape)}")
+    if logits.dim() != 2:
+        raise ValueError(f"cross_entropy_fwd: logits must be 2-D, got {tuple(logits.shape)}")
     n_rows, n_cols = logits.shape
+
+    def unit_class_stride(t: Tensor) -> bool:  # a single class has no class stride to speak of
+        return t.stride(1) == 1 or n_cols == 1
+
+    if not unit_class_stride(logits):
+        raise ValueError(f"cross_entropy_fwd: logits must have stride(1) == 1, got strides {logits.stride()}")
     prob = target.is_floating_point()
     if prob:
-        if target.shape != logits.shape or target.stride(1) != 1:
+        if target.shape != logits.shape or not unit_class_stride(target):
             raise ValueError("cross_entropy_fwd: probability targets must be (N, V) with stride(1) == 1")
         if gamma is not None:
             raise ValueError("cross_entropy_fwd: focal loss (gamma) takes class-index targets only")
-    elif target.shape != (n_rows,):
-        raise ValueError(f"cross_entropy_fwd: class-index target must be ({n_rows},), got {tuple(target.shape)}")
-    if grad is not None and (grad.shape != logits.shape or grad.stride(1) != 1):
+    elif target.shape != (n_rows,) or (n_rows > 1 and target.stride(0) != 1):
+        raise ValueError(f"cross_entropy_fwd: class-index target must be a contiguous ({n_rows},) tensor")
+    if grad is not None and (grad.shape != logits.shape or not unit_class_stride(grad)):
         raise ValueError("cross_entropy_fwd: grad must be (N, V) with stride(1) == 1")
     if weight is not None and (weight.shape != (n_cols,) or not weight.is_contiguous()):
         raise ValueError(f"cross_entropy_fwd: weight must be a contiguous ({n_cols},) tensor")

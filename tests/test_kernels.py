@@ -37,9 +37,15 @@ TORCH_ARGS = {"cross_entropy": {"weight", "ignore_index", "reduction", "label_sm
               "huber_loss": {"reduction", "delta", "weight"}, "smooth_l1_loss": {"reduction", "beta"}}
 
 
+def _leaf(t):
+    """A leaf copy of ``t`` that keeps its strides (padded rows, transposes): clone() would not."""
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    return out.copy_(t).requires_grad_()
+
+
 def _run(fn, tensors, grad_of, kwargs, grad_output, backend_name=None):
     """``fn(*tensors, **kwargs)`` and the gradients of ``tensors[i]`` for ``i in grad_of``."""
-    leaves = [t.detach().clone().requires_grad_(i in grad_of) for i, t in enumerate(tensors)]
+    leaves = [_leaf(t) if i in grad_of else t for i, t in enumerate(tensors)]
     if backend_name is None:
         loss = fn(*leaves, **kwargs)
     else:
@@ -263,10 +269,32 @@ def test_out_of_range_target_on_device_gives_nan_row(monkeypatch):
         fastloss.cross_entropy(x, t)
 
 
-def test_non_contiguous_logits():
+def test_non_contiguous_logits_and_targets():
     big = logits(6, 80)
     check("cross_entropy", [big[:, :70], labels(6, 70)], {})       # padded row stride, read in place
     check("cross_entropy", [big.t()[:30], labels(30, 6)], {})        # strided classes: copied
+    both = torch.stack([labels(6, 70), labels(6, 70)], dim=1)
+    check("cross_entropy", [big[:, :70], both[:, 1]], {})           # strided class indices
+    check("cross_entropy", [big[:, :70], torch.tensor(3, device=DEVICE).expand(6)], {"reduction": "none"})
+    check("cross_entropy", [big[:, :70], torch.rand(70, 6, device=DEVICE).t()], {})  # strided probabilities
+
+
+def test_single_class_with_any_stride():
+    # V = 1: the class dimension's stride is whatever the view gives; the kernel reads column 0 only
+    check("cross_entropy", [logits(1, 5).t(), torch.zeros(5, dtype=torch.long, device=DEVICE)], {})
+    check("cross_entropy", [logits(3, 1, 4), torch.zeros(3, 4, dtype=torch.long, device=DEVICE)], {"reduction": "none"})
+
+
+def test_mixed_dtypes_promote_as_torch_does():
+    x, t = logits(4, 30, dtype=torch.bfloat16), torch.rand(4, 30, device=DEVICE)
+    with fastloss.use_backend("triton"):
+        focal = fastloss.sigmoid_focal_loss(x, t, reduction="none")   # bf16 and fp32 → fp32
+        huber = fastloss.huber_loss(x, x.flip(0), weight=t)               # fp32 weight → fp32
+    assert focal.dtype == huber.dtype == torch.float32
+    torch.testing.assert_close(focal, reference.sigmoid_focal_loss(x, t, reduction="none"))
+    # torch rounds the unweighted loss to bf16 before weighting; fastloss stays in fp32: compare with float64
+    truth = reference.huber_loss(x.double(), x.flip(0).double(), weight=t.double())
+    assert abs(huber.double() - truth) <= abs(F.huber_loss(x, x.flip(0), weight=t).double() - truth) + 1e-6
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
@@ -292,13 +320,33 @@ def test_inplace_backward_matches_and_saves_the_buffer():
     torch.testing.assert_close(x.detach(), expected[1])   # the gradient lives in the logits' memory
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 40), (40,)], ids=["view_of_3d_output", "unbatched"])
+def test_inplace_backward_on_views(shape):
+    # the usual call: logits.view(-1, V) of a (B, T, V) model output; (C,) inputs are viewed as (1, C)
+    lin = torch.nn.Linear(8, shape[-1]).to(DEVICE)
+    h = torch.randn(*shape[:-1], 8, device=DEVICE)
+    t = labels(math.prod(shape[:-1]), shape[-1]).reshape(shape[:-1])
+    grads = []
+    for inplace in (False, True):
+        lin.zero_grad()
+        out = lin(h)
+        x = out.view(-1, shape[-1]) if out.dim() > 1 else out
+        with fastloss.use_backend("triton"):
+            fastloss.cross_entropy(x, t.reshape(-1) if out.dim() > 1 else t, inplace_backward=inplace).backward()
+        grads.append(lin.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_inplace_backward_never_silently_wrong():
     t = labels(4, 12)
     leaf = logits(4, 12).requires_grad_()
     with fastloss.use_backend("triton"):
-        # a leaf cannot be overwritten: refused before the kernel runs
+        # a leaf (or a view of one) cannot be overwritten: refused before the kernel runs
         with pytest.raises(RuntimeError, match="leaf"):
             fastloss.cross_entropy(leaf, t, inplace_backward=True)
+        with pytest.raises(RuntimeError, match="leaf"):
+            fastloss.cross_entropy(leaf[:, :10], t.clamp(max=9), inplace_backward=True)
+        assert torch.equal(leaf, leaf.detach().clone())  # untouched
         # another node (x * x) saved the logits: backward raises instead of using the overwritten values
         x = leaf * 2.0
         other = (x * x).sum()

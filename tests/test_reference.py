@@ -158,12 +158,16 @@ def test_elementwise_losses_match(loss, shape, reduction, dtype):
         ours = lambda x, t: R.sigmoid_focal_loss(x, t, reduction=reduction, **kw)
         theirs = lambda x, t: torchvision_sigmoid_focal(x, t, reduction=reduction, **kw)
         return assert_matches(ours, theirs, [x, t], dtype)
-    w = torch.rand(shape, dtype=torch.float64, generator=g)
+    w = torch.rand(shape, dtype=torch.float64, generator=g).to(dtype)  # rounded once, like the inputs
     kw = {"huber": dict(), "huber_delta": dict(delta=0.7), "huber_weight": dict(delta=1.5, weight=w),
           "smooth_l1": dict(), "smooth_l1_beta": dict(beta=0.4), "l1": dict(beta=0.0)}[loss]
     fn = "smooth_l1_loss" if "beta" in kw or loss == "smooth_l1" else "huber_loss"
-    assert_matches(lambda x, y: getattr(R, fn)(x, y, reduction=reduction, **kw),
-                   lambda x, y: getattr(F, fn)(x, y, reduction=reduction, **kw), [x, y], dtype)
+
+    def call(module):  # the weight in the input's dtype: a wider one would widen the result, as in torch
+        return lambda x, y: getattr(module, fn)(
+            x, y, reduction=reduction, **{k: v.to(x.dtype) if torch.is_tensor(v) else v for k, v in kw.items()})
+
+    assert_matches(call(R), call(F), [x, y], dtype)
 
 
 def test_elementwise_broadcast_without_warning():
