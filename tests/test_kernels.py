@@ -488,17 +488,48 @@ def test_sigmoid_focal_soft_targets_and_saturation():
 gpu = pytest.mark.skipif(not CUDA, reason="full-size kernel tests need a CUDA device")
 
 
-@gpu
-@pytest.mark.parametrize("v", [32768, 128256, 151936, 262144])
+def check_in_row_chunks(name, x, t, kwargs, chunk_rows):
+    """``check`` for inputs too large for a float64 copy: the truth is the reference in fp32 (its own
+    error is far below bf16's and close to 1e-6 in fp32), computed ``chunk_rows`` rows at a time with
+    reduction ``sum``, so the extra memory is a few chunks."""
+    leaf = x.detach().requires_grad_()
+    with fastloss.use_backend("triton"):
+        loss = getattr(fastloss, name)(leaf, t, reduction="sum", **kwargs)
+    loss.backward()
+    base_fn = F.cross_entropy if name == "cross_entropy" else getattr(reference, name)
+    loss_truth = loss_base = 0.0
+    for start in range(0, x.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        (l_truth, g_truth), (l_base, g_base) = (
+            _run(fn, [x[rows].to(dt), t[rows]], (0,), {**kwargs, "reduction": "sum"}, torch.ones_like)
+            for fn, dt in ((getattr(reference, name), torch.float32), (base_fn, x.dtype)))
+        loss_truth, loss_base = loss_truth + l_truth.double(), loss_base + l_base.double()
+        err, base_err = _max_err(leaf.grad[rows].float(), g_truth), _max_err(g_base.float(), g_truth)
+        if x.dtype == torch.float32:
+            assert err <= 1e-5 * g_truth.abs().max().item() + 1e-7, (name, start, err)
+        else:
+            half_ulp = torch.finfo(x.dtype).eps / 2 * g_truth.abs().max().item()
+            assert err <= 1.25 * max(base_err, half_ulp) + 1e-6, (name, start, err, base_err)
+    tol = 1e-5 if x.dtype == torch.float32 else 1.25 * max(abs(loss_base - loss_truth), 1e-3 * abs(loss_truth))
+    assert abs(loss.double() - loss_truth) <= tol * (abs(loss_truth) if x.dtype == torch.float32 else 1)
+
+
+# (N, V) and why: the issue's full-size shapes on CUDA (odd V = 151936 among them); on CPU a small
+# stand-in with V > BLOCK, so this helper is exercised everywhere.
+LARGE = [(8192, v) for v in (32768, 128256, 151936, 262144)] if CUDA else [(24, 4099)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_full_size_cross_entropy(v, dtype):
-    check("cross_entropy", [logits(8192 if v <= 128256 else 2048, v, dtype=dtype), labels(8192 if v <= 128256 else 2048, v, ignore=16)], {})
+@pytest.mark.parametrize("n, v", LARGE)
+def test_large_cross_entropy(n, v, dtype):
+    check_in_row_chunks("cross_entropy", logits(n, v, dtype=dtype), labels(n, v, ignore=16), {},
+                        chunk_rows=512 if CUDA else 8)
 
 
-@gpu
-@pytest.mark.parametrize("v", [32768, 128256])
-def test_full_size_focal(v):
-    check("focal_loss", [logits(4096, v, dtype=torch.bfloat16), labels(4096, v, ignore=16)], {"gamma": 2.0})
+@pytest.mark.parametrize("n, v", LARGE[:2])
+def test_large_focal(n, v):
+    check_in_row_chunks("focal_loss", logits(n, v, dtype=torch.bfloat16), labels(n, v, ignore=16),
+                        {"gamma": 2.0}, chunk_rows=512 if CUDA else 8)
 
 
 @gpu
