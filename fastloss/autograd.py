@@ -22,6 +22,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 # --------------------------------------------------------------------------------------------------
 # torch.library registration (the kernels are imported on first use, never at import time)
@@ -226,6 +227,7 @@ class SoftmaxLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None, None, None, None, None, None)
 
@@ -258,6 +260,7 @@ class Huber(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None)
 
@@ -283,6 +286,7 @@ class SigmoidFocal(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss):
         return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None)
 
