@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -108,6 +109,17 @@ def cast_to(x, DTYPE: tl.constexpr, EMULATE_RNE: tl.constexpr):
 
 
 @triton.jit
+def load_block_pair(a_ptr, b_ptr, n, BLOCK: tl.constexpr):
+    """Elementwise kernels' inputs: this program's BLOCK of two same-sized streams, in fp32, with
+    int64 offsets and streaming (evict_first) loads. Returns (offs, mask, a, b)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    return offs, mask, a, b
+
+
+@triton.jit
 def store_loss(out_ptr, offs, mask, loss, REDUCE: tl.constexpr, EMULATE_RNE: tl.constexpr):
     """Elementwise kernels' loss output: the per-element loss in out_ptr's dtype, or (REDUCE) one
     fp32 partial sum per program, which the launcher sums in a fixed order (no atomics)."""
@@ -115,6 +127,25 @@ def store_loss(out_ptr, offs, mask, loss, REDUCE: tl.constexpr, EMULATE_RNE: tl.
         tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
     else:
         tl.store(out_ptr + offs, cast_to(loss, out_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+
+
+def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype) -> tuple[int, int, Tensor]:
+    """Host side of the elementwise launchers. Checks that the given tensors (``None`` entries are
+    skipped; the first is the input) are contiguous with the input's element count, and allocates
+    the loss output: the elementwise loss (input's shape, ``loss_dtype`` or else input's dtype), or
+    with ``reduce`` one fp32 partial sum per program. Returns (n, number of programs, output)."""
+    given = [(name, t) for name, t in named.items() if t is not None]
+    first_name, first = given[0]
+    n = first.numel()
+    for name, t in given:
+        if t.numel() != n:
+            raise ValueError(f"{fn}: {name} has {t.numel()} elements, {first_name} has {n}")
+        if not t.is_contiguous():
+            raise ValueError(f"{fn}: {name} must be contiguous")
+    n_programs = triton.cdiv(n, ELEMENTWISE_BLOCK)
+    if reduce:
+        return n, n_programs, first.new_empty(n_programs, dtype=torch.float32)
+    return n, n_programs, first.new_empty(first.shape, dtype=loss_dtype or first.dtype)
 
 
 def emulate_rne() -> bool:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import ELEMENTWISE_BLOCK, cast_to, emulate_rne, log1p, num_warps_for, store_loss
+from .common import ELEMENTWISE_BLOCK, cast_to, elementwise_loss_output, emulate_rne, load_block_pair, log1p, num_warps_for, store_loss
 
 BLOCK = ELEMENTWISE_BLOCK
 # gamma in {0, 1, ..., MAX_INT_GAMMA} is computed by repeated multiplication (exact, no log/exp);
@@ -48,10 +48,7 @@ def _sigmoid_focal_kernel(
     # Bytes per element: reads the logit and the target; writes the unreduced loss (4 bytes per
     # BLOCK when reduced) and the gradient. The usual training step (reduced, with gradient) reads
     # 2n and writes n elements.
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    t = tl.load(t_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    offs, mask, x, t = load_block_pair(x_ptr, t_ptr, n, BLOCK)
 
     e = tl.exp(-tl.abs(x))  # in [0, 1]; underflows to 0 for |x| > ~87 (flushed) to ~104
     r = 1.0 / (1.0 + e)
@@ -103,26 +100,15 @@ def sigmoid_focal_fwd(
     disables the alpha weighting; gamma >= 0.
 
     Returns the elementwise loss (inputs' shape; ``loss_dtype``, by default inputs' dtype) when
-    ``reduce`` is False, else a 0-dim
-    fp32 tensor holding the deterministic sum of the scaled losses. grad_input, when given, is
-    overwritten with d(loss)/d(inputs) * scale in its own dtype (for reduce=False: the gradient of
-    the summed loss).
+    ``reduce`` is False, else a 0-dim fp32 tensor holding the deterministic sum of the scaled
+    losses. grad_input, when given, is overwritten with d(loss)/d(inputs) * scale in its own
+    dtype (for reduce=False: the gradient of the summed loss).
     """
-    n = inputs.numel()
-    for name, t in (("targets", targets), ("grad_input", grad_input)):
-        if t is not None and t.numel() != n:
-            raise ValueError(f"sigmoid_focal_fwd: {name} has {t.numel()} elements, inputs has {n}")
-    for name, t in (("inputs", inputs), ("targets", targets), ("grad_input", grad_input)):
-        if t is not None and not t.is_contiguous():
-            raise ValueError(f"sigmoid_focal_fwd: {name} must be contiguous")
-
+    n, n_programs, out = elementwise_loss_output(
+        "sigmoid_focal_fwd", {"inputs": inputs, "targets": targets, "grad_input": grad_input}, reduce,
+        loss_dtype)
     gamma = float(gamma)
     gamma_int = int(gamma) if gamma.is_integer() and 0 <= gamma <= MAX_INT_GAMMA else -1
-    n_programs = triton.cdiv(n, BLOCK)
-    if reduce:
-        out = torch.empty(n_programs, device=inputs.device, dtype=torch.float32)
-    else:
-        out = torch.empty(inputs.shape, device=inputs.device, dtype=loss_dtype or inputs.dtype)
     if n > 0:
         _sigmoid_focal_kernel[(n_programs,)](
             inputs,

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import ELEMENTWISE_BLOCK, cast_to, emulate_rne, num_warps_for, store_loss
+from .common import ELEMENTWISE_BLOCK, cast_to, elementwise_loss_output, emulate_rne, load_block_pair, num_warps_for, store_loss
 
 BLOCK = ELEMENTWISE_BLOCK
 
@@ -43,10 +43,7 @@ def _huber_kernel(
     # Bytes per element (e = element size): reads 2e (input, target) + e with a weight; writes e for
     # the unreduced loss (4 bytes per BLOCK when reduced) + e per gradient requested. The usual
     # training step (reduced, grad_input only) reads 2n and writes n elements.
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-    y = tl.load(y_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    offs, mask, x, y = load_block_pair(x_ptr, y_ptr, n, BLOCK)
     d = x - y
     ad = tl.abs(d)
     # sign(d) with sign(0) = 0; a NaN difference stays NaN (as torch's gradient does).
@@ -96,26 +93,14 @@ def huber_fwd(
     beta=delta, mul=delta; SmoothL1(beta) is beta, mul=1.
 
     Returns the elementwise loss (input's shape; ``loss_dtype``, by default input's dtype) when
-    ``reduce`` is False, else a 0-dim
-    fp32 tensor holding the deterministic sum of the scaled losses. grad_input / grad_target, when
-    given, are overwritten with d(loss)/d(input) * scale and its negation (for reduce=False this is
-    the gradient of the summed loss, i.e. grad_output = 1 everywhere).
+    ``reduce`` is False, else a 0-dim fp32 tensor holding the deterministic sum of the scaled
+    losses. grad_input / grad_target, when given, are overwritten with d(loss)/d(input) * scale
+    and its negation (for reduce=False this is the gradient of the summed loss, i.e.
+    grad_output = 1 everywhere).
     """
-    n = input.numel()
-    for name, t in (("target", target), ("weight", weight), ("grad_input", grad_input),
-                    ("grad_target", grad_target)):
-        if t is not None and t.numel() != n:
-            raise ValueError(f"huber_fwd: {name} has {t.numel()} elements, input has {n}")
-    for name, t in (("input", input), ("target", target), ("weight", weight),
-                    ("grad_input", grad_input), ("grad_target", grad_target)):
-        if t is not None and not t.is_contiguous():
-            raise ValueError(f"huber_fwd: {name} must be contiguous")
-
-    n_programs = triton.cdiv(n, BLOCK)
-    if reduce:
-        out = torch.empty(n_programs, device=input.device, dtype=torch.float32)
-    else:
-        out = torch.empty(input.shape, device=input.device, dtype=loss_dtype or input.dtype)
+    n, n_programs, out = elementwise_loss_output(
+        "huber_fwd", {"input": input, "target": target, "weight": weight, "grad_input": grad_input,
+                      "grad_target": grad_target}, reduce, loss_dtype)
     if n > 0:
         _huber_kernel[(n_programs,)](
             input,
