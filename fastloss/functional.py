@@ -196,12 +196,6 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
     class_targets = _check_softmax_args(fn, input, target, weight, class_targets_only=gamma is not None)
     if softcap is not None:
         _check_range(fn, "softcap", softcap, 0.0, low_inclusive=False)
-    n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
-    # A data-dependent check: free on CPU, a sync on CUDA (FASTLOSS_STRICT=1), and impossible to
-    # trace into a graph, so compiled code relies on the kernel's NaN rows instead.
-    if class_targets and (not input.is_cuda or backend.strict()) and not torch.compiler.is_compiling():
-        _check_class_range(target, n_classes, ignore_index)
-
     out_dtype = _loss_dtype(input)
     # Gradients for probability targets only exist in the reference.
     if (not backend.use_triton(input) or input.dtype not in _KERNEL_DTYPES or input.numel() == 0
@@ -212,6 +206,12 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
             return reference.cross_entropy(input, target, weight, ignore_index, reduction,
                                            label_smoothing, z_loss, softcap)
         return reference.focal_loss(input, target, gamma, weight, ignore_index, reduction, softcap)
+
+    # The reference checks class indices itself. For the kernel this data-dependent check is free on
+    # CPU, a sync on CUDA (so only with FASTLOSS_STRICT=1), and impossible to trace into a graph, so
+    # compiled code relies on the kernel's NaN rows instead.
+    if class_targets and (not input.is_cuda or backend.strict()) and not torch.compiler.is_compiling():
+        _check_class_range(target, input.shape[1] if input.dim() >= 2 else input.shape[0], ignore_index)
 
     from .autograd import softmax_loss  # noqa: PLC0415  (keeps triton out of `import fastloss`)
 
@@ -253,7 +253,7 @@ def cross_entropy(
         softcap: logits ← ``softcap * tanh(logits / softcap)`` before the loss (inside the kernel).
         inplace_backward: write the gradient into the logits' memory instead of a fresh buffer,
             saving one ``N×C`` allocation. The logits are destroyed; if any other autograd node
-            still needs them, backward raises. Logits that are leaf tensors are refused.
+            still needs them, backward raises. Leaf logits (or views of them) are refused.
             The reference backend ignores it.
     """
     reduction = _reduction(reduction, size_average, reduce)
