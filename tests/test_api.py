@@ -121,6 +121,10 @@ BAD_CALLS = [
 ]
 
 
+# Cases whose error depends on the values, found where the backend runs (the others are found first)
+VALUE_CHECKS = ("out_of_range", "negative_target")
+
+
 def _raised(call):
     try:
         call()
@@ -132,7 +136,10 @@ def _raised(call):
 @pytest.mark.parametrize("case", BAD_CALLS, ids=lambda c: c[0])
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
 def test_bad_arguments_raise_like_torch(case, backend_name):
-    _, call, pattern = case
+    name, call, pattern = case
+    if backend_name == "triton" and name in VALUE_CHECKS and torch.cuda.is_available():
+        pytest.skip("the triton backend runs these CPU tensors only under the interpreter; on CUDA, "
+                    "test_kernels.py::test_out_of_range_target_on_device_gives_nan_row checks them")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = _raised(lambda: call(F))
