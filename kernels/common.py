@@ -48,6 +48,47 @@ def num_warps_for(block: int) -> int:
 # --------------------------------------------------------------------------------------------------
 
 
+# Fast approximate math for the GPU. tl.exp2 / tl.log2 / `/` compile to the MUFU unit plus a few
+# instructions each that keep denormal inputs and results exact; the .ftz forms below are one MUFU
+# instruction each (relative error ~2^-22, denormals flushed to 0, inf and NaN kept), which matters
+# where a kernel's instruction count, not its bytes, would set its speed. The interpreter cannot
+# run PTX, so INTERPRET falls back to the tl functions.
+
+
+@triton.jit
+def exp2(x, INTERPRET: tl.constexpr):
+    """2^x."""
+    if INTERPRET:
+        return tl.exp2(x)
+    else:
+        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def log2(x, INTERPRET: tl.constexpr):
+    """log2(x)."""
+    if INTERPRET:
+        return tl.log2(x)
+    else:
+        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def rcp(x, INTERPRET: tl.constexpr):
+    """1 / x."""
+    if INTERPRET:
+        return 1.0 / x
+    else:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = 2^(x log2 e)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
 @triton.jit
 def expm1(x):
     """exp(x) - 1 with full relative precision near 0 (tl.math has no expm1, and libdevice is not
@@ -97,11 +138,11 @@ def softcap(x, cap, inv_cap):
 
 
 @triton.jit
-def cast_to(x, DTYPE: tl.constexpr, EMULATE_RNE: tl.constexpr):
+def cast_to(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """x (fp32) converted to DTYPE with round-to-nearest-even. The GPU conversion already rounds to
-    nearest even; Triton's interpreter truncates fp32 -> bf16, so when EMULATE_RNE is set (only under
-    the interpreter, see ``emulate_rne()``) bf16 is rounded by hand on the bits first."""
-    if EMULATE_RNE and DTYPE == tl.bfloat16:
+    nearest even; Triton's interpreter truncates fp32 -> bf16, so under it (INTERPRET, see
+    ``interpreting()``) bf16 is rounded by hand on the bits first."""
+    if INTERPRET and DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
@@ -120,13 +161,13 @@ def load_block_pair(a_ptr, b_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def store_loss(out_ptr, offs, mask, loss, REDUCE: tl.constexpr, EMULATE_RNE: tl.constexpr):
+def store_loss(out_ptr, offs, mask, loss, REDUCE: tl.constexpr, INTERPRET: tl.constexpr):
     """Elementwise kernels' loss output: the per-element loss in out_ptr's dtype, or (REDUCE) one
     fp32 partial sum per program, which the launcher sums in a fixed order (no atomics)."""
     if REDUCE:
         tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
     else:
-        tl.store(out_ptr + offs, cast_to(loss, out_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+        tl.store(out_ptr + offs, cast_to(loss, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype) -> tuple[int, int, Tensor]:
@@ -148,8 +189,9 @@ def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype) -> t
     return n, n_programs, first.new_empty(first.shape, dtype=loss_dtype or first.dtype)
 
 
-def emulate_rne() -> bool:
-    """True under Triton's interpreter, whose fp32 -> bf16 cast truncates (see ``cast_to``)."""
+def interpreting() -> bool:
+    """True under Triton's interpreter: the kernels' INTERPRET switch. Its fp32 -> bf16 cast
+    truncates (see ``cast_to``) and it cannot run inline PTX (see ``exp2``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -167,7 +209,7 @@ def _scale_grad_kernel(
     row_stride,
     PER_ROW: tl.constexpr,
     STRIDED: tl.constexpr,
-    EMULATE_RNE: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # Flat index over the logical (rows, n_cols) view; int64 so > 2^31 elements work.
@@ -183,14 +225,14 @@ def _scale_grad_kernel(
         # One grad_output value per row (reduction='none'). Reads N*V (+R), writes N*V.
         s = tl.load(go_ptr + row, mask=mask, other=1.0).to(tl.float32)
         g = tl.load(grad_ptr + addr, mask=mask, eviction_policy="evict_first").to(tl.float32)
-        tl.store(grad_ptr + addr, cast_to(g * s, grad_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+        tl.store(grad_ptr + addr, cast_to(g * s, grad_ptr.dtype.element_ty, INTERPRET), mask=mask)
     else:
         # Scalar grad_output, read on the device. When it is exactly 1.0 (the usual loss.backward())
         # no program touches memory; otherwise the gradient is read and written once.
         s = tl.load(go_ptr).to(tl.float32)
         if s != 1.0:
             g = tl.load(grad_ptr + addr, mask=mask, eviction_policy="evict_first").to(tl.float32)
-            tl.store(grad_ptr + addr, cast_to(g * s, grad_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+            tl.store(grad_ptr + addr, cast_to(g * s, grad_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def scale_grad_(grad: Tensor, grad_output: Tensor) -> Tensor:
@@ -231,7 +273,7 @@ def scale_grad_(grad: Tensor, grad_output: Tensor) -> Tensor:
         row_stride,
         PER_ROW=per_row,
         STRIDED=strided,
-        EMULATE_RNE=emulate_rne(),
+        INTERPRET=interpreting(),
         BLOCK=ELEMENTWISE_BLOCK,
         num_warps=8,
     )

@@ -17,14 +17,26 @@ Each row is reduced by one program in a fixed order: no atomics, bitwise determi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import cast_to, emulate_rne, expm1, log1p, num_warps_for, row_block, softcap as _softcap
+from .common import LOG2E, cast_to, exp2, expm1, interpreting, log1p, next_power_of_2, num_warps_for, row_block
+from .common import softcap as _softcap
+
+# Long rows with a gradient are split into segments of SPLIT_BLOCK columns, one program each, kept
+# in registers between the two sweeps (see the SPLIT branch of the kernel): one read and one write
+# of the logits. Only on CUDA: Triton's interpreter runs programs one after another, so a program
+# waiting for another would wait forever (tests run SPLIT there with segments=1).
+SPLIT_MIN_COLS = 16384
+SPLIT_BLOCK = 8192
 
 NEG_INF = tl.constexpr(float("-inf"))  # a constexpr: plain globals are not visible in @triton.jit code
+EMPTY = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: the max of a lane that has seen no value
+STATS = tl.constexpr(8)  # floats per segment in the SPLIT statistics buffer (5 used; 32-byte records)
 
 
 @triton.jit
@@ -55,60 +67,83 @@ def _coef(weight_ptr, target_row, cols, mask, eps, eps_over_v, HAS_WEIGHT: tl.co
 
 
 @triton.jit
-def _load_chunk(x_row, t_row, weight_ptr, c, V, v_live, cap, inv_cap, eps, eps_over_v,
+def _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
                 SOFTCAP: tl.constexpr, NEED_A: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
                 PROB: tl.constexpr, POLICY: tl.constexpr):
-    """Columns ``c`` of a row: the logits x (see _load_logits; nothing is read past ``v_live``) and,
-    when NEED_A, the coefficients a (see _coef)."""
+    """Columns ``c`` of a row, below ``hi``: the logits x (see _load_logits; nothing is read past
+    ``v_live``) and, when NEED_A, the coefficients a (see _coef)."""
     x = _load_logits(x_row, c, c < v_live, cap, inv_cap, SOFTCAP, POLICY)
     a = 0.0
     if NEED_A:
-        a = _coef(weight_ptr, t_row, c, c < V, eps, eps_over_v, HAS_WEIGHT, SMOOTH, PROB, POLICY)
+        a = _coef(weight_ptr, t_row, c, c < hi, eps, eps_over_v, HAS_WEIGHT, SMOOTH, PROB, POLICY)
     return x, a
 
 
 @triton.jit
-def _online_update(x, a, mask, m, t, sa, d, NEED_A: tl.constexpr):
-    """Folds one chunk into the running statistics of a row: m = max x, t = sum exp(x - m) - 1,
-    sa = sum a, d = sum a (x - ref), where ref = m, or 0 while m is -inf (nothing but -inf so far).
+def _lane_update(x, a, mask, m, t, sa, d, NEED_A: tl.constexpr, INTERPRET: tl.constexpr):
+    """Folds a chunk into per-lane running statistics (vectors of BLOCK lanes, no cross-lane
+    reduction, so the sweep has no barriers): m = max x, s = sum exp(x - m) kept as t = s - 1, and
+    with NEED_A, sa = sum a and d = sum a (x - ref), where ref = m, or 0 while the lane is empty.
 
-    t leaves out the max lane's exp(0) = 1 (the sum-exp is 1 + t), so lse - m = log1p(t) keeps its
-    relative precision when the row is confident (lse - x_y ~ 1e-4 is common and would lose 3 digits
-    to 1 + t rounding in fp32). d relative to the running max avoids the cancellation of
-    sa * lse - sum a x for large logits."""
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    ref = tl.where(m_new == NEG_INF, 0.0, m_new)
-    e = tl.exp(x - ref)
-    # lanes at the max give exactly 1 each (none while m_new is -inf); the others, NaN included, e
-    n_max = tl.where(m_new == NEG_INF, 0.0, tl.sum(tl.where(x == m_new, 1.0, 0.0), axis=0))
-    rest = tl.sum(tl.where(x == m_new, 0.0, e), axis=0)
-    # rescale: alpha = exp(m - m_new) (0 while m is -inf, 1 when the max stays, NaN after a NaN max);
-    # a new max turns the old max's 1 into alpha and brings n_max - 1 extra ones.
-    alpha = tl.exp(m - ref)
-    t = t * alpha + tl.where(m_new > m, alpha + (n_max - 1.0), n_max) + rest
+    One exp per element: with e = exp(-|x - m|), a new max gives s' = s e + 1, i.e. t' = (1 + t) e,
+    and otherwise s' = s + e. A lane starts empty at m = EMPTY (the most negative finite float, so
+    that x - m is never inf - inf) and t = -1 (s = 0); -inf values add nothing, NaN makes t NaN.
+    About 9 instructions per element without NEED_A."""
+    e = exp2(tl.abs(x - m) * -LOG2E, INTERPRET)
+    t_new = tl.where(x > m, t * e + e, t + e)
+    m_new = tl.maximum(m, x)
     if NEED_A:
-        ref_old = tl.where(m == NEG_INF, 0.0, m)
-        d = d + sa * (ref_old - ref) + tl.sum(tl.where(mask, a * (x - ref), 0.0), axis=0)
-        sa = sa + tl.sum(a, axis=0)
-    return m_new, t, sa, d
+        ref_old = tl.where(m == EMPTY, 0.0, m)
+        ref_new = tl.where(m_new == EMPTY, 0.0, m_new)
+        d = d + sa * (ref_old - ref_new) + tl.where(mask, a * (x - ref_new), 0.0)
+        sa = sa + a
+    return m_new, t_new, sa, d
 
 
 @triton.jit
-def _row_grad(x, a, cols, y, ref, inv_s, K, q, A, B, live, fill, cap_inv,
-              PROB: tl.constexpr, REST: tl.constexpr, SOFTCAP: tl.constexpr):
-    """d(loss)/d(logits) for one chunk: K (p_c - delta_cy) + A p_c - B a_c, chained through softcap.
-    The target lane takes q = p_y - 1 computed as expm1(log p_y) in fp32."""
-    p = tl.exp(x - ref) * inv_s
-    if PROB:
-        g = A * p - B * a
+def _combine(m, t, sa, d, NEED_A: tl.constexpr, INTERPRET: tl.constexpr):
+    """Reduces per-lane (or per-segment) statistics (m, t = s - 1, sa, d; see _lane_update) to the
+    row's scalars. t keeps the max lanes' ones out of the sum, sum_l s_l exp(m_l - M) - 1 =
+    sum over max lanes of t_l + (their count - 1) + sum over the others of (1 + t_l) exp(m_l - M), so
+    that lse - M = log1p(t) keeps its relative precision when the row is confident (lse - x_y ~ 1e-4
+    is common and would lose 3 digits to 1 + t rounding in fp32). d is moved to the common reference
+    before summing, which avoids the cancellation of sa * lse - sum a x for large logits.
+
+    The lanes may also be raw values (m = x, t = 0, sa = a, d = 0: one value each), which is how a
+    row that fits one chunk is reduced, with one exp per element; -inf is then an empty lane."""
+    M = tl.max(m, axis=0)
+    at_max = m == M  # every lane when all are EMPTY (t = -1 each: T = -1, s = 0) or -inf
+    n_max = tl.sum(tl.where(at_max, 1.0, 0.0), axis=0)
+    T = tl.sum(tl.where(at_max, t, (1.0 + t) * exp2((m - M) * LOG2E, INTERPRET)), axis=0) + (n_max - 1.0)
+    T = tl.where(M == NEG_INF, -1.0, T)  # raw lanes, all -inf
+    SA = 0.0
+    D = 0.0
+    if NEED_A:
+        REF = tl.where((M == EMPTY) | (M == NEG_INF), 0.0, M)
+        SA = tl.sum(sa, axis=0)
+        D = tl.sum(d + sa * (tl.where(m == EMPTY, 0.0, m) - REF), axis=0)
+    return M, T, SA, D
+
+
+@triton.jit
+def _chunk_grad(x, a, ref, ref2, kp, A, B, cap_inv, PROB: tl.constexpr, REST: tl.constexpr,
+                SOFTCAP: tl.constexpr, PRECISE: tl.constexpr, INTERPRET: tl.constexpr):
+    """d(loss)/d(logits) for one chunk, target lane aside (_target_grad overwrites it):
+    kp p_c - B a_c with p_c = exp(x_c - ref) / s, kp = (K + A) / s (PROB: A / s), chained through
+    softcap. PRECISE (an fp32 gradient) takes x - ref exactly; otherwise the exponent is one fused
+    x log2e - ref log2e (ref2), whose rounding a 16-bit gradient cannot see. Without REST or
+    SOFTCAP, about 6 instructions per element."""
+    if PRECISE:
+        e = exp2((x - ref) * LOG2E, INTERPRET)
     else:
-        g = K * tl.where(cols == y, q, p)
-        if REST:
-            g += A * p - B * a
+        e = exp2(x * LOG2E - ref2, INTERPRET)
+    g = e * kp
+    if REST:
+        g -= B * a
     if SOFTCAP:
         th = x * cap_inv  # tanh(raw / cap); d(cap tanh(raw / cap))/d raw = 1 - tanh^2
-        g = g * (1.0 - th * th)
-    return tl.where(live, g, fill)
+        g = tl.where(x > NEG_INF, g * (1.0 - th * th), g)  # -inf: lanes of a dead row (0 * inf)
+    return g
 
 
 @triton.jit
@@ -122,7 +157,10 @@ def _cross_entropy_kernel(
     grad_ptr,
     grad_stride,
     loss_ptr,
+    sync_ptr,  # SPLIT: int32 [1 + N], zeroed: the ticket counter, then each row's arrival count
+    stats_ptr,  # SPLIT: fp32 [N, SEGMENTS, STATS]: each segment's m, t, sa, d, x_y part
     V,
+    seg_len,  # SPLIT: columns per segment (a multiple of BLOCK); V otherwise
     ignore_index,
     eps,
     z_coef,
@@ -138,11 +176,28 @@ def _cross_entropy_kernel(
     WRITE_GRAD: tl.constexpr,
     NEED_A: tl.constexpr,  # PROB or SMOOTH: the sums sa, d and the per-class a_c are needed
     REST: tl.constexpr,  # PROB or SMOOTH or ZLOSS: the gradient has A p_c - B a_c terms
-    EMULATE_RNE: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK: tl.constexpr,
-    SINGLE: tl.constexpr,
+    SINGLE: tl.constexpr,  # a row (SPLIT: a segment) fits one chunk and stays in registers
+    SPLIT: tl.constexpr,  # SEGMENTS programs share each row
+    SEGMENTS: tl.constexpr,
+    REVERSE: tl.constexpr,  # sweep 2 walks the chunks last to first: the most recently read first
 ):
-    row = tl.program_id(0).to(tl.int64)
+    if SPLIT:
+        # Programs take tickets in the order they start, and ticket k is segment k % SEGMENTS of row
+        # k // SEGMENTS. A program waits only for the other segments of its row, whose tickets were
+        # or will be taken by programs already running or next to start, so the wait always ends as
+        # long as SEGMENTS programs fit on the GPU at once (any GPU holds more than 32).
+        ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int64)
+        row = ticket // SEGMENTS
+        seg = (ticket - row * SEGMENTS).to(tl.int32)
+        lo = seg * seg_len
+    else:
+        row = tl.program_id(0).to(tl.int64)
+        seg = 0
+        lo = 0
+    # Columns are int32 (V < 2^31); the row offsets, which can pass 2^31, are int64.
+    hi = tl.minimum(lo + seg_len, V)  # this program's columns: [lo, hi)
     x_row = logits_ptr + row * logits_stride
     t_row = target_ptr + row * target_stride
     ce_scale = tl.load(scales_ptr)
@@ -153,46 +208,90 @@ def _cross_entropy_kernel(
     if PROB:
         live = row >= 0  # every row counts
         ignored = row < 0
-        y = -1
+        y = 0
         x_y = 0.0
         w_y = 1.0
     else:
-        y = tl.load(target_ptr + row).to(tl.int64)
-        ignored = y == ignore_index
-        in_range = (y >= 0) & (y < V)
-        live = in_range & (y != ignore_index)  # ignored and out-of-range rows read no logits
-        y = tl.where(in_range, y, 0)  # never address out of bounds
-        x_y = tl.load(x_row + y, mask=live, other=0.0).to(tl.float32)
+        y64 = tl.load(target_ptr + row).to(tl.int64)
+        ignored = y64 == ignore_index
+        in_range = (y64 >= 0) & (y64 < V)
+        live = in_range & (y64 != ignore_index)  # ignored and out-of-range rows read no logits
+        y = tl.where(in_range, y64, 0).to(tl.int32)  # never address out of bounds
         if SOFTCAP:
-            x_y = _softcap(x_y, cap, inv_cap)
+            x_y = 0.0  # taken from the sweep below
+        else:
+            # (in place, every program reads x_y before the row's gradient is written: see SPLIT)
+            x_y = tl.load(x_row + y, mask=live, other=0.0).to(tl.float32)
         if HAS_WEIGHT:
             w_y = tl.load(weight_ptr + y, mask=live, other=0.0).to(tl.float32)
         else:
             w_y = 1.0
 
-    # ---- sweep 1: online max / sum-exp (+ smoothing / probability-target sums) ----------------------
-    cols = tl.arange(0, BLOCK)
-    v_live = tl.where(live, V, 0)  # logits are read only below this column (0 for a dead row)
-    m = tl.full([], NEG_INF, tl.float32)
-    t = tl.zeros([], tl.float32)
-    sa = tl.zeros([], tl.float32)
-    d = tl.zeros([], tl.float32)
+    # ---- sweep 1: per-lane max / sum-exp (+ smoothing / probability-target sums) --------------------
+    # With softcap, the target's capped logit is taken from the lanes too (xy): capped on its own, it
+    # can round differently from the same value in the sweep, and the loss of a confident row,
+    # lse - x_y ~ 1e-7, would be off by an ulp of x_y.
+    CAPTURE_XY: tl.constexpr = SOFTCAP and not PROB
+    cols = lo + tl.arange(0, BLOCK)
+    v_live = tl.where(live, hi, 0)  # logits are read only below this column (none for a dead row)
+    m = tl.full([BLOCK], EMPTY, tl.float32)
+    t = tl.full([BLOCK], -1.0, tl.float32)
+    sa = tl.zeros([BLOCK], tl.float32)
+    d = tl.zeros([BLOCK], tl.float32)
+    xy = tl.zeros([BLOCK], tl.float32)
     if SINGLE:
-        # The whole row fits one chunk: read it once and keep x (and a) in registers for sweep 2.
-        mask = cols < V
-        x, a = _load_chunk(x_row, t_row, weight_ptr, cols, V, v_live, cap, inv_cap, eps, eps_over_v,
+        # The whole row (segment) fits one chunk: read it once and keep x (and a) in registers.
+        mask = cols < hi
+        x, a = _load_chunk(x_row, t_row, weight_ptr, cols, hi, v_live, cap, inv_cap, eps, eps_over_v,
                            SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
-        m, t, sa, d = _online_update(x, a, mask, m, t, sa, d, NEED_A)
+        m = x
+        t = tl.zeros([BLOCK], tl.float32)
+        if NEED_A:  # padding lanes must be EMPTY, not -inf, for d's sa (m - ref) = 0 * (-inf) terms
+            m = tl.where(mask, x, EMPTY)
+            t = tl.where(mask, 0.0, -1.0)
+            sa = a
+        if CAPTURE_XY:
+            xy = tl.where(cols == y, x, 0.0)
     else:
-        for start in range(0, V, BLOCK):
+        for start in range(0, hi - lo, BLOCK):
             c = start + cols
-            xc, ac = _load_chunk(x_row, t_row, weight_ptr, c, V, v_live, cap, inv_cap, eps, eps_over_v,
-                                 SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_last")
-            m, t, sa, d = _online_update(xc, ac, c < V, m, t, sa, d, NEED_A)
+            # kept in L2 for sweep 2 when there is one
+            xc, ac = _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
+                                 SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB,
+                                 "evict_last" if WRITE_GRAD else "evict_first")
+            m, t, sa, d = _lane_update(xc, ac, c < hi, m, t, sa, d, NEED_A, INTERPRET)
+            if CAPTURE_XY:
+                xy = tl.where(c == y, xc, xy)
+    m, t, sa, d = _combine(m, t, sa, d, NEED_A, INTERPRET)
+    if CAPTURE_XY:
+        x_y = tl.sum(xy, axis=0)  # 0 when y is outside [lo, hi) (another segment's)
+    if SPLIT:
+        # Publish this segment's statistics, wait for the row's other segments, combine them all.
+        # The barrier orders every thread's stores (and the x_y load) before the release.
+        stats = stats_ptr + (row * SEGMENTS + seg) * STATS
+        tl.store(stats, m)
+        tl.store(stats + 1, t)
+        tl.store(stats + 2, sa)
+        tl.store(stats + 3, d)
+        tl.store(stats + 4, x_y)
+        tl.debug_barrier()
+        count = sync_ptr + 1 + row
+        arrived = tl.atomic_add(count, 1, sem="release") + 1
+        while arrived < SEGMENTS:
+            arrived = tl.atomic_add(count, 0, sem="acquire")
+        k = tl.arange(0, SEGMENTS)
+        all_stats = stats_ptr + (row * SEGMENTS + k) * STATS
+        m, t, sa, d = _combine(tl.load(all_stats, volatile=True), tl.load(all_stats + 1, volatile=True),
+                               tl.load(all_stats + 2, volatile=True), tl.load(all_stats + 3, volatile=True),
+                               NEED_A, INTERPRET)
+        if CAPTURE_XY:
+            x_y = tl.sum(tl.load(all_stats + 4, volatile=True), axis=0)
+    if CAPTURE_XY:
+        x_y = tl.where(live, x_y, 0.0)  # a dead row's lanes are -inf
 
     # ---- the row's loss ---------------------------------------------------------------------------
-    ref = tl.where(m == NEG_INF, 0.0, m)
-    log_s = tl.where(m == NEG_INF, NEG_INF, log1p(t))  # lse - ref (-inf for an all -inf row)
+    ref = tl.where((m == EMPTY) | (m == NEG_INF), 0.0, m)  # 0 for a row of -inf (or a dead row)
+    log_s = log1p(t)  # lse - m: -inf for a row of -inf (t = -1)
     lse = ref + log_s
     K = 0.0  # coefficient of (p_c - delta_cy)
     q = 0.0  # p_y - 1
@@ -203,6 +302,7 @@ def _cross_entropy_kernel(
         loss = ce_scale * (sa * log_s - d)
         A = ce_scale * sa
         B = ce_scale
+        l = 0.0
     else:
         l = (x_y - ref) - log_s  # log p_y, without the cancellation of lse - x_y
         l = tl.where(l > 0.0, 0.0, l)  # rounding can never make p_y > 1 (NaN passes through)
@@ -233,26 +333,74 @@ def _cross_entropy_kernel(
         A += z_scale * 2.0 * z_coef * lse
     # ignored rows: 0 * ce_scale (NaN when the mean's scale is 1/0); out-of-range targets: NaN
     nan = float("nan")
-    fill = tl.where(ignored, 0.0, nan)
     loss = tl.where(live, loss, tl.where(ignored, 0.0 * ce_scale, nan))
-    tl.store(loss_ptr + row, loss)
+    if seg == 0:
+        tl.store(loss_ptr + row, loss)
 
     # ---- sweep 2: the gradient --------------------------------------------------------------------
     if WRITE_GRAD:
+        # A dead row's coefficients give its gradient directly: 0 (ignored) or NaN (out of range).
+        # Its lanes read -inf, so e = 0 and e * kp = 0 * kp.
+        fill = tl.where(ignored, 0.0, nan)
         inv_s = 1.0 / (1.0 + t)
+        kp = tl.where(live, (K + A) * inv_s, fill)
+        A = tl.where(live, A, fill)
+        B = tl.where(live, B, fill)
+        K = tl.where(live, K, fill)
+        ref2 = ref * LOG2E
         g_row = grad_ptr + row * grad_stride
         out_ty = grad_ptr.dtype.element_ty
+        PRECISE: tl.constexpr = out_ty == tl.float32
         if SINGLE:
-            g = _row_grad(x, a, cols, y, ref, inv_s, K, q, A, B, live, fill, inv_cap, PROB, REST, SOFTCAP)
-            tl.store(g_row + cols, cast_to(g, out_ty, EMULATE_RNE), mask=mask)
+            g = _chunk_grad(x, a, ref, ref2, kp, A, B, inv_cap, PROB, REST, SOFTCAP, PRECISE, INTERPRET)
+            tl.store(g_row + cols, cast_to(g, out_ty, INTERPRET), mask=mask)
         else:
-            for start in range(0, V, BLOCK):
-                c = start + cols
+            n_chunks = tl.cdiv(hi - lo, BLOCK)
+            for i in range(0, n_chunks):
+                c = (n_chunks - 1 - i if REVERSE else i) * BLOCK + cols
                 # In place (grad is the logits): this chunk is read before it is overwritten.
-                xc, ac = _load_chunk(x_row, t_row, weight_ptr, c, V, v_live, cap, inv_cap, eps, eps_over_v,
+                xc, ac = _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
                                      SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
-                g = _row_grad(xc, ac, c, y, ref, inv_s, K, q, A, B, live, fill, inv_cap, PROB, REST, SOFTCAP)
-                tl.store(g_row + c, cast_to(g, out_ty, EMULATE_RNE), mask=c < V)
+                g = _chunk_grad(xc, ac, ref, ref2, kp, A, B, inv_cap, PROB, REST, SOFTCAP, PRECISE, INTERPRET)
+                tl.store(g_row + c, cast_to(g, out_ty, INTERPRET), mask=c < hi)
+        if not PROB:
+            # The target lane, written again by the program that holds it once the barrier has
+            # ordered its threads' stores: K (p_y - 1) + A p_y - B a_y, with p_y - 1 = q computed as
+            # expm1(log p_y) in fp32 (K p_y - K would round to a multiple of K's ulp).
+            g_y = K * q
+            if REST:
+                g_y += A * tl.exp(l)
+                if SMOOTH:
+                    g_y -= B * w_y  # a_y = w_y (1 without weights)
+            if SOFTCAP:
+                th = x_y * inv_cap
+                g_y = g_y * (1.0 - th * th)
+            tl.debug_barrier()
+            tl.store(g_row + y, cast_to(g_y, out_ty, INTERPRET), mask=(y >= lo) & (y < hi))
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """How the kernel is launched: ``block`` (the chunk, in columns: a row, or a segment, no longer
+    than it is read once and kept in registers), warps, ``segments`` (0: one program per row; else
+    a power of two: that many programs share each row, see SPLIT in the kernel) and whether sweep 2
+    walks the chunks in reverse."""
+
+    block: int
+    num_warps: int
+    segments: int = 0
+    reverse: bool = True
+
+
+def launch_config(logits: Tensor, write_grad: bool) -> LaunchConfig:
+    """The default launch for (N, V) logits: see ``SPLIT_MIN_COLS`` and ``row_block``."""
+    n_cols = logits.shape[1]
+    block = row_block(n_cols)
+    segments = 0
+    if write_grad and n_cols >= SPLIT_MIN_COLS and logits.is_cuda:
+        block = SPLIT_BLOCK
+        segments = next_power_of_2(triton.cdiv(n_cols, block))
+    return LaunchConfig(block=block, num_warps=num_warps_for(block), segments=segments)
 
 
 def cross_entropy_fwd(
@@ -267,6 +415,7 @@ def cross_entropy_fwd(
     z_loss: float = 0.0,
     softcap: float | None = None,
     gamma: float | None = None,
+    config: LaunchConfig | None = None,
 ) -> Tensor:
     """Per-row cross-entropy (or softmax focal loss when ``gamma`` is set), and optionally its gradient.
 
@@ -275,6 +424,8 @@ def cross_entropy_fwd(
     scales: (2,) fp32 on the device, [ce_scale, z_scale], multiplied into each row's loss and gradient.
     grad: None (forward only), an (N, V) tensor of logits.dtype with stride(1) == 1, or ``logits``
     itself (the gradient overwrites the logits row by row).
+
+    config: launch parameters (``launch_config(logits, grad is not None)`` when None); for tuning.
 
     Returns the (N,) fp32 loss: ce_scale * loss_ce + z_scale * z_loss * lse^2 per row. Ignored rows
     give 0 * ce_scale and a zero gradient row; out-of-range targets give NaN (loss and gradient row).
@@ -304,9 +455,16 @@ def cross_entropy_fwd(
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows == 0:
         return loss
-    block = row_block(n_cols)
+    cfg = config or launch_config(logits, grad is not None)
+    split = cfg.segments > 0
+    segments = max(cfg.segments, 1)
+    if segments & (segments - 1):
+        raise ValueError(f"cross_entropy_fwd: segments must be 0 or a power of two, got {segments}")
+    seg_len = triton.cdiv(triton.cdiv(n_cols, segments), cfg.block) * cfg.block if split else n_cols
+    sync = torch.zeros(1 + n_rows if split else 1, dtype=torch.int32, device=logits.device)
+    stats = torch.empty(n_rows * segments * STATS if split else 1, dtype=torch.float32, device=logits.device)
     cap = 1.0 if softcap is None else float(softcap)
-    _cross_entropy_kernel[(n_rows,)](
+    _cross_entropy_kernel[(n_rows * segments,)](
         logits,
         logits.stride(0),
         target,
@@ -316,7 +474,10 @@ def cross_entropy_fwd(
         grad if grad is not None else logits,
         grad.stride(0) if grad is not None else 0,
         loss,
+        sync,
+        stats,
         n_cols,
+        seg_len,
         ignore_index,
         float(label_smoothing),
         float(z_loss),
@@ -332,9 +493,12 @@ def cross_entropy_fwd(
         WRITE_GRAD=grad is not None,
         NEED_A=prob or label_smoothing != 0.0,
         REST=prob or label_smoothing != 0.0 or z_loss != 0.0,
-        EMULATE_RNE=emulate_rne(),
-        BLOCK=block,
-        SINGLE=n_cols <= block,
-        num_warps=num_warps_for(block),
+        INTERPRET=interpreting(),
+        BLOCK=cfg.block,
+        SINGLE=seg_len <= cfg.block,
+        SPLIT=split,
+        SEGMENTS=segments,
+        REVERSE=cfg.reverse,
+        num_warps=cfg.num_warps,
     )
     return loss

@@ -27,19 +27,21 @@ def compile_variant(kernel, runtime: dict, constexprs: dict, num_warps: int = 8)
 
 
 def cross_entropy_variants():
-    for dt, (prob, smooth, z, cap, focal, weight), single in itertools.product(
+    for dt, (prob, smooth, z, cap, focal, weight), (single, split) in itertools.product(
         ["bf16", "fp32"],
         [(0, 0, 0, 0, 0, 0), (0, 1, 1, 1, 0, 1), (1, 1, 1, 1, 0, 1), (0, 0, 0, 1, 1, 1), (1, 0, 0, 0, 0, 0)],
-        [False, True],
+        [(False, False), (True, False), (True, True), (False, True)],
     ):
         runtime = {"logits_ptr": f"*{dt}", "logits_stride": "i64", "target_ptr": "*fp32" if prob else "*i64",
                    "target_stride": "i64", "weight_ptr": "*fp32", "scales_ptr": "*fp32", "grad_ptr": f"*{dt}",
                    "grad_stride": "i64", "loss_ptr": "*fp32", "V": "i32", "ignore_index": "i64", "eps": "fp32",
-                   "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32", "gamma": "fp32"}
+                   "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32", "gamma": "fp32", "sync_ptr": "*i32",
+                   "stats_ptr": "*fp32", "seg_len": "i32"}
         constexprs = dict(HAS_WEIGHT=bool(weight), SMOOTH=bool(smooth), ZLOSS=bool(z), SOFTCAP=bool(cap),
                           PROB=bool(prob), FOCAL=bool(focal), WRITE_GRAD=True, NEED_A=bool(prob or smooth),
-                          REST=bool(prob or smooth or z), EMULATE_RNE=False,
-                          BLOCK=1024 if single else 4096, SINGLE=single)
+                          REST=bool(prob or smooth or z), INTERPRET=False,
+                          BLOCK=8192 if split else 1024 if single else 4096, SINGLE=single, SPLIT=split,
+                          SEGMENTS=16 if split else 1, REVERSE=True)
         yield _cross_entropy_kernel, runtime, constexprs
 
 
@@ -47,19 +49,19 @@ def elementwise_variants():
     for dt, reduce in itertools.product(["bf16", "fp32"], [False, True]):
         yield _huber_kernel, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}",
                               "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}",
-                              "gy_ptr": f"*{dt}", "n": "i64", "beta": "fp32", "c": "fp32"}, dict(
-            BLOCK=4096, EMULATE_RNE=False, L1=False, HAS_WEIGHT=True, REDUCE=reduce,
+                              "gy_ptr": f"*{dt}", "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32"}, dict(
+            BLOCK=4096, INTERPRET=False, L1=False, HAS_WEIGHT=True, REDUCE=reduce,
             WRITE_GRAD_INPUT=True, WRITE_GRAD_TARGET=True)
         for gamma_int in (2, -1):
             yield _sigmoid_focal_kernel, {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}",
                                           "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}",
-                                          "n": "i64", "alpha": "fp32", "gamma": "fp32", "scale": "fp32"}, dict(
-                BLOCK=4096, EMULATE_RNE=False, GAMMA_INT=gamma_int, USE_ALPHA=True, REDUCE=reduce,
+                                          "n": "i64", "k1": "fp32", "k0": "fp32", "gamma": "fp32"}, dict(
+                BLOCK=4096, INTERPRET=False, GAMMA_INT=gamma_int, REDUCE=reduce,
                 WRITE_GRAD_INPUT=True)
     for per_row, strided in itertools.product([False, True], repeat=2):
         yield _scale_grad_kernel, {"grad_ptr": "*bf16", "go_ptr": "*fp32", "n_elements": "i64",
                                    "n_cols": "i64", "row_stride": "i64"}, dict(
-            PER_ROW=per_row, STRIDED=strided, EMULATE_RNE=False, BLOCK=4096)
+            PER_ROW=per_row, STRIDED=strided, INTERPRET=False, BLOCK=4096)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from fastloss.kernels.common import scale_grad_  # noqa: E402
-from fastloss.kernels.cross_entropy import cross_entropy_fwd  # noqa: E402
+from fastloss.kernels.cross_entropy import LaunchConfig, cross_entropy_fwd  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The interpreter evaluates both sides of every tl.where in numpy, which warns about log(0), 0 * inf...
@@ -69,6 +69,7 @@ def run(logits, target, weight=None, scales=(1.0, 1.0), *, write_grad=True, **op
 
 def oracle_opts(opts):
     o = dict(opts)
+    o.pop("config", None)
     if "label_smoothing" in o:
         o["eps"] = o.pop("label_smoothing")
     if "z_loss" in o:
@@ -343,6 +344,44 @@ def test_inplace_and_strided(v):
     grad3 = torch.empty_like(logits)
     loss3 = cross_entropy_fwd(view, target, None, sc, grad3, **opts)
     assert torch.equal(loss, loss3) and torch.equal(grad3, grad)
+
+
+# Launch configurations besides the default, on V = 4099 and 20000. ``segments`` > 0 runs the split
+# protocol (tickets, published statistics, the wait, the combine); under the interpreter programs run
+# one after another, so only one segment per row can run there, and CUDA adds several, including
+# empty trailing segments (4099 = 2048 + 2048 + 3 + 0 with 4 segments of 2 chunks of 1024).
+CONFIGS = [LaunchConfig(block=1024, num_warps=4), LaunchConfig(block=1024, num_warps=4, reverse=False),
+           LaunchConfig(block=1024, num_warps=4, segments=1), LaunchConfig(block=8192, num_warps=8, segments=1)]
+if DEV.type == "cuda":
+    CONFIGS += [LaunchConfig(block=1024, num_warps=4, segments=s) for s in (2, 4, 8)]
+    CONFIGS += [LaunchConfig(block=4096, num_warps=8, segments=2), LaunchConfig(block=512, num_warps=2, segments=16),
+                LaunchConfig(block=2048, num_warps=4, segments=4, reverse=False)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"b{c.block}w{c.num_warps}s{c.segments}r{int(c.reverse)}")
+@pytest.mark.parametrize("v", [4099, 20000])
+@pytest.mark.parametrize("kind", ["plain", "all", "prob", "focal"])
+def test_launch_configs(config, v, kind):
+    logits, target = make(5, v, torch.float32, ignore=0 if kind == "prob" else 1)
+    weight = torch.rand(v, device=DEV) + 0.5
+    opts = dict(config=config)
+    if kind == "all":
+        opts.update(label_smoothing=0.2, z_loss=1e-2, softcap=4.0)
+    elif kind == "prob":
+        target = torch.softmax(torch.randn(5, v, device=DEV) * 2, dim=-1)
+        opts.update(label_smoothing=0.15, softcap=6.0)
+    elif kind == "focal":
+        opts.update(gamma=2.0)
+    if kind == "plain":
+        weight = None
+    loss, grad = check(logits, target, weight, (0.5, 0.25), **opts)
+    # in place over a padded buffer: the same bits, nothing written past the rows
+    buf = torch.full((5, v + 3), 7.0, device=DEV)
+    buf[:, :v] = logits
+    view = buf[:, :v]
+    loss2 = cross_entropy_fwd(view, target, weight, torch.tensor([0.5, 0.25], device=DEV), view, **opts)
+    assert torch.equal(loss, loss2) and torch.equal(view, grad)
+    assert (buf[:, v:] == 7.0).all()
 
 
 def test_deterministic_and_forward_only():

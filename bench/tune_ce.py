@@ -1,0 +1,210 @@
+"""``python -m bench.tune_ce``: search the cross-entropy kernel's launch parameters on the GPU.
+
+For each headline shape it times the launcher alone (no autograd, preallocated gradient) with the
+default ``launch_config`` and then does a coordinate search over ``LaunchConfig``'s fields
+(segments per row, chunk, warps, reverse sweep 2), two rounds. Every configuration is first
+checked against the default one's loss and gradient, with the gradient buffer poisoned with NaN
+so that an unwritten element fails. Times are medians of ``triton.testing.do_bench`` (L2 flushed
+before each rep), shown as a share of the floor, 2·N·V·b (N·V·b forward only) over the copy
+bandwidth measured in the same run. The result informs ``launch_config``'s heuristics; it is not
+used at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import torch
+
+from .harness import copy_bandwidth
+
+CASES = [  # (name, dtype, N, V, write_grad)
+    ("bf16 V=32768", torch.bfloat16, 8192, 32768, True),
+    ("bf16 V=128256", torch.bfloat16, 8192, 128256, True),
+    ("bf16 V=262144", torch.bfloat16, 8192, 262144, True),
+    ("fp32 V=128256", torch.float32, 8192, 128256, True),
+    ("fp32 N=65536 V=1000", torch.float32, 65536, 1000, True),
+    ("bf16 V=128256 fwd", torch.bfloat16, 8192, 128256, False),
+]
+
+
+def candidates(field: str, n_cols: int, write_grad: bool) -> list:
+    pow2 = 1 << max(5, (n_cols - 1).bit_length())
+    if field == "segments":  # 0: a row per program; else programs per row (whole chunks each)
+        return [0, 1, 2, 4, 8, 16, 32] if write_grad else [0]
+    if field == "block":
+        return sorted({b for b in (1024, 2048, 4096, 8192, 16384, 32768) if b <= pow2} | ({pow2} if pow2 <= 32768 else set()))
+    return {"num_warps": [1, 2, 4, 8, 16], "reverse": [False, True]}[field]
+
+
+def tune_elementwise(bandwidth: float, do_bench) -> list[dict]:
+    """Kernel-alone time of huber_fwd and sigmoid_focal_fwd (reduced, input gradient) per block size."""
+    import fastloss.kernels.common as common
+    import fastloss.kernels.focal as focal
+    import fastloss.kernels.huber as huber
+
+    device = torch.device("cuda")
+    saved = common.ELEMENTWISE_BLOCK
+    out = []
+    for name, dtype, shape in [("huber bf16 2^27", torch.bfloat16, (1 << 27,)), ("huber fp32 2^27", torch.float32, (1 << 27,)),
+                               ("sigmoid_focal bf16", torch.bfloat16, (1 << 20, 80)),
+                               ("sigmoid_focal fp32", torch.float32, (1 << 20, 80))]:
+        x = torch.randn(shape, device=device, dtype=dtype)
+        y = torch.randn(shape, device=device, dtype=dtype) if name.startswith("huber") else (
+            torch.rand(shape, device=device) < 0.1).to(dtype)
+        g = torch.empty_like(x)
+        floor_ms = 3 * x.numel() * x.element_size() / bandwidth * 1e3
+        times = {}
+        for block in (2048, 4096, 8192, 16384):
+            common.ELEMENTWISE_BLOCK = huber.BLOCK = focal.BLOCK = block
+            if name.startswith("huber"):
+                fn = lambda: huber.huber_fwd(x, y, None, beta=1.0, mul=1.0, scale=1.0 / x.numel(), reduce=True,
+                                             grad_input=g, grad_target=None)
+            else:
+                fn = lambda: focal.sigmoid_focal_fwd(x, y, alpha=0.25, gamma=2.0, scale=1.0 / x.numel(),
+                                                     reduce=True, grad_input=g)
+            times[block] = do_bench(fn, warmup=10, rep=50, return_mode="median")
+        common.ELEMENTWISE_BLOCK = huber.BLOCK = focal.BLOCK = saved
+        best = min(times, key=times.get)
+        line = ", ".join(f"{b}: {ms:.3f} ms {100 * floor_ms / ms:.1f}%" for b, ms in times.items())
+        print(f"{name:22} floor {floor_ms:.3f} ms | {line}", flush=True)
+        out.append(dict(case=name, floor_ms=floor_ms, default={"block": saved}, default_ms=times[saved],
+                        default_pct=100 * floor_ms / times[saved], best={"block": best}, best_ms=times[best],
+                        best_pct=100 * floor_ms / times[best], all=[dict(block=b, ms=ms) for b, ms in times.items()]))
+        del x, y, g
+    return out
+
+
+def profile_steps() -> None:
+    """Kernels and their CUDA time in whole forward + backward steps, to find what is not the kernel."""
+    import fastloss
+
+    device = torch.device("cuda")
+    for dtype, n, v in [(torch.bfloat16, 8192, 32768), (torch.float32, 65536, 1000)]:
+        x = torch.randn(n, v, device=device, dtype=dtype, requires_grad=True)
+        t = torch.randint(0, v, (n,), device=device)
+
+        def step():
+            x.grad = None
+            fastloss.cross_entropy(x, t).backward()
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(20):
+            step()
+        host_ms = (time.perf_counter() - t0) / 20 * 1e3
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) / 20 * 1e3
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        print(f"\n== profile {dtype} {n}x{v}: host {host_ms:.3f} ms per step issued, {wall_ms:.3f} ms per step "
+              f"with the GPU", flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+        del x, t
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.tune_ce", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cases", default="", help="comma-separated case names' substrings (default: all)")
+    parser.add_argument("--budget-s", type=float, default=240.0, help="stop searching after this long")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--save", default="", help="write the results as JSON to this file")
+    parser.add_argument("--elementwise", action="store_true", help="also time the elementwise kernels' blocks")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile whole fastloss.cross_entropy steps (forward + backward)")
+    args = parser.parse_args(argv)
+
+    from triton.testing import do_bench
+
+    from fastloss.kernels.cross_entropy import cross_entropy_fwd, launch_config
+
+    device = torch.device("cuda")
+    bandwidth, _ = copy_bandwidth(device, 2 << 30)
+    print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s", flush=True)
+    deadline = time.monotonic() + args.budget_s
+    wanted = [w for w in args.cases.split(",") if w]
+    results = []
+    for name, dtype, n_rows, n_cols, write_grad in CASES:
+        if wanted and not any(w in name for w in wanted):
+            continue
+        torch.manual_seed(0)
+        logits = torch.randn(n_rows, n_cols, device=device, dtype=dtype)
+        target = torch.randint(0, n_cols, (n_rows,), device=device)
+        scales = torch.tensor([1.0 / n_rows, 1.0], device=device)
+        grad = torch.empty_like(logits) if write_grad else None
+        floor_ms = (2 if write_grad else 1) * logits.numel() * logits.element_size() / bandwidth * 1e3
+
+        def run(cfg):
+            return cross_entropy_fwd(logits, target, None, scales, grad, config=cfg)
+
+        default = launch_config(logits, write_grad)
+        ref_loss = run(default).clone()
+        ref_grad = grad.clone() if write_grad else None
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        tried: dict = {}
+
+        def measure(cfg) -> float:
+            if cfg in tried:
+                return tried[cfg]
+            try:
+                if write_grad:
+                    grad.fill_(float("nan"))
+                loss = run(cfg)
+                ok = torch.allclose(loss, ref_loss, rtol=tol, atol=tol * ref_loss.abs().max().item())
+                if write_grad:
+                    ok &= bool(torch.isfinite(grad).all()) and torch.allclose(
+                        grad.float(), ref_grad.float(), rtol=tol, atol=tol * ref_grad.float().abs().max().item())
+                ms = do_bench(lambda: run(cfg), warmup=10, rep=50, return_mode="median") if ok else float("inf")
+            except Exception as exc:  # a configuration the compiler rejects (registers, shared memory)
+                print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                ms = float("inf")
+            if ms == float("inf"):
+                print(f"  {cfg}: rejected", flush=True)
+            tried[cfg] = ms
+            return ms
+
+        best, best_ms = default, measure(default)
+        default_ms = best_ms
+        for _ in range(args.rounds):
+            for field in ("segments", "block", "num_warps", "reverse"):
+                for value in candidates(field, n_cols, write_grad):
+                    if time.monotonic() > deadline:
+                        break
+                    cfg = dataclasses.replace(best, **{field: value})
+                    ms = measure(cfg)
+                    if ms < best_ms:
+                        best, best_ms = cfg, ms
+        again = do_bench(lambda: run(best), warmup=10, rep=100, return_mode="median")
+        record = dict(case=name, floor_ms=floor_ms, default=dataclasses.asdict(default), default_ms=default_ms,
+                      default_pct=100 * floor_ms / default_ms, best=dataclasses.asdict(best), best_ms=best_ms,
+                      best_pct=100 * floor_ms / best_ms, best_again_ms=again, tried=len(tried),
+                      all=[dict(dataclasses.asdict(c), ms=m) for c, m in tried.items()])
+        results.append(record)
+        print(f"{name:22} floor {floor_ms:.3f} ms | default {default_ms:.3f} ms {record['default_pct']:5.1f}% "
+              f"| best {best_ms:.3f} ms {record['best_pct']:5.1f}% (again {again:.3f}) {best}", flush=True)
+        del logits, target, grad, ref_grad
+        torch.cuda.empty_cache()
+    if args.elementwise:
+        results += tune_elementwise(bandwidth, do_bench)
+    if args.profile:
+        profile_steps()
+    print("\ncase                   default%  best%  best config")
+    for r in results:
+        print(f"{r['case']:22} {r['default_pct']:7.1f} {r['best_pct']:6.1f}  {r['best']}")
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(dict(device=torch.cuda.get_device_name(), copy_gbps=bandwidth / 1e9,
+                           torch=torch.__version__, results=results), f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
