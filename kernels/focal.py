@@ -20,12 +20,40 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import ELEMENTWISE_BLOCK, cast_to, elementwise_loss_output, emulate_rne, load_block_pair, log1p, num_warps_for, store_loss
+from .common import (
+    ELEMENTWISE_BLOCK,
+    LOG2E,
+    cast_to,
+    elementwise_loss_output,
+    exp2,
+    interpreting,
+    load_block_pair,
+    log2,
+    num_warps_for,
+    rcp,
+    store_loss,
+)
 
 BLOCK = ELEMENTWISE_BLOCK
 # gamma in {0, 1, ..., MAX_INT_GAMMA} is computed by repeated multiplication (exact, no log/exp);
 # other values through exp2(gamma * log2(q)).
 MAX_INT_GAMMA = 4
+
+
+@triton.jit
+def _log1p_unit(e, INTERPRET: tl.constexpr):
+    """log(1 + e) for e in [0, 1], to a few fp32 ulps relative: 2 atanh(z) with z = e / (2 + e) in
+    [0, 1/3], as an odd series to z^13 (truncation < 2e-8 relative). No log: one reciprocal."""
+    z = e * rcp(2.0 + e, INTERPRET)
+    z2 = z * z
+    s = 1.0 / 13.0
+    s = s * z2 + 1.0 / 11.0
+    s = s * z2 + 1.0 / 9.0
+    s = s * z2 + 1.0 / 7.0
+    s = s * z2 + 1.0 / 5.0
+    s = s * z2 + 1.0 / 3.0
+    s = s * z2 + 1.0
+    return 2.0 * z * s
 
 
 @triton.jit
@@ -35,13 +63,12 @@ def _sigmoid_focal_kernel(
     out_ptr,  # elementwise loss (loss_dtype), or one fp32 partial sum per program when REDUCE
     gx_ptr,
     n,
-    alpha,
+    k1,  # scale * a_t = k1 * t + k0: k1 = scale (2 alpha - 1), k0 = scale (1 - alpha); without
+    k0,  # alpha (alpha < 0) k1 = 0 and k0 = scale
     gamma,
-    scale,
     BLOCK: tl.constexpr,
-    EMULATE_RNE: tl.constexpr,
+    INTERPRET: tl.constexpr,
     GAMMA_INT: tl.constexpr,  # gamma when it is a small integer, else -1
-    USE_ALPHA: tl.constexpr,
     REDUCE: tl.constexpr,
     WRITE_GRAD_INPUT: tl.constexpr,
 ):
@@ -50,12 +77,15 @@ def _sigmoid_focal_kernel(
     # 2n and writes n elements.
     offs, mask, x, t = load_block_pair(x_ptr, t_ptr, n, BLOCK)
 
-    e = tl.exp(-tl.abs(x))  # in [0, 1]; underflows to 0 for |x| > ~87 (flushed) to ~104
-    r = 1.0 / (1.0 + e)
+    # The MUFU forms of exp2 / 1/x (common.py): this kernel does ~40 instructions per element, so
+    # at 16-bit it is bound by them, not by its bytes.
+    e = exp2(tl.abs(x) * -LOG2E, INTERPRET)  # exp(-|x|) in [0, 1]; 0 for |x| > ~87
+    r = rcp(1.0 + e, INTERPRET)
     pos = x >= 0
-    p = tl.where(pos, r, e * r)  # sigmoid(x)
-    omp = tl.where(pos, e * r, r)  # 1 - p = sigmoid(-x)
-    ce = tl.maximum(x, 0.0) - x * t + log1p(e)
+    er = e * r
+    p = tl.where(pos, r, er)  # sigmoid(x)
+    omp = tl.where(pos, er, r)  # 1 - p = sigmoid(-x)
+    ce = tl.maximum(x, 0.0) - x * t + _log1p_unit(e, INTERPRET)
     q = p * (1.0 - t) + omp * t
     q_safe = tl.where(q > 0, q, 1.0)  # keeps log2 and the division finite where q == 0
 
@@ -65,21 +95,20 @@ def _sigmoid_focal_kernel(
             qg = qg * q
     else:
         # gamma > 0 here, so q == 0 gives 0.
-        qg = tl.where(q > 0, tl.exp2(gamma * tl.log2(q_safe)), 0.0)
+        qg = tl.where(q > 0, exp2(gamma * log2(q_safe, INTERPRET), INTERPRET), 0.0)
 
-    if USE_ALPHA:
-        k = (alpha * t + (1.0 - alpha) * (1.0 - t)) * scale
-    else:
-        k = scale
+    k = k1 * t + k0  # scale * a_t
     kq = k * qg
     loss = ce * kq
-    store_loss(out_ptr, offs, mask, loss, REDUCE, EMULATE_RNE)
+    store_loss(out_ptr, offs, mask, loss, REDUCE, INTERPRET)
 
     if WRITE_GRAD_INPUT:
         p_minus_t = p * (1.0 - t) - omp * t  # = p - t, exact for hard labels
-        h = p * omp / q_safe  # p(1-p)/q in [0, 1]; 0 where q == 0 (then p(1-p) == 0 too)
+        # p(1-p)/q in [0, 1]. A q below 1e-30 (the reciprocal of a denormal overflows) comes from a
+        # hard label on a saturated logit, where the ratio is max(p, 1-p) (p/1 or (1-p)/1 to fp32).
+        h = tl.where(q > 1e-30, p * omp * rcp(q_safe, INTERPRET), tl.maximum(p, omp))
         g = kq * (p_minus_t - gamma * ce * h * (2.0 * t - 1.0))
-        tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+        tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def sigmoid_focal_fwd(
@@ -109,6 +138,8 @@ def sigmoid_focal_fwd(
         loss_dtype)
     gamma = float(gamma)
     gamma_int = int(gamma) if gamma.is_integer() and 0 <= gamma <= MAX_INT_GAMMA else -1
+    alpha, scale = float(alpha), float(scale)
+    use_alpha = alpha >= 0
     if n > 0:
         _sigmoid_focal_kernel[(n_programs,)](
             inputs,
@@ -116,15 +147,14 @@ def sigmoid_focal_fwd(
             out,
             grad_input if grad_input is not None else inputs,  # placeholder, never touched
             n,
-            float(alpha),
+            (2.0 * alpha - 1.0) * scale if use_alpha else 0.0,
+            (1.0 - alpha) * scale if use_alpha else float(scale),
             gamma,
-            float(scale),
             BLOCK=BLOCK,
             GAMMA_INT=gamma_int,
-            USE_ALPHA=float(alpha) >= 0,
             REDUCE=bool(reduce),
             WRITE_GRAD_INPUT=grad_input is not None,
-            EMULATE_RNE=emulate_rne(),
+            INTERPRET=interpreting(),
             num_warps=num_warps_for(BLOCK),
         )
     # Fixed-order sum of the partials (an empty sum is 0 for n = 0).

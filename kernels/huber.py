@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import ELEMENTWISE_BLOCK, cast_to, elementwise_loss_output, emulate_rne, load_block_pair, num_warps_for, store_loss
+from .common import ELEMENTWISE_BLOCK, cast_to, elementwise_loss_output, interpreting, load_block_pair, num_warps_for, store_loss
 
 BLOCK = ELEMENTWISE_BLOCK
 
@@ -31,9 +31,10 @@ def _huber_kernel(
     gy_ptr,
     n,
     beta,  # fp32 threshold; unused when L1
+    inv_beta,  # 1 / beta, rounded once on the host (unused when L1)
     c,  # mul * scale, folded on the host
     BLOCK: tl.constexpr,
-    EMULATE_RNE: tl.constexpr,
+    INTERPRET: tl.constexpr,
     L1: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     REDUCE: tl.constexpr,
@@ -52,25 +53,26 @@ def _huber_kernel(
         loss = ad
         grad = sign
     else:
-        # Same expressions, operation order and IEEE division as torch (a plain `/` compiles to an
-        # approximate division on NVIDIA GPUs). |d| == beta takes the linear branch; both branches
-        # agree there: 0.5 * beta, gradient +-1.
+        # Torch's expressions, with the division by beta a multiplication by its reciprocal: at most
+        # one more rounding (an ulp), where an IEEE division per element (tl.math.div_rn) would cost
+        # ~20 instructions and make the kernel compute-bound in 16-bit. |d| == beta takes the linear
+        # branch; both branches agree there: 0.5 * beta, gradient +-1.
         quad = ad < beta
-        loss = tl.where(quad, tl.math.div_rn(0.5 * ad * ad, beta), ad - 0.5 * beta)
-        grad = tl.where(quad, tl.math.div_rn(d, beta), sign)
+        loss = tl.where(quad, (0.5 * ad * ad) * inv_beta, ad - 0.5 * beta)
+        grad = tl.where(quad, d * inv_beta, sign)
     if HAS_WEIGHT:
         w = tl.load(w_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
         cw = c * w.to(tl.float32)
     else:
         cw = c
     loss = loss * cw
-    store_loss(out_ptr, offs, mask, loss, REDUCE, EMULATE_RNE)
+    store_loss(out_ptr, offs, mask, loss, REDUCE, INTERPRET)
     if WRITE_GRAD_INPUT or WRITE_GRAD_TARGET:
         g = grad * cw
         if WRITE_GRAD_INPUT:
-            tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+            tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, INTERPRET), mask=mask)
         if WRITE_GRAD_TARGET:
-            tl.store(gy_ptr + offs, cast_to(-g, gy_ptr.dtype.element_ty, EMULATE_RNE), mask=mask)
+            tl.store(gy_ptr + offs, cast_to(-g, gy_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def huber_fwd(
@@ -111,13 +113,14 @@ def huber_fwd(
             grad_target if grad_target is not None else input,
             n,
             float(beta),
+            1.0 / float(beta) if beta else 0.0,
             float(mul) * float(scale),
             BLOCK=BLOCK,
             L1=float(beta) == 0.0,
             HAS_WEIGHT=weight is not None,
             REDUCE=bool(reduce),
             WRITE_GRAD_INPUT=grad_input is not None,
-            EMULATE_RNE=emulate_rne(),
+            INTERPRET=interpreting(),
             WRITE_GRAD_TARGET=grad_target is not None,
             num_warps=num_warps_for(BLOCK),
         )
