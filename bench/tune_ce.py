@@ -37,7 +37,7 @@ def candidates(field: str, n_cols: int, write_grad: bool) -> list:
         return [0, 1, 2, 4, 8, 16, 32] if write_grad else [0]
     if field == "block":
         return sorted({b for b in (1024, 2048, 4096, 8192, 16384, 32768) if b <= pow2} | ({pow2} if pow2 <= 32768 else set()))
-    return {"num_warps": [1, 2, 4, 8, 16], "reverse": [False, True]}[field]
+    return {"num_warps": [1, 2, 4, 8, 16], "reverse": [False, True], "prefetch": [False, True]}[field]
 
 
 def tune_elementwise(bandwidth: float, do_bench) -> list[dict]:
@@ -107,7 +107,21 @@ def profile_steps() -> None:
             torch.cuda.synchronize()
         print(f"\n== profile {dtype} {n}x{v}: host {host_ms:.3f} ms per step issued, {wall_ms:.3f} ms per step "
               f"with the GPU", flush=True)
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12), flush=True)
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8), flush=True)
+        torch.cuda.set_sync_debug_mode("warn")  # any synchronizing call in a step warns
+        step()
+        torch.cuda.set_sync_debug_mode(0)
+        import cProfile
+        import pstats
+
+        pr = cProfile.Profile()
+        torch.cuda.synchronize()
+        pr.enable()
+        for _ in range(50):
+            step()
+        pr.disable()
+        torch.cuda.synchronize()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(18)
         del x, t
 
 
@@ -174,7 +188,7 @@ def main(argv=None) -> int:
         best, best_ms = default, measure(default)
         default_ms = best_ms
         for _ in range(args.rounds):
-            for field in ("segments", "block", "num_warps", "reverse"):
+            for field in ("prefetch", "segments", "block", "num_warps", "reverse"):
                 for value in candidates(field, n_cols, write_grad):
                     if time.monotonic() > deadline:
                         break

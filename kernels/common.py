@@ -201,6 +201,22 @@ def interpreting() -> bool:
 
 
 @triton.jit
+def _scale_block(grad_ptr, offs, n_elements, n_cols, row_stride, s, go_ptr, PER_ROW: tl.constexpr,
+                 STRIDED: tl.constexpr, INTERPRET: tl.constexpr):
+    mask = offs < n_elements
+    if PER_ROW or STRIDED:
+        row = offs // n_cols
+    if STRIDED:
+        addr = row * row_stride + (offs - row * n_cols)
+    else:
+        addr = offs
+    if PER_ROW:
+        s = tl.load(go_ptr + row, mask=mask, other=1.0).to(tl.float32)
+    g = tl.load(grad_ptr + addr, mask=mask, eviction_policy="evict_first").to(tl.float32)
+    tl.store(grad_ptr + addr, cast_to(g * s, grad_ptr.dtype.element_ty, INTERPRET), mask=mask)
+
+
+@triton.jit
 def _scale_grad_kernel(
     grad_ptr,
     go_ptr,
@@ -212,27 +228,28 @@ def _scale_grad_kernel(
     INTERPRET: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # Flat index over the logical (rows, n_cols) view; int64 so > 2^31 elements work.
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
-    if PER_ROW or STRIDED:
-        row = offs // n_cols
-    if STRIDED:
-        addr = row * row_stride + (offs - row * n_cols)
-    else:
-        addr = offs
+    # Flat index over the logical (rows, n_cols) view; int64 so > 2^31 elements work. Reads N*V
+    # (+ R per-row factors) and writes N*V.
+    start = tl.program_id(0).to(tl.int64) * BLOCK
     if PER_ROW:
-        # One grad_output value per row (reduction='none'). Reads N*V (+R), writes N*V.
-        s = tl.load(go_ptr + row, mask=mask, other=1.0).to(tl.float32)
-        g = tl.load(grad_ptr + addr, mask=mask, eviction_policy="evict_first").to(tl.float32)
-        tl.store(grad_ptr + addr, cast_to(g * s, grad_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        # One grad_output value per row (reduction='none'): one block per program.
+        _scale_block(grad_ptr, start + tl.arange(0, BLOCK), n_elements, n_cols, row_stride, 1.0, go_ptr,
+                     PER_ROW, STRIDED, INTERPRET)
     else:
         # Scalar grad_output, read on the device. When it is exactly 1.0 (the usual loss.backward())
-        # no program touches memory; otherwise the gradient is read and written once.
+        # every program exits at once, and the grid is small (see scale_grad_) so that this costs a
+        # few microseconds; otherwise the programs stride over the gradient.
         s = tl.load(go_ptr).to(tl.float32)
         if s != 1.0:
-            g = tl.load(grad_ptr + addr, mask=mask, eviction_policy="evict_first").to(tl.float32)
-            tl.store(grad_ptr + addr, cast_to(g * s, grad_ptr.dtype.element_ty, INTERPRET), mask=mask)
+            step = tl.num_programs(0).to(tl.int64) * BLOCK
+            for base in range(start, n_elements, step):
+                _scale_block(grad_ptr, base + tl.arange(0, BLOCK), n_elements, n_cols, row_stride, s, go_ptr,
+                             PER_ROW, STRIDED, INTERPRET)
+
+
+# Programs of the scalar scale_grad_ launch: a grid of 65536 programs that all exit at once still
+# costs ~40 us on an H100 (a bf16 8192 x 32768 gradient); 1024 striding programs cost a few.
+SCALE_GRAD_PROGRAMS = 1024
 
 
 def scale_grad_(grad: Tensor, grad_output: Tensor) -> Tensor:
@@ -264,7 +281,7 @@ def scale_grad_(grad: Tensor, grad_output: Tensor) -> Tensor:
     per_row = n_go > 1
     # A per-row grad_output may come from an expand (stride 0) or another view: O(R) copy at most.
     go = grad_output.reshape(-1).contiguous() if per_row else grad_output.reshape(1)
-    grid = (triton.cdiv(n, ELEMENTWISE_BLOCK),)
+    grid = (triton.cdiv(n, ELEMENTWISE_BLOCK) if per_row else min(triton.cdiv(n, ELEMENTWISE_BLOCK), SCALE_GRAD_PROGRAMS),)
     _scale_grad_kernel[grid](
         grad,
         go,

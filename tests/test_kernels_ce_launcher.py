@@ -25,7 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 # rounds once, so a bf16/fp16 gradient must be within one ulp of the float64 truth.
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
-# V: 1 (degenerate), 7 (tiny, unaligned), 1000 (one chunk, unaligned), 4099 (> BLOCK = 4096: two
+# V: 1 (degenerate), 7 (tiny, unaligned), 1000 (one chunk, unaligned), 4099 (> ROW_BLOCK = 2048: three
 # chunks and a ragged tail)
 SIZES = [1, 7, 1000, 4099]
 
@@ -351,14 +351,18 @@ def test_inplace_and_strided(v):
 # one after another, so only one segment per row can run there, and CUDA adds several, including
 # empty trailing segments (4099 = 2048 + 2048 + 3 + 0 with 4 segments of 2 chunks of 1024).
 CONFIGS = [LaunchConfig(block=1024, num_warps=4), LaunchConfig(block=1024, num_warps=4, reverse=False),
-           LaunchConfig(block=1024, num_warps=4, segments=1), LaunchConfig(block=8192, num_warps=8, segments=1)]
+           LaunchConfig(block=1024, num_warps=4, segments=1), LaunchConfig(block=8192, num_warps=8, segments=1),
+           LaunchConfig(block=1024, num_warps=4, prefetch=True),
+           LaunchConfig(block=1024, num_warps=4, segments=1, reverse=False, prefetch=True)]
 if DEV.type == "cuda":
     CONFIGS += [LaunchConfig(block=1024, num_warps=4, segments=s) for s in (2, 4, 8)]
     CONFIGS += [LaunchConfig(block=4096, num_warps=8, segments=2), LaunchConfig(block=512, num_warps=2, segments=16),
-                LaunchConfig(block=2048, num_warps=4, segments=4, reverse=False)]
+                LaunchConfig(block=2048, num_warps=4, segments=4, reverse=False),
+                LaunchConfig(block=2048, num_warps=4, segments=4, prefetch=True)]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"b{c.block}w{c.num_warps}s{c.segments}r{int(c.reverse)}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"b{c.block}w{c.num_warps}s{c.segments}"
+                                                          f"r{int(c.reverse)}p{int(c.prefetch)}")
 @pytest.mark.parametrize("v", [4099, 20000])
 @pytest.mark.parametrize("kind", ["plain", "all", "prob", "focal"])
 def test_launch_configs(config, v, kind):
@@ -375,8 +379,10 @@ def test_launch_configs(config, v, kind):
     if kind == "plain":
         weight = None
     loss, grad = check(logits, target, weight, (0.5, 0.25), **opts)
-    # in place over a padded buffer: the same bits, nothing written past the rows
-    buf = torch.full((5, v + 3), 7.0, device=DEV)
+    # in place over a padded buffer: the same bits, nothing written past the rows. (The padding
+    # keeps the row stride a multiple of 16 when V is, as for the fresh gradient: Triton compiles
+    # aligned and unaligned rows separately, and their fused multiply-adds may round differently.)
+    buf = torch.full((5, v + 16), 7.0, device=DEV)
     buf[:, :v] = logits
     view = buf[:, :v]
     loss2 = cross_entropy_fwd(view, target, weight, torch.tensor([0.5, 0.25], device=DEV), view, **opts)
@@ -417,6 +423,19 @@ def test_scale_grad_scalar(dtype):
     scale_grad_(g, torch.tensor(2.5, device=DEV, dtype=torch.bfloat16))
     ref = (g0.float() * 2.5).to(dtype)
     assert torch.equal(g.nan_to_num(), ref.nan_to_num())
+
+
+@pytest.mark.parametrize("strided", [False, True])
+def test_scale_grad_scalar_strides_over_a_small_grid(strided, monkeypatch):
+    """With a scalar factor the grid is capped (SCALE_GRAD_PROGRAMS) and each program loops."""
+    import fastloss.kernels.common as common
+
+    monkeypatch.setattr(common, "SCALE_GRAD_PROGRAMS", 2)
+    buf = torch.randn(7, 3001 + (5 if strided else 0), device=DEV)  # 21007 elements: 6 blocks
+    g0 = buf[:, :3001] if strided else buf
+    g = g0.clone() if not strided else buf.clone()[:, :3001]
+    scale_grad_(g, torch.tensor(-0.5, device=DEV))
+    assert torch.equal(g, g0 * -0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
