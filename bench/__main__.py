@@ -127,6 +127,8 @@ def main(argv=None) -> int:
         progress.clear()
         print(report.format_case(case_rows, bandwidth / 1e9) + "\n", flush=True)
         rows += case_rows
+        if args.save:  # after every case, so that a run cut short keeps what it measured
+            report.save(args.save, rows, report.run_meta(device, bandwidth), merge=args.merge, plots=False)
     progress.clear()
 
     print(report.format_summary(rows) + "\n")

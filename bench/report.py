@@ -297,8 +297,9 @@ def load(directory: str) -> list[dict]:
         return json.load(f)
 
 
-def save(directory: str, rows: list[dict], meta: dict, merge: bool = False) -> list[str]:
-    """Write results.json, results.csv, results.md and the plots into ``directory``; return the paths.
+def save(directory: str, rows: list[dict], meta: dict, merge: bool = False, plots: bool = True) -> list[str]:
+    """Write results.json, results.csv, results.md and (``plots``) the plots into ``directory``;
+    return the paths.
 
     With ``merge``, the records already there are kept, except those of the (case, provider) pairs
     measured again, so a long benchmark can be run in pieces into one directory."""
@@ -323,9 +324,9 @@ def save(directory: str, rows: list[dict], meta: dict, merge: bool = False) -> l
         writer.writerows(recs)
     paths.append(path)
 
-    plots = plot.plot_sweeps(recs, directory)
+    pngs = plot.plot_sweeps(recs, directory) if plots else []
     path = os.path.join(directory, "results.md")
     with open(path, "w") as f:
-        f.write(_markdown(recs, [os.path.basename(p) for p in plots]))
+        f.write(_markdown(recs, [os.path.basename(p) for p in pngs]))
     paths.append(path)
-    return paths + plots
+    return paths + pngs

@@ -1,16 +1,34 @@
 #!/usr/bin/env bash
-# One GPU session's checks, in order, each logged under OUT (default bench-out/):
-#   1. the test suite natively at full size (large shapes, N·V > 2^31, torch.compile, CUDA graphs);
-#   2. the benchmark, into OUT/results (copy into bench/results/ to commit);
-#   3. the end-to-end training comparison.
-# Usage: bash bench/run_gpu.sh [OUT] [extra `python -m bench` options, e.g. --losses ce]
+# One GPU session's checks, in order, each logged under OUT (default bench-out/) and each bounded in
+# time (seconds, overridable) so that the whole fits a 10-minute slot:
+#   1. the test suite natively at full size: large shapes, N·V > 2^31, torch.compile, CUDA graphs
+#      (the full-size tests run 3 at a time: each holds up to ~20 GB);
+#   2. the benchmark's headline shapes with every provider, then the V sweep (fastloss and torch
+#      eager) for the plots, both into OUT/results (the bench saves after every case);
+#   3. the end-to-end training comparison;
+#   4. OUT/results.tgz, which unpacks into bench/results/ to commit.
+# Usage: bash bench/run_gpu.sh [OUT]
 set -uo pipefail
 out=${1:-bench-out}
-shift || true
 mkdir -p "$out"
+py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/device.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
-python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$out/tests.log"
-python -m bench --save "$out/results" "$@" 2>&1 | tee "$out/bench.log"
-python -m bench.train --save "$out/results" 2>&1 | tee "$out/train.log"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  $py -c "import sys, torch, triton; print(sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$out/device.txt"
+
+parallel=""
+$py -c "import xdist" 2>/dev/null && parallel="-n 8"
+large="large or 2_31 or 2_pow_31 or cuda_graph"
+timeout "${TESTS_S:-150}" $py -m pytest tests -q -p no:cacheprovider $parallel -k "not ($large)" >"$out/tests.log" 2>&1
+timeout "${LARGE_S:-110}" $py -m pytest tests -q -p no:cacheprovider ${parallel:+-n 3} -k "$large" >>"$out/tests.log" 2>&1
+grep -E "passed|failed|^FAILED|^ERROR" "$out/tests.log"
+
+timeout "${BENCH_S:-230}" $py -m bench --shapes headline --save "$out/results" >"$out/bench.log" 2>&1
+tail -24 "$out/bench.log"
+timeout "${SWEEP_S:-70}" $py -m bench --shapes sweep --providers fastloss,torch --save "$out/results" --merge \
+    >"$out/bench_sweep.log" 2>&1
+tail -3 "$out/bench_sweep.log"
+timeout "${TRAIN_S:-80}" $py -m bench.train --save "$out/results" >"$out/train.log" 2>&1
+tail -6 "$out/train.log"
+tar czf "$out/results.tgz" -C "$out" results && rm -rf "$out/results"

@@ -418,7 +418,7 @@ class LaunchConfig:
     num_warps: int
     segments: int = 0
     reverse: bool = True
-    prefetch: bool = False
+    prefetch: bool = True
 
 
 def launch_config(logits: Tensor, write_grad: bool) -> LaunchConfig:
@@ -428,9 +428,10 @@ def launch_config(logits: Tensor, write_grad: bool) -> LaunchConfig:
     n_cols = logits.shape[1]
     if write_grad and n_cols >= SPLIT_MIN_COLS and logits.is_cuda:
         seg_cols, block, warps = SPLIT_COLS[logits.element_size()]
-        return LaunchConfig(block=block, num_warps=warps, segments=next_power_of_2(triton.cdiv(n_cols, seg_cols)))
+        return LaunchConfig(block=block, num_warps=warps, segments=next_power_of_2(triton.cdiv(n_cols, seg_cols)),
+                            prefetch=True)
     block = row_block(n_cols, ROW_BLOCK)
-    return LaunchConfig(block=block, num_warps=max(1, min(16, block // 256)))
+    return LaunchConfig(block=block, num_warps=max(1, min(16, block // 256)), prefetch=True)
 
 
 def cross_entropy_fwd(

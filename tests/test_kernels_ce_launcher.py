@@ -350,7 +350,7 @@ def test_inplace_and_strided(v):
 # protocol (tickets, published statistics, the wait, the combine); under the interpreter programs run
 # one after another, so only one segment per row can run there, and CUDA adds several, including
 # empty trailing segments (4099 = 2048 + 2048 + 3 + 0 with 4 segments of 2 chunks of 1024).
-CONFIGS = [LaunchConfig(block=1024, num_warps=4), LaunchConfig(block=1024, num_warps=4, reverse=False),
+CONFIGS = [LaunchConfig(block=1024, num_warps=4, prefetch=False), LaunchConfig(block=1024, num_warps=4, reverse=False),
            LaunchConfig(block=1024, num_warps=4, segments=1), LaunchConfig(block=8192, num_warps=8, segments=1),
            LaunchConfig(block=1024, num_warps=4, prefetch=True),
            LaunchConfig(block=1024, num_warps=4, segments=1, reverse=False, prefetch=True)]
