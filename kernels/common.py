@@ -56,33 +56,26 @@ def num_warps_for(block: int) -> int:
 
 
 @triton.jit
+def _mufu(x, PTX: tl.constexpr):
+    return tl.inline_asm_elementwise(PTX, "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
 def exp2(x, INTERPRET: tl.constexpr):
     """2^x."""
-    if INTERPRET:
-        return tl.exp2(x)
-    else:
-        return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+    return tl.exp2(x) if INTERPRET else _mufu(x, "ex2.approx.ftz.f32 $0, $1;")
 
 
 @triton.jit
 def log2(x, INTERPRET: tl.constexpr):
     """log2(x)."""
-    if INTERPRET:
-        return tl.log2(x)
-    else:
-        return tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+    return tl.log2(x) if INTERPRET else _mufu(x, "lg2.approx.ftz.f32 $0, $1;")
 
 
 @triton.jit
 def rcp(x, INTERPRET: tl.constexpr):
     """1 / x."""
-    if INTERPRET:
-        return 1.0 / x
-    else:
-        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
-                                         is_pure=True, pack=1)
+    return 1.0 / x if INTERPRET else _mufu(x, "rcp.approx.ftz.f32 $0, $1;")
 
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = 2^(x log2 e)
@@ -107,19 +100,25 @@ def expm1(x):
 
 
 @triton.jit
-def log1p(x):
-    """log(1 + x) with full relative precision near 0, for x > -1. |x| < 0.5: 2 atanh(z) with
-    z = x / (2 + x), |z| <= 1/3, as an odd series (relative truncation error < 2e-7, < 1e-10 for
-    0 <= x < 0.5); elsewhere log(1 + x) loses nothing, even with a fast approximate log."""
-    z = x / (2.0 + x)
+def atanh_log(z):
+    """2 atanh(z) = log((1 + z) / (1 - z)) for |z| <= 1/3, as an odd series to z^13 (relative
+    truncation error < 2e-8): log(1 + x) with z = x / (2 + x), without a log."""
     z2 = z * z
-    p = 1.0 / 11.0
+    p = 1.0 / 13.0
+    p = p * z2 + 1.0 / 11.0
     p = p * z2 + 1.0 / 9.0
     p = p * z2 + 1.0 / 7.0
     p = p * z2 + 1.0 / 5.0
     p = p * z2 + 1.0 / 3.0
     p = p * z2 + 1.0
-    return tl.where(tl.abs(x) < 0.5, 2.0 * z * p, tl.log(1.0 + x))
+    return 2.0 * z * p
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) with full relative precision near 0, for x > -1: atanh_log for |x| < 0.5 (where
+    |z| <= 1/3); elsewhere log(1 + x) loses nothing, even with a fast approximate log."""
+    return tl.where(tl.abs(x) < 0.5, atanh_log(x / (2.0 + x)), tl.log(1.0 + x))
 
 
 @triton.jit

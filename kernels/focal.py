@@ -23,6 +23,7 @@ from torch import Tensor
 from .common import (
     ELEMENTWISE_BLOCK,
     LOG2E,
+    atanh_log,
     cast_to,
     elementwise_loss_output,
     exp2,
@@ -38,22 +39,6 @@ BLOCK = ELEMENTWISE_BLOCK
 # gamma in {0, 1, ..., MAX_INT_GAMMA} is computed by repeated multiplication (exact, no log/exp);
 # other values through exp2(gamma * log2(q)).
 MAX_INT_GAMMA = 4
-
-
-@triton.jit
-def _log1p_unit(e, INTERPRET: tl.constexpr):
-    """log(1 + e) for e in [0, 1], to a few fp32 ulps relative: 2 atanh(z) with z = e / (2 + e) in
-    [0, 1/3], as an odd series to z^13 (truncation < 2e-8 relative). No log: one reciprocal."""
-    z = e * rcp(2.0 + e, INTERPRET)
-    z2 = z * z
-    s = 1.0 / 13.0
-    s = s * z2 + 1.0 / 11.0
-    s = s * z2 + 1.0 / 9.0
-    s = s * z2 + 1.0 / 7.0
-    s = s * z2 + 1.0 / 5.0
-    s = s * z2 + 1.0 / 3.0
-    s = s * z2 + 1.0
-    return 2.0 * z * s
 
 
 @triton.jit
@@ -85,7 +70,7 @@ def _sigmoid_focal_kernel(
     er = e * r
     p = tl.where(pos, r, er)  # sigmoid(x)
     omp = tl.where(pos, er, r)  # 1 - p = sigmoid(-x)
-    ce = tl.maximum(x, 0.0) - x * t + _log1p_unit(e, INTERPRET)
+    ce = tl.maximum(x, 0.0) - x * t + atanh_log(e * rcp(2.0 + e, INTERPRET))  # log1p(e), e <= 1: no log
     q = p * (1.0 - t) + omp * t
     q_safe = tl.where(q > 0, q, 1.0)  # keeps log2 and the division finite where q == 0
 
