@@ -21,16 +21,19 @@ STYLE = {  # provider -> (colour, marker)
 
 def sweep_groups(records: list[dict]) -> dict[tuple, dict[str, list[tuple[int, float]]]]:
     """{(device, copy GB/s, loss, dtype, mode, N): {provider: [(V, GB/s), ...]}} for the classification
-    losses; the device and copy bandwidth are part of the key so that merged runs are never mixed."""
+    losses. The device is part of the key, so that runs on different GPUs are never mixed; runs merged
+    from one device (a benchmark run in pieces) share a plot, drawn against their mean copy bandwidth."""
     groups: dict[tuple, dict[str, list[tuple[int, float]]]] = {}
+    copies: dict[tuple, list[float]] = {}
     for r in records:
         if r["status"] != "ok" or r["loss"] not in ("ce", "focal"):
             continue
         n_rows, vocab = (int(s) for s in r["shape"].split("×"))
-        key = (r["device"], r["copy_gbps"], r["loss"], r["dtype"], r["mode"], n_rows)
+        key = (r["device"], r["loss"], r["dtype"], r["mode"], n_rows)
         groups.setdefault(key, {}).setdefault(r["provider"], []).append((vocab, r["gbps"]))
+        copies.setdefault(key, []).append(r["copy_gbps"])
     return {
-        key: {p: sorted(points) for p, points in lines.items()}
+        (key[0], sum(copies[key]) / len(copies[key]), *key[1:]): {p: sorted(points) for p, points in lines.items()}
         for key, lines in groups.items()
         if len({v for points in lines.values() for v, _ in points}) >= MIN_POINTS
     }
