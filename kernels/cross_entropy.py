@@ -1,18 +1,20 @@
 """Fused cross-entropy / softmax focal loss: one kernel computes each row's loss and its gradient.
 
-One program per row, two sweeps over the row in BLOCK-sized chunks:
-  sweep 1  online max m and sum-exp 1 + t (and, when needed, the sums for label smoothing or
-           probability targets), giving lse = m + log1p(t) and the row's loss;
+Each row is swept twice in BLOCK-sized chunks:
+  sweep 1  per-lane running max m and sum-exp 1 + t (and, when needed, the sums for label smoothing
+           or probability targets), reduced once at the end, giving lse = m + log1p(t) and the loss;
   sweep 2  p = exp(x - m) / (1 + t) and the gradient, written straight to `grad` (skipped without grad).
-A row with V <= BLOCK is read once and stays in registers for both sweeps.
+A row (or segment) with no more columns than BLOCK is read once and stays in registers.
 
-Bytes per row (V values of `size` bytes): forward only reads V once. With the gradient, V <= BLOCK
-reads V once and writes V once; longer rows read V twice (the second read mostly hits L2, thanks to
-the evict_last / evict_first hints) and write V once. In all: reads 1-2 x N*V, writes N*V, plus
-N targets (or 1-2 x N*V for probability targets) and N fp32 losses. The class weights (V fp32) are
-shared by all rows and stay in L2.
+SPLIT (long rows with a gradient, on CUDA): SEGMENTS programs share a row, each sweeps its own
+segment, publishes its statistics and waits for the row's others, so every segment is read from
+HBM once (its second sweep, if any, re-reads it from L2 right away).
 
-Each row is reduced by one program in a fixed order: no atomics, bitwise deterministic.
+Bytes per row (V values of `size` bytes): forward only reads V once; with the gradient, reads V
+once from HBM (a second time from L2 for chunked segments) and writes V once, plus the target (or
+V probabilities) and one fp32 loss. The class weights (V fp32) are shared by all rows and stay in L2.
+
+Each row's statistics are combined in a fixed order: no atomics on data, bitwise deterministic.
 """
 
 from __future__ import annotations
