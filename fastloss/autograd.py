@@ -69,7 +69,7 @@ def _op(name: str, mutates_args: tuple[str, ...] = ()):
 
 
 @_op("softmax_loss_fwd")
-def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Tensor,
+def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Optional[Tensor],
                       write_grad: bool, ignore_index: int, label_smoothing: float, z_loss: float,
                       softcap: Optional[float], gamma: Optional[float]) -> tuple[Tensor, Tensor]:
     from .kernels.cross_entropy import cross_entropy_fwd
@@ -89,7 +89,7 @@ def _(logits, target, weight, scales, write_grad, ignore_index, label_smoothing,
 
 
 @_op("softmax_loss_fwd_inplace", mutates_args=("logits",))
-def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Tensor,
+def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Optional[Tensor],
                               ignore_index: int, label_smoothing: float, z_loss: float,
                               softcap: Optional[float], gamma: Optional[float]) -> Tensor:
     from .kernels.cross_entropy import cross_entropy_fwd
@@ -212,7 +212,7 @@ class SoftmaxLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, scales, reduce, inplace, ignore_index, label_smoothing,
-                z_loss, softcap, gamma):
+                z_loss, softcap, gamma, out_dtype):
         write_grad = ctx.needs_input_grad[0]
         args = (target, weight, scales)
         opts = (ignore_index, label_smoothing, z_loss, softcap, gamma)
@@ -224,18 +224,20 @@ class SoftmaxLoss(torch.autograd.Function):
         if reduce:
             loss = loss.sum()
         _save(ctx, (grad,), per_element=False)
-        return loss
+        # cast here, not after apply: the backward then needs no cast of grad_loss (one launch less)
+        return loss.to(out_dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss):
-        return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None, None, None, None, None, None)
+        return (*_scaled_grads(ctx, grad_loss), *[None] * 11)
 
 
-def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Tensor, reduce: bool,
-                 inplace: bool, ignore_index: int, label_smoothing: float, z_loss: float,
-                 softcap: Optional[float], gamma: Optional[float]) -> Tensor:
-    """Runs :class:`SoftmaxLoss` on 2-D logits; returns the fp32 loss, summed when ``reduce``."""
+def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Optional[Tensor],
+                 reduce: bool, inplace: bool, ignore_index: int, label_smoothing: float, z_loss: float,
+                 softcap: Optional[float], gamma: Optional[float], out_dtype: torch.dtype) -> Tensor:
+    """Runs :class:`SoftmaxLoss` on 2-D logits; returns the loss as ``out_dtype``, summed when
+    ``reduce``."""
     inplace = inplace and logits.requires_grad and torch.is_grad_enabled()
     if inplace and (logits.is_leaf or (logits._base is not None and logits._base.is_leaf)):
         raise RuntimeError(
@@ -244,20 +246,20 @@ def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], scale
             "model, or set inplace_backward=False"
         )
     return SoftmaxLoss.apply(logits, target, weight, scales, reduce, inplace, ignore_index,
-                             label_smoothing, z_loss, softcap, gamma)
+                             label_smoothing, z_loss, softcap, gamma, out_dtype)
 
 
 class Huber(torch.autograd.Function):
     """Huber, SmoothL1 and L1: one elementwise kernel, gradients for input and target."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, beta, mul, reduction, fp32_loss):
+    def forward(ctx, input, target, weight, beta, mul, reduction, out_dtype):
         scale = 1.0 / input.numel() if reduction == "mean" else 1.0
         loss, g_in, g_t = _huber_fwd(
             input, target, weight, beta, mul, scale, reduction != "none",
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1], fp32_loss)
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1], out_dtype == torch.float32)
         _save(ctx, (g_in, g_t), per_element=reduction == "none")
-        return loss
+        return loss.to(out_dtype)  # (cast here: see SoftmaxLoss)
 
     @staticmethod
     @once_differentiable
@@ -270,20 +272,19 @@ def huber(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, 
     """``mul * smooth_l1(input - target; beta)``, times ``weight``, reduced, as ``out_dtype``."""
     input, target = input.contiguous(), target.contiguous()
     weight = weight.contiguous() if weight is not None else None
-    fp32_loss = out_dtype == torch.float32
-    return Huber.apply(input, target, weight, beta, mul, reduction, fp32_loss).to(out_dtype)
+    return Huber.apply(input, target, weight, beta, mul, reduction, out_dtype)
 
 
 class SigmoidFocal(torch.autograd.Function):
     """torchvision's sigmoid focal loss: one elementwise kernel, gradient for the inputs."""
 
     @staticmethod
-    def forward(ctx, inputs, targets, alpha, gamma, reduction, fp32_loss):
+    def forward(ctx, inputs, targets, alpha, gamma, reduction, out_dtype):
         scale = 1.0 / inputs.numel() if reduction == "mean" else 1.0
-        loss, g_in = _sigmoid_focal_fwd(
-            inputs, targets, alpha, gamma, scale, reduction != "none", ctx.needs_input_grad[0], fp32_loss)
+        loss, g_in = _sigmoid_focal_fwd(inputs, targets, alpha, gamma, scale, reduction != "none",
+                                        ctx.needs_input_grad[0], out_dtype == torch.float32)
         _save(ctx, (g_in,), per_element=reduction == "none")
-        return loss
+        return loss.to(out_dtype)  # (cast here: see SoftmaxLoss)
 
     @staticmethod
     @once_differentiable
@@ -293,6 +294,4 @@ class SigmoidFocal(torch.autograd.Function):
 
 def sigmoid_focal(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, reduction: str,
                   out_dtype: torch.dtype) -> Tensor:
-    fp32_loss = out_dtype == torch.float32
-    return SigmoidFocal.apply(inputs.contiguous(), targets.contiguous(), alpha, gamma, reduction,
-                              fp32_loss).to(out_dtype)
+    return SigmoidFocal.apply(inputs.contiguous(), targets.contiguous(), alpha, gamma, reduction, out_dtype)

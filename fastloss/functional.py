@@ -172,23 +172,21 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _softmax_scales(x2d: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int,
-                    reduction: str, class_targets: bool) -> Tensor:
-    """[ce_scale, z_scale] on the device: what each row's loss and gradient are multiplied by.
-
-    For ``mean`` these are 1/Σw_y and 1/(count of counted rows), computed with no host sync.
-    """
+                    reduction: str, class_targets: bool) -> Tensor | None:
+    """What each row's loss and gradient are multiplied by, on the device: None for 1 (``sum`` and
+    ``none``); for ``mean`` 1/(count of counted rows), or [1/Σw_y, 1/count] with class weights
+    (the z-loss term is never class-weighted). No host sync; as few small launches as possible,
+    each of which costs tens of microseconds of host time."""
     if reduction != "mean":
-        return torch.ones(2, device=x2d.device, dtype=torch.float32)
+        return None
     if not class_targets:
-        return torch.full((2,), 1.0 / x2d.shape[0], device=x2d.device, dtype=torch.float32)
+        return torch.full((1,), 1.0 / x2d.shape[0], device=x2d.device, dtype=torch.float32)
     counted = t != ignore_index
     count = counted.sum(dtype=torch.float32)
     if weight is None:
-        denom = count
-    else:
-        w_y = weight.float()[t.clamp(0, x2d.shape[1] - 1)]
-        denom = (w_y * counted).sum()
-    return torch.stack([denom, count]).reciprocal()
+        return count.reciprocal().reshape(1)
+    w_y = weight.float()[t.clamp(0, x2d.shape[1] - 1)]
+    return torch.stack([(w_y * counted).sum(), count]).reciprocal()
 
 
 def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label_smoothing,
@@ -220,10 +218,10 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
         weight = weight.float().contiguous()
     scales = _softmax_scales(x2d, t, weight, ignore_index, reduction, class_targets)
     loss = softmax_loss(x2d, t, weight, scales, reduction != "none", inplace_backward,
-                        ignore_index, label_smoothing, z_loss, softcap, gamma)
+                        ignore_index, label_smoothing, z_loss, softcap, gamma, out_dtype)
     if reduction == "none":
         loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ())
-    return loss.to(out_dtype)
+    return loss
 
 
 def cross_entropy(

@@ -158,7 +158,8 @@ def _cross_entropy_kernel(
     target_ptr,
     target_stride,
     weight_ptr,
-    scales_ptr,
+    scales_ptr,  # SCALED: fp32 [ce_scale, z_scale] (z_index = 1), or one scale for both (z_index = 0)
+    z_index,
     grad_ptr,
     grad_stride,
     loss_ptr,
@@ -182,6 +183,7 @@ def _cross_entropy_kernel(
     NEED_A: tl.constexpr,  # PROB or SMOOTH: the sums sa, d and the per-class a_c are needed
     REST: tl.constexpr,  # PROB or SMOOTH or ZLOSS: the gradient has A p_c - B a_c terms
     INTERPRET: tl.constexpr,
+    SCALED: tl.constexpr,
     BLOCK: tl.constexpr,
     SINGLE: tl.constexpr,  # a row (SPLIT: a segment) fits one chunk and stays in registers
     SPLIT: tl.constexpr,  # SEGMENTS programs share each row
@@ -206,8 +208,12 @@ def _cross_entropy_kernel(
     hi = tl.minimum(lo + seg_len, V)  # this program's columns: [lo, hi)
     x_row = logits_ptr + row * logits_stride
     t_row = target_ptr + row * target_stride
-    ce_scale = tl.load(scales_ptr)
-    z_scale = tl.load(scales_ptr + 1)
+    if SCALED:
+        ce_scale = tl.load(scales_ptr)
+        z_scale = tl.load(scales_ptr + z_index)
+    else:
+        ce_scale = 1.0
+        z_scale = 1.0
     eps_over_v = eps / V
 
     # ---- the row's target --------------------------------------------------------------------------
@@ -440,7 +446,7 @@ def cross_entropy_fwd(
     logits: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    scales: Tensor,
+    scales: Tensor | None,
     grad: Tensor | None,
     *,
     ignore_index: int = -100,
@@ -454,7 +460,8 @@ def cross_entropy_fwd(
 
     logits: (N, V) fp32/bf16/fp16 with stride(1) == 1 (any row stride). target: (N,) int64 class
     indices, or (N, V) float probabilities with stride(1) == 1. weight: (V,) fp32 contiguous, or None.
-    scales: (2,) fp32 on the device, [ce_scale, z_scale], multiplied into each row's loss and gradient.
+    scales: fp32 on the device, multiplied into each row's loss and gradient: [ce_scale, z_scale],
+    or one value for both, or None for 1 (no tensor, no read).
     grad: None (forward only), an (N, V) tensor of logits.dtype with stride(1) == 1, or ``logits``
     itself (the gradient overwrites the logits row by row).
 
@@ -484,6 +491,9 @@ def cross_entropy_fwd(
         raise ValueError("cross_entropy_fwd: grad must be (N, V) with stride(1) == 1")
     if weight is not None and (weight.shape != (n_cols,) or not weight.is_contiguous()):
         raise ValueError(f"cross_entropy_fwd: weight must be a contiguous ({n_cols},) tensor")
+    if scales is not None and (scales.dtype != torch.float32 or scales.numel() not in (1, 2)
+                               or not scales.is_contiguous()):
+        raise ValueError("cross_entropy_fwd: scales must be a contiguous fp32 tensor of 1 or 2 values, or None")
 
     loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows == 0:
@@ -494,16 +504,18 @@ def cross_entropy_fwd(
     if segments & (segments - 1):
         raise ValueError(f"cross_entropy_fwd: segments must be 0 or a power of two, got {segments}")
     seg_len = triton.cdiv(triton.cdiv(n_cols, segments), cfg.block) * cfg.block if split else n_cols
-    sync = torch.zeros(1 + n_rows if split else 1, dtype=torch.int32, device=logits.device)
-    stats = torch.empty(n_rows * segments * STATS if split else 1, dtype=torch.float32, device=logits.device)
+    # SPLIT's counters and statistics (a row per program touches neither: the logits stand in)
+    sync = torch.zeros(1 + n_rows, dtype=torch.int32, device=logits.device) if split else logits
+    stats = torch.empty(n_rows * segments * STATS, dtype=torch.float32, device=logits.device) if split else logits
     cap = 1.0 if softcap is None else float(softcap)
     _cross_entropy_kernel[(n_rows * segments,)](
         logits,
         logits.stride(0),
         target,
         target.stride(0) if prob else 0,
-        weight if weight is not None else scales,
-        scales,
+        weight if weight is not None else logits,  # placeholders are never read
+        scales if scales is not None else logits,
+        0 if scales is None or scales.numel() == 1 else 1,
         grad if grad is not None else logits,
         grad.stride(0) if grad is not None else 0,
         loss,
@@ -527,6 +539,7 @@ def cross_entropy_fwd(
         NEED_A=prob or label_smoothing != 0.0,
         REST=prob or label_smoothing != 0.0 or z_loss != 0.0,
         INTERPRET=interpreting(),
+        SCALED=scales is not None,
         BLOCK=cfg.block,
         SINGLE=seg_len <= cfg.block,
         SPLIT=split,

@@ -33,13 +33,14 @@ def cross_entropy_variants():
         [(False, False), (True, False), (True, True), (False, True)],
     ):
         runtime = {"logits_ptr": f"*{dt}", "logits_stride": "i64", "target_ptr": "*fp32" if prob else "*i64",
-                   "target_stride": "i64", "weight_ptr": "*fp32", "scales_ptr": "*fp32", "grad_ptr": f"*{dt}",
+                   "target_stride": "i64", "weight_ptr": "*fp32", "scales_ptr": "*fp32", "z_index": "i32",
+                   "grad_ptr": f"*{dt}",
                    "grad_stride": "i64", "loss_ptr": "*fp32", "V": "i32", "ignore_index": "i64", "eps": "fp32",
                    "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32", "gamma": "fp32", "sync_ptr": "*i32",
                    "stats_ptr": "*fp32", "seg_len": "i32"}
         constexprs = dict(HAS_WEIGHT=bool(weight), SMOOTH=bool(smooth), ZLOSS=bool(z), SOFTCAP=bool(cap),
                           PROB=bool(prob), FOCAL=bool(focal), WRITE_GRAD=True, NEED_A=bool(prob or smooth),
-                          REST=bool(prob or smooth or z), INTERPRET=False,
+                          REST=bool(prob or smooth or z), INTERPRET=False, SCALED=True,
                           BLOCK=8192 if split else 1024 if single else 4096, SINGLE=single, SPLIT=split,
                           SEGMENTS=16 if split else 1, REVERSE=True, PREFETCH=not single)
         yield _cross_entropy_kernel, runtime, constexprs

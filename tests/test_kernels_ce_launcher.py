@@ -390,6 +390,18 @@ def test_launch_configs(config, v, kind):
     assert (buf[:, v:] == 7.0).all()
 
 
+def test_scales_none_one_or_two_values():
+    """scales=None multiplies by 1 without a tensor; one value serves both terms."""
+    logits, target = make(4, 300, torch.float32, ignore=1)
+    opts = dict(z_loss=1e-2, label_smoothing=0.1)
+    for scales, same in ((None, (1.0, 1.0)), ((0.25,), (0.25, 0.25))):
+        sc = None if scales is None else torch.tensor(scales, device=DEV)
+        grad = torch.empty_like(logits)
+        loss = cross_entropy_fwd(logits, target, None, sc, grad, **opts)
+        ref_loss, ref_grad = run(logits, target, None, same, **opts)
+        assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+
+
 def test_deterministic_and_forward_only():
     logits, target = make(8, 4099, torch.float32, ignore=2)
     weight = torch.rand(4099, device=DEV) + 0.5
