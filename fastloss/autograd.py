@@ -166,6 +166,13 @@ def _(grad, grad_output):
 # --------------------------------------------------------------------------------------------------
 
 
+def _as(loss: Tensor, dtype: torch.dtype) -> Tensor:
+    """The loss in its output dtype, cast inside the Function so that the backward needs no cast of
+    grad_loss (one launch less). Never an alias: ``.to`` of the same dtype returns the tensor
+    itself, which torch.compile's autograd then treats as a view of an intermediate."""
+    return loss if loss.dtype == dtype else loss.to(dtype)
+
+
 def _save(ctx, grads: tuple[Tensor, ...], per_element: bool) -> None:
     ctx.per_element = per_element
     ctx.save_for_backward(*grads)
@@ -224,8 +231,7 @@ class SoftmaxLoss(torch.autograd.Function):
         if reduce:
             loss = loss.sum()
         _save(ctx, (grad,), per_element=False)
-        # cast here, not after apply: the backward then needs no cast of grad_loss (one launch less)
-        return loss.to(out_dtype)
+        return _as(loss, out_dtype)
 
     @staticmethod
     @once_differentiable
@@ -259,7 +265,7 @@ class Huber(torch.autograd.Function):
             input, target, weight, beta, mul, scale, reduction != "none",
             ctx.needs_input_grad[0], ctx.needs_input_grad[1], out_dtype == torch.float32)
         _save(ctx, (g_in, g_t), per_element=reduction == "none")
-        return loss.to(out_dtype)  # (cast here: see SoftmaxLoss)
+        return _as(loss, out_dtype)
 
     @staticmethod
     @once_differentiable
@@ -284,7 +290,7 @@ class SigmoidFocal(torch.autograd.Function):
         loss, g_in = _sigmoid_focal_fwd(inputs, targets, alpha, gamma, scale, reduction != "none",
                                         ctx.needs_input_grad[0], out_dtype == torch.float32)
         _save(ctx, (g_in,), per_element=reduction == "none")
-        return loss.to(out_dtype)  # (cast here: see SoftmaxLoss)
+        return _as(loss, out_dtype)
 
     @staticmethod
     @once_differentiable
