@@ -467,12 +467,16 @@ def cross_entropy_fwd(
 
     config: launch parameters (``launch_config(logits, grad is not None)`` when None); for tuning.
 
+    Extra memory: the (N,) loss and, for a split launch, N x segments x 8 floats of statistics.
+
     Returns the (N,) fp32 loss: ce_scale * loss_ce + z_scale * z_loss * lse^2 per row. Ignored rows
     give 0 * ce_scale and a zero gradient row; out-of-range targets give NaN (loss and gradient row).
     """
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy_fwd: logits must be 2-D, got {tuple(logits.shape)}")
     n_rows, n_cols = logits.shape
+    if n_cols >= 2**31:
+        raise ValueError(f"cross_entropy_fwd: {n_cols} classes: the kernel indexes columns with int32")
 
     def unit_class_stride(t: Tensor) -> bool:  # a single class has no class stride to speak of
         return t.stride(1) == 1 or n_cols == 1
