@@ -37,7 +37,7 @@ def candidates(field: str, n_cols: int, write_grad: bool) -> list:
         return [0, 1, 2, 4, 8, 16, 32] if write_grad else [0]
     if field == "block":
         return sorted({b for b in (1024, 2048, 4096, 8192, 16384, 32768) if b <= pow2} | ({pow2} if pow2 <= 32768 else set()))
-    return {"num_warps": [1, 2, 4, 8, 16], "reverse": [False, True], "prefetch": [False, True]}[field]
+    return {"num_warps": [1, 2, 4, 8, 16], "reverse": [False, True]}[field]
 
 
 def tune_elementwise(bandwidth: float, do_bench) -> list[dict]:
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         best, best_ms = default, measure(default)
         default_ms = best_ms
         for _ in range(args.rounds):
-            for field in ("prefetch", "segments", "block", "num_warps", "reverse"):
+            for field in ("segments", "block", "num_warps", "reverse"):
                 for value in candidates(field, n_cols, write_grad):
                     if time.monotonic() > deadline:
                         break

@@ -17,10 +17,10 @@ from torch import Tensor
 # Launch heuristics
 # --------------------------------------------------------------------------------------------------
 
-# Largest chunk a row-wise kernel handles at once. A row with V <= MAX_ROW_BLOCK is read once and
-# kept in registers (8 warps x 32 threads x 16 fp32 values); a longer row is swept in chunks of
-# this size.
-MAX_ROW_BLOCK = 4096
+# Largest chunk of a row kernel launched one row per program: a row with V <= MAX_ROW_BLOCK is read
+# once and kept in registers; a longer row is swept in chunks of this size (2048: the best chunk
+# for rows read without a gradient or split, tuned on an H100, bench/NOTES.md).
+MAX_ROW_BLOCK = 2048
 # Elements per program for flat elementwise kernels.
 ELEMENTWISE_BLOCK = 4096
 
@@ -79,7 +79,6 @@ def rcp(x, INTERPRET: tl.constexpr):
 
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = 2^(x log2 e)
-LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -280,7 +279,8 @@ def scale_grad_(grad: Tensor, grad_output: Tensor) -> Tensor:
     per_row = n_go > 1
     # A per-row grad_output may come from an expand (stride 0) or another view: O(R) copy at most.
     go = grad_output.reshape(-1).contiguous() if per_row else grad_output.reshape(1)
-    grid = (triton.cdiv(n, ELEMENTWISE_BLOCK) if per_row else min(triton.cdiv(n, ELEMENTWISE_BLOCK), SCALE_GRAD_PROGRAMS),)
+    n_blocks = triton.cdiv(n, ELEMENTWISE_BLOCK)
+    grid = (n_blocks if per_row else min(n_blocks, SCALE_GRAD_PROGRAMS),)
     _scale_grad_kernel[grid](
         grad,
         go,

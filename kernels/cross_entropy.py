@@ -30,14 +30,14 @@ from .common import LOG2E, cast_to, exp2, expm1, interpreting, log1p, next_power
 from .common import softcap as _softcap
 
 # Long rows with a gradient are split into segments, one program each, which read their segment
-# once from memory (see the SPLIT branch of the kernel). Only on CUDA: Triton's interpreter runs programs one after another, so a program
-# waiting for another would wait forever (tests run SPLIT there with segments=1).
+# once from memory (see the SPLIT branch of the kernel). Only on CUDA: Triton's interpreter runs
+# programs one after another, so a program waiting for another would wait forever (tests run SPLIT
+# there with segments=1).
 SPLIT_MIN_COLS = 16384
 # element size -> (columns per segment, chunk, warps): 16-bit logits do best with 8192-column
 # segments swept in chunks of 2048 (the second sweep from L2), fp32 with 16384 columns held in
 # registers.
 SPLIT_COLS = {2: (8192, 2048, 4), 4: (16384, 16384, 8)}
-ROW_BLOCK = 2048
 
 NEG_INF = tl.constexpr(float("-inf"))  # a constexpr: plain globals are not visible in @triton.jit code
 EMPTY = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: the max of a lane that has seen no value
@@ -133,7 +133,7 @@ def _combine(m, t, sa, d, NEED_A: tl.constexpr, INTERPRET: tl.constexpr):
 @triton.jit
 def _chunk_grad(x, a, ref, ref2, kp, A, B, cap_inv, PROB: tl.constexpr, REST: tl.constexpr,
                 SOFTCAP: tl.constexpr, PRECISE: tl.constexpr, INTERPRET: tl.constexpr):
-    """d(loss)/d(logits) for one chunk, target lane aside (_target_grad overwrites it):
+    """d(loss)/d(logits) for one chunk, target lane aside (the kernel rewrites that lane after):
     kp p_c - B a_c with p_c = exp(x_c - ref) / s, kp = (K + A) / s (PROB: A / s), chained through
     softcap. PRECISE (an fp32 gradient) takes x - ref exactly; otherwise the exponent is one fused
     x log2e - ref log2e (ref2), whose rounding a 16-bit gradient cannot see. Without REST or
@@ -189,7 +189,6 @@ def _cross_entropy_kernel(
     SPLIT: tl.constexpr,  # SEGMENTS programs share each row
     SEGMENTS: tl.constexpr,
     REVERSE: tl.constexpr,  # sweep 2 walks the chunks last to first: the most recently read first
-    PREFETCH: tl.constexpr,  # chunked sweeps load the next chunk before using the current one
 ):
     if SPLIT:
         # Programs take tickets in the order they start, and ticket k is segment k % SEGMENTS of row
@@ -266,21 +265,14 @@ def _cross_entropy_kernel(
             xy = tl.where(cols == y, x, 0.0)
     else:
         POLICY1: tl.constexpr = "evict_last" if WRITE_GRAD else "evict_first"  # kept in L2 for sweep 2
-        # PREFETCH: the next chunk's load is issued before this one is folded in (two in flight)
-        xn = 0.0
-        an = 0.0
-        if PREFETCH:
-            xn, an = _load_chunk(x_row, t_row, weight_ptr, cols, hi, v_live, cap, inv_cap, eps, eps_over_v,
-                                 SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1)
+        # The next chunk's load is issued before this one is folded in (two in flight).
+        xn, an = _load_chunk(x_row, t_row, weight_ptr, cols, hi, v_live, cap, inv_cap, eps, eps_over_v,
+                             SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1)
         for start in range(0, hi - lo, BLOCK):
             c = start + cols
-            if PREFETCH:
-                xc, ac = xn, an
-                xn, an = _load_chunk(x_row, t_row, weight_ptr, c + BLOCK, hi, v_live, cap, inv_cap, eps,
-                                     eps_over_v, SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1)
-            else:
-                xc, ac = _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
-                                     SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1)
+            xc, ac = xn, an
+            xn, an = _load_chunk(x_row, t_row, weight_ptr, c + BLOCK, hi, v_live, cap, inv_cap, eps,
+                                 eps_over_v, SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1)
             m, t, sa, d = _lane_update(xc, ac, c < hi, m, t, sa, d, NEED_A, INTERPRET)
             if CAPTURE_XY:
                 xy = tl.where(c == y, xc, xy)
@@ -380,23 +372,16 @@ def _cross_entropy_kernel(
             n_chunks = tl.cdiv(hi - lo, BLOCK)
             first = (n_chunks - 1 if REVERSE else 0) * BLOCK + cols
             step = -BLOCK if REVERSE else BLOCK
-            xn = 0.0
-            an = 0.0
-            if PREFETCH:
-                xn, an = _load_chunk(x_row, t_row, weight_ptr, first, hi, v_live, cap, inv_cap, eps, eps_over_v,
-                                     SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
+            xn, an = _load_chunk(x_row, t_row, weight_ptr, first, hi, v_live, cap, inv_cap, eps, eps_over_v,
+                                 SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
             for i in range(0, n_chunks):
                 c = first + i * step
-                # In place (grad is the logits): a chunk is read before it is overwritten, and the next
-                # chunk (PREFETCH) is another one, not yet written.
-                if PREFETCH:
-                    xc, ac = xn, an
-                    cn = c + tl.where(i + 1 < n_chunks, step, hi + BLOCK)  # after the last: past hi
-                    xn, an = _load_chunk(x_row, t_row, weight_ptr, cn, hi, v_live, cap, inv_cap, eps,
-                                         eps_over_v, SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
-                else:
-                    xc, ac = _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
-                                         SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
+                # In place (grad is the logits): a chunk is read before it is overwritten, and the
+                # prefetched next chunk is another one, not yet written.
+                xc, ac = xn, an
+                cn = c + tl.where(i + 1 < n_chunks, step, hi + BLOCK)  # after the last: past hi
+                xn, an = _load_chunk(x_row, t_row, weight_ptr, cn, hi, v_live, cap, inv_cap, eps,
+                                     eps_over_v, SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
                 g = _chunk_grad(xc, ac, ref, ref2, kp, A, B, inv_cap, PROB, REST, SOFTCAP, PRECISE, INTERPRET)
                 tl.store(g_row + c, cast_to(g, out_ty, INTERPRET), mask=c < hi)
         if not PROB:
@@ -419,27 +404,26 @@ def _cross_entropy_kernel(
 class LaunchConfig:
     """How the kernel is launched: ``block`` (the chunk, in columns: a row, or a segment, no longer
     than it is read once and kept in registers), warps, ``segments`` (0: one program per row; else
-    a power of two: that many programs share each row, see SPLIT in the kernel), whether sweep 2
-    walks the chunks in reverse, and whether chunked sweeps prefetch the next chunk."""
+    a power of two: that many programs share each row, see SPLIT in the kernel), and whether sweep 2
+    walks the chunks in reverse. Chunked sweeps always load the next chunk before using the current
+    one: that was faster or equal in every case tuned on the H100 (bench/NOTES.md)."""
 
     block: int
     num_warps: int
     segments: int = 0
     reverse: bool = True
-    prefetch: bool = True
 
 
 def launch_config(logits: Tensor, write_grad: bool) -> LaunchConfig:
     """The default launch for (N, V) logits, from ``python -m bench.tune_ce`` on an H100 (see
     bench/NOTES.md): rows of V >= SPLIT_MIN_COLS with a gradient are split into segments of
-    SPLIT_COLS[dtype] columns; other rows run one per program in chunks of up to ROW_BLOCK."""
+    SPLIT_COLS[dtype] columns; other rows run one per program in chunks of up to MAX_ROW_BLOCK."""
     n_cols = logits.shape[1]
     if write_grad and n_cols >= SPLIT_MIN_COLS and logits.is_cuda:
         seg_cols, block, warps = SPLIT_COLS[logits.element_size()]
-        return LaunchConfig(block=block, num_warps=warps, segments=next_power_of_2(triton.cdiv(n_cols, seg_cols)),
-                            prefetch=True)
-    block = row_block(n_cols, ROW_BLOCK)
-    return LaunchConfig(block=block, num_warps=max(1, min(16, block // 256)), prefetch=True)
+        return LaunchConfig(block=block, num_warps=warps, segments=next_power_of_2(triton.cdiv(n_cols, seg_cols)))
+    block = row_block(n_cols)
+    return LaunchConfig(block=block, num_warps=max(1, min(16, block // 256)))
 
 
 def cross_entropy_fwd(
@@ -549,7 +533,6 @@ def cross_entropy_fwd(
         SPLIT=split,
         SEGMENTS=segments,
         REVERSE=cfg.reverse,
-        PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps,
     )
     return loss

@@ -42,7 +42,7 @@ def cross_entropy_variants():
                           PROB=bool(prob), FOCAL=bool(focal), WRITE_GRAD=True, NEED_A=bool(prob or smooth),
                           REST=bool(prob or smooth or z), INTERPRET=False, SCALED=True,
                           BLOCK=8192 if split else 1024 if single else 4096, SINGLE=single, SPLIT=split,
-                          SEGMENTS=16 if split else 1, REVERSE=True, PREFETCH=not single)
+                          SEGMENTS=16 if split else 1, REVERSE=True)
         yield _cross_entropy_kernel, runtime, constexprs
 
 

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 # rounds once, so a bf16/fp16 gradient must be within one ulp of the float64 truth.
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
-# V: 1 (degenerate), 7 (tiny, unaligned), 1000 (one chunk, unaligned), 4099 (> ROW_BLOCK = 2048: three
+# V: 1 (degenerate), 7 (tiny, unaligned), 1000 (one chunk, unaligned), 4099 (> MAX_ROW_BLOCK = 2048: three
 # chunks and a ragged tail)
 SIZES = [1, 7, 1000, 4099]
 
@@ -350,19 +350,17 @@ def test_inplace_and_strided(v):
 # protocol (tickets, published statistics, the wait, the combine); under the interpreter programs run
 # one after another, so only one segment per row can run there, and CUDA adds several, including
 # empty trailing segments (4099 = 2048 + 2048 + 3 + 0 with 4 segments of 2 chunks of 1024).
-CONFIGS = [LaunchConfig(block=1024, num_warps=4, prefetch=False), LaunchConfig(block=1024, num_warps=4, reverse=False),
+CONFIGS = [LaunchConfig(block=1024, num_warps=4), LaunchConfig(block=1024, num_warps=4, reverse=False),
            LaunchConfig(block=1024, num_warps=4, segments=1), LaunchConfig(block=8192, num_warps=8, segments=1),
-           LaunchConfig(block=1024, num_warps=4, prefetch=True),
-           LaunchConfig(block=1024, num_warps=4, segments=1, reverse=False, prefetch=True)]
+           LaunchConfig(block=1024, num_warps=4, segments=1, reverse=False)]
 if DEV.type == "cuda":
     CONFIGS += [LaunchConfig(block=1024, num_warps=4, segments=s) for s in (2, 4, 8)]
     CONFIGS += [LaunchConfig(block=4096, num_warps=8, segments=2), LaunchConfig(block=512, num_warps=2, segments=16),
                 LaunchConfig(block=2048, num_warps=4, segments=4, reverse=False),
-                LaunchConfig(block=2048, num_warps=4, segments=4, prefetch=True)]
+                LaunchConfig(block=2048, num_warps=4, segments=4)]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"b{c.block}w{c.num_warps}s{c.segments}"
-                                                          f"r{int(c.reverse)}p{int(c.prefetch)}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"b{c.block}w{c.num_warps}s{c.segments}r{int(c.reverse)}")
 @pytest.mark.parametrize("v", [4099, 20000])
 @pytest.mark.parametrize("kind", ["plain", "all", "prob", "focal"])
 def test_launch_configs(config, v, kind):
