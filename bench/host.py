@@ -1,0 +1,162 @@
+"""``python -m bench.host``: what one fastloss training step asks of the host.
+
+A short step is bound by the host, not the GPU (bench/NOTES.md, "the host is the limit for short
+steps"): every torch op and every Triton launch costs host time whatever its size. For each loss of
+the headline table, at ``mean`` reduction, this counts per forward + ``loss.backward()`` step
+
+- the aten ops dispatched (forward and backward, autograd's ``ones_like`` included) and the ones
+  among them that launch a GPU kernel (allocations and views launch none);
+- the Triton kernel launches;
+
+and times the step's host path:
+
+- on a GPU: the time to *issue* one step (no synchronization inside the timed loop), which is what
+  the GPU waits for when the step is short;
+- on a CPU: the time of the step with the Triton launches replaced by no-ops (the interpreter would
+  otherwise run the kernels), so it times fastloss's Python and the aten ops around the launches.
+
+The counts are the same on both machines; the times are only comparable on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import statistics
+import time
+from unittest import mock
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fastloss
+import fastloss.functional as functional
+
+# Aten ops that only allocate memory or change metadata: no kernel launch on a GPU.
+NO_LAUNCH = ("empty", "empty_like", "empty_strided", "new_empty", "promote_types", "view", "_unsafe_view", "reshape", "alias", "detach",
+             "t", "expand", "as_strided", "unsqueeze", "squeeze", "select", "slice", "lift_fresh")
+
+ROWS = 8192
+
+
+def steps(device: torch.device, vocab: int, n: int) -> dict:
+    """name -> (inputs, fn): the headline losses at mean reduction, fwd + bwd."""
+    def logits(dtype):
+        return torch.randn(ROWS, vocab, device=device, dtype=dtype, requires_grad=True)
+
+    def flat(dtype):
+        return torch.randn(n, device=device, dtype=dtype, requires_grad=True)
+
+    target = torch.randint(0, vocab, (ROWS,), device=device)
+    labels = (torch.rand(n // 80, 80, device=device) < 0.1)
+    out = {}
+    for dt, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        out[f"ce {dt}"] = ((logits(dtype), target), fastloss.cross_entropy)
+        out[f"focal {dt}"] = ((logits(dtype), target), fastloss.focal_loss)
+        out[f"sigmoid_focal {dt}"] = (
+            (torch.randn(n // 80, 80, device=device, dtype=dtype, requires_grad=True), labels.to(dtype)),
+            lambda x, t: fastloss.sigmoid_focal_loss(x, t, reduction="mean"))
+        out[f"huber {dt}"] = ((flat(dtype), flat(dtype).detach()), fastloss.huber_loss)
+    return out
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _triton_launches(stub: bool):
+    """Counts Triton launches (compiled or interpreted); with ``stub`` they do nothing."""
+    import triton.runtime.interpreter as interpreter
+    import triton.runtime.jit as jit
+
+    count = collections.Counter()
+    classes = [c for c in (jit.JITFunction, getattr(interpreter, "InterpretedFunction", None)) if c is not None]
+    saved = {c: c.run for c in classes}
+
+    def wrap(original):
+        def run(self, *args, **kwargs):
+            count[getattr(self, "__name__", None) or self.fn.__name__] += 1
+            return None if stub else original(self, *args, **kwargs)
+        return run
+
+    for c in classes:
+        c.run = wrap(saved[c])
+    try:
+        yield count
+    finally:
+        for c, run in saved.items():
+            c.run = run
+
+
+def one_step(inputs, fn) -> None:
+    inputs[0].grad = None
+    fn(*inputs).backward()
+
+
+def measure(name: str, inputs, fn, device: torch.device, reps: int) -> dict:
+    stub = device.type != "cuda"
+    with _triton_launches(stub=stub) as launches:
+        for _ in range(3):  # compile / warm up
+            one_step(inputs, fn)
+        launches.clear()
+        with _CountOps() as mode:
+            one_step(inputs, fn)
+        ops = dict(mode.ops)
+        n_launches = sum(launches.values())
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            one_step(inputs, fn)
+            times.append((time.perf_counter() - t0) * 1e6)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    gpu_ops = {k: v for k, v in ops.items() if k not in NO_LAUNCH}
+    return dict(case=name, aten_ops=sum(ops.values()), aten_launching=sum(gpu_ops.values()),
+                triton=n_launches, host_us=statistics.median(times), ops=ops)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--cases", default="", help="comma-separated substrings of case names (default: all)")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with contextlib.ExitStack() as stack:
+        if device.type == "cpu":
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import
+            stack.enter_context(fastloss.use_backend("triton"))
+            # The class-index range check runs only on CPU tensors (it would sync on a GPU).
+            stack.enter_context(mock.patch.object(functional, "_check_class_range", lambda *a: None))
+        run(device, args)
+    return 0
+
+
+def run(device: torch.device, args) -> None:
+    # Small shapes: the host path does not depend on them (the kernels are stubbed on a CPU).
+    cases = steps(device, vocab=1024, n=1 << 16)
+    wanted = [w for w in args.cases.split(",") if w]
+    where = "issue time" if device.type == "cuda" else "launches stubbed"
+    print(f"{'case':20} {'aten ops':>8} {'launching':>9} {'triton':>6} {'host µs':>8}  ({where}, "
+          f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__})")
+    for name, (inputs, fn) in cases.items():
+        if wanted and not any(w in name for w in wanted):
+            continue
+        r = measure(name, inputs, fn, device, args.reps)
+        launching = ", ".join(f"{k}×{v}" if v > 1 else k for k, v in sorted(r["ops"].items()) if k not in NO_LAUNCH)
+        print(f"{name:20} {r['aten_ops']:8d} {r['aten_launching']:9d} {r['triton']:6d} {r['host_us']:8.1f}  {launching}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
