@@ -47,6 +47,16 @@ def sass_mix(compiled) -> collections.Counter:
     return ops
 
 
+def registers(compiled) -> int:
+    """Registers per thread, from the cubin's resource usage (cuobjdump)."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        text = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", text).group(1))
+
+
 def report(name: str, compiled, elements_per_thread: int | None = None) -> None:
     ops = sass_mix(compiled)
     total = sum(ops.values())
@@ -56,7 +66,7 @@ def report(name: str, compiled, elements_per_thread: int | None = None) -> None:
     wide = sum(v for k, v in ops.items() if k.startswith(("LDG", "STG")) and k.endswith(".128"))
     per = f", {total / elements_per_thread:.1f} per element" if elements_per_thread else ""
     print(f"{name}: {total} SASS instructions{per}; MUFU {mufu}; local-memory {local}; 128-bit global "
-          f"{wide}; shared {meta.shared} B; warps {meta.num_warps}")
+          f"{wide}; shared {meta.shared} B; warps {meta.num_warps}; registers {registers(compiled)}")
     top = ", ".join(f"{k} {v}" for k, v in ops.most_common(12))
     print(f"    {top}")
 
@@ -64,6 +74,9 @@ def report(name: str, compiled, elements_per_thread: int | None = None) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sass", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--reduce", action="store_true",
+                        help="compile the reduced-loss variants: they add the tail of sum_partials, which only "
+                             "the last program of each group runs, so the per-element counts overstate them")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile")
@@ -76,11 +89,12 @@ def main(argv=None) -> int:
     ce_sig = {"logits_ptr": f"*{dt}", "logits_stride": "i64", "target_ptr": "*i64", "target_stride": "i64",
               "weight_ptr": "*fp32", "scales_ptr": "*fp32", "z_index": "i32", "grad_ptr": f"*{dt}",
               "grad_stride": "i64",
-              "loss_ptr": "*fp32", "sync_ptr": "*i32", "stats_ptr": "*fp32", "V": "i32", "seg_len": "i32",
+              "loss_ptr": "*fp32", "sum_ptr": f"*{dt}", "counter_ptr": "*i32", "n_rows": "i64", "sync_ptr": "*i32", "stats_ptr": "*fp32", "V": "i32", "seg_len": "i32",
               "ignore_index": "i64", "eps": "fp32", "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32",
               "gamma": "fp32"}
     plain = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, PROB=False, FOCAL=False,
-                 WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, REVERSE=True)
+                 WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, REVERSE=True,
+                 REDUCE=args.reduce)
     for block, warps, single, split, segs in [(8192, 8, False, False, 1), (8192, 8, True, True, 16),
                                               (16384, 16, True, True, 8), (1024, 2, True, False, 1)]:
         c = compile_sm90(_cross_entropy_kernel, ce_sig,
@@ -88,17 +102,18 @@ def main(argv=None) -> int:
                          aligned=("logits_stride", "grad_stride", "V", "seg_len"))
         report(f"cross-entropy BLOCK={block} warps={warps} single={single} split={split}", c,
                block // (32 * warps) if single else None)
-    ew = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": "*fp32", "gx_ptr": f"*{dt}",
+    out = {"out_ptr": f"*{dt}", "partials_ptr": "*fp32", "counter_ptr": "*i32"}
+    ew = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}", **out, "gx_ptr": f"*{dt}",
           "gy_ptr": f"*{dt}", "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32"}
     for block, warps in [(4096, 8), (8192, 8), (16384, 16)]:
         c = compile_sm90(_huber_kernel, ew, dict(BLOCK=block, INTERPRET=False, L1=False, HAS_WEIGHT=False,
-                                                 REDUCE=True, WRITE_GRAD_INPUT=True, WRITE_GRAD_TARGET=False), warps,
+                                                 REDUCE=args.reduce, WRITE_GRAD_INPUT=True, WRITE_GRAD_TARGET=False), warps,
                          aligned=("n",))
         report(f"huber BLOCK={block} warps={warps}", c, block // (32 * warps))
         c = compile_sm90(_sigmoid_focal_kernel,
-                         {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}", "out_ptr": "*fp32", "gx_ptr": f"*{dt}", "n": "i64",
+                         {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}", **out, "gx_ptr": f"*{dt}", "n": "i64",
                           "k1": "fp32", "k0": "fp32", "gamma": "fp32"},
-                         dict(BLOCK=block, INTERPRET=False, GAMMA_INT=2, REDUCE=True,
+                         dict(BLOCK=block, INTERPRET=False, GAMMA_INT=2, REDUCE=args.reduce,
                               WRITE_GRAD_INPUT=True), warps, aligned=("n",))
         report(f"sigmoid focal BLOCK={block} warps={warps}", c, block // (32 * warps))
     return 0
