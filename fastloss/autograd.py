@@ -68,40 +68,52 @@ def _op(name: str, mutates_args: tuple[str, ...] = ()):
     return lambda fn: _Op(name, fn, mutates_args)
 
 
+def _loss_dtype(like: Tensor, fp32_loss: bool) -> torch.dtype:
+    return torch.float32 if fp32_loss else like.dtype
+
+
+def _fake_softmax_loss(logits: Tensor, reduce: bool, fp32_loss: bool) -> Tensor:
+    return logits.new_empty(() if reduce else logits.shape[0], dtype=_loss_dtype(logits, fp32_loss))
+
+
+# The softmax launchers return the loss in its output dtype (fp32 when ``fp32_loss``, else the
+# logits'), per row or (``reduce``) summed inside the launch: no sum or cast runs after the kernel.
 @_op("softmax_loss_fwd")
 def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Optional[Tensor],
-                      write_grad: bool, ignore_index: int, label_smoothing: float, z_loss: float,
-                      softcap: Optional[float], gamma: Optional[float]) -> tuple[Tensor, Tensor]:
+                      write_grad: bool, reduce: bool, fp32_loss: bool, ignore_index: int, label_smoothing: float,
+                      z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> tuple[Tensor, Tensor]:
     from .kernels.cross_entropy import cross_entropy_fwd
 
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if write_grad else None
     with _on(logits):
         loss = cross_entropy_fwd(logits, target, weight, scales, grad, ignore_index=ignore_index,
-                                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma)
+                                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
+                                 reduce=reduce, loss_dtype=_loss_dtype(logits, fp32_loss))
     return loss, grad if grad is not None else _no_grad_buffer(logits)
 
 
 @_softmax_loss_fwd.register_fake
-def _(logits, target, weight, scales, write_grad, ignore_index, label_smoothing, z_loss, softcap, gamma):
-    loss = logits.new_empty(logits.shape[0], dtype=torch.float32)
+def _(logits, target, weight, scales, write_grad, reduce, fp32_loss, ignore_index, label_smoothing, z_loss,
+      softcap, gamma):
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if write_grad else _no_grad_buffer(logits)
-    return loss, grad
+    return _fake_softmax_loss(logits, reduce, fp32_loss), grad
 
 
 @_op("softmax_loss_fwd_inplace", mutates_args=("logits",))
 def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Optional[Tensor],
-                              ignore_index: int, label_smoothing: float, z_loss: float,
-                              softcap: Optional[float], gamma: Optional[float]) -> Tensor:
+                              reduce: bool, fp32_loss: bool, ignore_index: int, label_smoothing: float,
+                              z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> Tensor:
     from .kernels.cross_entropy import cross_entropy_fwd
 
     with _on(logits):
         return cross_entropy_fwd(logits, target, weight, scales, logits, ignore_index=ignore_index,
-                                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma)
+                                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
+                                 reduce=reduce, loss_dtype=_loss_dtype(logits, fp32_loss))
 
 
 @_softmax_loss_fwd_inplace.register_fake
-def _(logits, target, weight, scales, ignore_index, label_smoothing, z_loss, softcap, gamma):
-    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+def _(logits, target, weight, scales, reduce, fp32_loss, ignore_index, label_smoothing, z_loss, softcap, gamma):
+    return _fake_softmax_loss(logits, reduce, fp32_loss)
 
 
 @_op("huber_fwd")
@@ -114,14 +126,12 @@ def _huber_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: fl
     gt = torch.empty_like(target) if grad_target else None
     with _on(input):
         loss = huber_fwd(input, target, weight, beta=beta, mul=mul, scale=scale, reduce=reduce,
-                         grad_input=gi, grad_target=gt, loss_dtype=torch.float32 if fp32_loss else None)
+                         grad_input=gi, grad_target=gt, loss_dtype=_loss_dtype(input, fp32_loss))
     return loss, gi if gi is not None else _no_grad_buffer(input), gt if gt is not None else _no_grad_buffer(input)
 
 
 def _fake_elementwise_loss(input: Tensor, reduce: bool, fp32_loss: bool) -> Tensor:
-    if reduce:
-        return input.new_empty((), dtype=torch.float32)
-    return torch.empty_like(input, dtype=torch.float32 if fp32_loss else input.dtype)
+    return input.new_empty(() if reduce else input.shape, dtype=_loss_dtype(input, fp32_loss))
 
 
 @_huber_fwd.register_fake
@@ -139,7 +149,7 @@ def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, alpha: float, gamma: flo
     gi = torch.empty_like(inputs) if grad_input else None
     with _on(inputs):
         loss = sigmoid_focal_fwd(inputs, targets, alpha=alpha, gamma=gamma, scale=scale, reduce=reduce,
-                                 grad_input=gi, loss_dtype=torch.float32 if fp32_loss else None)
+                                 grad_input=gi, loss_dtype=_loss_dtype(inputs, fp32_loss))
     return loss, gi if gi is not None else _no_grad_buffer(inputs)
 
 
@@ -164,13 +174,6 @@ def _(grad, grad_output):
 # --------------------------------------------------------------------------------------------------
 # autograd.Functions
 # --------------------------------------------------------------------------------------------------
-
-
-def _as(loss: Tensor, dtype: torch.dtype) -> Tensor:
-    """The loss in its output dtype, cast inside the Function so that the backward needs no cast of
-    grad_loss (one launch less). Never an alias: ``.to`` of the same dtype returns the tensor
-    itself, which torch.compile's autograd then treats as a view of an intermediate."""
-    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 def _save(ctx, grads: tuple[Tensor, ...], per_element: bool) -> None:
@@ -222,16 +225,14 @@ class SoftmaxLoss(torch.autograd.Function):
                 z_loss, softcap, gamma, out_dtype):
         write_grad = ctx.needs_input_grad[0]
         args = (target, weight, scales)
-        opts = (ignore_index, label_smoothing, z_loss, softcap, gamma)
+        opts = (reduce, out_dtype == torch.float32, ignore_index, label_smoothing, z_loss, softcap, gamma)
         if write_grad and inplace:
             loss = _softmax_loss_fwd_inplace(logits, *args, *opts)
             grad = logits
         else:
             loss, grad = _softmax_loss_fwd(logits, *args, write_grad, *opts)
-        if reduce:
-            loss = loss.sum()
         _save(ctx, (grad,), per_element=False)
-        return _as(loss, out_dtype)
+        return loss
 
     @staticmethod
     @once_differentiable
@@ -265,7 +266,7 @@ class Huber(torch.autograd.Function):
             input, target, weight, beta, mul, scale, reduction != "none",
             ctx.needs_input_grad[0], ctx.needs_input_grad[1], out_dtype == torch.float32)
         _save(ctx, (g_in, g_t), per_element=reduction == "none")
-        return _as(loss, out_dtype)
+        return loss
 
     @staticmethod
     @once_differentiable
@@ -290,7 +291,7 @@ class SigmoidFocal(torch.autograd.Function):
         loss, g_in = _sigmoid_focal_fwd(inputs, targets, alpha, gamma, scale, reduction != "none",
                                         ctx.needs_input_grad[0], out_dtype == torch.float32)
         _save(ctx, (g_in,), per_element=reduction == "none")
-        return _as(loss, out_dtype)
+        return loss
 
     @staticmethod
     @once_differentiable

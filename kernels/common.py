@@ -158,21 +158,102 @@ def load_block_pair(a_ptr, b_ptr, n, BLOCK: tl.constexpr):
     return offs, mask, a, b
 
 
+# --------------------------------------------------------------------------------------------------
+# Reductions inside the launch: the last programs sum the partials
+# --------------------------------------------------------------------------------------------------
+
+# Partials per group in sum_partials: each group's sum, and the sum of the group sums, is one load of
+# this many values (a short tail at the end of the launch, whatever the number of partials).
+SUM_GROUP = tl.constexpr(1024)
+
+
 @triton.jit
-def store_loss(out_ptr, offs, mask, loss, REDUCE: tl.constexpr, INTERPRET: tl.constexpr):
-    """Elementwise kernels' loss output: the per-element loss in out_ptr's dtype, or (REDUCE) one
-    fp32 partial sum per program, which the launcher sums in a fixed order (no atomics)."""
+def sum_partials(partials_ptr, part, n_parts, PER_PART, counter_ptr, out_ptr, INTERPRET: tl.constexpr):
+    """The launch's reduced loss, written to ``out_ptr`` (its dtype) by its last program, so that no
+    sum (and no cast) runs after the kernel.
+
+    Every program calls this after storing its fp32 partial (if it has one) at ``partials_ptr +
+    part``; PER_PART programs contribute to each of the n_parts partials. The partials are summed in
+    groups of SUM_GROUP: the last program to arrive in a group sums it into ``partials_ptr + n_parts +
+    group``, and the last group to finish sums the group sums. Fixed orders throughout, so the result
+    is bitwise deterministic; no program ever waits. ``counter_ptr``: int32 [1 + groups], zero at the
+    launch (``launch_counters``), and zero again when it ends: each counter is reset by the program
+    that saw it complete.
+    """
+    group = part // SUM_GROUP
+    first = group * SUM_GROUP
+    n_groups = tl.cdiv(n_parts, SUM_GROUP)
+    expected = tl.minimum(n_parts - first, SUM_GROUP) * PER_PART
+    tl.debug_barrier()  # every thread's partial store before the release
+    arrived = tl.atomic_add(counter_ptr + 1 + group, 1, sem="acq_rel") + 1
+    if arrived == expected:
+        offs = first + tl.arange(0, SUM_GROUP)
+        s = tl.sum(tl.load(partials_ptr + offs, mask=offs < n_parts, other=0.0, volatile=True), axis=0)
+        tl.store(partials_ptr + n_parts + group, s)
+        tl.store(counter_ptr + 1 + group, 0)
+        tl.debug_barrier()
+        done = tl.atomic_add(counter_ptr, 1, sem="acq_rel") + 1
+        if done == n_groups:
+            acc = tl.zeros([SUM_GROUP], tl.float32)
+            for start in range(0, n_groups, SUM_GROUP):
+                offs = start + tl.arange(0, SUM_GROUP)
+                acc += tl.load(partials_ptr + n_parts + offs, mask=offs < n_groups, other=0.0, volatile=True)
+            tl.store(out_ptr, cast_to(tl.sum(acc, axis=0), out_ptr.dtype.element_ty, INTERPRET))
+            tl.store(counter_ptr, 0)
+
+
+def partials_buffer(n_parts: int, device: torch.device) -> Tensor:
+    """fp32 room for ``sum_partials``: n_parts partials, then one sum per group."""
+    return torch.empty(n_parts + triton.cdiv(n_parts, SUM_GROUP.value), dtype=torch.float32, device=device)
+
+
+# Counters per (device, stream): a stream runs its launches one after another, and each launch leaves
+# its counters at zero, so they are zeroed once, not before every launch (which would cost a fill
+# kernel per step). Bounded, in case a program makes a new stream per step.
+_COUNTERS: dict = {}
+_MAX_COUNTER_SETS = 64
+
+
+def launch_counters(n_parts: int, device: torch.device) -> Tensor:
+    """int32 zeros for ``sum_partials`` over n_parts partials, which the launch leaves at zero.
+
+    While a CUDA graph is being captured they are allocated (and zeroed) afresh, so that the zeroing
+    is captured with the launch: each replay starts from zero whatever else ran on the stream.
+    """
+    n = 1 + triton.cdiv(n_parts, SUM_GROUP.value)
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        key = (device.type, device.index)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < n:
+        if len(_COUNTERS) >= _MAX_COUNTER_SETS:
+            # Freed in stream order: only that stream's later work can reuse the memory.
+            _COUNTERS.pop(next(iter(_COUNTERS)))
+        counters = _COUNTERS[key] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+    return counters
+
+
+@triton.jit
+def store_loss(out_ptr, partials_ptr, offs, mask, loss, REDUCE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Elementwise kernels' loss output: the per-element loss in out_ptr's dtype, or (REDUCE) this
+    program's fp32 partial sum, which the kernel hands to sum_partials as its last step (so that the
+    atomic's round trip comes after every other store of the program)."""
     if REDUCE:
-        tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
+        tl.store(partials_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
     else:
         tl.store(out_ptr + offs, cast_to(loss, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype) -> tuple[int, int, Tensor]:
+def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype) -> tuple[int, int, Tensor, Tensor, Tensor]:
     """Host side of the elementwise launchers. Checks that the given tensors (``None`` entries are
     skipped; the first is the input) are contiguous with the input's element count, and allocates
     the loss output: the elementwise loss (input's shape, ``loss_dtype`` or else input's dtype), or
-    with ``reduce`` one fp32 partial sum per program. Returns (n, number of programs, output)."""
+    with ``reduce`` a scalar (``loss_dtype`` or else fp32) with its partials and counters (see
+    ``sum_partials``; without ``reduce`` both are the output, never touched). Returns (n, number of
+    programs, output, partials, counters)."""
     given = [(name, t) for name, t in named.items() if t is not None]
     first_name, first = given[0]
     n = first.numel()
@@ -183,8 +264,14 @@ def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype) -> t
             raise ValueError(f"{fn}: {name} must be contiguous")
     n_programs = triton.cdiv(n, ELEMENTWISE_BLOCK)
     if reduce:
-        return n, n_programs, first.new_empty(n_programs, dtype=torch.float32)
-    return n, n_programs, first.new_empty(first.shape, dtype=loss_dtype or first.dtype)
+        dtype = loss_dtype or torch.float32
+        if n == 0:  # nothing to launch: the empty sum
+            zero = first.new_zeros((), dtype=dtype)
+            return n, n_programs, zero, zero, zero
+        return (n, n_programs, first.new_empty((), dtype=dtype), partials_buffer(n_programs, first.device),
+                launch_counters(n_programs, first.device))
+    out = first.new_empty(first.shape, dtype=loss_dtype or first.dtype)
+    return n, n_programs, out, out, out
 
 
 def interpreting() -> bool:

@@ -26,7 +26,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import LOG2E, cast_to, exp2, expm1, interpreting, log1p, next_power_of_2, row_block
+from .common import (
+    LOG2E,
+    cast_to,
+    exp2,
+    expm1,
+    interpreting,
+    launch_counters,
+    log1p,
+    next_power_of_2,
+    partials_buffer,
+    row_block,
+    sum_partials,
+)
 from .common import softcap as _softcap
 
 # Long rows with a gradient are split into segments, one program each, which read their segment
@@ -162,7 +174,10 @@ def _cross_entropy_kernel(
     z_index,
     grad_ptr,
     grad_stride,
-    loss_ptr,
+    loss_ptr,  # each row's loss: fp32 partials for sum_partials when REDUCE, else the output (its dtype)
+    sum_ptr,  # REDUCE: the scalar output, the sum of the rows' losses (its dtype)
+    counter_ptr,  # REDUCE: int32 counters for sum_partials, zero at the launch and left at zero
+    n_rows,
     sync_ptr,  # SPLIT: int32 [1 + N], zeroed: the ticket counter, then each row's arrival count
     stats_ptr,  # SPLIT: fp32 [N, SEGMENTS, STATS]: each segment's m, t, sa, d, x_y part
     V,
@@ -189,6 +204,7 @@ def _cross_entropy_kernel(
     SPLIT: tl.constexpr,  # SEGMENTS programs share each row
     SEGMENTS: tl.constexpr,
     REVERSE: tl.constexpr,  # sweep 2 walks the chunks last to first: the most recently read first
+    REDUCE: tl.constexpr,  # sum the rows' losses inside the launch (sum_partials)
 ):
     if SPLIT:
         # Programs take tickets in the order they start, and ticket k is segment k % SEGMENTS of row
@@ -349,7 +365,7 @@ def _cross_entropy_kernel(
     nan = float("nan")
     loss = tl.where(live, loss, tl.where(ignored, 0.0 * ce_scale, nan))
     if seg == 0:
-        tl.store(loss_ptr + row, loss)
+        tl.store(loss_ptr + row, cast_to(loss, loss_ptr.dtype.element_ty, INTERPRET))
 
     # ---- sweep 2: the gradient --------------------------------------------------------------------
     if WRITE_GRAD:
@@ -398,6 +414,9 @@ def _cross_entropy_kernel(
                 g_y = g_y * (1.0 - th * th)
             tl.debug_barrier()
             tl.store(g_row + y, cast_to(g_y, out_ty, INTERPRET), mask=(y >= lo) & (y < hi))
+    if REDUCE:
+        # Last: the atomic's round trip comes after every other store of the program.
+        sum_partials(loss_ptr, row, n_rows, SEGMENTS, counter_ptr, sum_ptr, INTERPRET)
 
 
 @dataclass(frozen=True)
@@ -438,6 +457,8 @@ def cross_entropy_fwd(
     z_loss: float = 0.0,
     softcap: float | None = None,
     gamma: float | None = None,
+    reduce: bool = False,
+    loss_dtype: torch.dtype = torch.float32,
     config: LaunchConfig | None = None,
 ) -> Tensor:
     """Per-row cross-entropy (or softmax focal loss when ``gamma`` is set), and optionally its gradient.
@@ -453,8 +474,10 @@ def cross_entropy_fwd(
 
     Extra memory: the (N,) loss and, for a split launch, N x segments x 8 floats of statistics.
 
-    Returns the (N,) fp32 loss: ce_scale * loss_ce + z_scale * z_loss * lse^2 per row. Ignored rows
-    give 0 * ce_scale and a zero gradient row; out-of-range targets give NaN (loss and gradient row).
+    Returns the (N,) loss in ``loss_dtype``: ce_scale * loss_ce + z_scale * z_loss * lse^2 per row.
+    With ``reduce``, the 0-dim sum of those losses instead, in ``loss_dtype``, summed in fp32 in a
+    fixed order inside the launch (the rows' fp32 losses are a temporary). Ignored rows give
+    0 * ce_scale and a zero gradient row; out-of-range targets give NaN (loss and gradient row).
     """
     if logits.dim() != 2:
         raise ValueError(f"cross_entropy_fwd: logits must be 2-D, got {tuple(logits.shape)}")
@@ -483,9 +506,15 @@ def cross_entropy_fwd(
                                or not scales.is_contiguous()):
         raise ValueError("cross_entropy_fwd: scales must be a contiguous fp32 tensor of 1 or 2 values, or None")
 
-    loss = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows == 0:
-        return loss
+        return logits.new_zeros((), dtype=loss_dtype) if reduce else logits.new_empty(0, dtype=loss_dtype)
+    if reduce:
+        loss = partials_buffer(n_rows, logits.device)
+        out = logits.new_empty((), dtype=loss_dtype)
+        counters = launch_counters(n_rows, logits.device)
+    else:
+        out = loss = logits.new_empty(n_rows, dtype=loss_dtype)
+        counters = out  # never touched
     cfg = config or launch_config(logits, grad is not None)
     split = cfg.segments > 0
     segments = max(cfg.segments, 1)
@@ -507,6 +536,9 @@ def cross_entropy_fwd(
         grad if grad is not None else logits,
         grad.stride(0) if grad is not None else 0,
         loss,
+        out,
+        counters,
+        n_rows,
         sync,
         stats,
         n_cols,
@@ -533,6 +565,7 @@ def cross_entropy_fwd(
         SPLIT=split,
         SEGMENTS=segments,
         REVERSE=cfg.reverse,
+        REDUCE=reduce,
         num_warps=cfg.num_warps,
     )
-    return loss
+    return out

@@ -33,6 +33,7 @@ from .common import (
     num_warps_for,
     rcp,
     store_loss,
+    sum_partials,
 )
 
 BLOCK = ELEMENTWISE_BLOCK
@@ -45,7 +46,9 @@ MAX_INT_GAMMA = 4
 def _sigmoid_focal_kernel(
     x_ptr,
     t_ptr,
-    out_ptr,  # elementwise loss (loss_dtype), or one fp32 partial sum per program when REDUCE
+    out_ptr,  # elementwise loss (loss_dtype), or when REDUCE the scalar sum (loss_dtype)
+    partials_ptr,  # REDUCE: fp32, one partial sum per program, then one per group (sum_partials)
+    counter_ptr,  # REDUCE: int32 counters, zero at the launch and left at zero
     gx_ptr,
     n,
     k1,  # scale * a_t = k1 * t + k0: k1 = scale (2 alpha - 1), k0 = scale (1 - alpha); without
@@ -85,7 +88,7 @@ def _sigmoid_focal_kernel(
     k = k1 * t + k0  # scale * a_t
     kq = k * qg
     loss = ce * kq
-    store_loss(out_ptr, offs, mask, loss, REDUCE, INTERPRET)
+    store_loss(out_ptr, partials_ptr, offs, mask, loss, REDUCE, INTERPRET)
 
     if WRITE_GRAD_INPUT:
         p_minus_t = p * (1.0 - t) - omp * t  # = p - t, exact for hard labels
@@ -94,6 +97,8 @@ def _sigmoid_focal_kernel(
         h = tl.where(q > 1e-30, p * omp * rcp(q_safe, INTERPRET), tl.maximum(p, omp))
         g = kq * (p_minus_t - gamma * ce * h * (2.0 * t - 1.0))
         tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    if REDUCE:
+        sum_partials(partials_ptr, tl.program_id(0), tl.num_programs(0), 1, counter_ptr, out_ptr, INTERPRET)
 
 
 def sigmoid_focal_fwd(
@@ -114,11 +119,12 @@ def sigmoid_focal_fwd(
     disables the alpha weighting; gamma >= 0.
 
     Returns the elementwise loss (inputs' shape; ``loss_dtype``, by default inputs' dtype) when
-    ``reduce`` is False, else a 0-dim fp32 tensor holding the deterministic sum of the scaled
-    losses. grad_input, when given, is overwritten with d(loss)/d(inputs) * scale in its own
-    dtype (for reduce=False: the gradient of the summed loss).
+    ``reduce`` is False, else a 0-dim tensor (``loss_dtype``, by default fp32) holding the sum of the
+    scaled losses, summed in fp32 in a fixed order inside the launch.
+    grad_input, when given, is overwritten with d(loss)/d(inputs) * scale in its own dtype (for
+    reduce=False: the gradient of the summed loss).
     """
-    n, n_programs, out = elementwise_loss_output(
+    n, n_programs, out, partials, counters = elementwise_loss_output(
         "sigmoid_focal_fwd", {"inputs": inputs, "targets": targets, "grad_input": grad_input}, reduce,
         loss_dtype)
     gamma = float(gamma)
@@ -130,6 +136,8 @@ def sigmoid_focal_fwd(
             inputs,
             targets,
             out,
+            partials,
+            counters,
             grad_input if grad_input is not None else inputs,  # placeholder, never touched
             n,
             (2.0 * alpha - 1.0) * scale if use_alpha else 0.0,
@@ -142,5 +150,4 @@ def sigmoid_focal_fwd(
             INTERPRET=interpreting(),
             num_warps=num_warps_for(BLOCK),
         )
-    # Fixed-order sum of the partials (an empty sum is 0 for n = 0).
-    return out.sum() if reduce else out
+    return out

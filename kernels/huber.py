@@ -16,7 +16,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import ELEMENTWISE_BLOCK, cast_to, elementwise_loss_output, interpreting, load_block_pair, num_warps_for, store_loss
+from .common import (
+    ELEMENTWISE_BLOCK,
+    cast_to,
+    elementwise_loss_output,
+    interpreting,
+    load_block_pair,
+    num_warps_for,
+    store_loss,
+    sum_partials,
+)
 
 BLOCK = ELEMENTWISE_BLOCK
 
@@ -26,7 +35,9 @@ def _huber_kernel(
     x_ptr,
     y_ptr,
     w_ptr,
-    out_ptr,  # elementwise loss (loss_dtype), or one fp32 partial sum per program when REDUCE
+    out_ptr,  # elementwise loss (loss_dtype), or when REDUCE the scalar sum (loss_dtype)
+    partials_ptr,  # REDUCE: fp32, one partial sum per program, then one per group (sum_partials)
+    counter_ptr,  # REDUCE: int32 counters, zero at the launch and left at zero
     gx_ptr,
     gy_ptr,
     n,
@@ -66,13 +77,15 @@ def _huber_kernel(
     else:
         cw = c
     loss = loss * cw
-    store_loss(out_ptr, offs, mask, loss, REDUCE, INTERPRET)
+    store_loss(out_ptr, partials_ptr, offs, mask, loss, REDUCE, INTERPRET)
     if WRITE_GRAD_INPUT or WRITE_GRAD_TARGET:
         g = grad * cw
         if WRITE_GRAD_INPUT:
             tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, INTERPRET), mask=mask)
         if WRITE_GRAD_TARGET:
             tl.store(gy_ptr + offs, cast_to(-g, gy_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    if REDUCE:
+        sum_partials(partials_ptr, tl.program_id(0), tl.num_programs(0), 1, counter_ptr, out_ptr, INTERPRET)
 
 
 def huber_fwd(
@@ -95,12 +108,13 @@ def huber_fwd(
     beta=delta, mul=delta; SmoothL1(beta) is beta, mul=1.
 
     Returns the elementwise loss (input's shape; ``loss_dtype``, by default input's dtype) when
-    ``reduce`` is False, else a 0-dim fp32 tensor holding the deterministic sum of the scaled
-    losses. grad_input / grad_target, when given, are overwritten with d(loss)/d(input) * scale
-    and its negation (for reduce=False this is the gradient of the summed loss, i.e.
-    grad_output = 1 everywhere).
+    ``reduce`` is False, else a 0-dim tensor (``loss_dtype``, by default fp32) holding the sum of the
+    scaled losses, summed in fp32 in a fixed order inside the launch.
+    grad_input / grad_target, when given, are overwritten with d(loss)/d(input) * scale and its
+    negation (for reduce=False this is the gradient of the summed loss, i.e. grad_output = 1
+    everywhere).
     """
-    n, n_programs, out = elementwise_loss_output(
+    n, n_programs, out, partials, counters = elementwise_loss_output(
         "huber_fwd", {"input": input, "target": target, "weight": weight, "grad_input": grad_input,
                       "grad_target": grad_target}, reduce, loss_dtype)
     if n > 0:
@@ -109,6 +123,8 @@ def huber_fwd(
             target,
             weight if weight is not None else input,  # placeholders are never touched
             out,
+            partials,
+            counters,
             grad_input if grad_input is not None else input,
             grad_target if grad_target is not None else input,
             n,
@@ -124,5 +140,4 @@ def huber_fwd(
             WRITE_GRAD_TARGET=grad_target is not None,
             num_warps=num_warps_for(BLOCK),
         )
-    # Fixed-order sum of the partials (an empty sum is 0 for n = 0).
-    return out.sum() if reduce else out
+    return out

@@ -32,30 +32,33 @@ def cross_entropy_variants():
         [(0, 0, 0, 0, 0, 0), (0, 1, 1, 1, 0, 1), (1, 1, 1, 1, 0, 1), (0, 0, 0, 1, 1, 1), (1, 0, 0, 0, 0, 0)],
         [(False, False), (True, False), (True, True), (False, True)],
     ):
+        reduce = single  # both with and without SPLIT
         runtime = {"logits_ptr": f"*{dt}", "logits_stride": "i64", "target_ptr": "*fp32" if prob else "*i64",
                    "target_stride": "i64", "weight_ptr": "*fp32", "scales_ptr": "*fp32", "z_index": "i32",
                    "grad_ptr": f"*{dt}",
-                   "grad_stride": "i64", "loss_ptr": "*fp32", "V": "i32", "ignore_index": "i64", "eps": "fp32",
+                   "grad_stride": "i64", "loss_ptr": "*fp32" if reduce else f"*{dt}", "sum_ptr": f"*{dt}",
+                   "counter_ptr": "*i32", "n_rows": "i64", "V": "i32", "ignore_index": "i64", "eps": "fp32",
                    "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32", "gamma": "fp32", "sync_ptr": "*i32",
                    "stats_ptr": "*fp32", "seg_len": "i32"}
         constexprs = dict(HAS_WEIGHT=bool(weight), SMOOTH=bool(smooth), ZLOSS=bool(z), SOFTCAP=bool(cap),
                           PROB=bool(prob), FOCAL=bool(focal), WRITE_GRAD=True, NEED_A=bool(prob or smooth),
                           REST=bool(prob or smooth or z), INTERPRET=False, SCALED=True,
                           BLOCK=8192 if split else 1024 if single else 4096, SINGLE=single, SPLIT=split,
-                          SEGMENTS=16 if split else 1, REVERSE=True)
+                          SEGMENTS=16 if split else 1, REVERSE=True, REDUCE=reduce)
         yield _cross_entropy_kernel, runtime, constexprs
 
 
 def elementwise_variants():
     for dt, reduce in itertools.product(["bf16", "fp32"], [False, True]):
         yield _huber_kernel, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}",
-                              "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}",
-                              "gy_ptr": f"*{dt}", "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32"}, dict(
+                              "out_ptr": f"*{dt}", "partials_ptr": "*fp32", "counter_ptr": "*i32",
+                              "gx_ptr": f"*{dt}", "gy_ptr": f"*{dt}", "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32"}, dict(
             BLOCK=4096, INTERPRET=False, L1=False, HAS_WEIGHT=True, REDUCE=reduce,
             WRITE_GRAD_INPUT=True, WRITE_GRAD_TARGET=True)
         for gamma_int in (2, -1):
             yield _sigmoid_focal_kernel, {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}",
-                                          "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}",
+                                          "out_ptr": f"*{dt}", "partials_ptr": "*fp32",
+                                          "counter_ptr": "*i32", "gx_ptr": f"*{dt}",
                                           "n": "i64", "k1": "fp32", "k0": "fp32", "gamma": "fp32"}, dict(
                 BLOCK=4096, INTERPRET=False, GAMMA_INT=gamma_int, REDUCE=reduce,
                 WRITE_GRAD_INPUT=True)

@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from fastloss.kernels.common import scale_grad_  # noqa: E402
+from fastloss.kernels.common import launch_counters, scale_grad_  # noqa: E402
 from fastloss.kernels.cross_entropy import LaunchConfig, cross_entropy_fwd  # noqa: E402
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -386,6 +386,30 @@ def test_launch_configs(config, v, kind):
     loss2 = cross_entropy_fwd(view, target, weight, torch.tensor([0.5, 0.25], device=DEV), view, **opts)
     assert torch.equal(loss, loss2) and torch.equal(view, grad)
     assert (buf[:, v:] == 7.0).all()
+    # summed inside the launch (every program of a split row counts towards its row): the same gradient
+    grad3 = torch.empty_like(logits)
+    total = cross_entropy_fwd(logits, target, weight, torch.tensor([0.5, 0.25], device=DEV), grad3, reduce=True,
+                              **opts)
+    assert total.shape == () and torch.equal(grad3, grad)
+    torch.testing.assert_close(total, loss.sum(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("loss_dtype", [torch.float32, torch.bfloat16])
+def test_reduce_inside_the_launch(loss_dtype, small_sum_groups):
+    """reduce=True: the rows' losses summed by the launch's last programs (sum_partials), over more
+    groups than one group holds, deterministic, in loss_dtype, the counters left at zero for the
+    next launch; per-row losses in loss_dtype are the fp32 ones rounded once."""
+    n = small_sum_groups * (small_sum_groups + 1) + 3
+    logits, target = make(n, 5, torch.float32, ignore=7)
+    rows = cross_entropy_fwd(logits, target, None, None, None)
+    total = cross_entropy_fwd(logits, target, None, None, None, reduce=True, loss_dtype=loss_dtype)
+    again = cross_entropy_fwd(logits, target, None, None, None, reduce=True, loss_dtype=loss_dtype)
+    assert total.shape == () and total.dtype == loss_dtype and torch.equal(total, again)
+    torch.testing.assert_close(total.float(), rows.sum().to(loss_dtype).float(), rtol=ULP[loss_dtype] * 2, atol=0)
+    assert not launch_counters(n, DEV).any()
+    if loss_dtype != torch.float32:
+        assert torch.equal(cross_entropy_fwd(logits, target, None, None, None, loss_dtype=loss_dtype),
+                           rows.to(loss_dtype))
 
 
 def test_scales_none_one_or_two_values():
@@ -415,6 +439,9 @@ def test_empty_batch():
     for target in (torch.zeros(0, dtype=torch.long, device=DEV), torch.zeros(0, 9, device=DEV)):
         loss, grad = run(torch.zeros(0, 9, device=DEV), target)
         assert loss.shape == (0,) and loss.dtype == torch.float32 and grad.shape == (0, 9)
+        total = cross_entropy_fwd(torch.zeros(0, 9, device=DEV), target, None, None, None, reduce=True,
+                                  loss_dtype=torch.bfloat16)
+        assert total.shape == () and total.dtype == torch.bfloat16 and total.item() == 0.0
 
 
 # ------------------------------------------------------------------------------------------------

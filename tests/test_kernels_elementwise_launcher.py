@@ -421,6 +421,42 @@ def test_sigmoid_focal_deterministic():
 
 
 # --------------------------------------------------------------------------------------------------
+# The reduced loss, summed inside the launch (kernels/common.py, sum_partials)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["huber", "sigmoid_focal"])
+@pytest.mark.parametrize("loss_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_reduce_inside_the_launch(kind, loss_dtype, small_sum_groups):
+    """Over more groups of partials than one group holds (so the group sums are themselves summed in
+    more than one step): the per-program partials summed in fp32 by the last programs, in
+    loss_dtype, deterministic, and the counters left at zero for the next launch."""
+    from fastloss.kernels.common import launch_counters
+
+    programs = small_sum_groups * (small_sum_groups + 1) + 1
+    n = (programs - 1) * HUBER_BLOCK + 3
+    x, y, _ = huber_inputs(n, 1.0, torch.float32, seed=5)
+    t = (y > 0).float()
+
+    def launch(reduce, dtype=None):
+        if kind == "huber":
+            return huber_fwd(x, y, None, beta=1.0, mul=1.0, scale=0.5, reduce=reduce, grad_input=None,
+                             grad_target=None, loss_dtype=dtype)
+        return sigmoid_focal_fwd(x, t, alpha=0.25, gamma=2.0, scale=0.5, reduce=reduce, grad_input=None,
+                                 loss_dtype=dtype)
+
+    total = launch(True, loss_dtype)
+    assert total.shape == () and total.dtype == loss_dtype
+    assert torch.equal(total, launch(True, loss_dtype))
+    assert not launch_counters(programs, x.device).any()
+    rows = launch(False)
+    torch.testing.assert_close(total.double(), rows.double().sum(), rtol=2e-6 if loss_dtype == torch.float32 else 2**-8,
+                               atol=0)
+    if loss_dtype != torch.float32:
+        assert torch.equal(total, launch(True).to(loss_dtype))  # the fp32 sum, rounded once
+
+
+# --------------------------------------------------------------------------------------------------
 # More than 2^31 elements (int64 offsets): CUDA only
 # --------------------------------------------------------------------------------------------------
 
