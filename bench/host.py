@@ -41,15 +41,15 @@ NO_LAUNCH = ("empty", "empty_like", "empty_strided", "new_empty", "promote_types
 ROWS = 8192
 
 
-def steps(device: torch.device, vocab: int, n: int) -> dict:
+def steps(device: torch.device, vocab: int, n: int, rows: int = ROWS) -> dict:
     """name -> (inputs, fn): the headline losses at mean reduction, fwd + bwd."""
     def logits(dtype):
-        return torch.randn(ROWS, vocab, device=device, dtype=dtype, requires_grad=True)
+        return torch.randn(rows, vocab, device=device, dtype=dtype, requires_grad=True)
 
     def flat(dtype):
         return torch.randn(n, device=device, dtype=dtype, requires_grad=True)
 
-    target = torch.randint(0, vocab, (ROWS,), device=device)
+    target = torch.randint(0, vocab, (rows,), device=device)
     labels = (torch.rand(n // 80, 80, device=device) < 0.1)
     out = {}
     for dt, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):

@@ -12,8 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastloss
+import fastloss.functional as functional
 from bench import __main__ as bench_main
-from bench import cases, harness, report, train
+from bench import cases, harness, host, report, train
 
 CPU = torch.device("cpu")
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -133,3 +135,25 @@ def test_train_compare_measures_the_gap():
     gap = train.compare([1.0, 2.0, 3.0], [1.0, 2.1, 3.0])
     assert gap["max_abs_diff"] == pytest.approx(0.1) and gap["max_rel_diff"] == pytest.approx(0.1 / 2.1)
     assert gap["first_step_rel_diff"] == 0.0 and gap["max_rel_diff"] > train.CONFIGS["gpu"].tolerance
+
+
+CE_MEAN = {"ne", "sum", "reciprocal", "ones_like"}  # the mean's count, its reciprocal; autograd's ones
+
+
+@pytest.mark.parametrize("name, launching", [("ce fp32", CE_MEAN), ("ce bf16", CE_MEAN), ("focal bf16", CE_MEAN),
+                                             ("huber fp32", {"ones_like"}), ("huber bf16", {"ones_like"}),
+                                             ("sigmoid_focal bf16", {"ones_like"})])
+def test_host_path_of_a_training_step(name, launching, monkeypatch):
+    """A fastloss step at mean reduction (python -m bench.host) is two Triton launches, the loss
+    kernel and the backward's scale, and around them only these aten ops that launch a kernel:
+    the loss comes out of the kernel summed and in its dtype (no sum, no cast), and the backward
+    adds nothing to autograd's ones_like. Each such op costs host time that a short step shows."""
+    pytest.importorskip("triton")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(functional, "_check_class_range", lambda *a: None)  # CPU tensors only
+    with fastloss.use_backend("triton"):
+        inputs, fn = host.steps(device, vocab=64, n=80 * 64, rows=16)[name]
+        result = host.measure(name, inputs, fn, device, reps=2)
+    assert result["triton"] == 2
+    assert {op for op in result["ops"] if op not in host.NO_LAUNCH} == launching
+    assert result["aten_launching"] == len(launching)
