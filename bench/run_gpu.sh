@@ -5,7 +5,7 @@
 #      (the full-size tests run 3 at a time: each holds up to ~20 GB);
 #   2. the benchmark's headline shapes with every provider, then the V sweep (fastloss and torch
 #      eager) for the plots, both into OUT/results (the bench saves after every case);
-#   3. the end-to-end training comparison;
+#   3. the end-to-end training comparison, and the host path of one step (python -m bench.host);
 #   4. OUT/results.tgz, which unpacks into bench/results/ to commit.
 # Usage: bash bench/run_gpu.sh [OUT]
 set -uo pipefail
@@ -31,4 +31,6 @@ timeout "${SWEEP_S:-70}" $py -m bench --shapes sweep --providers fastloss,torch 
 tail -3 "$out/bench_sweep.log"
 timeout "${TRAIN_S:-80}" $py -m bench.train --save "$out/results" >"$out/train.log" 2>&1
 tail -6 "$out/train.log"
+timeout "${HOST_S:-40}" $py -m bench.host >"$out/results/host.txt" 2>&1
+cat "$out/results/host.txt"
 tar czf "$out/results.tgz" -C "$out" results && rm -rf "$out/results"
