@@ -152,12 +152,12 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         logits = torch.randn(n_rows, n_cols, device=device, dtype=dtype)
         target = torch.randint(0, n_cols, (n_rows,), device=device)
-        scales = torch.tensor([1.0 / n_rows, 1.0], device=device)
+        divisors = torch.tensor([float(n_rows), 1.0], device=device)  # a mean
         grad = torch.empty_like(logits) if write_grad else None
         floor_ms = (2 if write_grad else 1) * logits.numel() * logits.element_size() / bandwidth * 1e3
 
         def run(cfg):
-            return cross_entropy_fwd(logits, target, None, scales, grad, config=cfg)
+            return cross_entropy_fwd(logits, target, None, divisors, grad, config=cfg)
 
         default = launch_config(logits, write_grad)
         ref_loss = run(default).clone()

@@ -79,40 +79,40 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, fp32_loss: bool) -> Tensor:
 # The softmax launchers return the loss in its output dtype (fp32 when ``fp32_loss``, else the
 # logits'), per row or (``reduce``) summed inside the launch: no sum or cast runs after the kernel.
 @_op("softmax_loss_fwd")
-def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Optional[Tensor],
+def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Optional[Tensor],
                       write_grad: bool, reduce: bool, fp32_loss: bool, ignore_index: int, label_smoothing: float,
                       z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> tuple[Tensor, Tensor]:
     from .kernels.cross_entropy import cross_entropy_fwd
 
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if write_grad else None
     with _on(logits):
-        loss = cross_entropy_fwd(logits, target, weight, scales, grad, ignore_index=ignore_index,
+        loss = cross_entropy_fwd(logits, target, weight, divisors, grad, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
                                  reduce=reduce, loss_dtype=_loss_dtype(logits, fp32_loss))
     return loss, grad if grad is not None else _no_grad_buffer(logits)
 
 
 @_softmax_loss_fwd.register_fake
-def _(logits, target, weight, scales, write_grad, reduce, fp32_loss, ignore_index, label_smoothing, z_loss,
+def _(logits, target, weight, divisors, write_grad, reduce, fp32_loss, ignore_index, label_smoothing, z_loss,
       softcap, gamma):
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if write_grad else _no_grad_buffer(logits)
     return _fake_softmax_loss(logits, reduce, fp32_loss), grad
 
 
 @_op("softmax_loss_fwd_inplace", mutates_args=("logits",))
-def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Optional[Tensor],
+def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Optional[Tensor],
                               reduce: bool, fp32_loss: bool, ignore_index: int, label_smoothing: float,
                               z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> Tensor:
     from .kernels.cross_entropy import cross_entropy_fwd
 
     with _on(logits):
-        return cross_entropy_fwd(logits, target, weight, scales, logits, ignore_index=ignore_index,
+        return cross_entropy_fwd(logits, target, weight, divisors, logits, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
                                  reduce=reduce, loss_dtype=_loss_dtype(logits, fp32_loss))
 
 
 @_softmax_loss_fwd_inplace.register_fake
-def _(logits, target, weight, scales, reduce, fp32_loss, ignore_index, label_smoothing, z_loss, softcap, gamma):
+def _(logits, target, weight, divisors, reduce, fp32_loss, ignore_index, label_smoothing, z_loss, softcap, gamma):
     return _fake_softmax_loss(logits, reduce, fp32_loss)
 
 
@@ -221,10 +221,10 @@ class SoftmaxLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, weight, scales, reduce, inplace, ignore_index, label_smoothing,
+    def forward(ctx, logits, target, weight, divisors, reduce, inplace, ignore_index, label_smoothing,
                 z_loss, softcap, gamma, out_dtype):
         write_grad = ctx.needs_input_grad[0]
-        args = (target, weight, scales)
+        args = (target, weight, divisors)
         opts = (reduce, out_dtype == torch.float32, ignore_index, label_smoothing, z_loss, softcap, gamma)
         if write_grad and inplace:
             loss = _softmax_loss_fwd_inplace(logits, *args, *opts)
@@ -240,7 +240,7 @@ class SoftmaxLoss(torch.autograd.Function):
         return (*_scaled_grads(ctx, grad_loss), *[None] * 11)
 
 
-def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], scales: Optional[Tensor],
+def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Optional[Tensor],
                  reduce: bool, inplace: bool, ignore_index: int, label_smoothing: float, z_loss: float,
                  softcap: Optional[float], gamma: Optional[float], out_dtype: torch.dtype) -> Tensor:
     """Runs :class:`SoftmaxLoss` on 2-D logits; returns the loss as ``out_dtype``, summed when
@@ -252,7 +252,7 @@ def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], scale
             "that requires grad (or a view of one) does not allow: pass logits computed by the "
             "model, or set inplace_backward=False"
         )
-    return SoftmaxLoss.apply(logits, target, weight, scales, reduce, inplace, ignore_index,
+    return SoftmaxLoss.apply(logits, target, weight, divisors, reduce, inplace, ignore_index,
                              label_smoothing, z_loss, softcap, gamma, out_dtype)
 
 

@@ -171,22 +171,22 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return input, target
 
 
-def _softmax_scales(x2d: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int,
-                    reduction: str, class_targets: bool) -> Tensor | None:
-    """What each row's loss and gradient are multiplied by, on the device: None for 1 (``sum`` and
-    ``none``); for ``mean`` 1/(count of counted rows), or [1/Σw_y, 1/count] with class weights
-    (the z-loss term is never class-weighted). No host sync; as few small launches as possible,
-    each of which costs tens of microseconds of host time."""
+def _softmax_divisors(x2d: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int,
+                      reduction: str, class_targets: bool) -> Tensor | None:
+    """What each row's loss and gradient are divided by, on the device (the kernel inverts it):
+    None for 1 (``sum`` and ``none``); for ``mean`` the count of counted rows, or [Σw_y, count]
+    with class weights (the z-loss term is never class-weighted). No host sync; as few small
+    launches as possible, each of which costs host time that a short step shows."""
     if reduction != "mean":
         return None
     if not class_targets:
-        return torch.full((1,), 1.0 / x2d.shape[0], device=x2d.device, dtype=torch.float32)
+        return torch.full((1,), float(x2d.shape[0]), device=x2d.device, dtype=torch.float32)
     counted = t != ignore_index
     count = counted.sum(dtype=torch.float32)
     if weight is None:
-        return count.reciprocal().reshape(1)
+        return count.reshape(1)
     w_y = weight.float()[t.clamp(0, x2d.shape[1] - 1)]
-    return torch.stack([(w_y * counted).sum(), count]).reciprocal()
+    return torch.stack([(w_y * counted).sum(), count])
 
 
 def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label_smoothing,
@@ -216,8 +216,8 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
     x2d, t = _rows(input, target.long() if target.dtype == torch.uint8 else target)
     if weight is not None:
         weight = weight.float().contiguous()
-    scales = _softmax_scales(x2d, t, weight, ignore_index, reduction, class_targets)
-    loss = softmax_loss(x2d, t, weight, scales, reduction != "none", inplace_backward,
+    divisors = _softmax_divisors(x2d, t, weight, ignore_index, reduction, class_targets)
+    loss = softmax_loss(x2d, t, weight, divisors, reduction != "none", inplace_backward,
                         ignore_index, label_smoothing, z_loss, softcap, gamma, out_dtype)
     if reduction == "none":
         loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ())

@@ -170,7 +170,7 @@ def _cross_entropy_kernel(
     target_ptr,
     target_stride,
     weight_ptr,
-    scales_ptr,  # SCALED: fp32 [ce_scale, z_scale] (z_index = 1), or one scale for both (z_index = 0)
+    div_ptr,  # SCALED: fp32 [ce_div, z_div] (z_index = 1), or one divisor for both (z_index = 0)
     z_index,
     grad_ptr,
     grad_stride,
@@ -224,8 +224,11 @@ def _cross_entropy_kernel(
     x_row = logits_ptr + row * logits_stride
     t_row = target_ptr + row * target_stride
     if SCALED:
-        ce_scale = tl.load(scales_ptr)
-        z_scale = tl.load(scales_ptr + z_index)
+        # The mean's denominators, inverted here (correctly rounded) rather than by one more launch
+        ce_scale = tl.math.div_rn(1.0, tl.load(div_ptr))
+        z_scale = ce_scale
+        if ZLOSS:
+            z_scale = tl.math.div_rn(1.0, tl.load(div_ptr + z_index))
     else:
         ce_scale = 1.0
         z_scale = 1.0
@@ -449,7 +452,7 @@ def cross_entropy_fwd(
     logits: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    scales: Tensor | None,
+    divisors: Tensor | None,
     grad: Tensor | None,
     *,
     ignore_index: int = -100,
@@ -465,8 +468,9 @@ def cross_entropy_fwd(
 
     logits: (N, V) fp32/bf16/fp16 with stride(1) == 1 (any row stride). target: (N,) int64 class
     indices, or (N, V) float probabilities with stride(1) == 1. weight: (V,) fp32 contiguous, or None.
-    scales: fp32 on the device, multiplied into each row's loss and gradient: [ce_scale, z_scale],
-    or one value for both, or None for 1 (no tensor, no read).
+    divisors: fp32 on the device, what each row's loss and gradient are divided by (the mean's
+    denominators): [ce_div, z_div] (ce_scale = 1 / ce_div, z_scale = 1 / z_div below), or one value
+    for both, or None for 1 (no tensor, no read).
     grad: None (forward only), an (N, V) tensor of logits.dtype with stride(1) == 1, or ``logits``
     itself (the gradient overwrites the logits row by row).
 
@@ -502,9 +506,9 @@ def cross_entropy_fwd(
         raise ValueError("cross_entropy_fwd: grad must be (N, V) with stride(1) == 1")
     if weight is not None and (weight.shape != (n_cols,) or not weight.is_contiguous()):
         raise ValueError(f"cross_entropy_fwd: weight must be a contiguous ({n_cols},) tensor")
-    if scales is not None and (scales.dtype != torch.float32 or scales.numel() not in (1, 2)
-                               or not scales.is_contiguous()):
-        raise ValueError("cross_entropy_fwd: scales must be a contiguous fp32 tensor of 1 or 2 values, or None")
+    if divisors is not None and (divisors.dtype != torch.float32 or divisors.numel() not in (1, 2)
+                                 or not divisors.is_contiguous()):
+        raise ValueError("cross_entropy_fwd: divisors must be a contiguous fp32 tensor of 1 or 2 values, or None")
 
     if n_rows == 0:
         return logits.new_zeros((), dtype=loss_dtype) if reduce else logits.new_empty(0, dtype=loss_dtype)
@@ -531,8 +535,8 @@ def cross_entropy_fwd(
         target,
         target.stride(0) if prob else 0,
         weight if weight is not None else logits,  # placeholders are never read
-        scales if scales is not None else logits,
-        0 if scales is None or scales.numel() == 1 else 1,
+        divisors if divisors is not None else logits,
+        0 if divisors is None or divisors.numel() == 1 else 1,
         grad if grad is not None else logits,
         grad.stride(0) if grad is not None else 0,
         loss,
@@ -559,7 +563,7 @@ def cross_entropy_fwd(
         NEED_A=prob or label_smoothing != 0.0,
         REST=prob or label_smoothing != 0.0 or z_loss != 0.0,
         INTERPRET=interpreting(),
-        SCALED=scales is not None,
+        SCALED=divisors is not None,
         BLOCK=cfg.block,
         SINGLE=seg_len <= cfg.block,
         SPLIT=split,

@@ -34,7 +34,7 @@ def cross_entropy_variants():
     ):
         reduce = single  # both with and without SPLIT
         runtime = {"logits_ptr": f"*{dt}", "logits_stride": "i64", "target_ptr": "*fp32" if prob else "*i64",
-                   "target_stride": "i64", "weight_ptr": "*fp32", "scales_ptr": "*fp32", "z_index": "i32",
+                   "target_stride": "i64", "weight_ptr": "*fp32", "div_ptr": "*fp32", "z_index": "i32",
                    "grad_ptr": f"*{dt}",
                    "grad_stride": "i64", "loss_ptr": "*fp32" if reduce else f"*{dt}", "sum_ptr": f"*{dt}",
                    "counter_ptr": "*i32", "n_rows": "i64", "V": "i32", "ignore_index": "i64", "eps": "fp32",

@@ -61,9 +61,10 @@ def oracle(logits, target, weight=None, scales=(1.0, 1.0), *, ignore_index=-100,
 
 
 def run(logits, target, weight=None, scales=(1.0, 1.0), *, write_grad=True, **opts):
+    """The launcher with the row multipliers ``scales`` passed as the divisors it takes."""
     grad = torch.empty_like(logits) if write_grad else None
-    sc = torch.tensor(scales, dtype=torch.float32, device=logits.device)
-    loss = cross_entropy_fwd(logits, target, weight, sc, grad, **opts)
+    divisors = torch.tensor([1.0 / s for s in scales], dtype=torch.float32, device=logits.device)
+    loss = cross_entropy_fwd(logits, target, weight, divisors, grad, **opts)
     return loss, grad
 
 
@@ -151,7 +152,7 @@ def test_all_rows_ignored():
     target[:] = -100
     loss, grad = run(logits, target)
     assert torch.equal(loss, torch.zeros_like(loss)) and torch.equal(grad, torch.zeros_like(grad))
-    # reduction='mean' over zero counted rows has scale 1/0: 0 * inf reproduces torch's NaN
+    # reduction='mean' over zero counted rows divides by 0: 0 * inf reproduces torch's NaN
     loss, grad = run(logits, target, scales=(float("inf"), float("inf")))
     assert loss.isnan().all() and torch.equal(grad, torch.zeros_like(grad))
 
@@ -383,12 +384,12 @@ def test_launch_configs(config, v, kind):
     buf = torch.full((5, v + 16), 7.0, device=DEV)
     buf[:, :v] = logits
     view = buf[:, :v]
-    loss2 = cross_entropy_fwd(view, target, weight, torch.tensor([0.5, 0.25], device=DEV), view, **opts)
+    loss2 = cross_entropy_fwd(view, target, weight, torch.tensor([2.0, 4.0], device=DEV), view, **opts)
     assert torch.equal(loss, loss2) and torch.equal(view, grad)
     assert (buf[:, v:] == 7.0).all()
     # summed inside the launch (every program of a split row counts towards its row): the same gradient
     grad3 = torch.empty_like(logits)
-    total = cross_entropy_fwd(logits, target, weight, torch.tensor([0.5, 0.25], device=DEV), grad3, reduce=True,
+    total = cross_entropy_fwd(logits, target, weight, torch.tensor([2.0, 4.0], device=DEV), grad3, reduce=True,
                               **opts)
     assert total.shape == () and torch.equal(grad3, grad)
     torch.testing.assert_close(total, loss.sum(), rtol=1e-6, atol=0)
@@ -412,12 +413,12 @@ def test_reduce_inside_the_launch(loss_dtype, small_sum_groups):
                            rows.to(loss_dtype))
 
 
-def test_scales_none_one_or_two_values():
-    """scales=None multiplies by 1 without a tensor; one value serves both terms."""
+def test_divisors_none_one_or_two_values():
+    """divisors=None divides by 1 without a tensor; one value serves both terms."""
     logits, target = make(4, 300, torch.float32, ignore=1)
     opts = dict(z_loss=1e-2, label_smoothing=0.1)
-    for scales, same in ((None, (1.0, 1.0)), ((0.25,), (0.25, 0.25))):
-        sc = None if scales is None else torch.tensor(scales, device=DEV)
+    for divisors, same in ((None, (1.0, 1.0)), ((4.0,), (0.25, 0.25))):
+        sc = None if divisors is None else torch.tensor(divisors, device=DEV)
         grad = torch.empty_like(logits)
         loss = cross_entropy_fwd(logits, target, None, sc, grad, **opts)
         ref_loss, ref_grad = run(logits, target, None, same, **opts)
