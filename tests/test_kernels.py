@@ -577,19 +577,32 @@ def test_cuda_graph_capture():
     t = labels(256, 5000, ignore=8)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
+    y = logits(1 << 20).requires_grad_()  # a reduced elementwise loss too: both sum inside the launch
     with torch.cuda.stream(s):                        # warm up (compiles the kernels) off the graph
         fastloss.cross_entropy(x, t).backward()
+        fastloss.huber_loss(y, torch.zeros_like(y)).backward()
     torch.cuda.current_stream().wait_stream(s)
-    x.grad = None
+    x.grad = y.grad = None
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         loss = fastloss.cross_entropy(x, t)
         loss.backward()
-    x.data.copy_(logits(256, 5000))
-    graph.replay()
-    torch.cuda.synchronize()
-    expected_x = x.detach().clone().requires_grad_()
-    expected = F.cross_entropy(expected_x, t)
-    expected.backward()
-    torch.testing.assert_close(loss, expected)
-    torch.testing.assert_close(x.grad, expected_x.grad)
+        h = fastloss.huber_loss(y, torch.zeros_like(y))
+        h.backward()
+    # Replayed more than once, with eager launches (and their own counters) in between: the graph
+    # zeroes the counters it captured, and the eager launches leave theirs at zero.
+    for _ in range(2):
+        x.data.copy_(logits(256, 5000))
+        y.data.copy_(logits(1 << 20))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected_x = x.detach().clone().requires_grad_()
+        expected = F.cross_entropy(expected_x, t)
+        expected.backward()
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(x.grad, expected_x.grad)
+        expected_y = y.detach().clone().requires_grad_()
+        F.huber_loss(expected_y, torch.zeros_like(expected_y)).backward()
+        torch.testing.assert_close(h, F.huber_loss(y.detach(), torch.zeros_like(y)))
+        torch.testing.assert_close(y.grad, expected_y.grad)
+        torch.testing.assert_close(fastloss.cross_entropy(x.detach(), t), expected.detach())
