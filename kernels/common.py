@@ -202,11 +202,6 @@ def sum_partials(partials_ptr, part, n_parts, PER_PART, counter_ptr, out_ptr, IN
             tl.store(counter_ptr, 0)
 
 
-def partials_buffer(n_parts: int, device: torch.device) -> Tensor:
-    """fp32 room for ``sum_partials``: n_parts partials, then one sum per group."""
-    return torch.empty(n_parts + triton.cdiv(n_parts, SUM_GROUP.value), dtype=torch.float32, device=device)
-
-
 # Counters per (device, stream): a stream runs its launches one after another, and each launch leaves
 # its counters at zero, so they are zeroed once, not before every launch (which would cost a fill
 # kernel per step). Bounded, in case a program makes a new stream per step.
@@ -234,6 +229,15 @@ def launch_counters(n_parts: int, device: torch.device) -> Tensor:
             _COUNTERS.pop(next(iter(_COUNTERS)))
         counters = _COUNTERS[key] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
     return counters
+
+
+def reduced_output(n_parts: int, like: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """What a launch that ends in ``sum_partials`` over n_parts partials needs, on ``like``'s device:
+    (the 0-dim output in ``dtype``, fp32 room for the partials and then one sum per group, the
+    counters)."""
+    partials = torch.empty(n_parts + triton.cdiv(n_parts, SUM_GROUP.value), dtype=torch.float32,
+                           device=like.device)
+    return like.new_empty((), dtype=dtype), partials, launch_counters(n_parts, like.device)
 
 
 @triton.jit
@@ -268,8 +272,7 @@ def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype) -> t
         if n == 0:  # nothing to launch: the empty sum
             zero = first.new_zeros((), dtype=dtype)
             return n, n_programs, zero, zero, zero
-        return (n, n_programs, first.new_empty((), dtype=dtype), partials_buffer(n_programs, first.device),
-                launch_counters(n_programs, first.device))
+        return n, n_programs, *reduced_output(n_programs, first, dtype)
     out = first.new_empty(first.shape, dtype=loss_dtype or first.dtype)
     return n, n_programs, out, out, out
 

@@ -32,10 +32,9 @@ from .common import (
     exp2,
     expm1,
     interpreting,
-    launch_counters,
     log1p,
     next_power_of_2,
-    partials_buffer,
+    reduced_output,
     row_block,
     sum_partials,
 )
@@ -513,9 +512,7 @@ def cross_entropy_fwd(
     if n_rows == 0:
         return logits.new_zeros((), dtype=loss_dtype) if reduce else logits.new_empty(0, dtype=loss_dtype)
     if reduce:
-        loss = partials_buffer(n_rows, logits.device)
-        out = logits.new_empty((), dtype=loss_dtype)
-        counters = launch_counters(n_rows, logits.device)
+        out, loss, counters = reduced_output(n_rows, logits, loss_dtype)
     else:
         out = loss = logits.new_empty(n_rows, dtype=loss_dtype)
         counters = out  # never touched
