@@ -68,12 +68,14 @@ def _op(name: str, mutates_args: tuple[str, ...] = ()):
     return lambda fn: _Op(name, fn, mutates_args)
 
 
-def _loss_dtype(like: Tensor, fp32_loss: bool) -> torch.dtype:
+def _out_dtype(like: Tensor, fp32_loss: bool) -> torch.dtype:
+    """The loss dtype the launchers write: fp32 when ``fp32_loss`` (16-bit inputs under autocast), else
+    the input's (``functional._loss_dtype`` decides which)."""
     return torch.float32 if fp32_loss else like.dtype
 
 
 def _fake_softmax_loss(logits: Tensor, reduce: bool, fp32_loss: bool) -> Tensor:
-    return logits.new_empty(() if reduce else logits.shape[0], dtype=_loss_dtype(logits, fp32_loss))
+    return logits.new_empty(() if reduce else logits.shape[0], dtype=_out_dtype(logits, fp32_loss))
 
 
 # The softmax launchers return the loss in its output dtype (fp32 when ``fp32_loss``, else the
@@ -88,7 +90,7 @@ def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], 
     with _on(logits):
         loss = cross_entropy_fwd(logits, target, weight, divisors, grad, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
-                                 reduce=reduce, loss_dtype=_loss_dtype(logits, fp32_loss))
+                                 reduce=reduce, loss_dtype=_out_dtype(logits, fp32_loss))
     return loss, grad if grad is not None else _no_grad_buffer(logits)
 
 
@@ -108,7 +110,7 @@ def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[T
     with _on(logits):
         return cross_entropy_fwd(logits, target, weight, divisors, logits, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
-                                 reduce=reduce, loss_dtype=_loss_dtype(logits, fp32_loss))
+                                 reduce=reduce, loss_dtype=_out_dtype(logits, fp32_loss))
 
 
 @_softmax_loss_fwd_inplace.register_fake
@@ -126,12 +128,12 @@ def _huber_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: fl
     gt = torch.empty_like(target) if grad_target else None
     with _on(input):
         loss = huber_fwd(input, target, weight, beta=beta, mul=mul, scale=scale, reduce=reduce,
-                         grad_input=gi, grad_target=gt, loss_dtype=_loss_dtype(input, fp32_loss))
+                         grad_input=gi, grad_target=gt, loss_dtype=_out_dtype(input, fp32_loss))
     return loss, gi if gi is not None else _no_grad_buffer(input), gt if gt is not None else _no_grad_buffer(input)
 
 
 def _fake_elementwise_loss(input: Tensor, reduce: bool, fp32_loss: bool) -> Tensor:
-    return input.new_empty(() if reduce else input.shape, dtype=_loss_dtype(input, fp32_loss))
+    return input.new_empty(() if reduce else input.shape, dtype=_out_dtype(input, fp32_loss))
 
 
 @_huber_fwd.register_fake
@@ -149,7 +151,7 @@ def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, alpha: float, gamma: flo
     gi = torch.empty_like(inputs) if grad_input else None
     with _on(inputs):
         loss = sigmoid_focal_fwd(inputs, targets, alpha=alpha, gamma=gamma, scale=scale, reduce=reduce,
-                                 grad_input=gi, loss_dtype=_loss_dtype(inputs, fp32_loss))
+                                 grad_input=gi, loss_dtype=_out_dtype(inputs, fp32_loss))
     return loss, gi if gi is not None else _no_grad_buffer(inputs)
 
 
