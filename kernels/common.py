@@ -196,8 +196,10 @@ def sum_partials(partials_ptr, part, n_parts, PER_PART, counter_ptr, out_ptr, IN
         if done == n_groups:
             acc = tl.zeros([SUM_GROUP], tl.float32)
             for start in range(0, n_groups, SUM_GROUP):
-                offs = start + tl.arange(0, SUM_GROUP)
-                acc += tl.load(partials_ptr + n_parts + offs, mask=offs < n_groups, other=0.0, volatile=True)
+                # Not named offs: a name bound before a loop is loop-carried, and its type (int64 or
+                # int32, from the part index and n_parts) must not change in the loop.
+                g_offs = start + tl.arange(0, SUM_GROUP)
+                acc += tl.load(partials_ptr + n_parts + g_offs, mask=g_offs < n_groups, other=0.0, volatile=True)
             tl.store(out_ptr, cast_to(tl.sum(acc, axis=0), out_ptr.dtype.element_ty, INTERPRET))
             tl.store(counter_ptr, 0)
 

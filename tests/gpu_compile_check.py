@@ -19,6 +19,7 @@ from fastloss.kernels.focal import _sigmoid_focal_kernel
 from fastloss.kernels.huber import _huber_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
+SIZES = ("n_rows", "n")  # the row / element counts that the reduced variants sum over
 
 
 def compile_variant(kernel, runtime: dict, constexprs: dict, num_warps: int = 8) -> None:
@@ -73,5 +74,10 @@ if __name__ == "__main__":
     for kernel, runtime, constexprs in itertools.chain(cross_entropy_variants(), elementwise_variants()):
         compile_variant(kernel, runtime, constexprs)
         count += 1
+        if constexprs.get("REDUCE"):
+            # Triton types a size below 2^31 as int32 at run time: the in-launch sum mixes it with
+            # int64 indices, so compile that typing too.
+            compile_variant(kernel, {k: "i32" if k in SIZES else v for k, v in runtime.items()}, constexprs)
+            count += 1
     print(f"compiled {count} kernel variants for sm_90")
     sys.exit(0)
