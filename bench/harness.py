@@ -294,9 +294,9 @@ def run_case(
         return rows
 
     if "compile" in providers:
-        import torch._dynamo
+        import torch._dynamo as dynamo  # not `import torch._dynamo`: that makes torch a local name here
 
-        torch._dynamo.reset()  # fresh compile caches for every case (see cases.make_provider)
+        dynamo.reset()  # fresh compile caches for every case (see cases.make_provider)
     status(f"{case.label}: making inputs")
     input_sets = make_input_sets(case, device)
     status(f"{case.label}: reference")

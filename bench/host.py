@@ -138,24 +138,31 @@ def main(argv=None) -> int:
             stack.enter_context(fastloss.use_backend("triton"))
             # The class-index range check runs only on CPU tensors (it would sync on a GPU).
             stack.enter_context(mock.patch.object(functional, "_check_class_range", lambda *a: None))
-        run(device, args)
-    return 0
+        failed = run(device, args)
+    return 1 if failed else 0
 
 
-def run(device: torch.device, args) -> None:
+def run(device: torch.device, args) -> list[str]:
     # Small shapes: the host path does not depend on them (the kernels are stubbed on a CPU).
     cases = steps(device, vocab=1024, n=1 << 16)
     wanted = [w for w in args.cases.split(",") if w]
     where = "issue time" if device.type == "cuda" else "launches stubbed"
     print(f"{'case':20} {'aten ops':>8} {'launching':>9} {'triton':>6} {'host µs':>8}  ({where}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__})")
+    failed = []
     for name, (inputs, fn) in cases.items():
         if wanted and not any(w in name for w in wanted):
             continue
-        r = measure(name, inputs, fn, device, args.reps)
+        try:
+            r = measure(name, inputs, fn, device, args.reps)
+        except Exception as exc:  # report it and go on with the other losses
+            failed.append(name)
+            print(f"{name:20} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
+            continue
         launching = ", ".join(f"{k}×{v}" if v > 1 else k for k, v in sorted(r["ops"].items()) if k not in NO_LAUNCH)
         print(f"{name:20} {r['aten_ops']:8d} {r['aten_launching']:9d} {r['triton']:6d} {r['host_us']:8.1f}  {launching}",
               flush=True)
+    return failed
 
 
 if __name__ == "__main__":
