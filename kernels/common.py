@@ -168,30 +168,45 @@ SUM_GROUP = tl.constexpr(1024)
 
 
 @triton.jit
-def sum_partials(partials_ptr, part, n_parts, PER_PART, counter_ptr, out_ptr, INTERPRET: tl.constexpr):
-    """The launch's reduced loss, written to ``out_ptr`` (its dtype) by its last program, so that no
-    sum (and no cast) runs after the kernel.
+def arrive(partials_ptr, part, value, counter_ptr):
+    """Step 1 of an in-launch sum: store this program's fp32 partial ``value`` at ``partials_ptr +
+    part`` and count it in its group. Returns the arrival number, for ``sum_partials`` at the end of
+    the program.
 
-    Every program calls this after storing its fp32 partial (if it has one) at ``partials_ptr +
-    part``; PER_PART programs contribute to each of the n_parts partials. The partials are summed in
-    groups of SUM_GROUP: the last program to arrive in a group sums it into ``partials_ptr + n_parts +
-    group``, and the last group to finish sums the group sums. Fixed orders throughout, so the result
-    is bitwise deterministic; no program ever waits. ``counter_ptr``: int32 [1 + groups], zero at the
-    launch (``launch_counters``), and zero again when it ends: each counter is reset by the program
-    that saw it complete.
+    Call it as soon as the partial is known and before the program's other stores (the gradient):
+    the release makes the partial visible before the count, and it waits for the program's earlier
+    stores to complete, so it must not wait for a whole block of gradient stores (that wait, at the
+    end of every program, cost up to 40% of a launch with one program per SM). The atomic's result
+    is only needed at the end, so the stores in between overlap its round trip.
+    """
+    tl.store(partials_ptr + part, value)
+    tl.debug_barrier()  # every thread's partial store before the release
+    return tl.atomic_add(counter_ptr + 1 + part // SUM_GROUP, 1, sem="release") + 1
+
+
+@triton.jit
+def sum_partials(arrived, partials_ptr, part, n_parts, counter_ptr, out_ptr, INTERPRET: tl.constexpr):
+    """Step 2 of an in-launch sum: the launch's reduced loss, written to ``out_ptr`` (its dtype) by
+    its last program, so that no sum (and no cast) runs after the kernel.
+
+    ``arrived``: what ``arrive`` returned for part ``part`` (0 for a program that stored no partial).
+    The n_parts partials are summed in groups of SUM_GROUP: the program that arrived last in a group
+    sums it into ``partials_ptr + n_parts + group``, and the last group to finish sums the group sums.
+    Fixed orders throughout, so the result is bitwise deterministic; no program ever waits.
+    ``counter_ptr``: int32 [1 + groups], zero at the launch (``launch_counters``), and zero again when
+    it ends: each counter is reset by the program that saw it complete.
     """
     group = part // SUM_GROUP
     first = group * SUM_GROUP
-    n_groups = tl.cdiv(n_parts, SUM_GROUP)
-    expected = tl.minimum(n_parts - first, SUM_GROUP) * PER_PART
-    tl.debug_barrier()  # every thread's partial store before the release
-    arrived = tl.atomic_add(counter_ptr + 1 + group, 1, sem="acq_rel") + 1
-    if arrived == expected:
+    if arrived == tl.minimum(n_parts - first, SUM_GROUP):
+        # The reset is also the acquire: the group's partials, released before their counts, are
+        # visible from here on.
+        tl.atomic_xchg(counter_ptr + 1 + group, 0, sem="acq_rel")
         offs = first + tl.arange(0, SUM_GROUP)
         s = tl.sum(tl.load(partials_ptr + offs, mask=offs < n_parts, other=0.0, volatile=True), axis=0)
         tl.store(partials_ptr + n_parts + group, s)
-        tl.store(counter_ptr + 1 + group, 0)
         tl.debug_barrier()
+        n_groups = tl.cdiv(n_parts, SUM_GROUP)
         done = tl.atomic_add(counter_ptr, 1, sem="acq_rel") + 1
         if done == n_groups:
             acc = tl.zeros([SUM_GROUP], tl.float32)
@@ -243,14 +258,16 @@ def reduced_output(n_parts: int, like: Tensor, dtype: torch.dtype) -> tuple[Tens
 
 
 @triton.jit
-def store_loss(out_ptr, partials_ptr, offs, mask, loss, REDUCE: tl.constexpr, INTERPRET: tl.constexpr):
+def store_loss(out_ptr, partials_ptr, counter_ptr, offs, mask, loss, REDUCE: tl.constexpr, INTERPRET: tl.constexpr):
     """Elementwise kernels' loss output: the per-element loss in out_ptr's dtype, or (REDUCE) this
-    program's fp32 partial sum, which the kernel hands to sum_partials as its last step (so that the
-    atomic's round trip comes after every other store of the program)."""
+    program's fp32 partial sum, handed to ``arrive``; returns its arrival number for the program's
+    last step, ``sum_partials`` (0 without REDUCE). Call it before storing the gradients."""
     if REDUCE:
-        tl.store(partials_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
+        arrived = arrive(partials_ptr, tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0), counter_ptr)
     else:
         tl.store(out_ptr + offs, cast_to(loss, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        arrived = 0
+    return arrived
 
 
 def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype) -> tuple[int, int, Tensor, Tensor, Tensor]:

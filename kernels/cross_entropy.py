@@ -28,6 +28,7 @@ from torch import Tensor
 
 from .common import (
     LOG2E,
+    arrive,
     cast_to,
     exp2,
     expm1,
@@ -366,7 +367,12 @@ def _cross_entropy_kernel(
     # ignored rows: 0 * ce_scale (NaN when the mean's scale is 1/0); out-of-range targets: NaN
     nan = float("nan")
     loss = tl.where(live, loss, tl.where(ignored, 0.0 * ce_scale, nan))
-    if seg == 0:
+    if REDUCE:
+        # One partial per row, from its first segment, counted before the gradient's stores (arrive)
+        arrived = 0
+        if seg == 0:
+            arrived = arrive(loss_ptr, row, loss, counter_ptr)
+    elif seg == 0:
         tl.store(loss_ptr + row, cast_to(loss, loss_ptr.dtype.element_ty, INTERPRET))
 
     # ---- sweep 2: the gradient --------------------------------------------------------------------
@@ -417,8 +423,8 @@ def _cross_entropy_kernel(
             tl.debug_barrier()
             tl.store(g_row + y, cast_to(g_y, out_ty, INTERPRET), mask=(y >= lo) & (y < hi))
     if REDUCE:
-        # Last: the atomic's round trip comes after every other store of the program.
-        sum_partials(loss_ptr, row, n_rows, SEGMENTS, counter_ptr, sum_ptr, INTERPRET)
+        # Last: the gradient's stores overlapped the round trip of arrive's atomic.
+        sum_partials(arrived, loss_ptr, row, n_rows, counter_ptr, sum_ptr, INTERPRET)
 
 
 @dataclass(frozen=True)

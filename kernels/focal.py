@@ -88,17 +88,19 @@ def _sigmoid_focal_kernel(
     k = k1 * t + k0  # scale * a_t
     kq = k * qg
     loss = ce * kq
-    store_loss(out_ptr, partials_ptr, offs, mask, loss, REDUCE, INTERPRET)
-
     if WRITE_GRAD_INPUT:
         p_minus_t = p * (1.0 - t) - omp * t  # = p - t, exact for hard labels
         # p(1-p)/q in [0, 1]. A q below 1e-30 (the reciprocal of a denormal overflows) comes from a
         # hard label on a saturated logit, where the ratio is max(p, 1-p) (p/1 or (1-p)/1 to fp32).
         h = tl.where(q > 1e-30, p * omp * rcp(q_safe, INTERPRET), tl.maximum(p, omp))
-        g = kq * (p_minus_t - gamma * ce * h * (2.0 * t - 1.0))
-        tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        g = cast_to(kq * (p_minus_t - gamma * ce * h * (2.0 * t - 1.0)), gx_ptr.dtype.element_ty, INTERPRET)
+    # The gradient is computed (and cast) first, so that only it stays live across arrive (REDUCE),
+    # which must come before the gradient's stores
+    arrived = store_loss(out_ptr, partials_ptr, counter_ptr, offs, mask, loss, REDUCE, INTERPRET)
+    if WRITE_GRAD_INPUT:
+        tl.store(gx_ptr + offs, g, mask=mask)
     if REDUCE:
-        sum_partials(partials_ptr, tl.program_id(0), tl.num_programs(0), 1, counter_ptr, out_ptr, INTERPRET)
+        sum_partials(arrived, partials_ptr, tl.program_id(0), tl.num_programs(0), counter_ptr, out_ptr, INTERPRET)
 
 
 def sigmoid_focal_fwd(

@@ -77,15 +77,18 @@ def _huber_kernel(
     else:
         cw = c
     loss = loss * cw
-    store_loss(out_ptr, partials_ptr, offs, mask, loss, REDUCE, INTERPRET)
-    if WRITE_GRAD_INPUT or WRITE_GRAD_TARGET:
-        g = grad * cw
-        if WRITE_GRAD_INPUT:
-            tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, INTERPRET), mask=mask)
-        if WRITE_GRAD_TARGET:
-            tl.store(gy_ptr + offs, cast_to(-g, gy_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    # The gradients are computed (and cast) first, so that only they stay live across arrive
+    # (REDUCE), which must come before their stores
+    g = grad * cw
+    gx = cast_to(g, gx_ptr.dtype.element_ty, INTERPRET)
+    gy = cast_to(-g, gy_ptr.dtype.element_ty, INTERPRET)
+    arrived = store_loss(out_ptr, partials_ptr, counter_ptr, offs, mask, loss, REDUCE, INTERPRET)
+    if WRITE_GRAD_INPUT:
+        tl.store(gx_ptr + offs, gx, mask=mask)
+    if WRITE_GRAD_TARGET:
+        tl.store(gy_ptr + offs, gy, mask=mask)
     if REDUCE:
-        sum_partials(partials_ptr, tl.program_id(0), tl.num_programs(0), 1, counter_ptr, out_ptr, INTERPRET)
+        sum_partials(arrived, partials_ptr, tl.program_id(0), tl.num_programs(0), counter_ptr, out_ptr, INTERPRET)
 
 
 def huber_fwd(
