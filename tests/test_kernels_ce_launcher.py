@@ -387,11 +387,13 @@ def test_launch_configs(config, v, kind):
     loss2 = cross_entropy_fwd(view, target, weight, torch.tensor([2.0, 4.0], device=DEV), view, **opts)
     assert torch.equal(loss, loss2) and torch.equal(view, grad)
     assert (buf[:, v:] == 7.0).all()
-    # summed inside the launch (every program of a split row counts towards its row): the same gradient
+    # summed inside the launch (one partial per row, from its first segment): the same gradient, up to
+    # the roundings of another compiled variant (on a GPU its fused multiply-adds may differ)
     grad3 = torch.empty_like(logits)
     total = cross_entropy_fwd(logits, target, weight, torch.tensor([2.0, 4.0], device=DEV), grad3, reduce=True,
                               **opts)
-    assert total.shape == () and torch.equal(grad3, grad)
+    assert total.shape == ()
+    torch.testing.assert_close(grad3, grad, rtol=20 * ULP[torch.float32], atol=1e-7)  # as check()
     torch.testing.assert_close(total, loss.sum(), rtol=1e-6, atol=0)
 
 
