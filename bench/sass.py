@@ -75,8 +75,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sass", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--reduce", action="store_true",
-                        help="compile the reduced-loss variants: they add the tail of sum_partials, which only "
-                             "the last program of each group runs, so the per-element counts overstate them")
+                        help="compile the elementwise kernels' reduced-loss variants (one partial per program)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile")
@@ -89,12 +88,11 @@ def main(argv=None) -> int:
     ce_sig = {"logits_ptr": f"*{dt}", "logits_stride": "i64", "target_ptr": "*i64", "target_stride": "i64",
               "weight_ptr": "*fp32", "div_ptr": "*fp32", "z_index": "i32", "grad_ptr": f"*{dt}",
               "grad_stride": "i64",
-              "loss_ptr": "*fp32", "sum_ptr": f"*{dt}", "counter_ptr": "*i32", "n_rows": "i64", "sync_ptr": "*i32", "stats_ptr": "*fp32", "V": "i32", "seg_len": "i32",
+              "loss_ptr": "*fp32", "sync_ptr": "*i32", "stats_ptr": "*fp32", "V": "i32", "seg_len": "i32",
               "ignore_index": "i64", "eps": "fp32", "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32",
               "gamma": "fp32"}
     plain = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, PROB=False, FOCAL=False,
-                 WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, REVERSE=True,
-                 REDUCE=args.reduce)
+                 WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, REVERSE=True)
     for block, warps, single, split, segs in [(8192, 8, False, False, 1), (8192, 8, True, True, 16),
                                               (16384, 16, True, True, 8), (1024, 2, True, False, 1)]:
         c = compile_sm90(_cross_entropy_kernel, ce_sig,
@@ -102,7 +100,7 @@ def main(argv=None) -> int:
                          aligned=("logits_stride", "grad_stride", "V", "seg_len"))
         report(f"cross-entropy BLOCK={block} warps={warps} single={single} split={split}", c,
                block // (32 * warps) if single else None)
-    out = {"out_ptr": f"*{dt}", "partials_ptr": "*fp32", "counter_ptr": "*i32"}
+    out = {"out_ptr": "*fp32" if args.reduce else f"*{dt}"}
     ew = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}", **out, "gx_ptr": f"*{dt}",
           "gy_ptr": f"*{dt}", "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32"}
     for block, warps in [(4096, 8), (8192, 8), (16384, 16)]:

@@ -79,7 +79,8 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, fp32_loss: bool) -> Tensor:
 
 
 # The softmax launchers return the loss in its output dtype (fp32 when ``fp32_loss``, else the
-# logits'), per row or (``reduce``) summed inside the launch: no sum or cast runs after the kernel.
+# logits'), per row or (``reduce``) summed: the launcher sums the kernel's fp32 partials and casts the
+# sum once, only if the dtype differs.
 @_op("softmax_loss_fwd")
 def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Optional[Tensor],
                       write_grad: bool, reduce: bool, fp32_loss: bool, ignore_index: int, label_smoothing: float,

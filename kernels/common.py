@@ -158,125 +158,29 @@ def load_block_pair(a_ptr, b_ptr, n, BLOCK: tl.constexpr):
     return offs, mask, a, b
 
 
-# --------------------------------------------------------------------------------------------------
-# Reductions inside the launch: the last programs sum the partials
-# --------------------------------------------------------------------------------------------------
-
-# Partials per group in sum_partials: each group's sum, and the sum of the group sums, is one load of
-# this many values (a short tail at the end of the launch, whatever the number of partials).
-SUM_GROUP = tl.constexpr(1024)
-
-
-@triton.jit
-def arrive(partials_ptr, part, value, counter_ptr):
-    """Step 1 of an in-launch sum: store this program's fp32 partial ``value`` at ``partials_ptr +
-    part`` and count it in its group. Returns the arrival number, for ``sum_partials`` at the end of
-    the program.
-
-    Call it as soon as the partial is known and before the program's other stores (the gradient):
-    the release makes the partial visible before the count, and it waits for the program's earlier
-    stores to complete, so it must not wait for a whole block of gradient stores (that wait, at the
-    end of every program, cost up to 40% of a launch with one program per SM). The atomic's result
-    is only needed at the end, so the stores in between overlap its round trip.
-    """
-    tl.store(partials_ptr + part, value)
-    tl.debug_barrier()  # every thread's partial store before the release
-    return tl.atomic_add(counter_ptr + 1 + part // SUM_GROUP, 1, sem="release") + 1
+def reduce_partials(partials: Tensor, dtype: torch.dtype) -> Tensor:
+    """The reduced loss from a launch's fp32 partials (one per program or per row): summed by torch in
+    a fixed order, so deterministic (an empty sum is 0), and cast to ``dtype`` only if it differs (a
+    0-dim cast is one more launch)."""
+    total = partials.sum()
+    return total if dtype == torch.float32 else total.to(dtype)
 
 
 @triton.jit
-def sum_partials(arrived, partials_ptr, part, n_parts, counter_ptr, out_ptr, INTERPRET: tl.constexpr):
-    """Step 2 of an in-launch sum: the launch's reduced loss, written to ``out_ptr`` (its dtype) by
-    its last program, so that no sum (and no cast) runs after the kernel.
-
-    ``arrived``: what ``arrive`` returned for part ``part`` (0 for a program that stored no partial).
-    The n_parts partials are summed in groups of SUM_GROUP: the program that arrived last in a group
-    sums it into ``partials_ptr + n_parts + group``, and the last group to finish sums the group sums.
-    Fixed orders throughout, so the result is bitwise deterministic; no program ever waits.
-    ``counter_ptr``: int32 [1 + groups], zero at the launch (``launch_counters``), and zero again when
-    it ends: each counter is reset by the program that saw it complete.
-    """
-    group = part // SUM_GROUP
-    first = group * SUM_GROUP
-    if arrived == tl.minimum(n_parts - first, SUM_GROUP):
-        # The reset is also the acquire: the group's partials, released before their counts, are
-        # visible from here on.
-        tl.atomic_xchg(counter_ptr + 1 + group, 0, sem="acq_rel")
-        offs = first + tl.arange(0, SUM_GROUP)
-        s = tl.sum(tl.load(partials_ptr + offs, mask=offs < n_parts, other=0.0, volatile=True), axis=0)
-        tl.store(partials_ptr + n_parts + group, s)
-        tl.debug_barrier()
-        n_groups = tl.cdiv(n_parts, SUM_GROUP)
-        done = tl.atomic_add(counter_ptr, 1, sem="acq_rel") + 1
-        if done == n_groups:
-            acc = tl.zeros([SUM_GROUP], tl.float32)
-            for start in range(0, n_groups, SUM_GROUP):
-                # Not named offs: a name bound before a loop is loop-carried, and its type (int64 or
-                # int32, from the part index and n_parts) must not change in the loop.
-                g_offs = start + tl.arange(0, SUM_GROUP)
-                acc += tl.load(partials_ptr + n_parts + g_offs, mask=g_offs < n_groups, other=0.0, volatile=True)
-            tl.store(out_ptr, cast_to(tl.sum(acc, axis=0), out_ptr.dtype.element_ty, INTERPRET))
-            tl.store(counter_ptr, 0)
-
-
-# Counters per (device, stream): a stream runs its launches one after another, and each launch leaves
-# its counters at zero, so they are zeroed once, not before every launch (which would cost a fill
-# kernel per step). Bounded, in case a program makes a new stream per step.
-_COUNTERS: dict = {}
-_MAX_COUNTER_SETS = 64
-
-
-def launch_counters(n_parts: int, device: torch.device) -> Tensor:
-    """int32 zeros for ``sum_partials`` over n_parts partials, which the launch leaves at zero.
-
-    While a CUDA graph is being captured they are allocated (and zeroed) afresh, so that the zeroing
-    is captured with the launch: each replay starts from zero whatever else ran on the stream.
-    """
-    n = 1 + triton.cdiv(n_parts, SUM_GROUP.value)
-    if device.type == "cuda":
-        if torch.cuda.is_current_stream_capturing():
-            return torch.zeros(n, dtype=torch.int32, device=device)
-        key = (device.index, torch.cuda.current_stream(device).cuda_stream)
-    else:
-        key = (device.type, device.index)
-    counters = _COUNTERS.get(key)
-    if counters is None or counters.numel() < n:
-        if len(_COUNTERS) >= _MAX_COUNTER_SETS:
-            # Freed in stream order: only that stream's later work can reuse the memory.
-            _COUNTERS.pop(next(iter(_COUNTERS)))
-        counters = _COUNTERS[key] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
-    return counters
-
-
-def reduced_output(n_parts: int, like: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """What a launch that ends in ``sum_partials`` over n_parts partials needs, on ``like``'s device:
-    (the 0-dim output in ``dtype``, fp32 room for the partials and then one sum per group, the
-    counters)."""
-    partials = torch.empty(n_parts + triton.cdiv(n_parts, SUM_GROUP.value), dtype=torch.float32,
-                           device=like.device)
-    return like.new_empty((), dtype=dtype), partials, launch_counters(n_parts, like.device)
-
-
-@triton.jit
-def store_loss(out_ptr, partials_ptr, counter_ptr, offs, mask, loss, REDUCE: tl.constexpr, INTERPRET: tl.constexpr):
-    """Elementwise kernels' loss output: the per-element loss in out_ptr's dtype, or (REDUCE) this
-    program's fp32 partial sum, handed to ``arrive``; returns its arrival number for the program's
-    last step, ``sum_partials`` (0 without REDUCE). Call it before storing the gradients."""
+def store_loss(out_ptr, offs, mask, loss, REDUCE: tl.constexpr, INTERPRET: tl.constexpr):
+    """Elementwise kernels' loss output: the per-element loss in out_ptr's dtype, or (REDUCE) one
+    fp32 partial sum per program, which the launcher sums (``reduce_partials``; no atomics)."""
     if REDUCE:
-        arrived = arrive(partials_ptr, tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0), counter_ptr)
+        tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
     else:
         tl.store(out_ptr + offs, cast_to(loss, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
-        arrived = 0
-    return arrived
 
 
-def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype) -> tuple[int, int, Tensor, Tensor, Tensor]:
+def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype) -> tuple[int, int, Tensor]:
     """Host side of the elementwise launchers. Checks that the given tensors (``None`` entries are
     skipped; the first is the input) are contiguous with the input's element count, and allocates
     the loss output: the elementwise loss (input's shape, ``loss_dtype`` or else input's dtype), or
-    with ``reduce`` a scalar (``loss_dtype`` or else fp32) with its partials and counters (see
-    ``sum_partials``; without ``reduce`` both are the output, never touched). Returns (n, number of
-    programs, output, partials, counters)."""
+    with ``reduce`` one fp32 partial sum per program. Returns (n, number of programs, output)."""
     given = [(name, t) for name, t in named.items() if t is not None]
     first_name, first = given[0]
     n = first.numel()
@@ -287,13 +191,8 @@ def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype) -> t
             raise ValueError(f"{fn}: {name} must be contiguous")
     n_programs = triton.cdiv(n, ELEMENTWISE_BLOCK)
     if reduce:
-        dtype = loss_dtype or torch.float32
-        if n == 0:  # nothing to launch: the empty sum
-            zero = first.new_zeros((), dtype=dtype)
-            return n, n_programs, zero, zero, zero
-        return n, n_programs, *reduced_output(n_programs, first, dtype)
-    out = first.new_empty(first.shape, dtype=loss_dtype or first.dtype)
-    return n, n_programs, out, out, out
+        return n, n_programs, first.new_empty(n_programs, dtype=torch.float32)
+    return n, n_programs, first.new_empty(first.shape, dtype=loss_dtype or first.dtype)
 
 
 def interpreting() -> bool:

@@ -28,16 +28,14 @@ from torch import Tensor
 
 from .common import (
     LOG2E,
-    arrive,
     cast_to,
     exp2,
     expm1,
     interpreting,
     log1p,
     next_power_of_2,
-    reduced_output,
+    reduce_partials,
     row_block,
-    sum_partials,
 )
 from .common import softcap as _softcap
 
@@ -174,10 +172,7 @@ def _cross_entropy_kernel(
     z_index,
     grad_ptr,
     grad_stride,
-    loss_ptr,  # each row's loss: fp32 partials for sum_partials when REDUCE, else the output (its dtype)
-    sum_ptr,  # REDUCE: the scalar output, the sum of the rows' losses (its dtype)
-    counter_ptr,  # REDUCE: int32 counters for sum_partials, zero at the launch and left at zero
-    n_rows,
+    loss_ptr,  # each row's loss, in its dtype (fp32 when the launcher sums the rows)
     sync_ptr,  # SPLIT: int32 [1 + N], zeroed: the ticket counter, then each row's arrival count
     stats_ptr,  # SPLIT: fp32 [N, SEGMENTS, STATS]: each segment's m, t, sa, d, x_y part
     V,
@@ -204,7 +199,6 @@ def _cross_entropy_kernel(
     SPLIT: tl.constexpr,  # SEGMENTS programs share each row
     SEGMENTS: tl.constexpr,
     REVERSE: tl.constexpr,  # sweep 2 walks the chunks last to first: the most recently read first
-    REDUCE: tl.constexpr,  # sum the rows' losses inside the launch (sum_partials)
 ):
     if SPLIT:
         # Programs take tickets in the order they start, and ticket k is segment k % SEGMENTS of row
@@ -367,12 +361,7 @@ def _cross_entropy_kernel(
     # ignored rows: 0 * ce_scale (NaN when the mean's scale is 1/0); out-of-range targets: NaN
     nan = float("nan")
     loss = tl.where(live, loss, tl.where(ignored, 0.0 * ce_scale, nan))
-    if REDUCE:
-        # One partial per row, from its first segment, counted before the gradient's stores (arrive)
-        arrived = 0
-        if seg == 0:
-            arrived = arrive(loss_ptr, row, loss, counter_ptr)
-    elif seg == 0:
+    if seg == 0:
         tl.store(loss_ptr + row, cast_to(loss, loss_ptr.dtype.element_ty, INTERPRET))
 
     # ---- sweep 2: the gradient --------------------------------------------------------------------
@@ -422,9 +411,6 @@ def _cross_entropy_kernel(
                 g_y = g_y * (1.0 - th * th)
             tl.debug_barrier()
             tl.store(g_row + y, cast_to(g_y, out_ty, INTERPRET), mask=(y >= lo) & (y < hi))
-    if REDUCE:
-        # Last: the gradient's stores overlapped the round trip of arrive's atomic.
-        sum_partials(arrived, loss_ptr, row, n_rows, counter_ptr, sum_ptr, INTERPRET)
 
 
 @dataclass(frozen=True)
@@ -485,7 +471,7 @@ def cross_entropy_fwd(
 
     Returns the (N,) loss in ``loss_dtype``: ce_scale * loss_ce + z_scale * z_loss * lse^2 per row.
     With ``reduce``, the 0-dim sum of those losses instead, in ``loss_dtype``, summed in fp32 in a
-    fixed order inside the launch (the rows' fp32 losses are a temporary). Ignored rows give
+    fixed order (the rows' fp32 losses are a temporary, summed by torch). Ignored rows give
     0 * ce_scale and a zero gradient row; out-of-range targets give NaN (loss and gradient row).
     """
     if logits.dim() != 2:
@@ -517,11 +503,7 @@ def cross_entropy_fwd(
 
     if n_rows == 0:
         return logits.new_zeros((), dtype=loss_dtype) if reduce else logits.new_empty(0, dtype=loss_dtype)
-    if reduce:
-        out, loss, counters = reduced_output(n_rows, logits, loss_dtype)
-    else:
-        out = loss = logits.new_empty(n_rows, dtype=loss_dtype)
-        counters = out  # never touched
+    loss = logits.new_empty(n_rows, dtype=torch.float32 if reduce else loss_dtype)
     cfg = config or launch_config(logits, grad is not None)
     split = cfg.segments > 0
     segments = max(cfg.segments, 1)
@@ -543,9 +525,6 @@ def cross_entropy_fwd(
         grad if grad is not None else logits,
         grad.stride(0) if grad is not None else 0,
         loss,
-        out,
-        counters,
-        n_rows,
         sync,
         stats,
         n_cols,
@@ -572,7 +551,6 @@ def cross_entropy_fwd(
         SPLIT=split,
         SEGMENTS=segments,
         REVERSE=cfg.reverse,
-        REDUCE=reduce,
         num_warps=cfg.num_warps,
     )
-    return out
+    return reduce_partials(loss, loss_dtype) if reduce else loss

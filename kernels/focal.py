@@ -32,8 +32,8 @@ from .common import (
     log2,
     num_warps_for,
     rcp,
+    reduce_partials,
     store_loss,
-    sum_partials,
 )
 
 BLOCK = ELEMENTWISE_BLOCK
@@ -46,9 +46,7 @@ MAX_INT_GAMMA = 4
 def _sigmoid_focal_kernel(
     x_ptr,
     t_ptr,
-    out_ptr,  # elementwise loss (loss_dtype), or when REDUCE the scalar sum (loss_dtype)
-    partials_ptr,  # REDUCE: fp32, one partial sum per program, then one per group (sum_partials)
-    counter_ptr,  # REDUCE: int32 counters, zero at the launch and left at zero
+    out_ptr,  # elementwise loss (loss_dtype), or when REDUCE one fp32 partial sum per program
     gx_ptr,
     n,
     k1,  # scale * a_t = k1 * t + k0: k1 = scale (2 alpha - 1), k0 = scale (1 - alpha); without
@@ -88,19 +86,15 @@ def _sigmoid_focal_kernel(
     k = k1 * t + k0  # scale * a_t
     kq = k * qg
     loss = ce * kq
+    store_loss(out_ptr, offs, mask, loss, REDUCE, INTERPRET)
+
     if WRITE_GRAD_INPUT:
         p_minus_t = p * (1.0 - t) - omp * t  # = p - t, exact for hard labels
         # p(1-p)/q in [0, 1]. A q below 1e-30 (the reciprocal of a denormal overflows) comes from a
         # hard label on a saturated logit, where the ratio is max(p, 1-p) (p/1 or (1-p)/1 to fp32).
         h = tl.where(q > 1e-30, p * omp * rcp(q_safe, INTERPRET), tl.maximum(p, omp))
-        g = cast_to(kq * (p_minus_t - gamma * ce * h * (2.0 * t - 1.0)), gx_ptr.dtype.element_ty, INTERPRET)
-    # The gradient is computed (and cast) first, so that only it stays live across arrive (REDUCE),
-    # which must come before the gradient's stores
-    arrived = store_loss(out_ptr, partials_ptr, counter_ptr, offs, mask, loss, REDUCE, INTERPRET)
-    if WRITE_GRAD_INPUT:
-        tl.store(gx_ptr + offs, g, mask=mask)
-    if REDUCE:
-        sum_partials(arrived, partials_ptr, tl.program_id(0), tl.num_programs(0), counter_ptr, out_ptr, INTERPRET)
+        g = kq * (p_minus_t - gamma * ce * h * (2.0 * t - 1.0))
+        tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def sigmoid_focal_fwd(
@@ -122,11 +116,11 @@ def sigmoid_focal_fwd(
 
     Returns the elementwise loss (inputs' shape; ``loss_dtype``, by default inputs' dtype) when
     ``reduce`` is False, else a 0-dim tensor (``loss_dtype``, by default fp32) holding the sum of the
-    scaled losses, summed in fp32 in a fixed order inside the launch.
+    scaled losses, summed in fp32 in a fixed order (one partial per program, then torch's sum).
     grad_input, when given, is overwritten with d(loss)/d(inputs) * scale in its own dtype (for
     reduce=False: the gradient of the summed loss).
     """
-    n, n_programs, out, partials, counters = elementwise_loss_output(
+    n, n_programs, out = elementwise_loss_output(
         "sigmoid_focal_fwd", {"inputs": inputs, "targets": targets, "grad_input": grad_input}, reduce,
         loss_dtype)
     gamma = float(gamma)
@@ -138,8 +132,6 @@ def sigmoid_focal_fwd(
             inputs,
             targets,
             out,
-            partials,
-            counters,
             grad_input if grad_input is not None else inputs,  # placeholder, never touched
             n,
             (2.0 * alpha - 1.0) * scale if use_alpha else 0.0,
@@ -152,4 +144,4 @@ def sigmoid_focal_fwd(
             INTERPRET=interpreting(),
             num_warps=num_warps_for(BLOCK),
         )
-    return out
+    return reduce_partials(out, loss_dtype or torch.float32) if reduce else out

@@ -23,8 +23,8 @@ from .common import (
     interpreting,
     load_block_pair,
     num_warps_for,
+    reduce_partials,
     store_loss,
-    sum_partials,
 )
 
 BLOCK = ELEMENTWISE_BLOCK
@@ -35,9 +35,7 @@ def _huber_kernel(
     x_ptr,
     y_ptr,
     w_ptr,
-    out_ptr,  # elementwise loss (loss_dtype), or when REDUCE the scalar sum (loss_dtype)
-    partials_ptr,  # REDUCE: fp32, one partial sum per program, then one per group (sum_partials)
-    counter_ptr,  # REDUCE: int32 counters, zero at the launch and left at zero
+    out_ptr,  # elementwise loss (loss_dtype), or when REDUCE one fp32 partial sum per program
     gx_ptr,
     gy_ptr,
     n,
@@ -77,19 +75,13 @@ def _huber_kernel(
     else:
         cw = c
     loss = loss * cw
-    # The gradients are computed (and cast) first, so that only they stay live across arrive
-    # (REDUCE), which must come before their stores
-    g = grad * cw
-    gx = cast_to(g, gx_ptr.dtype.element_ty, INTERPRET)
-    gy = cast_to(-g, gy_ptr.dtype.element_ty, INTERPRET)
-    arrived = store_loss(out_ptr, partials_ptr, counter_ptr, offs, mask, loss, REDUCE, INTERPRET)
-    if WRITE_GRAD_INPUT:
-        tl.store(gx_ptr + offs, gx, mask=mask)
-    if WRITE_GRAD_TARGET:
-        tl.store(gy_ptr + offs, gy, mask=mask)
-    if REDUCE:
-        sum_partials(arrived, partials_ptr, tl.program_id(0), tl.num_programs(0), counter_ptr, out_ptr, INTERPRET)
-
+    store_loss(out_ptr, offs, mask, loss, REDUCE, INTERPRET)
+    if WRITE_GRAD_INPUT or WRITE_GRAD_TARGET:
+        g = grad * cw
+        if WRITE_GRAD_INPUT:
+            tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        if WRITE_GRAD_TARGET:
+            tl.store(gy_ptr + offs, cast_to(-g, gy_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 def huber_fwd(
     input: Tensor,
@@ -112,12 +104,12 @@ def huber_fwd(
 
     Returns the elementwise loss (input's shape; ``loss_dtype``, by default input's dtype) when
     ``reduce`` is False, else a 0-dim tensor (``loss_dtype``, by default fp32) holding the sum of the
-    scaled losses, summed in fp32 in a fixed order inside the launch.
+    scaled losses, summed in fp32 in a fixed order (one partial per program, then torch's sum).
     grad_input / grad_target, when given, are overwritten with d(loss)/d(input) * scale and its
     negation (for reduce=False this is the gradient of the summed loss, i.e. grad_output = 1
     everywhere).
     """
-    n, n_programs, out, partials, counters = elementwise_loss_output(
+    n, n_programs, out = elementwise_loss_output(
         "huber_fwd", {"input": input, "target": target, "weight": weight, "grad_input": grad_input,
                       "grad_target": grad_target}, reduce, loss_dtype)
     if n > 0:
@@ -126,8 +118,6 @@ def huber_fwd(
             target,
             weight if weight is not None else input,  # placeholders are never touched
             out,
-            partials,
-            counters,
             grad_input if grad_input is not None else input,
             grad_target if grad_target is not None else input,
             n,
@@ -143,4 +133,4 @@ def huber_fwd(
             WRITE_GRAD_TARGET=grad_target is not None,
             num_warps=num_warps_for(BLOCK),
         )
-    return out
+    return reduce_partials(out, loss_dtype or torch.float32) if reduce else out

@@ -29,17 +29,3 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-@pytest.fixture
-def small_sum_groups(monkeypatch):
-    """The partials per group of the in-launch reductions (kernels/common.py, sum_partials): 4 under
-    the interpreter, which reads the kernels' globals at each call, so that a small test spans many
-    groups; the real SUM_GROUP on a GPU, where the compiled kernels have it built in."""
-    common = pytest.importorskip("fastloss.kernels.common")
-    if CUDA:
-        return common.SUM_GROUP.value
-    import triton.language as tl
-
-    monkeypatch.setattr(common, "SUM_GROUP", tl.constexpr(4))
-    return 4

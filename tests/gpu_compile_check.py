@@ -19,7 +19,6 @@ from fastloss.kernels.focal import _sigmoid_focal_kernel
 from fastloss.kernels.huber import _huber_kernel
 
 TARGET = GPUTarget("cuda", 90, 32)
-SIZES = ("n_rows", "n")  # the row / element counts that the reduced variants sum over
 
 
 def compile_variant(kernel, runtime: dict, constexprs: dict, num_warps: int = 8) -> None:
@@ -33,33 +32,32 @@ def cross_entropy_variants():
         [(0, 0, 0, 0, 0, 0), (0, 1, 1, 1, 0, 1), (1, 1, 1, 1, 0, 1), (0, 0, 0, 1, 1, 1), (1, 0, 0, 0, 0, 0)],
         [(False, False), (True, False), (True, True), (False, True)],
     ):
-        reduce = single  # both with and without SPLIT
         runtime = {"logits_ptr": f"*{dt}", "logits_stride": "i64", "target_ptr": "*fp32" if prob else "*i64",
                    "target_stride": "i64", "weight_ptr": "*fp32", "div_ptr": "*fp32", "z_index": "i32",
                    "grad_ptr": f"*{dt}",
-                   "grad_stride": "i64", "loss_ptr": "*fp32" if reduce else f"*{dt}", "sum_ptr": f"*{dt}",
-                   "counter_ptr": "*i32", "n_rows": "i64", "V": "i32", "ignore_index": "i64", "eps": "fp32",
+                   "grad_stride": "i64", "loss_ptr": "*fp32" if single else f"*{dt}",  # fp32: reduced
+                   "V": "i32", "ignore_index": "i64", "eps": "fp32",
                    "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32", "gamma": "fp32", "sync_ptr": "*i32",
                    "stats_ptr": "*fp32", "seg_len": "i32"}
         constexprs = dict(HAS_WEIGHT=bool(weight), SMOOTH=bool(smooth), ZLOSS=bool(z), SOFTCAP=bool(cap),
                           PROB=bool(prob), FOCAL=bool(focal), WRITE_GRAD=True, NEED_A=bool(prob or smooth),
                           REST=bool(prob or smooth or z), INTERPRET=False, SCALED=True,
                           BLOCK=8192 if split else 1024 if single else 4096, SINGLE=single, SPLIT=split,
-                          SEGMENTS=16 if split else 1, REVERSE=True, REDUCE=reduce)
+                          SEGMENTS=16 if split else 1, REVERSE=True)
         yield _cross_entropy_kernel, runtime, constexprs
 
 
 def elementwise_variants():
     for dt, reduce in itertools.product(["bf16", "fp32"], [False, True]):
         yield _huber_kernel, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}",
-                              "out_ptr": f"*{dt}", "partials_ptr": "*fp32", "counter_ptr": "*i32",
-                              "gx_ptr": f"*{dt}", "gy_ptr": f"*{dt}", "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32"}, dict(
+                              "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}", "gy_ptr": f"*{dt}",
+                              "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32"}, dict(
             BLOCK=4096, INTERPRET=False, L1=False, HAS_WEIGHT=True, REDUCE=reduce,
             WRITE_GRAD_INPUT=True, WRITE_GRAD_TARGET=True)
         for gamma_int in (2, -1):
             yield _sigmoid_focal_kernel, {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}",
-                                          "out_ptr": f"*{dt}", "partials_ptr": "*fp32",
-                                          "counter_ptr": "*i32", "gx_ptr": f"*{dt}",
+                                          "out_ptr": "*fp32" if reduce else f"*{dt}",
+                                          "gx_ptr": f"*{dt}",
                                           "n": "i64", "k1": "fp32", "k0": "fp32", "gamma": "fp32"}, dict(
                 BLOCK=4096, INTERPRET=False, GAMMA_INT=gamma_int, REDUCE=reduce,
                 WRITE_GRAD_INPUT=True)
@@ -74,10 +72,5 @@ if __name__ == "__main__":
     for kernel, runtime, constexprs in itertools.chain(cross_entropy_variants(), elementwise_variants()):
         compile_variant(kernel, runtime, constexprs)
         count += 1
-        if constexprs.get("REDUCE"):
-            # Triton types a size below 2^31 as int32 at run time: the in-launch sum mixes it with
-            # int64 indices, so compile that typing too.
-            compile_variant(kernel, {k: "i32" if k in SIZES else v for k, v in runtime.items()}, constexprs)
-            count += 1
     print(f"compiled {count} kernel variants for sm_90")
     sys.exit(0)
