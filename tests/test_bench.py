@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import fastloss
 import fastloss.functional as functional
 from bench import __main__ as bench_main
-from bench import cases, harness, host, report, train
+from bench import ab, cases, harness, host, report, train
 
 CPU = torch.device("cpu")
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -162,3 +162,25 @@ def test_host_path_of_a_training_step(name, launching, monkeypatch):
     assert result["triton"] == 2
     assert {op: k for op, k in result["ops"].items() if op not in host.NO_LAUNCH} == launching
     assert result["aten_launching"] == sum(launching.values())
+
+
+def test_ab_names_and_table(tmp_path, monkeypatch):
+    """bench.ab: one name per tree (this checkout is ``head``; equal folder names get a suffix), and
+    a table of fastloss's share of the floor per case and run, with a dash where a case failed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a" / "old").mkdir(parents=True)
+    (tmp_path / "b" / "old").mkdir(parents=True)
+    assert ab.tree_names([".", "a/old", "b/old"]) == ["head", "old", "old2"]
+    results = [
+        dict(case="huber fp32", provider="fastloss", status="ok", pct_floor=94.96),
+        dict(case="huber fp32", provider="torch", status="ok", pct_floor=36.0),
+        dict(case="ce bf16", provider="fastloss", status="error", pct_floor=None),
+        dict(case="ce bf16 V sweep", provider="fastloss", status="ok", pct_floor=50.0, sweep=True),
+    ]
+    assert ab.shares(results) == {"huber fp32": 94.96, "ce bf16": None}
+    text = ab.table({"head 1": ab.shares(results), "old 1": {"huber fp32": 90.0}})
+    lines = text.splitlines()
+    assert lines[0].split() == ["case", "head", "1", "old", "1"]
+    assert lines[1].split()[-2:] == ["95.0%", "90.0%"]
+    assert lines[2].split()[-2:] == ["—", "—"]
+
