@@ -83,6 +83,7 @@ def _huber_kernel(
         if WRITE_GRAD_TARGET:
             tl.store(gy_ptr + offs, cast_to(-g, gy_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
+
 def huber_fwd(
     input: Tensor,
     target: Tensor,

@@ -183,4 +183,3 @@ def test_ab_names_and_table(tmp_path, monkeypatch):
     assert lines[0].split() == ["case", "head", "1", "old", "1"]
     assert lines[1].split()[-2:] == ["95.0%", "90.0%"]
     assert lines[2].split()[-2:] == ["—", "—"]
-
