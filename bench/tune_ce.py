@@ -47,7 +47,7 @@ def tune_elementwise(bandwidth: float, do_bench) -> list[dict]:
     import fastloss.kernels.huber as huber
 
     device = torch.device("cuda")
-    saved = common.ELEMENTWISE_BLOCK
+    saved = common.ELEMENTWISE_BLOCK, huber.BLOCK_16BIT
     out = []
     for name, dtype, shape in [("huber bf16 2^27", torch.bfloat16, (1 << 27,)), ("huber fp32 2^27", torch.float32, (1 << 27,)),
                                ("sigmoid_focal bf16", torch.bfloat16, (1 << 20, 80)),
@@ -58,8 +58,9 @@ def tune_elementwise(bandwidth: float, do_bench) -> list[dict]:
         g = torch.empty_like(x)
         floor_ms = 3 * x.numel() * x.element_size() / bandwidth * 1e3
         times = {}
+        default = huber.block_for(dtype) if name.startswith("huber") else focal.BLOCK
         for block in (2048, 4096, 8192, 16384):
-            common.ELEMENTWISE_BLOCK = huber.BLOCK = focal.BLOCK = block
+            common.ELEMENTWISE_BLOCK = huber.BLOCK = huber.BLOCK_16BIT = focal.BLOCK = block
             if name.startswith("huber"):
                 fn = lambda: huber.huber_fwd(x, y, None, beta=1.0, mul=1.0, scale=1.0 / x.numel(), reduce=True,
                                              grad_input=g, grad_target=None)
@@ -67,12 +68,13 @@ def tune_elementwise(bandwidth: float, do_bench) -> list[dict]:
                 fn = lambda: focal.sigmoid_focal_fwd(x, y, alpha=0.25, gamma=2.0, scale=1.0 / x.numel(),
                                                      reduce=True, grad_input=g)
             times[block] = do_bench(fn, warmup=10, rep=50, return_mode="median")
-        common.ELEMENTWISE_BLOCK = huber.BLOCK = focal.BLOCK = saved
+        common.ELEMENTWISE_BLOCK = huber.BLOCK = focal.BLOCK = saved[0]
+        huber.BLOCK_16BIT = saved[1]
         best = min(times, key=times.get)
         line = ", ".join(f"{b}: {ms:.3f} ms {100 * floor_ms / ms:.1f}%" for b, ms in times.items())
         print(f"{name:22} floor {floor_ms:.3f} ms | {line}", flush=True)
-        out.append(dict(case=name, floor_ms=floor_ms, default={"block": saved}, default_ms=times[saved],
-                        default_pct=100 * floor_ms / times[saved], best={"block": best}, best_ms=times[best],
+        out.append(dict(case=name, floor_ms=floor_ms, default={"block": default}, default_ms=times[default],
+                        default_pct=100 * floor_ms / times[default], best={"block": best}, best_ms=times[best],
                         best_pct=100 * floor_ms / times[best], all=[dict(block=b, ms=ms) for b, ms in times.items()]))
         del x, y, g
     return out

@@ -176,11 +176,12 @@ def store_loss(out_ptr, offs, mask, loss, REDUCE: tl.constexpr, INTERPRET: tl.co
         tl.store(out_ptr + offs, cast_to(loss, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
-def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype) -> tuple[int, int, Tensor]:
+def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype, block: int) -> tuple[int, int, Tensor]:
     """Host side of the elementwise launchers. Checks that the given tensors (``None`` entries are
     skipped; the first is the input) are contiguous with the input's element count, and allocates
     the loss output: the elementwise loss (input's shape, ``loss_dtype`` or else input's dtype), or
-    with ``reduce`` one fp32 partial sum per program. Returns (n, number of programs, output)."""
+    with ``reduce`` one fp32 partial sum per program of ``block`` elements. Returns (n, number of
+    programs, output)."""
     given = [(name, t) for name, t in named.items() if t is not None]
     first_name, first = given[0]
     n = first.numel()
@@ -189,7 +190,7 @@ def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype) -> t
             raise ValueError(f"{fn}: {name} has {t.numel()} elements, {first_name} has {n}")
         if not t.is_contiguous():
             raise ValueError(f"{fn}: {name} must be contiguous")
-    n_programs = triton.cdiv(n, ELEMENTWISE_BLOCK)
+    n_programs = triton.cdiv(n, block)
     if reduce:
         return n, n_programs, first.new_empty(n_programs, dtype=torch.float32)
     return n, n_programs, first.new_empty(first.shape, dtype=loss_dtype or first.dtype)

@@ -122,7 +122,7 @@ def sigmoid_focal_fwd(
     """
     n, n_programs, out = elementwise_loss_output(
         "sigmoid_focal_fwd", {"inputs": inputs, "targets": targets, "grad_input": grad_input}, reduce,
-        loss_dtype)
+        loss_dtype, BLOCK)
     gamma = float(gamma)
     gamma_int = int(gamma) if gamma.is_integer() and 0 <= gamma <= MAX_INT_GAMMA else -1
     alpha, scale = float(alpha), float(scale)

@@ -18,6 +18,7 @@ pytest.importorskip("triton")
 from fastloss.kernels.focal import BLOCK as FOCAL_BLOCK  # noqa: E402
 from fastloss.kernels.focal import sigmoid_focal_fwd  # noqa: E402
 from fastloss.kernels.huber import BLOCK as HUBER_BLOCK  # noqa: E402
+from fastloss.kernels.huber import block_for as huber_block  # noqa: E402
 from fastloss.kernels.huber import huber_fwd  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -32,15 +33,14 @@ LOW = [torch.bfloat16, torch.float16]
 REDUCTIONS = ["none", "mean", "sum"]
 
 
-def sizes(block):
-    """Element counts: a single element; tiny and odd (one partial block); exactly one full block;
-    several blocks plus a partial one (masking and multi-program partial sums)."""
-    return [
-        pytest.param(1, id="n1-single"),
-        pytest.param(37, id="n37-tiny-odd"),
-        pytest.param(block, id="one-block"),
-        pytest.param(3 * block + 5, id="blocks+tail"),
-    ]
+SIZES = ["n1-single", "n37-tiny-odd", "one-block", "blocks+tail"]
+
+
+def size(name, block):
+    """Element counts for a kernel of ``block`` elements per program: a single element; tiny and odd
+    (one partial block); exactly one full block; several blocks plus a partial one (masking and
+    multi-program partial sums)."""
+    return {"n1-single": 1, "n37-tiny-odd": 37, "one-block": block, "blocks+tail": 3 * block + 5}[name]
 
 
 def gen(seed):
@@ -146,11 +146,12 @@ def run_huber(kind, thr, x, y, w, reduction, grad_input=True, grad_target=True):
     return out, gi, gt
 
 
-@pytest.mark.parametrize("n", sizes(HUBER_BLOCK))
+@pytest.mark.parametrize("size_name", SIZES)
 @pytest.mark.parametrize("variant", HUBER_VARIANTS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_huber_fp32_matches_torch(n, variant, reduction):
+def test_huber_fp32_matches_torch(size_name, variant, reduction):
     kind, thr, weighted = variant
+    n = size(size_name, HUBER_BLOCK)
     x, y, w = huber_inputs(n, thr, torch.float32, seed=n, weighted=weighted)
     out, gi, gt = run_huber(kind, thr, x, y, w, reduction)
     ref, ref_gi, ref_gt = torch_huber(kind, thr, x, y, w, reduction)
@@ -181,16 +182,17 @@ def test_huber_boundary_is_exact():
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("n", [37, 3 * HUBER_BLOCK + 5], ids=["tiny", "blocks+tail"])
+@pytest.mark.parametrize("size_name", ["n37-tiny-odd", "one-block", "blocks+tail"])
 @pytest.mark.parametrize("variant", [v for v in HUBER_VARIANTS
                                      if v.id in ("huber-d1", "huber-d1-weighted", "sl1-b0.25", "l1")])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_huber_low_precision_no_worse_than_torch(dtype, n, variant, reduction):
+def test_huber_low_precision_no_worse_than_torch(dtype, size_name, variant, reduction):
     """Against a float64 ground truth computed from the same rounded inputs: the kernel computes
     in fp32 and rounds once, and its largest error is no larger than torch's own at this dtype (up
     to the fp32 error, which can tip a result that sits on a rounding tie). The reduced loss is
-    fp32."""
+    fp32. Sizes are in 16-bit blocks, which hold more elements than fp32's."""
     kind, thr, weighted = variant
+    n = size(size_name, huber_block(dtype))
     x, y, w = huber_inputs(n, thr, dtype, seed=n + 1, weighted=weighted)
     out, gi, gt = run_huber(kind, thr, x, y, w, reduction)
     truth = torch_huber(kind, thr, x.double(), y.double(), None if w is None else w.double(),
@@ -313,12 +315,13 @@ def close_fp32(ours, ref, soft=False):
     torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=atol)
 
 
-@pytest.mark.parametrize("n", sizes(FOCAL_BLOCK))
+@pytest.mark.parametrize("size_name", SIZES)
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 2.5])
 @pytest.mark.parametrize("alpha", [0.25, -1.0], ids=["alpha0.25", "no-alpha"])
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_sigmoid_focal_fp32(n, gamma, alpha, soft, reduction):
+def test_sigmoid_focal_fp32(size_name, gamma, alpha, soft, reduction):
+    n = size(size_name, FOCAL_BLOCK)
     x, t = focal_inputs(n, torch.float32, soft, seed=n)
     out, gi = run_focal(x, t, alpha, gamma, reduction)
     ref, ref_g = focal_ref64(x, t, alpha, gamma, reduction)
