@@ -15,6 +15,14 @@ and times the step's host path:
 - on a CPU: the time of the step with the Triton launches replaced by no-ops (the interpreter would
   otherwise run the kernels), so it times fastloss's Python and the aten ops around the launches.
 
+It splits that time at the two Triton launches (medians over the reps): before the loss kernel's
+launch, inside it (Triton's Python and the driver call), between the two launches (the loss's sum and
+cast, autograd, ``loss.backward()`` up to the scale), inside the scale's launch, and after it. Where
+the step is short the GPU waits for "before" and, beyond the loss kernel's time, for "between".
+On a GPU it then times the parts on their own: a Triton launch of a cached kernel through
+``kernel[grid](...)`` and straight through the compiled kernel (what a leaner launch path could save),
+a small aten op, a 0-dim cast, an allocation and an autograd.Function that launches nothing.
+
 The counts are the same on both machines; the times are only comparable on one machine.
 """
 
@@ -23,12 +31,14 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import os
 import statistics
 import time
 from unittest import mock
 
 import torch
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastloss
@@ -72,20 +82,35 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _Launches(collections.Counter):
+    """Triton launches by kernel name, and the (enter, exit) times of the latest ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.spans: list[tuple[float, float]] = []
+
+    def clear(self):
+        super().clear()
+        self.spans.clear()
+
+
 @contextlib.contextmanager
 def _triton_launches(stub: bool):
-    """Counts Triton launches (compiled or interpreted); with ``stub`` they do nothing."""
+    """Counts and times Triton launches (compiled or interpreted); with ``stub`` they do nothing."""
     import triton.runtime.interpreter as interpreter
     import triton.runtime.jit as jit
 
-    count = collections.Counter()
+    count = _Launches()
     classes = [c for c in (jit.JITFunction, getattr(interpreter, "InterpretedFunction", None)) if c is not None]
     saved = {c: c.run for c in classes}
 
     def wrap(original):
         def run(self, *args, **kwargs):
             count[getattr(self, "__name__", None) or self.fn.__name__] += 1
-            return None if stub else original(self, *args, **kwargs)
+            t0 = time.perf_counter()
+            out = None if stub else original(self, *args, **kwargs)
+            count.spans.append((t0, time.perf_counter()))
+            return out
         return run
 
     for c in classes:
@@ -114,16 +139,22 @@ def measure(name: str, inputs, fn, device: torch.device, reps: int) -> dict:
         n_launches = sum(launches.values())
         if device.type == "cuda":
             torch.cuda.synchronize()
-        times = []
+        times, parts = [], []
         for _ in range(reps):
+            launches.spans.clear()
             t0 = time.perf_counter()
             one_step(inputs, fn)
-            times.append((time.perf_counter() - t0) * 1e6)
+            t1 = time.perf_counter()
+            times.append((t1 - t0) * 1e6)
+            # before, launch, between, launch, ..., after: the step cut at each launch's entry and exit
+            edges = [t0, *[t for span in launches.spans for t in span], t1]
+            parts.append([(b - a) * 1e6 for a, b in itertools.pairwise(edges)])
         if device.type == "cuda":
             torch.cuda.synchronize()
     gpu_ops = {k: v for k, v in ops.items() if k not in NO_LAUNCH}
     return dict(case=name, aten_ops=sum(ops.values()), aten_launching=sum(gpu_ops.values()),
-                triton=n_launches, host_us=statistics.median(times), ops=ops)
+                triton=n_launches, host_us=statistics.median(times), ops=ops,
+                parts_us=[statistics.median(p) for p in zip(*parts)])
 
 
 def main(argv=None) -> int:
@@ -147,7 +178,7 @@ def run(device: torch.device, args) -> list[str]:
     cases = steps(device, vocab=1024, n=1 << 16)
     wanted = [w for w in args.cases.split(",") if w]
     where = "issue time" if device.type == "cuda" else "launches stubbed"
-    print(f"{'case':20} {'aten ops':>8} {'launching':>9} {'triton':>6} {'host µs':>8}  ({where}, "
+    print(f"{'case':20} {'aten ops':>8} {'launching':>9} {'triton':>6} {'host µs':>8}  {PARTS}  ({where}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__})")
     failed = []
     for name, (inputs, fn) in cases.items():
@@ -160,9 +191,97 @@ def run(device: torch.device, args) -> list[str]:
             print(f"{name:20} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
             continue
         launching = ", ".join(f"{k}×{v}" if v > 1 else k for k, v in sorted(r["ops"].items()) if k not in NO_LAUNCH)
-        print(f"{name:20} {r['aten_ops']:8d} {r['aten_launching']:9d} {r['triton']:6d} {r['host_us']:8.1f}  {launching}",
-              flush=True)
+        parts = " ".join(f"{p:6.1f}" for p in r["parts_us"])
+        print(f"{name:20} {r['aten_ops']:8d} {r['aten_launching']:9d} {r['triton']:6d} {r['host_us']:8.1f}  {parts}  "
+              f"{launching}", flush=True)
+    if not wanted:
+        print(f"\nparts, µs per call ({'issue time' if device.type == 'cuda' else 'CPU'}):", flush=True)
+        for part, us in part_costs(device, args.reps).items():
+            print(f"  {part:48} {us if isinstance(us, str) else f'{us:8.1f}'}", flush=True)
     return failed
+
+
+# The columns of a step's split (two launches): before, loss kernel, between, scale, after.
+PARTS = f"{'before':>6} {'launch':>6} {'betw.':>6} {'launch':>6} {'after':>6}"
+
+
+def _per_call_us(fn, reps: int) -> float:
+    """Median issue time of fn over reps calls, in µs, after a few warm-up calls."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e6)
+    return statistics.median(times)
+
+
+class _NoKernel(torch.autograd.Function):
+    """An autograd.Function that launches nothing: forward and backward return views."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def part_costs(device: torch.device, reps: int) -> dict:
+    """Host time of the pieces a step is made of, each on its own, in µs per call (see the module's
+    doc); the Triton launches and the device context only on CUDA."""
+    grad = torch.empty(1 << 20, device=device, dtype=torch.bfloat16)
+    one = torch.ones((), device=device)
+    small = torch.randn(8192, device=device)
+    leaf = torch.zeros((), device=device, requires_grad=True)
+    out = {}
+    if device.type == "cuda":
+        out.update(_launch_costs(grad, one.reshape(1), reps))
+
+        def device_context():
+            with torch.cuda.device(device):
+                pass
+
+        out["with torch.cuda.device()"] = _per_call_us(device_context, reps)
+    out["aten sum of 8192"] = _per_call_us(lambda: small.sum(), reps)
+    out["0-dim cast to bf16"] = _per_call_us(lambda: one.to(torch.bfloat16), reps)
+    out["empty 2 MiB"] = _per_call_us(lambda: torch.empty_like(grad), reps)
+
+    def no_kernel_step():
+        leaf.grad = None
+        _NoKernel.apply(leaf).backward()
+
+    out["autograd.Function fwd + backward(), no kernel"] = _per_call_us(no_kernel_step, reps)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return out
+
+
+def _launch_costs(grad: Tensor, one: Tensor, reps: int) -> dict:
+    """The backward's scale (grad_output = 1: every program exits at once) launched three ways."""
+    import triton
+    from fastloss.kernels import common
+
+    kernel = common._scale_grad_kernel
+    args = (grad, one, grad.numel(), grad.numel(), 0)  # the kernel's parameters, in order
+    consts = dict(PER_ROW=False, STRIDED=False, INTERPRET=False, BLOCK=common.ELEMENTWISE_BLOCK)
+    grid = (min(triton.cdiv(grad.numel(), common.ELEMENTWISE_BLOCK), common.SCALE_GRAD_PROGRAMS),)
+
+    def generic():
+        return kernel[grid](*args, **consts, num_warps=8)
+
+    out = {"triton launch, kernel[grid]": _per_call_us(generic, reps)}
+    try:  # the compiled kernel called with every parameter, constexprs included (triton 3.6 to 3.9)
+        compiled = generic()
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled
+        direct = compiled[grid + (1, 1)]
+        out["triton launch, compiled kernel"] = _per_call_us(lambda: direct(*args, *consts.values()), reps)
+    except Exception as exc:  # noqa: BLE001  (a measurement that is not available is reported, not fatal)
+        out["triton launch, compiled kernel"] = f"n/a ({type(exc).__name__}: {exc})"[:120]
+    out["scale_grad_, fastloss's launcher"] = _per_call_us(lambda: common.scale_grad_(grad, one), reps)
+    return out
 
 
 if __name__ == "__main__":

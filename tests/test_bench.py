@@ -162,6 +162,17 @@ def test_host_path_of_a_training_step(name, launching, monkeypatch):
     assert result["triton"] == 2
     assert {op: k for op, k in result["ops"].items() if op not in host.NO_LAUNCH} == launching
     assert result["aten_launching"] == sum(launching.values())
+    # the step cut at each launch's entry and exit: before, launch, between, launch, after
+    assert len(result["parts_us"]) == 5 and min(result["parts_us"]) >= 0
+
+
+def test_host_part_costs():
+    """bench.host's parts, each timed on its own: on a CPU the aten ops and autograd (the Triton
+    launches and the device context are timed on CUDA only)."""
+    costs = host.part_costs(torch.device("cpu"), reps=3)
+    assert list(costs) == ["aten sum of 8192", "0-dim cast to bf16", "empty 2 MiB",
+                           "autograd.Function fwd + backward(), no kernel"]
+    assert all(us > 0 for us in costs.values())
 
 
 def test_ab_names_and_table(tmp_path, monkeypatch):
