@@ -184,6 +184,23 @@ def _save(ctx, grads: tuple[Tensor, ...], per_element: bool) -> None:
     ctx.save_for_backward(*grads)
 
 
+def _save_overwritten(ctx, logits: Tensor) -> None:
+    """Saves logits that hold their own gradient. In eager mode :class:`_Overwritten` marks them
+    dirty right after the forward, one more version, which ``save_for_backward`` would take for a
+    later write; so the expected version is kept and checked by :func:`_scaled_grads`. (A compiled
+    graph cannot branch on a version: it saves the logits as they are, and is not marked.)"""
+    if torch.compiler.is_compiling():
+        _save(ctx, (logits,), per_element=False)
+        return
+    ctx.per_element = False
+    ctx.overwritten = (logits, logits._version + 1)
+
+
+_BACKWARD_ONCE = ("fastloss computes the gradient in the forward pass and scales it in place in the "
+                  "backward, so backward can run only once through a fastloss loss, and the saved "
+                  "gradient must not be modified in between; recompute the loss to differentiate it again")
+
+
 def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
     """The saved gradients times ``grad_loss``; ``None`` for inputs that need no gradient.
 
@@ -193,16 +210,19 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
     to a new buffer, no larger than the factors themselves.
 
     Scaling in place consumes the saved gradient, so a second backward through the same loss
-    (``retain_graph=True``) raises instead of returning a gradient scaled twice.
+    (``retain_graph=True``) raises instead of returning a gradient scaled twice; so does a saved
+    gradient modified after the forward (in-place logits written to by the caller).
     """
-    try:
-        grads = ctx.saved_tensors
-    except RuntimeError as err:
-        raise RuntimeError(
-            "fastloss computes the gradient in the forward pass and scales it in place in the "
-            "backward, so backward can run only once through a fastloss loss; recompute the loss "
-            "to differentiate it again"
-        ) from err
+    if getattr(ctx, "overwritten", None) is not None:
+        logits, version = ctx.overwritten
+        if logits._version != version:
+            raise RuntimeError(_BACKWARD_ONCE)
+        grads = (logits,)
+    else:
+        try:
+            grads = ctx.saved_tensors
+        except RuntimeError as err:
+            raise RuntimeError(_BACKWARD_ONCE) from err
     out: list[Optional[Tensor]] = []
     for i, g in enumerate(grads):
         if not ctx.needs_input_grad[i]:
@@ -218,9 +238,9 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
 class SoftmaxLoss(torch.autograd.Function):
     """Cross-entropy, and softmax focal loss when ``gamma`` is set: one kernel family.
 
-    With ``inplace`` the gradient overwrites the logits. The Function does not mark them dirty
-    (autograd forbids that for views, and ``logits.view(-1, V)`` is the usual call); the write bumps
-    their version counter instead, so any other node that saved the logits raises in backward.
+    With ``inplace`` the gradient overwrites the logits. The write bumps their version counter, so
+    any other node that saved the logits raises in backward, and :class:`_Overwritten` then marks
+    them dirty, so that a later use of them raises too.
     """
 
     @staticmethod
@@ -231,10 +251,10 @@ class SoftmaxLoss(torch.autograd.Function):
         opts = (reduce, out_dtype == torch.float32, ignore_index, label_smoothing, z_loss, softcap, gamma)
         if write_grad and inplace:
             loss = _softmax_loss_fwd_inplace(logits, *args, *opts)
-            grad = logits
+            _save_overwritten(ctx, logits)
         else:
             loss, grad = _softmax_loss_fwd(logits, *args, write_grad, *opts)
-        _save(ctx, (grad,), per_element=False)
+            _save(ctx, (grad,), per_element=False)
         return loss
 
     @staticmethod
@@ -255,8 +275,35 @@ def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], divis
             "that requires grad (or a view of one) does not allow: pass logits computed by the "
             "model, or set inplace_backward=False"
         )
-    return SoftmaxLoss.apply(logits, target, weight, divisors, reduce, inplace, ignore_index,
+    loss = SoftmaxLoss.apply(logits, target, weight, divisors, reduce, inplace, ignore_index,
                              label_smoothing, z_loss, softcap, gamma, out_dtype)
+    if inplace and not torch.compiler.is_compiling():
+        _Overwritten.apply(logits)
+    return loss
+
+
+class _Overwritten(torch.autograd.Function):
+    """Marks logits that an in-place loss overwrote with their gradient as modified in place.
+
+    The loss's own node took its edge to the logits' producer before this runs, so its gradient
+    flows as usual. Any later use of the logits (or of their base, for a view) hangs off this node
+    instead, and a gradient reaching it raises: those uses read the gradient, not the logits. (One
+    Function cannot both return the loss and mark a view dirty, hence a second one.) Eager mode
+    only: torch.compile traces this backward even where no gradient reaches it.
+    """
+
+    @staticmethod
+    def forward(ctx, logits):
+        ctx.mark_dirty(logits)
+        return logits
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError(
+            "inplace_backward=True overwrote the logits with their gradient, and they were used again "
+            "after the loss: those uses read the gradient. Compute the loss from the logits last, or "
+            "set inplace_backward=False"
+        )
 
 
 class Huber(torch.autograd.Function):

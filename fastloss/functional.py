@@ -250,9 +250,10 @@ def cross_entropy(
             ``mean`` divides it by the count of counted rows.
         softcap: logits ← ``softcap * tanh(logits / softcap)`` before the loss (inside the kernel).
         inplace_backward: write the gradient into the logits' memory instead of a fresh buffer,
-            saving one ``N×C`` allocation. The logits are destroyed; if any other autograd node
-            still needs them, backward raises. Leaf logits (or views of them) are refused.
-            The reference backend ignores it.
+            saving one ``N×C`` allocation. The logits are destroyed: backward raises if another
+            autograd node saved them before the loss, and in eager mode also if they are written
+            to after it or they (or the tensor they view) are used again after it. Leaf logits (or
+            views of them) are refused. The reference backend ignores it.
     """
     reduction = _reduction(reduction, size_average, reduce)
     _check_range("cross_entropy", "label_smoothing", label_smoothing, 0.0, 1.0, exc=RuntimeError)

@@ -133,9 +133,26 @@ def _raised(call):
     return None
 
 
+@pytest.fixture
+def launches(monkeypatch):
+    """The Triton kernels launched (compiled or interpreted) while the test runs; none really run."""
+    triton = pytest.importorskip("triton")
+    launched = []
+    for cls in (triton.runtime.jit.JITFunction, triton.runtime.interpreter.InterpretedFunction):
+        monkeypatch.setattr(cls, "run", lambda self, *a, **k: launched.append(self))
+    return launched
+
+
+def test_launches_fixture_sees_launches(launches):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with fastloss.use_backend("triton"):
+        fastloss.huber_loss(X.to(device), Y.to(device))
+    assert launches
+
+
 @pytest.mark.parametrize("case", BAD_CALLS, ids=lambda c: c[0])
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
-def test_bad_arguments_raise_like_torch(case, backend_name):
+def test_bad_arguments_raise_like_torch(case, backend_name, launches):
     name, call, pattern = case
     if backend_name == "triton" and name in VALUE_CHECKS and torch.cuda.is_available():
         pytest.skip("the triton backend runs these CPU tensors only under the interpreter; on CUDA, "
@@ -148,6 +165,7 @@ def test_bad_arguments_raise_like_torch(case, backend_name):
     assert expected is not None, "torch accepts this call: the case is wrong"
     assert type(got) is type(expected), f"torch raised {expected!r}, fastloss raised {got!r}"
     assert pattern in str(got)
+    assert launches == []  # raised before any kernel launch
 
 
 FASTLOSS_ONLY_BAD_CALLS = [
@@ -164,9 +182,10 @@ FASTLOSS_ONLY_BAD_CALLS = [
 
 
 @pytest.mark.parametrize("call, exc, pattern", FASTLOSS_ONLY_BAD_CALLS)
-def test_bad_arguments_of_extras(call, exc, pattern):
-    with pytest.raises(exc, match=pattern):
+def test_bad_arguments_of_extras(call, exc, pattern, launches):
+    with fastloss.use_backend("triton"), pytest.raises(exc, match=pattern):
         call()
+    assert launches == []  # raised before any kernel launch
 
 
 def test_broadcast_warns_like_torch():

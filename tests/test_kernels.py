@@ -12,6 +12,7 @@ far off, because the saved gradient is rounded to the input dtype in the forward
 when the backward scales it (one rounding more than torch, by design: see fastloss/autograd.py).
 """
 
+import functools
 import math
 
 import pytest
@@ -307,15 +308,18 @@ def test_deterministic(loss):
         assert torch.equal(a, b)
 
 
-def test_inplace_backward_matches_and_saves_the_buffer():
-    x0, t = logits(5, 40), labels(5, 40)
-    expected = _run(fastloss.cross_entropy, [x0, t], (0,), {}, _random_grad_output, "triton")
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_inplace_backward_matches_and_saves_the_buffer(loss, reduction):
+    fn = functools.partial(getattr(fastloss, loss), reduction=reduction)
+    x0, t = logits(5, 40), labels(5, 40, ignore=1)
+    expected = _run(fn, [x0, t], (0,), {}, _random_grad_output, "triton")
     leaf = x0.clone().requires_grad_()
     x = leaf * 1.0                                  # a non-leaf, like a model's output
     with fastloss.use_backend("triton"):
-        loss = fastloss.cross_entropy(x, t, inplace_backward=True)
-    (g,) = torch.autograd.grad(loss, leaf, _random_grad_output(loss))
-    torch.testing.assert_close(loss, expected[0])
+        out = fn(x, t, inplace_backward=True)
+    (g,) = torch.autograd.grad(out, leaf, _random_grad_output(out))
+    torch.testing.assert_close(out, expected[0])
     torch.testing.assert_close(g, expected[1])
     torch.testing.assert_close(x.detach(), expected[1])   # the gradient lives in the logits' memory
 
@@ -340,19 +344,65 @@ def test_inplace_backward_on_views(shape):
 def test_inplace_backward_never_silently_wrong():
     t = labels(4, 12)
     leaf = logits(4, 12).requires_grad_()
+    before = leaf.detach().clone()
     with fastloss.use_backend("triton"):
         # a leaf (or a view of one) cannot be overwritten: refused before the kernel runs
         with pytest.raises(RuntimeError, match="leaf"):
             fastloss.cross_entropy(leaf, t, inplace_backward=True)
         with pytest.raises(RuntimeError, match="leaf"):
             fastloss.cross_entropy(leaf[:, :10], t.clamp(max=9), inplace_backward=True)
-        assert torch.equal(leaf, leaf.detach().clone())  # untouched
+        assert torch.equal(leaf.detach(), before)  # untouched
         # another node (x * x) saved the logits: backward raises instead of using the overwritten values
         x = leaf * 2.0
         other = (x * x).sum()
         loss = fastloss.cross_entropy(x, t, inplace_backward=True)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             (loss + other).backward()
+
+
+def _after_inplace_loss(use):
+    """Backward of an in-place loss on a view of a model's output, plus ``use(x, out)`` of the logits
+    x or their base out after the loss (which overwrote them with the gradient)."""
+    t = labels(6, 12)
+    leaf = logits(2, 3, 12).requires_grad_()
+    out = leaf * 2.0
+    x = out.view(-1, 12)
+    with fastloss.use_backend("triton"):
+        loss = fastloss.cross_entropy(x, t, inplace_backward=True)
+        (loss + use(x, out)).backward()
+    return leaf.grad
+
+
+@pytest.mark.parametrize("use", [lambda x, out: (x * x).sum(),
+                                 lambda x, out: fastloss.cross_entropy(x, labels(6, 12)),
+                                 lambda x, out: out[0].sum()],
+                         ids=["another-node", "a-second-loss", "the-base"])
+def test_inplace_backward_logits_used_after_the_loss_raise(use):
+    """The logits hold the gradient after an in-place loss: a later use of them (or of the tensor
+    they view) reads the gradient, so a gradient reaching that use raises instead of flowing back as
+    if it had read the logits."""
+    assert _after_inplace_loss(lambda x, out: x.new_zeros(())) is not None  # no later use: fine
+    with pytest.raises(RuntimeError, match="used again after the loss"):
+        _after_inplace_loss(use)
+
+
+def test_inplace_backward_buffer_written_after_the_loss_raises():
+    """The gradient lives in the logits' memory: a write to it after the loss, or a second backward
+    (the first scales it in place), raises instead of returning a wrong gradient."""
+    t = labels(4, 12)
+    leaf = logits(4, 12).requires_grad_()
+    with fastloss.use_backend("triton"):
+        x = leaf * 2.0
+        loss = fastloss.cross_entropy(x, t, inplace_backward=True)
+        with torch.no_grad():
+            x.zero_()
+        with pytest.raises(RuntimeError, match="only once"):
+            loss.backward()
+        x = leaf * 2.0
+        loss = fastloss.cross_entropy(x, t, inplace_backward=True)
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="only once"):
+            loss.backward()
 
 
 @pytest.mark.parametrize("loss, target", [("cross_entropy", "labels"), ("cross_entropy", "probs"),
