@@ -11,7 +11,9 @@ The launchers are registered as ``torch.library.custom_op``s with fake (meta) im
 are called directly: the custom-op dispatcher costs tens of microseconds of CPU per call, which a
 short kernel cannot hide.
 
-The backward consumes the saved gradient: a second backward through the same loss raises.
+The backward scales the saved gradient in place, which consumes it: a second backward through the
+same loss raises. (An elementwise loss with ``reduction="none"`` has one factor per element, so its
+backward writes a new buffer, and can run again.)
 """
 
 from __future__ import annotations

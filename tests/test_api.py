@@ -188,10 +188,14 @@ def test_bad_arguments_of_extras(call, exc, pattern, launches):
     assert launches == []  # raised before any kernel launch
 
 
-def test_broadcast_warns_like_torch():
+@pytest.mark.parametrize("loss", ["huber_loss", "smooth_l1_loss"])
+def test_broadcast_warns_like_torch(loss):
+    target = torch.randn(5)
     with pytest.warns(UserWarning, match="target size"):
-        got = fastloss.huber_loss(X, torch.randn(5))
-    assert torch.isfinite(got)
+        got = getattr(fastloss, loss)(X, target)
+    with pytest.warns(UserWarning, match="target size"):
+        expected = getattr(F, loss)(X, target)
+    torch.testing.assert_close(got, expected)
 
 
 # --------------------------------------------------------------------------------------------------

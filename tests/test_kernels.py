@@ -18,6 +18,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastloss
 from fastloss import reference
@@ -139,7 +140,7 @@ CE_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("option", list(CE_OPTIONS))
 def test_cross_entropy_options(option, reduction, dtype):
@@ -152,25 +153,28 @@ def test_cross_entropy_options(option, reduction, dtype):
     check("cross_entropy", [logits(n, v, dtype=dtype), t], {**kwargs, "reduction": reduction})
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("option", ["plain", "smoothing", "weight_smoothing", "everything"])
-def test_cross_entropy_probability_targets(option, reduction):
+def test_cross_entropy_probability_targets(option, reduction, dtype):
     n, v = 6, 45
-    kwargs = {k: (torch.rand(v, device=DEVICE) + 0.1 if val == "w" else val) for k, val in CE_OPTIONS[option].items()}
-    target = torch.rand(n, v, device=DEVICE).softmax(-1)
-    check("cross_entropy", [logits(n, v), target], {**kwargs, "reduction": reduction})
+    kwargs = {k: ((torch.rand(v, device=DEVICE) + 0.1).to(dtype) if val == "w" else val)
+              for k, val in CE_OPTIONS[option].items()}
+    target = torch.rand(n, v, device=DEVICE).softmax(-1).to(dtype)
+    check("cross_entropy", [logits(n, v, dtype=dtype), target], {**kwargs, "reduction": reduction})
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("option", [{}, {"weight": "w"}, {"softcap": 3.0}, {"ignore_index": 4}])
-def test_focal_options(option, reduction, gamma):
+def test_focal_options(option, reduction, gamma, dtype):
     n, v = 8, 29
-    kwargs = {k: (torch.rand(v, device=DEVICE) + 0.1 if val == "w" else val) for k, val in option.items()}
+    kwargs = {k: ((torch.rand(v, device=DEVICE) + 0.1).to(dtype) if val == "w" else val) for k, val in option.items()}
     t = labels(n, v, ignore=2)
     t[t == -100] = kwargs.get("ignore_index", -100)
     t[5] = 4
-    check("focal_loss", [logits(n, v), t], {**kwargs, "gamma": gamma, "reduction": reduction})
+    check("focal_loss", [logits(n, v, dtype=dtype), t], {**kwargs, "gamma": gamma, "reduction": reduction})
 
 
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
@@ -223,18 +227,24 @@ def test_cross_entropy_spatial_inputs(shape, reduction):
     check("cross_entropy", [x, torch.rand_like(x)], {"reduction": reduction})
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_grad_output_of_exactly_one_and_second_backward(reduction):
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss", "huber_loss", "sigmoid_focal_loss"])
+def test_grad_output_of_exactly_one_and_second_backward(loss, reduction):
     x = logits(5, 33).requires_grad_()
-    t = labels(5, 33)
+    t = labels(5, 33) if loss in ("cross_entropy", "focal_loss") else torch.rand(5, 33, device=DEVICE)
     with fastloss.use_backend("triton"):
-        loss = fastloss.cross_entropy(x, t, reduction=reduction)
-    (g,) = torch.autograd.grad(loss, x, torch.ones_like(loss), retain_graph=True)  # scalar 1: early exit
-    (expected,) = torch.autograd.grad(F.cross_entropy(x, t, reduction=reduction), x, torch.ones_like(loss))
+        out = getattr(fastloss, loss)(x, t, reduction=reduction)
+    (g,) = torch.autograd.grad(out, x, torch.ones_like(out), retain_graph=True)  # 1: the early exit
+    (expected,) = torch.autograd.grad(getattr(reference, loss)(x, t, reduction=reduction), x, torch.ones_like(out))
     torch.testing.assert_close(g, expected)
+    if reduction == "none" and loss in ("huber_loss", "sigmoid_focal_loss"):
+        # one factor per element: the backward writes a new buffer, so it can run again
+        (again,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        torch.testing.assert_close(again, expected)
+        return
     # the saved gradient was consumed in place: a second backward raises instead of scaling it twice
     with pytest.raises(RuntimeError, match="backward can run only once"):
-        torch.autograd.grad(loss, x, torch.ones_like(loss))
+        torch.autograd.grad(out, x, torch.ones_like(out))
 
 
 def test_masked_vocabulary_huge_logits_and_nan_row():
@@ -471,6 +481,52 @@ def test_autocast(loss, make_target, torch_fn, reduction, backend_name, monkeypa
         assert seen == [torch.bfloat16]
 
 
+# Aten ops that wait for the GPU: a scalar read (.item(), bool(), float()), or an output whose size
+# depends on the values.
+SYNCING_OPS = {"_local_scalar_dense", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
+               "_unique", "_unique2", "unique_consecutive", "unique_dim", "repeat_interleave"}
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+NO_SYNC_CASES = [
+    *[("cross_entropy", "labels", options) for options in CE_OPTIONS.values()],
+    ("cross_entropy", "probs", {"label_smoothing": 0.1, "weight": "w"}),
+    ("focal_loss", "labels", {"weight": "w", "softcap": 3.0, "gamma": 0.5}),
+    ("huber_loss", "values", {"delta": 0.5, "weight": "x"}),
+    ("smooth_l1_loss", "values", {"beta": 0.0}),
+    ("sigmoid_focal_loss", "values", {"alpha": -1.0, "gamma": 1.5}),
+]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("loss, target, kwargs", NO_SYNC_CASES)
+def test_no_host_sync(loss, target, kwargs, reduction, monkeypatch):
+    """Forward and backward, with every option, read nothing back from the device (the class-index
+    range check, which only runs on CPU tensors or under FASTLOSS_STRICT=1, aside)."""
+    import fastloss.functional as functional
+    monkeypatch.setattr(functional, "_check_class_range", lambda *a: None)
+    n, v = 6, 40
+    x = logits(n, v).requires_grad_()
+    t = {"labels": labels(n, v, ignore=2), "probs": torch.rand(n, v, device=DEVICE).softmax(-1),
+         "values": torch.rand(n, v, device=DEVICE)}[target]
+    weights = {"w": (v,), "x": (n, v)}  # a class weight, an elementwise weight
+    extra = {k: torch.rand(weights[val], device=DEVICE) + 0.1 if val in weights else val for k, val in kwargs.items()}
+    with fastloss.use_backend("triton"), _Ops() as ops:
+        out = getattr(fastloss, loss)(x, t, reduction=reduction, **extra)
+        out.backward(_random_grad_output(out))
+    assert ops.names, "no op was seen"
+    assert not ops.names & SYNCING_OPS
+
+
 def test_forward_only_under_no_grad():
     x, t = logits(7, 90), labels(7, 90, ignore=1)
     with torch.no_grad(), fastloss.use_backend("triton"):
@@ -482,8 +538,9 @@ def test_forward_only_under_no_grad():
 # elementwise: Huber, SmoothL1, sigmoid focal
 # --------------------------------------------------------------------------------------------------
 
-# sizes and why: 1 (one element), 37 (odd), 4096 (one block), 5003 (several blocks, odd tail)
-SIZES = [1, 37, 4096, 5003]
+# sizes and why: 1 (one element), 37 (odd), 4096 (one fp32 block), 5003 (several fp32 blocks, odd
+# tail), 8192 (one 16-bit Huber block), 24581 (several of them, odd tail)
+SIZES = [1, 37, 4096, 5003, 8192, 24581]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -505,7 +562,7 @@ def test_huber_weight_and_input_only(reduction):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("beta", [0.0, 0.5, 2.0])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_smooth_l1(reduction, beta, dtype):
     x, y = logits(2, 501, dtype=dtype), logits(2, 501, dtype=dtype)
     check("smooth_l1_loss", [x, y], {"reduction": reduction, "beta": beta}, grad_of=(0, 1))
