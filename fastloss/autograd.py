@@ -70,22 +70,16 @@ def _op(name: str, mutates_args: tuple[str, ...] = ()):
     return lambda fn: _Op(name, fn, mutates_args)
 
 
-def _out_dtype(like: Tensor, fp32_loss: bool) -> torch.dtype:
-    """The loss dtype the launchers write: fp32 when ``fp32_loss`` (16-bit inputs under autocast), else
-    the input's (``functional._loss_dtype`` decides which)."""
-    return torch.float32 if fp32_loss else like.dtype
+def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) -> Tensor:
+    return logits.new_empty(() if reduce else logits.shape[0], dtype=loss_dtype)
 
 
-def _fake_softmax_loss(logits: Tensor, reduce: bool, fp32_loss: bool) -> Tensor:
-    return logits.new_empty(() if reduce else logits.shape[0], dtype=_out_dtype(logits, fp32_loss))
-
-
-# The softmax launchers return the loss in its output dtype (fp32 when ``fp32_loss``, else the
-# logits'), per row or (``reduce``) summed: the launcher sums the kernel's fp32 partials and casts the
-# sum once, only if the dtype differs.
+# The launchers return the loss in ``loss_dtype`` (the input's, or fp32 for 16-bit inputs under
+# autocast: ``functional._loss_dtype`` decides), per row or element, or (``reduce``) summed: the
+# launcher sums the kernel's fp32 partials and casts the sum once, only if the dtype differs.
 @_op("softmax_loss_fwd")
 def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Optional[Tensor],
-                      write_grad: bool, reduce: bool, fp32_loss: bool, ignore_index: int, label_smoothing: float,
+                      write_grad: bool, reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,
                       z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> tuple[Tensor, Tensor]:
     from .kernels.cross_entropy import cross_entropy_fwd
 
@@ -93,74 +87,74 @@ def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], 
     with _on(logits):
         loss = cross_entropy_fwd(logits, target, weight, divisors, grad, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
-                                 reduce=reduce, loss_dtype=_out_dtype(logits, fp32_loss))
+                                 reduce=reduce, loss_dtype=loss_dtype)
     return loss, grad if grad is not None else _no_grad_buffer(logits)
 
 
 @_softmax_loss_fwd.register_fake
-def _(logits, target, weight, divisors, write_grad, reduce, fp32_loss, ignore_index, label_smoothing, z_loss,
+def _(logits, target, weight, divisors, write_grad, reduce, loss_dtype, ignore_index, label_smoothing, z_loss,
       softcap, gamma):
     grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if write_grad else _no_grad_buffer(logits)
-    return _fake_softmax_loss(logits, reduce, fp32_loss), grad
+    return _fake_softmax_loss(logits, reduce, loss_dtype), grad
 
 
 @_op("softmax_loss_fwd_inplace", mutates_args=("logits",))
 def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Optional[Tensor],
-                              reduce: bool, fp32_loss: bool, ignore_index: int, label_smoothing: float,
+                              reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,
                               z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> Tensor:
     from .kernels.cross_entropy import cross_entropy_fwd
 
     with _on(logits):
         return cross_entropy_fwd(logits, target, weight, divisors, logits, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
-                                 reduce=reduce, loss_dtype=_out_dtype(logits, fp32_loss))
+                                 reduce=reduce, loss_dtype=loss_dtype)
 
 
 @_softmax_loss_fwd_inplace.register_fake
-def _(logits, target, weight, divisors, reduce, fp32_loss, ignore_index, label_smoothing, z_loss, softcap, gamma):
-    return _fake_softmax_loss(logits, reduce, fp32_loss)
+def _(logits, target, weight, divisors, reduce, loss_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma):
+    return _fake_softmax_loss(logits, reduce, loss_dtype)
 
 
 @_op("huber_fwd")
 def _huber_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, mul: float,
                scale: float, reduce: bool, grad_input: bool, grad_target: bool,
-               fp32_loss: bool) -> tuple[Tensor, Tensor, Tensor]:
+               loss_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
     from .kernels.huber import huber_fwd
 
     gi = torch.empty_like(input) if grad_input else None
     gt = torch.empty_like(target) if grad_target else None
     with _on(input):
         loss = huber_fwd(input, target, weight, beta=beta, mul=mul, scale=scale, reduce=reduce,
-                         grad_input=gi, grad_target=gt, loss_dtype=_out_dtype(input, fp32_loss))
+                         grad_input=gi, grad_target=gt, loss_dtype=loss_dtype)
     return loss, gi if gi is not None else _no_grad_buffer(input), gt if gt is not None else _no_grad_buffer(input)
 
 
-def _fake_elementwise_loss(input: Tensor, reduce: bool, fp32_loss: bool) -> Tensor:
-    return input.new_empty(() if reduce else input.shape, dtype=_out_dtype(input, fp32_loss))
+def _fake_elementwise_loss(input: Tensor, reduce: bool, loss_dtype: torch.dtype) -> Tensor:
+    return input.new_empty(() if reduce else input.shape, dtype=loss_dtype)
 
 
 @_huber_fwd.register_fake
-def _(input, target, weight, beta, mul, scale, reduce, grad_input, grad_target, fp32_loss):
+def _(input, target, weight, beta, mul, scale, reduce, grad_input, grad_target, loss_dtype):
     gi = torch.empty_like(input) if grad_input else _no_grad_buffer(input)
     gt = torch.empty_like(target) if grad_target else _no_grad_buffer(input)
-    return _fake_elementwise_loss(input, reduce, fp32_loss), gi, gt
+    return _fake_elementwise_loss(input, reduce, loss_dtype), gi, gt
 
 
 @_op("sigmoid_focal_fwd")
 def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, scale: float,
-                       reduce: bool, grad_input: bool, fp32_loss: bool) -> tuple[Tensor, Tensor]:
+                       reduce: bool, grad_input: bool, loss_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     from .kernels.focal import sigmoid_focal_fwd
 
     gi = torch.empty_like(inputs) if grad_input else None
     with _on(inputs):
         loss = sigmoid_focal_fwd(inputs, targets, alpha=alpha, gamma=gamma, scale=scale, reduce=reduce,
-                                 grad_input=gi, loss_dtype=_out_dtype(inputs, fp32_loss))
+                                 grad_input=gi, loss_dtype=loss_dtype)
     return loss, gi if gi is not None else _no_grad_buffer(inputs)
 
 
 @_sigmoid_focal_fwd.register_fake
-def _(inputs, targets, alpha, gamma, scale, reduce, grad_input, fp32_loss):
-    return _fake_elementwise_loss(inputs, reduce, fp32_loss), torch.empty_like(inputs) if grad_input else _no_grad_buffer(inputs)
+def _(inputs, targets, alpha, gamma, scale, reduce, grad_input, loss_dtype):
+    return _fake_elementwise_loss(inputs, reduce, loss_dtype), torch.empty_like(inputs) if grad_input else _no_grad_buffer(inputs)
 
 
 @_op("scale_grad_", mutates_args=("grad",))
@@ -250,7 +244,7 @@ class SoftmaxLoss(torch.autograd.Function):
                 z_loss, softcap, gamma, out_dtype):
         write_grad = ctx.needs_input_grad[0]
         args = (target, weight, divisors)
-        opts = (reduce, out_dtype == torch.float32, ignore_index, label_smoothing, z_loss, softcap, gamma)
+        opts = (reduce, out_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma)
         if write_grad and inplace:
             loss = _softmax_loss_fwd_inplace(logits, *args, *opts)
             _save_overwritten(ctx, logits)
@@ -316,7 +310,7 @@ class Huber(torch.autograd.Function):
         scale = 1.0 / input.numel() if reduction == "mean" else 1.0
         loss, g_in, g_t = _huber_fwd(
             input, target, weight, beta, mul, scale, reduction != "none",
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1], out_dtype == torch.float32)
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1], out_dtype)
         _save(ctx, (g_in, g_t), per_element=reduction == "none")
         return loss
 
@@ -341,7 +335,7 @@ class SigmoidFocal(torch.autograd.Function):
     def forward(ctx, inputs, targets, alpha, gamma, reduction, out_dtype):
         scale = 1.0 / inputs.numel() if reduction == "mean" else 1.0
         loss, g_in = _sigmoid_focal_fwd(inputs, targets, alpha, gamma, scale, reduction != "none",
-                                        ctx.needs_input_grad[0], out_dtype == torch.float32)
+                                        ctx.needs_input_grad[0], out_dtype)
         _save(ctx, (g_in,), per_element=reduction == "none")
         return loss
 
