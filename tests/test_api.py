@@ -111,6 +111,7 @@ BAD_CALLS = [
     ("negative_target", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, -3])), "-3"),
     ("int_input", lambda m: m.cross_entropy(X.long(), T), "input"),
     ("huber_delta", lambda m: m.huber_loss(X, Y, delta=0.0), "delta"),
+    ("huber_negative_delta", lambda m: m.huber_loss(X, Y, delta=-1.0), "delta"),
     ("huber_reduction", lambda m: m.huber_loss(X, Y, reduction="max"), "reduction"),
     ("huber_weight", lambda m: m.huber_loss(X, Y, weight=torch.ones(5)), "weight"),
     ("huber_broadcast_fail", lambda m: m.huber_loss(X, torch.randn(3)), ""),

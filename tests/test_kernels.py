@@ -582,6 +582,20 @@ def test_sigmoid_focal(reduction, size, dtype):
         check("sigmoid_focal_loss", [x, t], {"alpha": alpha, "gamma": gamma, "reduction": reduction})
 
 
+@pytest.mark.parametrize("shape", [(), (3, 4, 5), "transposed"])
+@pytest.mark.parametrize("loss", ["huber_loss", "smooth_l1_loss", "sigmoid_focal_loss"])
+def test_elementwise_any_shape_and_layout(loss, shape):
+    """0-d, 3-D and non-contiguous (a transposed view, copied once) inputs, with their gradients."""
+    def make(seed):
+        torch.manual_seed(seed)
+        return logits(7, 5).t() if shape == "transposed" else (torch.randn(shape, device=DEVICE) * 3.0)
+    x, t = make(1), make(2).sigmoid()
+    kwargs = {"reduction": "none"} if loss == "sigmoid_focal_loss" else {"reduction": "mean"}
+    out = check(loss, [x, t], kwargs, grad_of=(0,) if loss == "sigmoid_focal_loss" else (0, 1))
+    assert out[0].shape == (x.shape if loss == "sigmoid_focal_loss" else ())
+    assert out[1].shape == x.shape
+
+
 def test_sigmoid_focal_soft_targets_and_saturation():
     x = logits(4, 20)
     check("sigmoid_focal_loss", [x, torch.rand(4, 20, device=DEVICE)], {"reduction": "mean"})
