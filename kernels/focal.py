@@ -40,6 +40,7 @@ BLOCK = ELEMENTWISE_BLOCK
 # gamma in {0, 1, ..., MAX_INT_GAMMA} is computed by repeated multiplication (exact, no log/exp);
 # other values through exp2(gamma * log2(q)).
 MAX_INT_GAMMA = 4
+FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # the smallest normal fp32
 
 
 @triton.jit
@@ -62,6 +63,7 @@ def _sigmoid_focal_kernel(
     # BLOCK when reduced) and the gradient. The usual training step (reduced, with gradient) reads
     # 2n and writes n elements.
     offs, mask, x, t = load_block_pair(x_ptr, t_ptr, n, BLOCK)
+    two_gamma = 2.0 * gamma
 
     # The MUFU forms of exp2 / 1/x (common.py): this kernel does ~40 instructions per element, so
     # at 16-bit it is bound by them, not by its bytes.
@@ -73,7 +75,7 @@ def _sigmoid_focal_kernel(
     omp = tl.where(pos, er, r)  # 1 - p = sigmoid(-x)
     ce = tl.maximum(x, 0.0) - x * t + atanh_log(e * rcp(2.0 + e, INTERPRET))  # log1p(e), e <= 1: no log
     q = p * (1.0 - t) + omp * t
-    q_safe = tl.where(q > 0, q, 1.0)  # keeps log2 and the division finite where q == 0
+    q_safe = tl.maximum(q, FLT_MIN)  # keeps log2 and 1/q finite where q is 0 (or subnormal)
 
     if GAMMA_INT >= 0:
         qg = tl.full(q.shape, 1.0, tl.float32)  # q^0 = 1, including 0^0
@@ -90,10 +92,10 @@ def _sigmoid_focal_kernel(
 
     if WRITE_GRAD_INPUT:
         p_minus_t = p * (1.0 - t) - omp * t  # = p - t, exact for hard labels
-        # p(1-p)/q in [0, 1]. A q below 1e-30 (the reciprocal of a denormal overflows) comes from a
-        # hard label on a saturated logit, where the ratio is max(p, 1-p) (p/1 or (1-p)/1 to fp32).
-        h = tl.where(q > 1e-30, p * omp * rcp(q_safe, INTERPRET), tl.maximum(p, omp))
-        g = kq * (p_minus_t - gamma * ce * h * (2.0 * t - 1.0))
+        # p(1-p)/q, in [0, 1] for t in [0, 1]. Where q == 0 it is 0, and it does not matter there:
+        # kq = 0 when gamma > 0, and gamma = 0 multiplies it by 0.
+        h = p * omp * rcp(q_safe, INTERPRET)
+        g = kq * (p_minus_t - (t * two_gamma - gamma) * (ce * h))  # gamma (2t - 1) in one FMA
         tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
