@@ -209,9 +209,10 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
     (``retain_graph=True``) raises instead of returning a gradient scaled twice; so does a saved
     gradient modified after the forward (in-place logits written to by the caller).
     """
-    if getattr(ctx, "overwritten", None) is not None:
+    if hasattr(ctx, "overwritten"):
         logits, version = ctx.overwritten
-        if logits._version != version:
+        ctx.overwritten = (None, None)  # let go of the logits, as saved tensors are after a backward
+        if logits is None or logits._version != version:
             raise RuntimeError(_BACKWARD_ONCE)
         grads = (logits,)
     else:

@@ -14,6 +14,7 @@ when the backward scales it (one rounding more than torch, by design: see fastlo
 
 import functools
 import math
+import weakref
 
 import pytest
 import torch
@@ -414,7 +415,10 @@ def test_inplace_backward_buffer_written_after_the_loss_raises():
             loss.backward()
         x = leaf * 2.0
         loss = fastloss.cross_entropy(x, t, inplace_backward=True)
+        overwritten = weakref.ref(x)
+        del x
         loss.backward(retain_graph=True)
+        assert overwritten() is None  # the loss, still alive, holds the logits' memory no longer
         with pytest.raises(RuntimeError, match="only once"):
             loss.backward()
 
