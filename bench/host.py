@@ -19,9 +19,10 @@ It splits that time at the two Triton launches (medians over the reps): before t
 launch, inside it (Triton's Python and the driver call), between the two launches (the loss's sum and
 cast, autograd, ``loss.backward()`` up to the scale), inside the scale's launch, and after it. Where
 the step is short the GPU waits for "before" and, beyond the loss kernel's time, for "between".
-On a GPU it then times the parts on their own: a Triton launch of a cached kernel through
-``kernel[grid](...)`` and straight through the compiled kernel (what a leaner launch path could save),
-a small aten op, a 0-dim cast, an allocation and an autograd.Function that launches nothing.
+It then times the parts on their own: a small aten op, a 0-dim cast, an allocation and an
+autograd.Function that launches nothing, and on a GPU a Triton launch of a cached kernel through
+``kernel[grid](...)`` and straight through the compiled kernel (what a leaner launch path could
+save), fastloss's launcher of the same kernel and a device context.
 
 The counts are the same on both machines; the times are only comparable on one machine.
 """
