@@ -248,9 +248,12 @@ def test_grad_output_of_exactly_one_and_second_backward(loss, reduction):
         torch.autograd.grad(out, x, torch.ones_like(out))
 
 
-def test_masked_vocabulary_huge_logits_and_nan_row():
-    n, v = 4, 50
-    x = logits(n, v) * 1e3                        # saturated softmax
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("v", [50, 4099], ids=["one-chunk", "chunked"])
+def test_masked_vocabulary_huge_logits_and_nan_row(v, dtype):
+    n = 4
+    x = logits(n, v) * 1e3                        # saturated softmax (60000 at most: fits fp16)
+    x = x.clamp(-6e4, 6e4).to(dtype)
     x[0, 10:] = float("-inf")                     # masked vocabulary
     x[2, 7] = float("nan")                        # NaN row → NaN loss for that row only
     t = torch.tensor([3, 1, 2, 0], device=DEVICE)
