@@ -20,7 +20,6 @@ kernel-alone and host lines; OUT/ab.tgz holds every log and each run's results.j
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -28,6 +27,8 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+
+from . import report
 
 
 def tree_names(trees: list[str]) -> list[str]:
@@ -53,7 +54,7 @@ def shares(results: list[dict]) -> dict[str, float | None]:
 
 
 def table(columns: dict[str, dict[str, float | None]]) -> str:
-    """One row per case (in first-seen order), one column per run, and each tree's spread."""
+    """One row per case (in first-seen order), one column per run."""
     cases = list(dict.fromkeys(case for col in columns.values() for case in col))
     width = max([len(c) for c in cases] + [4])
     heads = list(columns)
@@ -126,8 +127,7 @@ def main(argv=None) -> int:
             save = raw / name / f"round{r}"
             print(f"[{time.monotonic() - start:5.0f} s] round {r}: {name}", flush=True)
             _python(bench_args + ["--save", str(save)], run, site, raw / name / f"bench{r}.log", args.timeout)
-            results = save / "results.json"
-            columns[f"{name} {r}"] = shares(json.loads(results.read_text())) if results.exists() else {}
+            columns[f"{name} {r}"] = shares(report.load(str(save)))
             for flag, tool in ((args.kernel, ["-m", "bench.tune_ce", "--rounds", "0", "--elementwise", "--cases",
                                                args.kernel]), (args.host, ["-m", "bench.host"])):
                 if flag:

@@ -45,6 +45,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastloss
 import fastloss.functional as functional
 
+from . import harness
+
 # Aten ops that only allocate memory or change metadata: no kernel launch on a GPU.
 NO_LAUNCH = ("empty", "empty_like", "empty_strided", "new_empty", "promote_types", "view", "_unsafe_view", "reshape", "alias", "detach",
              "t", "expand", "as_strided", "unsqueeze", "squeeze", "select", "slice", "lift_fresh")
@@ -210,15 +212,8 @@ PARTS = f"{'before':>6} {'launch':>6} {'betw.':>6} {'launch':>6} {'after':>6}"
 
 
 def _per_call_us(fn, reps: int) -> float:
-    """Median issue time of fn over reps calls, in µs, after a few warm-up calls."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+    """Median issue time of fn over reps calls, in µs, after a warm-up call."""
+    return harness.wall_bench(fn, budget_s=0.0, min_reps=reps, max_reps=reps).ms * 1e3
 
 
 class _NoKernel(torch.autograd.Function):
