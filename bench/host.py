@@ -75,7 +75,9 @@ def steps(device: torch.device, vocab: int, n: int, rows: int = ROWS) -> dict:
     return out
 
 
-class _CountOps(TorchDispatchMode):
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops dispatched while it is active, by name (``ops``)."""
+
     def __init__(self):
         super().__init__()
         self.ops = collections.Counter()
@@ -98,7 +100,7 @@ class _Launches(collections.Counter):
 
 
 @contextlib.contextmanager
-def _triton_launches(stub: bool):
+def triton_launches(stub: bool):
     """Counts and times Triton launches (compiled or interpreted); with ``stub`` they do nothing."""
     import triton.runtime.interpreter as interpreter
     import triton.runtime.jit as jit
@@ -132,11 +134,11 @@ def one_step(inputs, fn) -> None:
 
 def measure(name: str, inputs, fn, device: torch.device, reps: int) -> dict:
     stub = device.type != "cuda"
-    with _triton_launches(stub=stub) as launches:
+    with triton_launches(stub=stub) as launches:
         for _ in range(3):  # compile / warm up
             one_step(inputs, fn)
         launches.clear()
-        with _CountOps() as mode:
+        with CountOps() as mode:
             one_step(inputs, fn)
         ops = dict(mode.ops)
         n_launches = sum(launches.values())
