@@ -15,7 +15,11 @@ and times the step's host path:
 - on a CPU: the time of the step with the Triton launches replaced by no-ops (the interpreter would
   otherwise run the kernels), so it times fastloss's Python and the aten ops around the launches.
 
-It splits that time at the two Triton launches (medians over the reps): before the loss kernel's
+Beside it, the same step through eager torch (the benchmark's ``torch`` provider) on the same
+inputs: its host time is what a fused loss must not exceed by much, or a short step loses to torch
+however fast the kernel. (On a CPU the shapes are tiny, so torch's step is host time too.)
+
+It splits fastloss's time at the two Triton launches (medians over the reps): before the loss kernel's
 launch, inside it (Triton's Python and the driver call), between the two launches (the loss's sum and
 cast, autograd, ``loss.backward()`` up to the scale), inside the scale's launch, and after it. Where
 the step is short the GPU waits for "before" and, beyond the loss kernel's time, for "between".
@@ -45,6 +49,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import fastloss
 import fastloss.functional as functional
 
+from . import cases as bench_cases
 from . import harness
 
 # Aten ops that only allocate memory or change metadata: no kernel launch on a GPU.
@@ -127,6 +132,11 @@ def triton_launches(stub: bool):
             c.run = run
 
 
+def torch_fn(name: str):
+    """The same loss in eager torch (the benchmark's ``torch`` provider), for case ``name``."""
+    return bench_cases.TORCH_FNS[name.split()[0]]
+
+
 def one_step(inputs, fn) -> None:
     inputs[0].grad = None
     fn(*inputs).backward()
@@ -179,14 +189,17 @@ def main(argv=None) -> int:
 
 
 def run(device: torch.device, args) -> list[str]:
-    # Small shapes: the host path does not depend on them (the kernels are stubbed on a CPU), except
-    # that on CUDA rows of 16384 columns or more are split across programs, which zero counters.
-    cases = steps(device, vocab=1024, n=1 << 16)
+    # Small shapes: the host path does not depend on them, except that on CUDA rows of 16384 columns
+    # or more are split across programs, which zero counters. On a CPU they are tiny, so that torch's
+    # step (which computes) is all host time too, as fastloss's (whose launches are stubbed) is.
     if device.type == "cuda":
+        cases = steps(device, vocab=1024, n=1 << 16)
         cases["ce bf16 V=32768"] = steps(device, vocab=32768, n=80)["ce bf16"]
+    else:
+        cases = steps(device, vocab=64, n=80 * 64, rows=16)
     wanted = [w for w in args.cases.split(",") if w]
     where = "issue time" if device.type == "cuda" else "launches stubbed"
-    print(f"{'case':20} {'aten ops':>8} {'launching':>9} {'triton':>6} {'host µs':>8}  {PARTS}  ({where}, "
+    print(f"{'case':20} {'aten ops':>8} {'launching':>9} {'triton':>6} {'host µs':>8} {'torch µs':>8}  {PARTS}  ({where}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__})")
     failed = []
     for name, (inputs, fn) in cases.items():
@@ -194,13 +207,17 @@ def run(device: torch.device, args) -> list[str]:
             continue
         try:
             r = measure(name, inputs, fn, device, args.reps)
+            torch_us = _per_call_us(lambda: one_step(inputs, torch_fn(name)), args.reps)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
         except Exception as exc:  # report it and go on with the other losses
             failed.append(name)
             print(f"{name:20} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}", flush=True)
             continue
         launching = ", ".join(f"{k}×{v}" if v > 1 else k for k, v in sorted(r["ops"].items()) if k not in NO_LAUNCH)
         parts = " ".join(f"{p:6.1f}" for p in r["parts_us"])
-        print(f"{name:20} {r['aten_ops']:8d} {r['aten_launching']:9d} {r['triton']:6d} {r['host_us']:8.1f}  {parts}  "
+        print(f"{name:20} {r['aten_ops']:8d} {r['aten_launching']:9d} {r['triton']:6d} {r['host_us']:8.1f} {torch_us:8.1f}  "
+              f"{parts}  "
               f"{launching}", flush=True)
     if not wanted:
         print(f"\nparts, µs per call ({'issue time' if device.type == 'cuda' else 'CPU'}):", flush=True)
@@ -262,13 +279,12 @@ def part_costs(device: torch.device, reps: int) -> dict:
 
 def _launch_costs(grad: Tensor, one: Tensor, reps: int) -> dict:
     """The backward's scale (grad_output = 1: every program exits at once) launched three ways."""
-    import triton
     from fastloss.kernels import common
 
     kernel = common._scale_grad_kernel
     args = (grad, one, grad.numel(), grad.numel(), 0)  # the kernel's parameters, in order
     consts = dict(PER_ROW=False, STRIDED=False, INTERPRET=False, BLOCK=common.ELEMENTWISE_BLOCK)
-    grid = (min(triton.cdiv(grad.numel(), common.ELEMENTWISE_BLOCK), common.SCALE_GRAD_PROGRAMS),)
+    grid = (min(common.cdiv(grad.numel(), common.ELEMENTWISE_BLOCK), common.SCALE_GRAD_PROGRAMS),)
 
     def generic():
         return kernel[grid](*args, **consts, num_warps=8)

@@ -26,8 +26,16 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+# This module is imported on the first call that runs a kernel (functional imports it there), never
+# by `import fastloss`, so triton is imported then too. Imported once here, not in every launch: an
+# import statement costs about a microsecond of host time per call.
+from .kernels.common import scale_grad_
+from .kernels.cross_entropy import cross_entropy_fwd
+from .kernels.focal import sigmoid_focal_fwd
+from .kernels.huber import huber_fwd
+
 # --------------------------------------------------------------------------------------------------
-# torch.library registration (the kernels are imported on first use, never at import time)
+# torch.library registration
 # --------------------------------------------------------------------------------------------------
 
 
@@ -35,9 +43,15 @@ def _no_grad_buffer(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+_SAME_DEVICE = contextlib.nullcontext()
+
+
 def _on(t: Tensor):
-    """Launch on ``t``'s GPU, which need not be the current one (Triton launches on the current)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Launch on ``t``'s GPU, which need not be the current one (Triton launches on the current).
+    Switching devices costs host time, so it is done only when they differ."""
+    if t.is_cuda and t.get_device() != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return _SAME_DEVICE
 
 
 class _Op:
@@ -81,9 +95,7 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) ->
 def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Optional[Tensor],
                       write_grad: bool, reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,
                       z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> tuple[Tensor, Tensor]:
-    from .kernels.cross_entropy import cross_entropy_fwd
-
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if write_grad else None
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
     with _on(logits):
         loss = cross_entropy_fwd(logits, target, weight, divisors, grad, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
@@ -102,8 +114,6 @@ def _(logits, target, weight, divisors, write_grad, reduce, loss_dtype, ignore_i
 def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Optional[Tensor],
                               reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,
                               z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> Tensor:
-    from .kernels.cross_entropy import cross_entropy_fwd
-
     with _on(logits):
         return cross_entropy_fwd(logits, target, weight, divisors, logits, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
@@ -119,8 +129,6 @@ def _(logits, target, weight, divisors, reduce, loss_dtype, ignore_index, label_
 def _huber_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, mul: float,
                scale: float, reduce: bool, grad_input: bool, grad_target: bool,
                loss_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    from .kernels.huber import huber_fwd
-
     gi = torch.empty_like(input) if grad_input else None
     gt = torch.empty_like(target) if grad_target else None
     with _on(input):
@@ -143,8 +151,6 @@ def _(input, target, weight, beta, mul, scale, reduce, grad_input, grad_target, 
 @_op("sigmoid_focal_fwd")
 def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, scale: float,
                        reduce: bool, grad_input: bool, loss_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    from .kernels.focal import sigmoid_focal_fwd
-
     gi = torch.empty_like(inputs) if grad_input else None
     with _on(inputs):
         loss = sigmoid_focal_fwd(inputs, targets, alpha=alpha, gamma=gamma, scale=scale, reduce=reduce,
@@ -159,8 +165,6 @@ def _(inputs, targets, alpha, gamma, scale, reduce, grad_input, loss_dtype):
 
 @_op("scale_grad_", mutates_args=("grad",))
 def _scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
-    from .kernels.common import scale_grad_
-
     with _on(grad):
         scale_grad_(grad, grad_output)
 
@@ -227,7 +231,7 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
         elif ctx.per_element:
             out.append((g * grad_loss).to(g.dtype))
         else:
-            _scale_grad_(g, grad_loss.reshape(-1))
+            _scale_grad_(g, grad_loss)
             out.append(g)
     return out
 

@@ -184,7 +184,7 @@ def _softmax_divisors(x2d: Tensor, t: Tensor, weight: Tensor | None, ignore_inde
     counted = t != ignore_index
     count = counted.sum(dtype=torch.float32)
     if weight is None:
-        return count.reshape(1)
+        return count
     w_y = weight.float()[t.clamp(0, x2d.shape[1] - 1)]
     return torch.stack([(w_y * counted).sum(), count])
 

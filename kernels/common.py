@@ -6,6 +6,7 @@ does no work at import time (no device queries, no compilation).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -23,6 +24,12 @@ from torch import Tensor
 MAX_ROW_BLOCK = 2048
 # Elements per program for flat elementwise kernels.
 ELEMENTWISE_BLOCK = 4096
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive b. (``triton.cdiv`` does the same, and its wrapper costs 2-3 µs of
+    host time per call.)"""
+    return -(-a // b)
 
 
 def next_power_of_2(n: int) -> int:
@@ -192,15 +199,17 @@ def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype, bloc
             raise ValueError(f"{fn}: {name} has {t.numel()} elements, {first_name} has {n}")
         if not t.is_contiguous():
             raise ValueError(f"{fn}: {name} must be contiguous")
-    n_programs = triton.cdiv(n, block)
+    n_programs = cdiv(n, block)
     if reduce:
         return n, n_programs, first.new_empty(n_programs, dtype=torch.float32)
     return n, n_programs, first.new_empty(first.shape, dtype=loss_dtype or first.dtype)
 
 
+@functools.cache
 def interpreting() -> bool:
     """True under Triton's interpreter: the kernels' INTERPRET switch. Its fp32 -> bf16 cast
-    truncates (see ``cast_to``) and it cannot run inline PTX (see ``exp2``)."""
+    truncates (see ``cast_to``) and it cannot run inline PTX (see ``exp2``). Read once, at the first
+    launch: ``triton.jit`` also reads TRITON_INTERPRET once, when the kernels are defined."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -289,8 +298,8 @@ def scale_grad_(grad: Tensor, grad_output: Tensor) -> Tensor:
         raise ValueError(f"scale_grad_: grad_output has {n_go} elements, which does not divide {n}")
     per_row = n_go > 1
     # A per-row grad_output may come from an expand (stride 0) or another view: O(R) copy at most.
-    go = grad_output.reshape(-1).contiguous() if per_row else grad_output.reshape(1)
-    n_blocks = triton.cdiv(n, ELEMENTWISE_BLOCK)
+    go = grad_output.reshape(-1).contiguous() if per_row else grad_output  # a scalar: read at its address
+    n_blocks = cdiv(n, ELEMENTWISE_BLOCK)
     grid = (n_blocks if per_row else min(n_blocks, SCALE_GRAD_PROGRAMS),)
     _scale_grad_kernel[grid](
         grad,

@@ -29,6 +29,7 @@ from torch import Tensor
 from .common import (
     LOG2E,
     cast_to,
+    cdiv,
     exp2,
     expm1,
     interpreting,
@@ -434,7 +435,7 @@ def launch_config(logits: Tensor, write_grad: bool) -> LaunchConfig:
     n_cols = logits.shape[1]
     if write_grad and n_cols >= SPLIT_MIN_COLS and logits.is_cuda:
         seg_cols, block, warps = SPLIT_COLS[logits.element_size()]
-        return LaunchConfig(block=block, num_warps=warps, segments=next_power_of_2(triton.cdiv(n_cols, seg_cols)))
+        return LaunchConfig(block=block, num_warps=warps, segments=next_power_of_2(cdiv(n_cols, seg_cols)))
     block = row_block(n_cols)
     return LaunchConfig(block=block, num_warps=max(1, min(16, block // 256)))
 
@@ -509,7 +510,7 @@ def cross_entropy_fwd(
     segments = max(cfg.segments, 1)
     if segments & (segments - 1):
         raise ValueError(f"cross_entropy_fwd: segments must be 0 or a power of two, got {segments}")
-    seg_len = triton.cdiv(triton.cdiv(n_cols, segments), cfg.block) * cfg.block if split else n_cols
+    seg_len = cdiv(cdiv(n_cols, segments), cfg.block) * cfg.block if split else n_cols
     # SPLIT's counters and statistics (a row per program touches neither: the logits stand in)
     sync = torch.zeros(1 + n_rows, dtype=torch.int32, device=logits.device) if split else logits
     stats = torch.empty(n_rows * segments * STATS, dtype=torch.float32, device=logits.device) if split else logits
