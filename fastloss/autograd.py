@@ -236,6 +236,25 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
     return out
 
 
+def _backward_grads(ctx, grad_loss: Tensor, n_other: int) -> tuple[Optional[Tensor], ...]:
+    """A backward's result: :func:`_scaled_grads`, then ``None`` for the ``n_other`` arguments that
+    take no gradient."""
+    return (*_scaled_grads(ctx, grad_loss), *[None] * n_other)
+
+
+_backward_grads_once = once_differentiable(_backward_grads)
+
+
+def _backward(ctx, grad_loss: Tensor, n_other: int) -> tuple[Optional[Tensor], ...]:
+    """The Functions' backward. The gradients are computed in the forward, so they cannot be
+    differentiated again: under ``create_graph=True`` (grad mode on here) ``once_differentiable``
+    makes a second differentiation raise. A plain backward skips its wrapper, which costs a few
+    microseconds of host time."""
+    if torch.is_grad_enabled():
+        return _backward_grads_once(ctx, grad_loss, n_other)
+    return _backward_grads(ctx, grad_loss, n_other)
+
+
 class SoftmaxLoss(torch.autograd.Function):
     """Cross-entropy, and softmax focal loss when ``gamma`` is set: one kernel family.
 
@@ -259,9 +278,8 @@ class SoftmaxLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss):
-        return (*_scaled_grads(ctx, grad_loss), *[None] * 11)
+        return _backward(ctx, grad_loss, 11)
 
 
 def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Optional[Tensor],
@@ -320,9 +338,8 @@ class Huber(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss):
-        return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None)
+        return _backward(ctx, grad_loss, 5)
 
 
 def huber(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, mul: float,
@@ -345,9 +362,8 @@ class SigmoidFocal(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_loss):
-        return (*_scaled_grads(ctx, grad_loss), None, None, None, None, None)
+        return _backward(ctx, grad_loss, 5)
 
 
 def sigmoid_focal(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, reduction: str,

@@ -19,6 +19,7 @@ Each row's statistics are combined in a fixed order: no atomics on data, bitwise
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -432,9 +433,13 @@ def launch_config(logits: Tensor, write_grad: bool) -> LaunchConfig:
     """The default launch for (N, V) logits, from ``python -m bench.tune_ce`` on an H100 (see
     bench/NOTES.md): rows of V >= SPLIT_MIN_COLS with a gradient are split into segments of
     SPLIT_COLS[dtype] columns; other rows run one per program in chunks of up to MAX_ROW_BLOCK."""
-    n_cols = logits.shape[1]
-    if write_grad and n_cols >= SPLIT_MIN_COLS and logits.is_cuda:
-        seg_cols, block, warps = SPLIT_COLS[logits.element_size()]
+    return _default_config(logits.shape[1], logits.element_size(), write_grad and logits.is_cuda)
+
+
+@functools.lru_cache(maxsize=1024)  # a step's host time counts (bench/NOTES.md): computed once per shape
+def _default_config(n_cols: int, element_size: int, may_split: bool) -> LaunchConfig:
+    if may_split and n_cols >= SPLIT_MIN_COLS:
+        seg_cols, block, warps = SPLIT_COLS[element_size]
         return LaunchConfig(block=block, num_warps=warps, segments=next_power_of_2(cdiv(n_cols, seg_cols)))
     block = row_block(n_cols)
     return LaunchConfig(block=block, num_warps=max(1, min(16, block // 256)))

@@ -248,6 +248,22 @@ def test_grad_output_of_exactly_one_and_second_backward(loss, reduction):
         torch.autograd.grad(out, x, torch.ones_like(out))
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss", "huber_loss", "sigmoid_focal_loss"])
+def test_create_graph_gives_the_gradient_and_refuses_a_second_order(loss):
+    """The gradient is computed in the forward, so it cannot be differentiated again: with
+    create_graph=True backward still returns it, and differentiating it raises (never a silent 0)."""
+    x = logits(5, 33).requires_grad_()
+    t = labels(5, 33) if loss in ("cross_entropy", "focal_loss") else torch.rand(5, 33, device=DEVICE)
+    with fastloss.use_backend("triton"):
+        out = getattr(fastloss, loss)(x, t, reduction="sum")
+    (g,) = torch.autograd.grad(out, x, create_graph=True)
+    (expected,) = torch.autograd.grad(getattr(reference, loss)(x, t, reduction="sum"), x)
+    torch.testing.assert_close(g, expected)
+    # g is a constant here (once_differentiable; grad_output needs no grad): x gets no second-order term
+    with pytest.raises(RuntimeError, match="does not require grad|differentiate twice"):
+        g.pow(2).sum().backward()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("v", [50, 4099], ids=["one-chunk", "chunked"])
 def test_masked_vocabulary_huge_logits_and_nan_row(v, dtype):
