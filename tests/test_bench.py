@@ -166,6 +166,19 @@ def test_host_path_of_a_training_step(name, launching, monkeypatch):
     assert len(result["parts_us"]) == 5 and min(result["parts_us"]) >= 0
 
 
+def test_host_main_prints_fastloss_beside_torch(capsys):
+    """python -m bench.host: one row per case, fastloss's host time and eager torch's on the same inputs."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("the CPU run (launches stubbed); the GPU run is bench/run_gpu.sh's")
+    assert host.main(["--reps", "3", "--cases", "huber fp32,ce bf16"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:] if line.strip()]
+    assert [r[:2] for r in rows] == [["huber", "fp32"], ["ce", "bf16"]]  # in the order of host.steps
+    for r in rows:
+        host_us, torch_us = float(r[5]), float(r[6])
+        assert host_us > 0 and torch_us > 0
+
+
 def test_host_part_costs():
     """bench.host's parts, each timed on its own: on a CPU the aten ops and autograd (the Triton
     launches and the device context are timed on CUDA only)."""
