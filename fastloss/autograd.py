@@ -106,7 +106,7 @@ def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], 
 @_softmax_loss_fwd.register_fake
 def _(logits, target, weight, divisors, write_grad, reduce, loss_dtype, ignore_index, label_smoothing, z_loss,
       softcap, gamma):
-    grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device) if write_grad else _no_grad_buffer(logits)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else _no_grad_buffer(logits)
     return _fake_softmax_loss(logits, reduce, loss_dtype), grad
 
 
