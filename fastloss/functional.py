@@ -9,7 +9,6 @@ Argument errors are raised here, before any kernel launch, so both backends fail
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import torch
@@ -48,8 +47,11 @@ def _loss_dtype(*tensors: Tensor | None) -> torch.dtype:
     """The result's dtype, as torch's: the floating-point arguments' dtypes promoted together, and
     fp32 under ``torch.autocast``, where torch computes its losses in fp32 (the kernels still read
     low-precision inputs as they are)."""
-    dtype = functools.reduce(torch.promote_types, [t.dtype for t in tensors if t is not None and t.is_floating_point()])
-    if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(tensors[0].device.type):
+    dtype = None
+    for t in tensors:
+        if t is not None and t.is_floating_point() and t.dtype != dtype:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    if (dtype is torch.float16 or dtype is torch.bfloat16) and torch.is_autocast_enabled(tensors[0].device.type):
         return torch.float32
     return dtype
 
@@ -61,10 +63,10 @@ def _upcast(*tensors: Tensor | None) -> list[Tensor | None]:
 
 
 def _check_devices(fn: str, *named: tuple[str, Tensor | None]) -> None:
-    tensors = [(n, t) for n, t in named if t is not None]
-    first_name, first = tensors[0]
-    for name, t in tensors[1:]:
-        if t.device != first.device:
+    """All given tensors on the first one's device (``None`` entries skipped; the first is given)."""
+    (first_name, first), device = named[0], named[0][1].device
+    for name, t in named[1:]:
+        if t is not None and t.device != device:
             raise RuntimeError(
                 f"{fn}: expected all tensors on one device, but {first_name} is on {first.device} "
                 f"and {name} is on {t.device}"
@@ -105,15 +107,16 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
     """Checks shapes and dtypes like torch's cross_entropy; returns True for class-index targets."""
     _check_tensor("input", input)
     _check_tensor("target", target, floating=False)
-    if input.dim() == 0:
+    dim = input.dim()
+    if dim == 0:
         raise RuntimeError(f"{fn}: input must have at least 1 dimension (the classes), got a 0-d tensor")
-    n_classes = input.shape[1] if input.dim() >= 2 else input.shape[0]
     class_targets = not target.is_floating_point()
     if class_targets:
         if target.dtype not in (torch.long, torch.uint8):
             raise RuntimeError(f"{fn}: expected target dtype int64 or uint8 (class indices), got {target.dtype}")
-        expected = input.shape[:1] + input.shape[2:] if input.dim() >= 2 else torch.Size([])
-        if input.dim() >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
+        # (N, C, d1, ...) -> (N, d1, ...); (N, C) -> (N,); (C,) -> ()
+        expected = input.shape[:1] if dim == 2 else input.shape[:1] + input.shape[2:] if dim > 2 else torch.Size()
+        if dim >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
             raise ValueError(
                 f"{fn}: expected input batch_size ({input.shape[0]}) to match target batch_size "
                 f"({target.shape[0]})"
@@ -130,6 +133,7 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
             )
     if weight is not None:
         _check_tensor("weight", weight)
+        n_classes = input.shape[1] if dim >= 2 else input.shape[0]
         if weight.dim() != 1 or weight.shape[0] != n_classes:
             raise RuntimeError(
                 f"{fn}: weight must be defined for all {n_classes} classes, got shape {list(weight.shape)}"
@@ -211,14 +215,16 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
     if class_targets and (not input.is_cuda or backend.strict()) and not torch.compiler.is_compiling():
         _check_class_range(target, input.shape[1] if input.dim() >= 2 else input.shape[0], ignore_index)
 
-    from .autograd import softmax_loss  # noqa: PLC0415  (keeps triton out of `import fastloss`)
+    # Imported here, not at the top: it imports triton, which `import fastloss` must not. (This form of
+    # import statement costs a quarter of the `from .autograd import ...` form's microsecond.)
+    import fastloss.autograd as autograd  # noqa: PLR0402
 
     x2d, t = _rows(input, target.long() if target.dtype == torch.uint8 else target)
     if weight is not None:
         weight = weight.float().contiguous()
     divisors = _softmax_divisors(x2d, t, weight, ignore_index, reduction, class_targets)
-    loss = softmax_loss(x2d, t, weight, divisors, reduction != "none", inplace_backward,
-                        ignore_index, label_smoothing, z_loss, softcap, gamma, out_dtype)
+    loss = autograd.softmax_loss(x2d, t, weight, divisors, reduction != "none", inplace_backward,
+                                 ignore_index, label_smoothing, z_loss, softcap, gamma, out_dtype)
     if reduction == "none":
         loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ())
     return loss
@@ -331,9 +337,9 @@ def sigmoid_focal_loss(
             inputs, targets = _upcast(inputs, targets)
         return reference.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
 
-    from .autograd import sigmoid_focal  # noqa: PLC0415
+    import fastloss.autograd as autograd  # noqa: PLR0402
 
-    return sigmoid_focal(inputs, targets, float(alpha), float(gamma), reduction, out_dtype)
+    return autograd.sigmoid_focal(inputs, targets, float(alpha), float(gamma), reduction, out_dtype)
 
 
 def huber_loss(
@@ -364,9 +370,9 @@ def huber_loss(
             input, target, weight = _upcast(input, target, weight)
         return reference.huber_loss(input, target, reduction, delta, weight)
 
-    from .autograd import huber  # noqa: PLC0415
+    import fastloss.autograd as autograd  # noqa: PLR0402
 
-    return huber(input, target, weight, float(delta), float(delta), reduction, out_dtype)
+    return autograd.huber(input, target, weight, float(delta), float(delta), reduction, out_dtype)
 
 
 def smooth_l1_loss(
@@ -386,6 +392,6 @@ def smooth_l1_loss(
             input, target = _upcast(input, target)
         return reference.smooth_l1_loss(input, target, reduction, beta)
 
-    from .autograd import huber  # noqa: PLC0415
+    import fastloss.autograd as autograd  # noqa: PLR0402
 
-    return huber(input, target, None, float(beta), 1.0, reduction, out_dtype)
+    return autograd.huber(input, target, None, float(beta), 1.0, reduction, out_dtype)
