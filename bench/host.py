@@ -19,10 +19,12 @@ Beside it, the same step through eager torch (the benchmark's ``torch`` provider
 inputs: its host time is what a fused loss must not exceed by much, or a short step loses to torch
 however fast the kernel. (On a CPU the shapes are tiny, so torch's step is host time too.)
 
-It splits fastloss's time at the two Triton launches (medians over the reps): before the loss kernel's
-launch, inside it (Triton's Python and the driver call), between the two launches (the loss's sum and
-cast, autograd, ``loss.backward()`` up to the scale), inside the scale's launch, and after it. Where
-the step is short the GPU waits for "before" and, beyond the loss kernel's time, for "between".
+It splits fastloss's time at its last two Triton launches, the loss kernel and the backward's scale
+(medians over the reps): before the loss kernel's launch (a cross-entropy mean's prologue launch,
+which counts the rows on the device, included), inside it (Triton's Python and the driver call),
+between the two launches (the loss's sum and cast, autograd, ``loss.backward()`` up to the scale),
+inside the scale's launch, and after it. Where the step is short the GPU waits for "before" and,
+beyond the loss kernel's time, for "between".
 It then times the parts on their own: a small aten op, a 0-dim cast, an allocation and an
 autograd.Function that launches nothing, and on a GPU a Triton launch of a cached kernel through
 ``kernel[grid](...)`` and straight through the compiled kernel (what a leaner launch path could
@@ -162,7 +164,8 @@ def measure(name: str, inputs, fn, device: torch.device, reps: int) -> dict:
             t1 = time.perf_counter()
             times.append((t1 - t0) * 1e6)
             # before, launch, between, launch, ..., after: the step cut at each launch's entry and exit
-            edges = [t0, *[t for span in launches.spans for t in span], t1]
+            # (a launch before the loss kernel's, a cross-entropy mean's prologue, counts as "before")
+            edges = [t0, *[t for span in launches.spans[-2:] for t in span], t1]
             parts.append([(b - a) * 1e6 for a, b in itertools.pairwise(edges)])
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -226,7 +229,7 @@ def run(device: torch.device, args) -> list[str]:
     return failed
 
 
-# The columns of a step's split (two launches): before, loss kernel, between, scale, after.
+# The columns of a step's split at its last two launches: before, loss kernel, between, scale, after.
 PARTS = f"{'before':>6} {'launch':>6} {'betw.':>6} {'launch':>6} {'after':>6}"
 
 

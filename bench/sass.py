@@ -86,7 +86,7 @@ def main(argv=None) -> int:
 
     dt = args.dtype
     ce_sig = {"logits_ptr": f"*{dt}", "logits_stride": "i64", "target_ptr": "*i64", "target_stride": "i64",
-              "weight_ptr": "*fp32", "div_ptr": "*fp32", "z_index": "i32", "grad_ptr": f"*{dt}",
+              "weight_ptr": "*fp32", "div_ptr": "*fp32", "n_parts": "i32", "z_off": "i32", "grad_ptr": f"*{dt}",
               "grad_stride": "i64",
               "loss_ptr": "*fp32", "sync_ptr": "*i32", "stats_ptr": "*fp32", "V": "i32", "seg_len": "i32",
               "ignore_index": "i64", "eps": "fp32", "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32",

@@ -1,7 +1,8 @@
 """Autograd for the fused kernels, and their registration with ``torch.library``.
 
 Each kernel family is one ``torch.autograd.Function``. Its forward runs one kernel that returns the
-loss *and* the gradient (already multiplied by the reduction's scale), and saves the gradient. Its
+loss *and* the gradient (already multiplied by the reduction's scale), and saves the gradient (a
+cross-entropy ``mean`` launches a small prologue first, which counts the rows on the device). Its
 backward only multiplies that saved gradient by ``grad_output``, in place and on the device: the
 kernel reads ``grad_output`` itself and returns at once when it is exactly 1.0 — the common
 ``loss.backward()`` — so backward costs one launch, no memory traffic and no host sync.
@@ -92,36 +93,36 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) ->
 # autocast: ``functional._loss_dtype`` decides), per row or element, or (``reduce``) summed: the
 # launcher sums the kernel's fp32 partials and casts the sum once, only if the dtype differs.
 @_op("softmax_loss_fwd")
-def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Optional[Tensor],
+def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], mean: bool,
                       write_grad: bool, reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,
                       z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> tuple[Tensor, Tensor]:
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
     with _on(logits):
-        loss = cross_entropy_fwd(logits, target, weight, divisors, grad, ignore_index=ignore_index,
+        loss = cross_entropy_fwd(logits, target, weight, None, grad, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
-                                 reduce=reduce, loss_dtype=loss_dtype)
+                                 mean=mean, reduce=reduce, loss_dtype=loss_dtype)
     return loss, grad if grad is not None else _no_grad_buffer(logits)
 
 
 @_softmax_loss_fwd.register_fake
-def _(logits, target, weight, divisors, write_grad, reduce, loss_dtype, ignore_index, label_smoothing, z_loss,
+def _(logits, target, weight, mean, write_grad, reduce, loss_dtype, ignore_index, label_smoothing, z_loss,
       softcap, gamma):
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else _no_grad_buffer(logits)
     return _fake_softmax_loss(logits, reduce, loss_dtype), grad
 
 
 @_op("softmax_loss_fwd_inplace", mutates_args=("logits",))
-def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Optional[Tensor],
+def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], mean: bool,
                               reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,
                               z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> Tensor:
     with _on(logits):
-        return cross_entropy_fwd(logits, target, weight, divisors, logits, ignore_index=ignore_index,
+        return cross_entropy_fwd(logits, target, weight, None, logits, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
-                                 reduce=reduce, loss_dtype=loss_dtype)
+                                 mean=mean, reduce=reduce, loss_dtype=loss_dtype)
 
 
 @_softmax_loss_fwd_inplace.register_fake
-def _(logits, target, weight, divisors, reduce, loss_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma):
+def _(logits, target, weight, mean, reduce, loss_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma):
     return _fake_softmax_loss(logits, reduce, loss_dtype)
 
 
@@ -264,10 +265,10 @@ class SoftmaxLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, weight, divisors, reduce, inplace, ignore_index, label_smoothing,
+    def forward(ctx, logits, target, weight, mean, reduce, inplace, ignore_index, label_smoothing,
                 z_loss, softcap, gamma, out_dtype):
         write_grad = ctx.needs_input_grad[0]
-        args = (target, weight, divisors)
+        args = (target, weight, mean)
         opts = (reduce, out_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma)
         if write_grad and inplace:
             loss = _softmax_loss_fwd_inplace(logits, *args, *opts)
@@ -282,11 +283,11 @@ class SoftmaxLoss(torch.autograd.Function):
         return _backward(ctx, grad_loss, 11)
 
 
-def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisors: Optional[Tensor],
+def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], mean: bool,
                  reduce: bool, inplace: bool, ignore_index: int, label_smoothing: float, z_loss: float,
                  softcap: Optional[float], gamma: Optional[float], out_dtype: torch.dtype) -> Tensor:
     """Runs :class:`SoftmaxLoss` on 2-D logits; returns the loss as ``out_dtype``, summed when
-    ``reduce``."""
+    ``reduce``, and divided by the mean's denominators (computed on the device) when ``mean``."""
     inplace = inplace and logits.requires_grad and torch.is_grad_enabled()
     if inplace and (logits.is_leaf or (logits._base is not None and logits._base.is_leaf)):
         raise RuntimeError(
@@ -294,7 +295,7 @@ def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], divis
             "that requires grad (or a view of one) does not allow: pass logits computed by the "
             "model, or set inplace_backward=False"
         )
-    loss = SoftmaxLoss.apply(logits, target, weight, divisors, reduce, inplace, ignore_index,
+    loss = SoftmaxLoss.apply(logits, target, weight, mean, reduce, inplace, ignore_index,
                              label_smoothing, z_loss, softcap, gamma, out_dtype)
     if inplace and not torch.compiler.is_compiling():
         _Overwritten.apply(logits)

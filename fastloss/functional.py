@@ -175,24 +175,6 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return input, target
 
 
-def _softmax_divisors(x2d: Tensor, t: Tensor, weight: Tensor | None, ignore_index: int,
-                      reduction: str, class_targets: bool) -> Tensor | None:
-    """What each row's loss and gradient are divided by, on the device (the kernel inverts it):
-    None for 1 (``sum`` and ``none``); for ``mean`` the count of counted rows, or [Σw_y, count]
-    with class weights (the z-loss term is never class-weighted). No host sync; as few small
-    launches as possible, each of which costs host time that a short step shows."""
-    if reduction != "mean":
-        return None
-    if not class_targets:
-        return torch.full((1,), float(x2d.shape[0]), device=x2d.device, dtype=torch.float32)
-    counted = t != ignore_index
-    count = counted.sum(dtype=torch.float32)
-    if weight is None:
-        return count
-    w_y = weight.float()[t.clamp(0, x2d.shape[1] - 1)]
-    return torch.stack([(w_y * counted).sum(), count])
-
-
 def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label_smoothing,
                   z_loss, softcap, gamma, inplace_backward) -> Tensor:
     class_targets = _check_softmax_args(fn, input, target, weight, class_targets_only=gamma is not None)
@@ -222,8 +204,8 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
     x2d, t = _rows(input, target.long() if target.dtype == torch.uint8 else target)
     if weight is not None:
         weight = weight.float().contiguous()
-    divisors = _softmax_divisors(x2d, t, weight, ignore_index, reduction, class_targets)
-    loss = autograd.softmax_loss(x2d, t, weight, divisors, reduction != "none", inplace_backward,
+    # mean: the kernels count the rows (and sum their class weights) on the device, with no sync
+    loss = autograd.softmax_loss(x2d, t, weight, reduction == "mean", reduction != "none", inplace_backward,
                                  ignore_index, label_smoothing, z_loss, softcap, gamma, out_dtype)
     if reduction == "none":
         loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ())

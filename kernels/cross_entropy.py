@@ -14,6 +14,12 @@ Bytes per row (V values of `size` bytes): forward only reads V once; with the gr
 once from HBM (a second time from L2 for chunked segments) and writes V once, plus the target (or
 V probabilities) and one fp32 loss. The class weights (V fp32) are shared by all rows and stay in L2.
 
+A small prologue kernel runs first when needed (``_prologue_kernel``): it computes the mean's
+denominators on the device (the counted rows and the sum of their class weights, in at most PARTS
+parts that each loss program adds up) and zeroes SPLIT's counters. One Triton launch in place of
+the torch ops these took (a compare and a sum, five more with class weights, SPLIT's zeros), each
+of which cost host time.
+
 Each row's statistics are combined in a fixed order: no atomics on data, bitwise deterministic.
 """
 
@@ -54,6 +60,10 @@ SPLIT_COLS = {2: (8192, 2048, 4), 4: (16384, 16384, 8)}
 NEG_INF = tl.constexpr(float("-inf"))  # a constexpr: plain globals are not visible in @triton.jit code
 EMPTY = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: the max of a lane that has seen no value
 STATS = tl.constexpr(8)  # floats per segment in the SPLIT statistics buffer (5 used; 32-byte records)
+# The mean's denominators are summed in at most PARTS parts, by as many programs of the prologue
+# kernel (each takes PART_ROWS rows at a time); every program of the loss kernel adds the parts up.
+PARTS = tl.constexpr(16)
+PART_ROWS = 1024
 
 
 @triton.jit
@@ -164,14 +174,58 @@ def _chunk_grad(x, a, ref, ref2, kp, A, B, cap_inv, PROB: tl.constexpr, REST: tl
 
 
 @triton.jit
+def _prologue_kernel(target_ptr, weight_ptr, parts_ptr, sync_ptr, N, V, ignore_index, COUNT: tl.constexpr,
+                     WEIGHTED: tl.constexpr, PROB: tl.constexpr, ZERO_SYNC: tl.constexpr, BLOCK: tl.constexpr):
+    """What the loss kernel needs before it starts, in one small launch ahead of it. Program p of P
+    takes the rows p·BLOCK, (p + P)·BLOCK, ... (BLOCK at a time) and writes
+
+    - COUNT: parts[p] = how many of them count (target != ignore_index; every row for probability
+      targets), and WEIGHTED: parts[P + p] = that count and parts[p] = the sum of their class
+      weights (a target out of range takes the nearest class's: its row's loss is NaN anyway);
+    - ZERO_SYNC: zeroes a split launch's arrival counters of those rows, sync[1 + row], and program 0
+      the ticket counter, sync[0].
+
+    Reads 8 bytes per row (and a weight from L2); each part is summed in a fixed order."""
+    p = tl.program_id(0)
+    n_progs = tl.num_programs(0)
+    count = tl.zeros([BLOCK], tl.float32)
+    wsum = tl.zeros([BLOCK], tl.float32)
+    for start in range(p * BLOCK, N, n_progs * BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        live = rows < N
+        if COUNT:
+            if PROB:
+                counted = live
+            else:
+                y = tl.load(target_ptr + rows, mask=live, other=ignore_index)
+                counted = live & (y != ignore_index)
+                if WEIGHTED:
+                    y = tl.minimum(tl.maximum(y, 0), V - 1)
+                    wsum += tl.load(weight_ptr + y, mask=counted, other=0.0)
+            count += counted.to(tl.float32)
+        if ZERO_SYNC:
+            tl.store(sync_ptr + 1 + rows, tl.zeros([BLOCK], tl.int32), mask=live)
+    if ZERO_SYNC:
+        if p == 0:
+            tl.store(sync_ptr, 0)
+    if COUNT:
+        if WEIGHTED:
+            tl.store(parts_ptr + p, tl.sum(wsum, axis=0))
+            tl.store(parts_ptr + n_progs + p, tl.sum(count, axis=0))
+        else:
+            tl.store(parts_ptr + p, tl.sum(count, axis=0))
+
+
+@triton.jit
 def _cross_entropy_kernel(
     logits_ptr,
     logits_stride,
     target_ptr,
     target_stride,
     weight_ptr,
-    div_ptr,  # SCALED: fp32 [ce_div, z_div] (z_index = 1), or one divisor for both (z_index = 0)
-    z_index,
+    div_ptr,  # SCALED: fp32, n_parts parts of the CE term's divisor, and n_parts of the z-loss term's
+    n_parts,  # from z_off on (z_off = 0: the same parts); the sums of the parts are the divisors
+    z_off,
     grad_ptr,
     grad_stride,
     loss_ptr,  # each row's loss, in its dtype (fp32 when the launcher sums the rows)
@@ -220,11 +274,13 @@ def _cross_entropy_kernel(
     x_row = logits_ptr + row * logits_stride
     t_row = target_ptr + row * target_stride
     if SCALED:
-        # The mean's denominators, inverted here (correctly rounded) rather than by one more launch
-        ce_scale = tl.math.div_rn(1.0, tl.load(div_ptr))
+        # The mean's denominators: their parts summed (in a fixed order) and inverted here, correctly
+        # rounded, rather than by more launches
+        k = tl.arange(0, PARTS)
+        ce_scale = tl.math.div_rn(1.0, tl.sum(tl.load(div_ptr + k, mask=k < n_parts, other=0.0), axis=0))
         z_scale = ce_scale
         if ZLOSS:
-            z_scale = tl.math.div_rn(1.0, tl.load(div_ptr + z_index))
+            z_scale = tl.math.div_rn(1.0, tl.sum(tl.load(div_ptr + z_off + k, mask=k < n_parts, other=0.0), axis=0))
     else:
         ce_scale = 1.0
         z_scale = 1.0
@@ -457,6 +513,7 @@ def cross_entropy_fwd(
     z_loss: float = 0.0,
     softcap: float | None = None,
     gamma: float | None = None,
+    mean: bool = False,
     reduce: bool = False,
     loss_dtype: torch.dtype = torch.float32,
     config: LaunchConfig | None = None,
@@ -465,15 +522,22 @@ def cross_entropy_fwd(
 
     logits: (N, V) fp32/bf16/fp16 with stride(1) == 1 (any row stride). target: (N,) int64 class
     indices, or (N, V) float probabilities with stride(1) == 1. weight: (V,) fp32 contiguous, or None.
-    divisors: fp32 on the device, what each row's loss and gradient are divided by (the mean's
-    denominators): [ce_div, z_div] (ce_scale = 1 / ce_div, z_scale = 1 / z_div below), or one value
-    for both, or None for 1 (no tensor, no read).
+    divisors: fp32 on the device, what each row's loss and gradient are divided by: [ce_div, z_div]
+    (ce_scale = 1 / ce_div, z_scale = 1 / z_div below), or one value for both, or None for 1 (no
+    tensor, no read).
+    mean: divide by the mean's denominators instead, computed on the device by a small kernel
+    launched first (``divisors`` must be None): ce_div is the sum of the class weights w_y of the
+    counted rows (target != ignore_index), or their count without weights; z_div is their count.
+    With probability targets every row counts and ce_div = z_div = N (torch's mean for them).
     grad: None (forward only), an (N, V) tensor of logits.dtype with stride(1) == 1, or ``logits``
     itself (the gradient overwrites the logits row by row).
 
     config: launch parameters (``launch_config(logits, grad is not None)`` when None); for tuning.
 
-    Extra memory: the (N,) loss and, for a split launch, N x segments x 8 floats of statistics.
+    Extra memory: the (N,) loss, for ``mean`` up to 32 floats, and for a split launch N + 1 int32
+    counters and N x segments x 8 floats of statistics.
+
+    Launches the prologue kernel (for ``mean``, and a split launch's counters) and the loss kernel.
 
     Returns the (N,) loss in ``loss_dtype``: ce_scale * loss_ce + z_scale * z_loss * lse^2 per row.
     With ``reduce``, the 0-dim sum of those losses instead, in ``loss_dtype``, summed in fp32 in a
@@ -503,9 +567,10 @@ def cross_entropy_fwd(
         raise ValueError("cross_entropy_fwd: grad must be (N, V) with stride(1) == 1")
     if weight is not None and (weight.shape != (n_cols,) or not weight.is_contiguous()):
         raise ValueError(f"cross_entropy_fwd: weight must be a contiguous ({n_cols},) tensor")
-    if divisors is not None and (divisors.dtype != torch.float32 or divisors.numel() not in (1, 2)
+    if divisors is not None and (mean or divisors.dtype != torch.float32 or divisors.numel() not in (1, 2)
                                  or not divisors.is_contiguous()):
-        raise ValueError("cross_entropy_fwd: divisors must be a contiguous fp32 tensor of 1 or 2 values, or None")
+        raise ValueError("cross_entropy_fwd: divisors must be a contiguous fp32 tensor of 1 or 2 values, or None "
+                         "(and None with mean=True)")
 
     if n_rows == 0:
         return logits.new_zeros((), dtype=loss_dtype) if reduce else logits.new_empty(0, dtype=loss_dtype)
@@ -517,8 +582,30 @@ def cross_entropy_fwd(
         raise ValueError(f"cross_entropy_fwd: segments must be 0 or a power of two, got {segments}")
     seg_len = cdiv(cdiv(n_cols, segments), cfg.block) * cfg.block if split else n_cols
     # SPLIT's counters and statistics (a row per program touches neither: the logits stand in)
-    sync = torch.zeros(1 + n_rows, dtype=torch.int32, device=logits.device) if split else logits
+    sync = torch.empty(1 + n_rows, dtype=torch.int32, device=logits.device) if split else logits
     stats = torch.empty(n_rows * segments * STATS, dtype=torch.float32, device=logits.device) if split else logits
+    n_parts, z_off = 1, (0 if divisors is None or divisors.numel() == 1 else 1)
+    if mean or split:
+        programs = min(PARTS.value, cdiv(n_rows, PART_ROWS))
+        weighted = mean and weight is not None and not prob
+        if mean:  # one part per program
+            n_parts, z_off = programs, programs if weighted else 0
+            divisors = logits.new_empty((2 if weighted else 1) * n_parts, dtype=torch.float32)
+        _prologue_kernel[(programs,)](
+            target,
+            weight if weighted else sync,  # placeholders are never touched
+            divisors if mean else sync,
+            sync,
+            n_rows,
+            n_cols,
+            ignore_index,
+            COUNT=mean,
+            WEIGHTED=weighted,
+            PROB=prob,
+            ZERO_SYNC=split,
+            BLOCK=PART_ROWS,
+            num_warps=4,
+        )
     cap = 1.0 if softcap is None else float(softcap)
     _cross_entropy_kernel[(n_rows * segments,)](
         logits,
@@ -527,7 +614,8 @@ def cross_entropy_fwd(
         target.stride(0) if prob else 0,
         weight if weight is not None else logits,  # placeholders are never read
         divisors if divisors is not None else logits,
-        0 if divisors is None or divisors.numel() == 1 else 1,
+        n_parts,
+        z_off,
         grad if grad is not None else logits,
         grad.stride(0) if grad is not None else 0,
         loss,

@@ -14,7 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastloss.kernels.common import _scale_grad_kernel
-from fastloss.kernels.cross_entropy import _cross_entropy_kernel
+from fastloss.kernels.cross_entropy import _cross_entropy_kernel, _prologue_kernel
 from fastloss.kernels.focal import _sigmoid_focal_kernel
 from fastloss.kernels.huber import _huber_kernel
 
@@ -33,7 +33,7 @@ def cross_entropy_variants():
         [(False, False), (True, False), (True, True), (False, True)],
     ):
         runtime = {"logits_ptr": f"*{dt}", "logits_stride": "i64", "target_ptr": "*fp32" if prob else "*i64",
-                   "target_stride": "i64", "weight_ptr": "*fp32", "div_ptr": "*fp32", "z_index": "i32",
+                   "target_stride": "i64", "weight_ptr": "*fp32", "div_ptr": "*fp32", "n_parts": "i32", "z_off": "i32",
                    "grad_ptr": f"*{dt}",
                    "grad_stride": "i64", "loss_ptr": "*fp32" if single else f"*{dt}",  # fp32: reduced
                    "V": "i32", "ignore_index": "i64", "eps": "fp32",
@@ -45,6 +45,11 @@ def cross_entropy_variants():
                           BLOCK=8192 if split else 1024 if single else 4096, SINGLE=single, SPLIT=split,
                           SEGMENTS=16 if split else 1, REVERSE=True)
         yield _cross_entropy_kernel, runtime, constexprs
+    for count, weighted, prob, zero_sync in [(1, 0, 0, 0), (1, 1, 0, 1), (1, 0, 1, 0), (0, 0, 0, 1)]:
+        yield _prologue_kernel, {"target_ptr": "*fp32" if prob else "*i64", "weight_ptr": "*fp32",
+                                 "parts_ptr": "*fp32", "sync_ptr": "*i32", "N": "i32", "V": "i32",
+                                 "ignore_index": "i64"}, dict(
+            COUNT=bool(count), WEIGHTED=bool(weighted), PROB=bool(prob), ZERO_SYNC=bool(zero_sync), BLOCK=1024)
 
 
 def elementwise_variants():

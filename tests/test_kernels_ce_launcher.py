@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import fastloss.kernels.cross_entropy as ce  # noqa: E402
 from fastloss.kernels.common import scale_grad_  # noqa: E402
 from fastloss.kernels.cross_entropy import LaunchConfig, cross_entropy_fwd  # noqa: E402
 
@@ -422,6 +423,48 @@ def test_divisors_none_one_or_two_values():
         loss = cross_entropy_fwd(logits, target, None, sc, grad, **opts)
         ref_loss, ref_grad = run(logits, target, None, same, **opts)
         assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("kind", ["plain", "weight", "prob", "all ignored"])
+def test_mean_counts_the_rows_on_the_device(kind, split, monkeypatch):
+    """mean=True divides by torch's mean denominators, counted by the prologue kernel in parts: the
+    rows whose target is not ignore_index (every row for probability targets), or with class
+    weights the sum of their w_y, the z-loss term by the count. The same as passing those divisors."""
+    monkeypatch.setattr(ce, "PART_ROWS", 4)  # 70 rows: 16 parts, and some programs take two blocks
+    logits, target = make(70, 9, torch.float32)
+    target[::3] = -100
+    if kind == "all ignored":
+        target[:] = -100
+    weight = torch.rand(9, device=DEV) + 0.5 if kind in ("weight", "prob") else None
+    if kind == "prob":
+        target = torch.softmax(torch.randn(70, 9, device=DEV), dim=-1)
+        counted = torch.ones(70, dtype=torch.bool, device=DEV)
+    else:
+        counted = target != -100
+    count = counted.sum(dtype=torch.float32)
+    ce_div = weight[target[counted]].sum() if weight is not None and kind != "prob" else count
+    opts = dict(z_loss=1e-2, label_smoothing=0.1, config=LaunchConfig(block=16, num_warps=1, segments=int(split)))
+    grad, ref_grad = torch.empty_like(logits), torch.empty_like(logits)
+    loss = cross_entropy_fwd(logits, target, weight, None, grad, mean=True, **opts)
+    ref = cross_entropy_fwd(logits, target, weight, torch.stack([ce_div, count]), ref_grad, **opts)
+    # counts are exact; a sum of weights may round differently in parts (an ulp of the scale)
+    tol = dict(rtol=0, atol=0) if kind != "weight" else dict(rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(loss, ref, equal_nan=True, **tol)
+    torch.testing.assert_close(grad, ref_grad, **tol)
+    if kind == "all ignored":  # 0 / 0, as torch's mean over no rows
+        assert loss.isnan().all() and not grad.any()
+    with pytest.raises(ValueError, match="mean"):
+        cross_entropy_fwd(logits, target, weight, ce_div.reshape(1), grad, mean=True)
+
+
+def test_prologue_zeroes_the_split_counters(monkeypatch):
+    """A split launch's counters are zeroed by the prologue kernel, whatever the buffer held."""
+    sync = torch.full((71,), 7, dtype=torch.int32, device=DEV)
+    target = torch.zeros(70, dtype=torch.long, device=DEV)
+    ce._prologue_kernel[(3,)](target, sync, sync, sync, 70, 9, -100, COUNT=False, WEIGHTED=False, PROB=False,
+                              ZERO_SYNC=True, BLOCK=8)  # 9 blocks of 8 rows over 3 programs
+    assert not sync.any()
 
 
 def test_deterministic_and_forward_only():
