@@ -19,12 +19,12 @@ Beside it, the same step through eager torch (the benchmark's ``torch`` provider
 inputs: its host time is what a fused loss must not exceed by much, or a short step loses to torch
 however fast the kernel. (On a CPU the shapes are tiny, so torch's step is host time too.)
 
-It splits fastloss's time at its last two Triton launches, the loss kernel and the backward's scale
+It splits fastloss's time at its two main Triton launches, the loss kernel and the backward's scale
 (medians over the reps): before the loss kernel's launch (a cross-entropy mean's prologue launch,
 which counts the rows on the device, included), inside it (Triton's Python and the driver call),
-between the two launches (the loss's sum and cast, autograd, ``loss.backward()`` up to the scale),
-inside the scale's launch, and after it. Where the step is short the GPU waits for "before" and,
-beyond the loss kernel's time, for "between".
+between the two launches (the loss's sum, a launch for a 16-bit loss, autograd, ``loss.backward()``
+up to the scale), inside the scale's launch, and after it. Where the step is short the GPU waits
+for "before" and, beyond the loss kernel's time, for "between".
 It then times the parts on their own: a small aten op, a 0-dim cast, an allocation and an
 autograd.Function that launches nothing, and on a GPU a Triton launch of a cached kernel through
 ``kernel[grid](...)`` and straight through the compiled kernel (what a leaner launch path could
@@ -59,6 +59,9 @@ NO_LAUNCH = ("empty", "empty_like", "empty_strided", "new_empty", "promote_types
              "t", "expand", "as_strided", "unsqueeze", "squeeze", "select", "slice", "lift_fresh")
 
 ROWS = 8192
+# The launches that a step may add around the loss kernel: a cross-entropy mean's prologue (before it)
+# and a 16-bit loss's sum (after it). The step's split counts them in "before" and "between".
+HELPERS = ("_prologue_kernel", "_sum_kernel")
 
 
 def steps(device: torch.device, vocab: int, n: int, rows: int = ROWS) -> dict:
@@ -95,11 +98,11 @@ class CountOps(TorchDispatchMode):
 
 
 class _Launches(collections.Counter):
-    """Triton launches by kernel name, and the (enter, exit) times of the latest ones."""
+    """Triton launches by kernel name, and the (name, enter, exit) of the latest ones."""
 
     def __init__(self):
         super().__init__()
-        self.spans: list[tuple[float, float]] = []
+        self.spans: list[tuple[str, float, float]] = []
 
     def clear(self):
         super().clear()
@@ -118,10 +121,11 @@ def triton_launches(stub: bool):
 
     def wrap(original):
         def run(self, *args, **kwargs):
-            count[getattr(self, "__name__", None) or self.fn.__name__] += 1
+            name = getattr(self, "__name__", None) or self.fn.__name__
+            count[name] += 1
             t0 = time.perf_counter()
             out = None if stub else original(self, *args, **kwargs)
-            count.spans.append((t0, time.perf_counter()))
+            count.spans.append((name, t0, time.perf_counter()))
             return out
         return run
 
@@ -163,9 +167,9 @@ def measure(name: str, inputs, fn, device: torch.device, reps: int) -> dict:
             one_step(inputs, fn)
             t1 = time.perf_counter()
             times.append((t1 - t0) * 1e6)
-            # before, launch, between, launch, ..., after: the step cut at each launch's entry and exit
-            # (a launch before the loss kernel's, a cross-entropy mean's prologue, counts as "before")
-            edges = [t0, *[t for span in launches.spans[-2:] for t in span], t1]
+            # before, launch, between, launch, after: the step cut at the loss kernel's and the scale's
+            # entry and exit (the small launches around the loss kernel count as before and between)
+            edges = [t0, *[t for name, *span in launches.spans if name not in HELPERS for t in span], t1]
             parts.append([(b - a) * 1e6 for a, b in itertools.pairwise(edges)])
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -229,7 +233,7 @@ def run(device: torch.device, args) -> list[str]:
     return failed
 
 
-# The columns of a step's split at its last two launches: before, loss kernel, between, scale, after.
+# The columns of a step's split at its two main launches: before, loss kernel, between, scale, after.
 PARTS = f"{'before':>6} {'launch':>6} {'betw.':>6} {'launch':>6} {'after':>6}"
 
 

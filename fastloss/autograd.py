@@ -91,7 +91,7 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) ->
 
 # The launchers return the loss in ``loss_dtype`` (the input's, or fp32 for 16-bit inputs under
 # autocast: ``functional._loss_dtype`` decides), per row or element, or (``reduce``) summed: the
-# launcher sums the kernel's fp32 partials and casts the sum once, only if the dtype differs.
+# launcher sums the kernel's fp32 partials in fp32 and rounds the sum once (``reduce_partials``).
 @_op("softmax_loss_fwd")
 def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], mean: bool,
                       write_grad: bool, reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,

@@ -167,12 +167,30 @@ def load_block_pair(a_ptr, b_ptr, n, BLOCK: tl.constexpr):
     return offs, mask, a, b
 
 
+@triton.jit
+def _sum_kernel(x_ptr, out_ptr, n, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: out = the sum of the n fp32 values at x_ptr, accumulated in fp32 lane by lane over
+    the blocks in order, then summed across the lanes, and rounded once to out's dtype."""
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr, cast_to(tl.sum(acc, axis=0), out_ptr.dtype.element_ty, INTERPRET))
+
+
+SUM_BLOCK = 4096  # partials per iteration of _sum_kernel: 16384 partials (Huber bf16 at 2^27) take 4
+
+
 def reduce_partials(partials: Tensor, dtype: torch.dtype) -> Tensor:
-    """The reduced loss from a launch's fp32 partials (one per program or per row): summed by torch in
-    a fixed order, so deterministic (an empty sum is 0), and cast to ``dtype`` only if it differs (a
-    0-dim cast is one more launch)."""
-    total = partials.sum()
-    return total if dtype == torch.float32 else total.to(dtype)
+    """The reduced loss from a launch's fp32 partials (one per program or per row), deterministic (a
+    fixed order; an empty sum is 0): an fp32 sum by torch; any other dtype by ``_sum_kernel``, which
+    sums in fp32 and rounds once, in one launch where torch's sum and a 0-dim cast would be two ops
+    (the cast alone cost ~9 µs of host time inside a step on a CPU, bench/NOTES.md)."""
+    if dtype == torch.float32:
+        return partials.sum()
+    out = partials.new_empty((), dtype=dtype)
+    _sum_kernel[(1,)](partials, out, partials.numel(), INTERPRET=interpreting(), BLOCK=SUM_BLOCK, num_warps=8)
+    return out
 
 
 @triton.jit

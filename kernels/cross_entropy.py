@@ -537,11 +537,12 @@ def cross_entropy_fwd(
     Extra memory: the (N,) loss, for ``mean`` up to 32 floats, and for a split launch N + 1 int32
     counters and N x segments x 8 floats of statistics.
 
-    Launches the prologue kernel (for ``mean``, and a split launch's counters) and the loss kernel.
+    Launches the prologue kernel (for ``mean``, and a split launch's counters), the loss kernel, and
+    for a 16-bit ``reduce`` the sum's (``reduce_partials``).
 
     Returns the (N,) loss in ``loss_dtype``: ce_scale * loss_ce + z_scale * z_loss * lse^2 per row.
     With ``reduce``, the 0-dim sum of those losses instead, in ``loss_dtype``, summed in fp32 in a
-    fixed order (the rows' fp32 losses are a temporary, summed by torch). Ignored rows give
+    fixed order (the rows' fp32 losses are a temporary, summed by ``reduce_partials``). Ignored rows give
     0 * ce_scale and a zero gradient row; out-of-range targets give NaN (loss and gradient row).
     """
     if logits.dim() != 2:

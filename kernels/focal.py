@@ -118,7 +118,7 @@ def sigmoid_focal_fwd(
 
     Returns the elementwise loss (inputs' shape; ``loss_dtype``, by default inputs' dtype) when
     ``reduce`` is False, else a 0-dim tensor (``loss_dtype``, by default fp32) holding the sum of the
-    scaled losses, summed in fp32 in a fixed order (one partial per program, then torch's sum).
+    scaled losses, summed in fp32 in a fixed order (one partial per program, then ``reduce_partials``).
     grad_input, when given, is overwritten with d(loss)/d(inputs) * scale in its own dtype (for
     reduce=False: the gradient of the summed loss).
     """

@@ -114,7 +114,7 @@ def huber_fwd(
 
     Returns the elementwise loss (input's shape; ``loss_dtype``, by default input's dtype) when
     ``reduce`` is False, else a 0-dim tensor (``loss_dtype``, by default fp32) holding the sum of the
-    scaled losses, summed in fp32 in a fixed order (one partial per program, then torch's sum).
+    scaled losses, summed in fp32 in a fixed order (one partial per program, then ``reduce_partials``).
     grad_input / grad_target, when given, are overwritten with d(loss)/d(input) * scale and its
     negation (for reduce=False this is the gradient of the summed loss, i.e. grad_output = 1
     everywhere).

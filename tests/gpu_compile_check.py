@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastloss.kernels.common import _scale_grad_kernel
+from fastloss.kernels.common import _scale_grad_kernel, _sum_kernel
 from fastloss.kernels.cross_entropy import _cross_entropy_kernel, _prologue_kernel
 from fastloss.kernels.focal import _sigmoid_focal_kernel
 from fastloss.kernels.huber import _huber_kernel
@@ -66,6 +66,8 @@ def elementwise_variants():
                                           "n": "i64", "k1": "fp32", "k0": "fp32", "gamma": "fp32"}, dict(
                 BLOCK=4096, INTERPRET=False, GAMMA_INT=gamma_int, REDUCE=reduce,
                 WRITE_GRAD_INPUT=True)
+    for dt in ("bf16", "fp16"):
+        yield _sum_kernel, {"x_ptr": "*fp32", "out_ptr": f"*{dt}", "n": "i32"}, dict(INTERPRET=False, BLOCK=4096)
     for per_row, strided in itertools.product([False, True], repeat=2):
         yield _scale_grad_kernel, {"grad_ptr": "*bf16", "go_ptr": "*fp32", "n_elements": "i64",
                                    "n_cols": "i64", "row_stride": "i64"}, dict(

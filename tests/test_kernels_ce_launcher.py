@@ -407,7 +407,8 @@ def test_reduce(loss_dtype):
     total = cross_entropy_fwd(logits, target, None, None, None, reduce=True, loss_dtype=loss_dtype)
     again = cross_entropy_fwd(logits, target, None, None, None, reduce=True, loss_dtype=loss_dtype)
     assert total.shape == () and total.dtype == loss_dtype and torch.equal(total, again)
-    assert torch.equal(total, rows.sum().to(loss_dtype))
+    # the rows' fp32 sum rounded once (in 16 bits by another kernel, in another order: within an ulp)
+    torch.testing.assert_close(total, rows.sum().to(loss_dtype), rtol=ULP[loss_dtype], atol=0)
     if loss_dtype != torch.float32:
         assert torch.equal(cross_entropy_fwd(logits, target, None, None, None, loss_dtype=loss_dtype),
                            rows.to(loss_dtype))
@@ -485,6 +486,29 @@ def test_empty_batch():
         total = cross_entropy_fwd(torch.zeros(0, 9, device=DEV), target, None, None, None, reduce=True,
                                   loss_dtype=torch.bfloat16)
         assert total.shape == () and total.dtype == torch.bfloat16 and total.item() == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# reduce_partials
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [0, 1, 4097, 3 * 4096 + 5])
+def test_reduce_partials_rounds_an_fp32_sum_once(dtype, n):
+    """A 16-bit reduced loss is the partials' fp32 sum rounded once (one launch, in several blocks
+    when n > SUM_BLOCK), deterministic; an fp32 one is torch's sum."""
+    from fastloss.kernels.common import SUM_BLOCK, reduce_partials
+
+    assert SUM_BLOCK == 4096  # the sizes above span one to four blocks
+    g = torch.Generator().manual_seed(n)
+    partials = (torch.randn(n, generator=g) * 100 + 3).to(DEV)
+    total = reduce_partials(partials, dtype)
+    assert total.shape == () and total.dtype == dtype
+    assert torch.equal(total, reduce_partials(partials, dtype))
+    # the fp32 sum (in another order) rounded once: equal to within one 16-bit ulp
+    torch.testing.assert_close(total.double(), partials.double().sum(), rtol=ULP[dtype], atol=0)
+    assert torch.equal(reduce_partials(partials, torch.float32), partials.sum())
 
 
 # ------------------------------------------------------------------------------------------------
