@@ -13,7 +13,11 @@ and times the step's host path:
 - on a GPU: the time to *issue* one step (no synchronization inside the timed loop), which is what
   the GPU waits for when the step is short;
 - on a CPU: the time of the step with the Triton launches replaced by no-ops (the interpreter would
-  otherwise run the kernels), so it times fastloss's Python and the aten ops around the launches.
+  otherwise run the kernels), so it times fastloss's Python and the aten ops around the launches;
+  with ``--launch-path``, the launches go through Triton's own launch path (the kernels compiled
+  for an H100 by Triton's ptxas; the binder, the cache key and the checks run) up to the driver
+  call, which alone is stubbed. Triton's Python costs a launch several microseconds, which the
+  default mode hides.
 
 Beside it, the same step through eager torch (the benchmark's ``torch`` provider) on the same
 inputs: its host time is what a fused loss must not exceed by much, or a short step loses to torch
@@ -41,7 +45,9 @@ import contextlib
 import itertools
 import os
 import statistics
+import sys
 import time
+import types
 from unittest import mock
 
 import torch
@@ -49,6 +55,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastloss
+import fastloss.backend as backend
 import fastloss.functional as functional
 
 from . import cases as bench_cases
@@ -148,8 +155,63 @@ def one_step(inputs, fn) -> None:
     fn(*inputs).backward()
 
 
-def measure(name: str, inputs, fn, device: torch.device, reps: int) -> dict:
-    stub = device.type != "cuda"
+class _NoLaunchDriver:
+    """Stands in for Triton's CUDA driver on a machine without a GPU (``--launch-path``): kernels
+    compile for an H100 (sm_90) with Triton's own ptxas, and a launch runs all of Triton's launch path
+    up to the driver call, which does nothing. It implements what Triton's launch path asks of a
+    driver (checked with triton 3.6 and 3.9), nothing more."""
+
+    def __init__(self):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", 90, 32)
+        self.utils = types.SimpleNamespace(
+            load_binary=lambda name, kernel, shared, device: (1, 1, 0, 0, 1024),  # module, function, regs...
+            get_device_properties=lambda device: {"max_shared_mem": 232448, "multiprocessor_count": 132,
+                                                  "max_num_regs": 65536, "warpSize": 32})
+
+    def is_active(self):
+        return True
+
+    def get_current_device(self):
+        return 0
+
+    def set_current_device(self, device):
+        pass
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def get_device_interface(self):
+        return torch.cuda
+
+    @staticmethod
+    def launcher_cls(src, metadata):
+        return lambda *args: None  # the driver call
+
+
+def use_launch_path() -> None:
+    """For the rest of the process: Triton's launch path for real on a CPU, the driver call stubbed
+    (see ``_NoLaunchDriver``), and the triton backend taking CPU tensors (it takes them only under the
+    interpreter otherwise). The kernels must not have been defined under the interpreter yet."""
+    if "fastloss.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("--launch-path needs a fresh process without TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0"  # read when the kernels are defined
+    from triton.runtime import driver
+
+    driver.set_active(_NoLaunchDriver())  # (resetting it would look for a GPU driver)
+    backend.interpreter_enabled = lambda: True
+
+
+def measure(name: str, inputs, fn, device: torch.device, reps: int, stub: bool | None = None) -> dict:
+    """One case's counts and host times; ``stub`` (default: on a CPU) replaces each launch by a no-op."""
+    stub = device.type != "cuda" if stub is None else stub
     with triton_launches(stub=stub) as launches:
         for _ in range(3):  # compile / warm up
             one_step(inputs, fn)
@@ -183,11 +245,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=200)
     p.add_argument("--cases", default="", help="comma-separated substrings of case names (default: all)")
+    p.add_argument("--launch-path", action="store_true",
+                   help="on a CPU: launches through Triton's own launch path (kernels compiled for sm_90 with "
+                        "ptxas, the driver call stubbed) instead of stubbing whole launches")
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args.stub = device.type == "cpu" and not args.launch_path
     with contextlib.ExitStack() as stack:
         if device.type == "cpu":
-            os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import
+            if args.launch_path:
+                use_launch_path()
+            else:
+                os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton's first import
             stack.enter_context(fastloss.use_backend("triton"))
             # The class-index range check runs only on CPU tensors (it would sync on a GPU).
             stack.enter_context(mock.patch.object(functional, "_check_class_range", lambda *a: None))
@@ -205,7 +274,7 @@ def run(device: torch.device, args) -> list[str]:
     else:
         cases = steps(device, vocab=64, n=80 * 64, rows=16)
     wanted = [w for w in args.cases.split(",") if w]
-    where = "issue time" if device.type == "cuda" else "launches stubbed"
+    where = "issue time" if device.type == "cuda" else "launches stubbed" if args.stub else "driver call stubbed"
     print(f"{'case':20} {'aten ops':>8} {'launching':>9} {'triton':>6} {'host µs':>8} {'torch µs':>8}  {PARTS}  ({where}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__})")
     failed = []
@@ -213,7 +282,7 @@ def run(device: torch.device, args) -> list[str]:
         if wanted and not any(w in name for w in wanted):
             continue
         try:
-            r = measure(name, inputs, fn, device, args.reps)
+            r = measure(name, inputs, fn, device, args.reps, stub=args.stub)
             torch_us = _per_call_us(lambda: one_step(inputs, torch_fn(name)), args.reps)
             if device.type == "cuda":
                 torch.cuda.synchronize()

@@ -7,6 +7,10 @@ import csv
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -164,6 +168,25 @@ def test_host_path_of_a_training_step(name, launching, triton, monkeypatch):
     assert result["aten_launching"] == sum(launching.values())
     # the step cut at each launch's entry and exit: before, launch, between, launch, after
     assert len(result["parts_us"]) == 5 and min(result["parts_us"]) >= 0
+
+
+def test_host_launch_path_runs_tritons_launch_path_without_a_gpu():
+    """python -m bench.host --launch-path on a CPU: the kernels are compiled for sm_90 and every launch
+    runs Triton's own launch path up to the driver call (in a fresh process: the suite's kernels are
+    interpreted). A cross-entropy mean step is three launches, and the loss kernel's launch takes
+    Triton's binder and checks, microseconds, where a stubbed launch takes a tenth of one."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("a mode for machines without a GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "bench.host", "--launch-path", "--reps", "30", "--cases", "ce fp32"],
+                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    header, row = done.stdout.splitlines()[:2]
+    assert "driver call stubbed" in header
+    fields = row.split()  # case (2 words), aten ops, launching, triton, host, torch, before, launch, ...
+    assert fields[:2] == ["ce", "fp32"] and fields[4] == "3"
+    assert float(fields[8]) > 1.0
 
 
 def test_host_main_prints_fastloss_beside_torch(capsys):
