@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile")
 
-    from fastloss.kernels.cross_entropy import _cross_entropy_kernel
+    from fastloss.kernels.cross_entropy import PARTS, STATS, _cross_entropy_kernel
     from fastloss.kernels.focal import _sigmoid_focal_kernel
     from fastloss.kernels.huber import _huber_kernel
 
@@ -92,7 +92,8 @@ def main(argv=None) -> int:
               "ignore_index": "i64", "eps": "fp32", "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32",
               "gamma": "fp32"}
     plain = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, PROB=False, FOCAL=False,
-                 WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, REVERSE=True)
+                 WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, REVERSE=True,
+                 STATS=STATS, PARTS=PARTS)
     for block, warps, single, split, segs in [(8192, 8, False, False, 1), (8192, 8, True, True, 16),
                                               (16384, 16, True, True, 8), (1024, 2, True, False, 1)]:
         c = compile_sm90(_cross_entropy_kernel, ce_sig,

@@ -85,7 +85,16 @@ def rcp(x, INTERPRET: tl.constexpr):
     return 1.0 / x if INTERPRET else _mufu(x, "rcp.approx.ftz.f32 $0, $1;")
 
 
-LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = 2^(x log2 e)
+# Constants used inside kernels are @triton.jit functions, not tl.constexpr globals: before every
+# launch Triton compares each constexpr global a kernel uses with its value at compile time, which
+# cost the cross-entropy kernel's five ~7 µs of host time per step (bench/NOTES.md, section 7). A
+# function's literal is folded into the kernel at compile time, and nothing is checked at launch.
+
+
+@triton.jit
+def log2e():
+    """log2(e): exp(x) = 2^(x log2 e)."""
+    return 1.4426950408889634
 
 
 @triton.jit

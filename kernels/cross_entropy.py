@@ -34,13 +34,13 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    LOG2E,
     cast_to,
     cdiv,
     exp2,
     expm1,
     interpreting,
     log1p,
+    log2e,
     next_power_of_2,
     reduce_partials,
     row_block,
@@ -57,22 +57,34 @@ SPLIT_MIN_COLS = 16384
 # registers.
 SPLIT_COLS = {2: (8192, 2048, 4), 4: (16384, 16384, 8)}
 
-NEG_INF = tl.constexpr(float("-inf"))  # a constexpr: plain globals are not visible in @triton.jit code
-EMPTY = tl.constexpr(-3.4028234663852886e38)  # -FLT_MAX: the max of a lane that has seen no value
-STATS = tl.constexpr(8)  # floats per segment in the SPLIT statistics buffer (5 used; 32-byte records)
+STATS = 8  # floats per segment in the SPLIT statistics buffer (5 used; 32-byte records)
 # The mean's denominators are summed in at most PARTS parts, by as many programs of the prologue
 # kernel (each takes PART_ROWS rows at a time); every program of the loss kernel adds the parts up.
-PARTS = tl.constexpr(16)
+PARTS = 16
 PART_ROWS = 1024
+# (The kernel takes STATS and PARTS as constexpr arguments, and its other constants from @triton.jit
+# functions: see common.log2e.)
+
+
+@triton.jit
+def _neg_inf():
+    """-inf: padded lanes, and masked classes."""
+    return float("-inf")
+
+
+@triton.jit
+def _empty():
+    """-FLT_MAX: the max of a lane that has seen no value."""
+    return -3.4028234663852886e38
 
 
 @triton.jit
 def _load_logits(row_ptr, cols, mask, cap, inv_cap, SOFTCAP: tl.constexpr, POLICY: tl.constexpr):
     """A chunk of logits in fp32, softcapped; padded lanes are -inf (set again after softcap, which
     would map them to -cap)."""
-    x = tl.load(row_ptr + cols, mask=mask, other=NEG_INF, eviction_policy=POLICY).to(tl.float32)
+    x = tl.load(row_ptr + cols, mask=mask, other=_neg_inf(), eviction_policy=POLICY).to(tl.float32)
     if SOFTCAP:
-        x = tl.where(mask, _softcap(x, cap, inv_cap), NEG_INF)
+        x = tl.where(mask, _softcap(x, cap, inv_cap), _neg_inf())
     return x
 
 
@@ -113,15 +125,15 @@ def _lane_update(x, a, mask, m, t, sa, d, NEED_A: tl.constexpr, INTERPRET: tl.co
     with NEED_A, sa = sum a and d = sum a (x - ref), where ref = m, or 0 while the lane is empty.
 
     One exp per element: with e = exp(-|x - m|), a new max gives s' = s e + 1, i.e. t' = (1 + t) e,
-    and otherwise s' = s + e. A lane starts empty at m = EMPTY (the most negative finite float, so
+    and otherwise s' = s + e. A lane starts empty at m = -FLT_MAX (``_empty()``, the most negative finite float, so
     that x - m is never inf - inf) and t = -1 (s = 0); -inf values add nothing, NaN makes t NaN.
     About 9 instructions per element without NEED_A."""
-    e = exp2(tl.abs(x - m) * -LOG2E, INTERPRET)
+    e = exp2(tl.abs(x - m) * -log2e(), INTERPRET)
     t_new = tl.where(x > m, t * e + e, t + e)
     m_new = tl.maximum(m, x)
     if NEED_A:
-        ref_old = tl.where(m == EMPTY, 0.0, m)
-        ref_new = tl.where(m_new == EMPTY, 0.0, m_new)
+        ref_old = tl.where(m == _empty(), 0.0, m)
+        ref_new = tl.where(m_new == _empty(), 0.0, m_new)
         d = d + sa * (ref_old - ref_new) + tl.where(mask, a * (x - ref_new), 0.0)
         sa = sa + a
     return m_new, t_new, sa, d
@@ -139,16 +151,16 @@ def _combine(m, t, sa, d, NEED_A: tl.constexpr, INTERPRET: tl.constexpr):
     The lanes may also be raw values (m = x, t = 0, sa = a, d = 0: one value each), which is how a
     row that fits one chunk is reduced, with one exp per element; -inf is then an empty lane."""
     M = tl.max(m, axis=0)
-    at_max = m == M  # every lane when all are EMPTY (t = -1 each: T = -1, s = 0) or -inf
+    at_max = m == M  # every lane when all are empty (t = -1 each: T = -1, s = 0) or -inf
     n_max = tl.sum(tl.where(at_max, 1.0, 0.0), axis=0)
-    T = tl.sum(tl.where(at_max, t, (1.0 + t) * exp2((m - M) * LOG2E, INTERPRET)), axis=0) + (n_max - 1.0)
-    T = tl.where(M == NEG_INF, -1.0, T)  # raw lanes, all -inf
+    T = tl.sum(tl.where(at_max, t, (1.0 + t) * exp2((m - M) * log2e(), INTERPRET)), axis=0) + (n_max - 1.0)
+    T = tl.where(M == _neg_inf(), -1.0, T)  # raw lanes, all -inf
     SA = 0.0
     D = 0.0
     if NEED_A:
-        REF = tl.where((M == EMPTY) | (M == NEG_INF), 0.0, M)
+        REF = tl.where((M == _empty()) | (M == _neg_inf()), 0.0, M)
         SA = tl.sum(sa, axis=0)
-        D = tl.sum(d + sa * (tl.where(m == EMPTY, 0.0, m) - REF), axis=0)
+        D = tl.sum(d + sa * (tl.where(m == _empty(), 0.0, m) - REF), axis=0)
     return M, T, SA, D
 
 
@@ -161,15 +173,15 @@ def _chunk_grad(x, a, ref, ref2, kp, A, B, cap_inv, PROB: tl.constexpr, REST: tl
     x log2e - ref log2e (ref2), whose rounding a 16-bit gradient cannot see. Without REST or
     SOFTCAP, about 6 instructions per element."""
     if PRECISE:
-        e = exp2((x - ref) * LOG2E, INTERPRET)
+        e = exp2((x - ref) * log2e(), INTERPRET)
     else:
-        e = exp2(x * LOG2E - ref2, INTERPRET)
+        e = exp2(x * log2e() - ref2, INTERPRET)
     g = e * kp
     if REST:
         g -= B * a
     if SOFTCAP:
         th = x * cap_inv  # tanh(raw / cap); d(cap tanh(raw / cap))/d raw = 1 - tanh^2
-        g = tl.where(x > NEG_INF, g * (1.0 - th * th), g)  # -inf: lanes of a dead row (0 * inf)
+        g = tl.where(x > _neg_inf(), g * (1.0 - th * th), g)  # -inf: lanes of a dead row (0 * inf)
     return g
 
 
@@ -255,6 +267,8 @@ def _cross_entropy_kernel(
     SPLIT: tl.constexpr,  # SEGMENTS programs share each row
     SEGMENTS: tl.constexpr,
     REVERSE: tl.constexpr,  # sweep 2 walks the chunks last to first: the most recently read first
+    STATS: tl.constexpr,  # module constants, passed rather than read as globals (see common.log2e)
+    PARTS: tl.constexpr,
 ):
     if SPLIT:
         # Programs take tickets in the order they start, and ticket k is segment k % SEGMENTS of row
@@ -316,7 +330,7 @@ def _cross_entropy_kernel(
     CAPTURE_XY: tl.constexpr = SOFTCAP and not PROB
     cols = lo + tl.arange(0, BLOCK)
     v_live = tl.where(live, hi, 0)  # logits are read only below this column (none for a dead row)
-    m = tl.full([BLOCK], EMPTY, tl.float32)
+    m = tl.full([BLOCK], _empty(), tl.float32)
     t = tl.full([BLOCK], -1.0, tl.float32)
     sa = tl.zeros([BLOCK], tl.float32)
     d = tl.zeros([BLOCK], tl.float32)
@@ -328,8 +342,8 @@ def _cross_entropy_kernel(
                            SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
         m = x
         t = tl.zeros([BLOCK], tl.float32)
-        if NEED_A:  # padding lanes must be EMPTY, not -inf, for d's sa (m - ref) = 0 * (-inf) terms
-            m = tl.where(mask, x, EMPTY)
+        if NEED_A:  # padding lanes must be -FLT_MAX, not -inf, for d's sa (m - ref) = 0 * (-inf) terms
+            m = tl.where(mask, x, _empty())
             t = tl.where(mask, 0.0, -1.0)
             sa = a
         if CAPTURE_XY:
@@ -375,7 +389,7 @@ def _cross_entropy_kernel(
         x_y = tl.where(live, x_y, 0.0)  # a dead row's lanes are -inf
 
     # ---- the row's loss ---------------------------------------------------------------------------
-    ref = tl.where((m == EMPTY) | (m == NEG_INF), 0.0, m)  # 0 for a row of -inf (or a dead row)
+    ref = tl.where((m == _empty()) | (m == _neg_inf()), 0.0, m)  # 0 for a row of -inf (or a dead row)
     log_s = log1p(t)  # lse - m: -inf for a row of -inf (t = -1)
     lse = ref + log_s
     K = 0.0  # coefficient of (p_c - delta_cy)
@@ -432,7 +446,7 @@ def _cross_entropy_kernel(
         A = tl.where(live, A, fill)
         B = tl.where(live, B, fill)
         K = tl.where(live, K, fill)
-        ref2 = ref * LOG2E
+        ref2 = ref * log2e()
         g_row = grad_ptr + row * grad_stride
         out_ty = grad_ptr.dtype.element_ty
         PRECISE: tl.constexpr = out_ty == tl.float32
@@ -587,7 +601,7 @@ def cross_entropy_fwd(
     stats = torch.empty(n_rows * segments * STATS, dtype=torch.float32, device=logits.device) if split else logits
     n_parts, z_off = 1, (0 if divisors is None or divisors.numel() == 1 else 1)
     if mean or split:
-        programs = min(PARTS.value, cdiv(n_rows, PART_ROWS))
+        programs = min(PARTS, cdiv(n_rows, PART_ROWS))
         weighted = mean and weight is not None and not prob
         if mean:  # one part per program
             n_parts, z_off = programs, programs if weighted else 0
@@ -646,6 +660,8 @@ def cross_entropy_fwd(
         SPLIT=split,
         SEGMENTS=segments,
         REVERSE=cfg.reverse,
+        STATS=STATS,
+        PARTS=PARTS,
         num_warps=cfg.num_warps,
     )
     return reduce_partials(loss, loss_dtype) if reduce else loss

@@ -22,7 +22,6 @@ from torch import Tensor
 
 from .common import (
     ELEMENTWISE_BLOCK,
-    LOG2E,
     atanh_log,
     cast_to,
     elementwise_loss_output,
@@ -30,6 +29,7 @@ from .common import (
     interpreting,
     load_block_pair,
     log2,
+    log2e,
     num_warps_for,
     rcp,
     reduce_partials,
@@ -40,7 +40,12 @@ BLOCK = ELEMENTWISE_BLOCK
 # gamma in {0, 1, ..., MAX_INT_GAMMA} is computed by repeated multiplication (exact, no log/exp);
 # other values through exp2(gamma * log2(q)).
 MAX_INT_GAMMA = 4
-FLT_MIN = tl.constexpr(1.1754943508222875e-38)  # the smallest normal fp32
+
+
+@triton.jit
+def _flt_min():
+    """The smallest normal fp32 (a function: see common.log2e)."""
+    return 1.1754943508222875e-38
 
 
 @triton.jit
@@ -67,7 +72,7 @@ def _sigmoid_focal_kernel(
 
     # The MUFU forms of exp2 / 1/x (common.py): this kernel does ~46 instructions per element, so
     # at 16-bit it is bound by them, not by its bytes.
-    e = exp2(tl.abs(x) * -LOG2E, INTERPRET)  # exp(-|x|) in [0, 1]; 0 for |x| > ~87
+    e = exp2(tl.abs(x) * -log2e(), INTERPRET)  # exp(-|x|) in [0, 1]; 0 for |x| > ~87
     r = rcp(1.0 + e, INTERPRET)
     pos = x >= 0
     er = e * r
@@ -75,7 +80,7 @@ def _sigmoid_focal_kernel(
     omp = tl.where(pos, er, r)  # 1 - p = sigmoid(-x)
     ce = tl.maximum(x, 0.0) - x * t + atanh_log(e * rcp(2.0 + e, INTERPRET))  # log1p(e), e <= 1: no log
     q = p * (1.0 - t) + omp * t
-    q_safe = tl.maximum(q, FLT_MIN)  # keeps log2 and 1/q finite where q is 0 (or subnormal)
+    q_safe = tl.maximum(q, _flt_min())  # keeps log2 and 1/q finite where q is 0 (or subnormal)
 
     if GAMMA_INT >= 0:
         qg = tl.full(q.shape, 1.0, tl.float32)  # q^0 = 1, including 0^0

@@ -14,7 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastloss.kernels.common import _scale_grad_kernel, _sum_kernel
-from fastloss.kernels.cross_entropy import _cross_entropy_kernel, _prologue_kernel
+from fastloss.kernels.cross_entropy import PARTS, STATS, _cross_entropy_kernel, _prologue_kernel
 from fastloss.kernels.focal import _sigmoid_focal_kernel
 from fastloss.kernels.huber import _huber_kernel
 
@@ -43,7 +43,7 @@ def cross_entropy_variants():
                           PROB=bool(prob), FOCAL=bool(focal), WRITE_GRAD=True, NEED_A=bool(prob or smooth),
                           REST=bool(prob or smooth or z), INTERPRET=False, SCALED=True,
                           BLOCK=8192 if split else 1024 if single else 4096, SINGLE=single, SPLIT=split,
-                          SEGMENTS=16 if split else 1, REVERSE=True)
+                          SEGMENTS=16 if split else 1, REVERSE=True, STATS=STATS, PARTS=PARTS)
         yield _cross_entropy_kernel, runtime, constexprs
     for count, weighted, prob, zero_sync in [(1, 0, 0, 0), (1, 1, 0, 1), (1, 0, 1, 0), (0, 0, 0, 1)]:
         yield _prologue_kernel, {"target_ptr": "*fp32" if prob else "*i64", "weight_ptr": "*fp32",
