@@ -86,9 +86,9 @@ def rcp(x, INTERPRET: tl.constexpr):
 
 
 # Constants used inside kernels are @triton.jit functions, not tl.constexpr globals: before every
-# launch Triton compares each constexpr global a kernel uses with its value at compile time, which
-# cost the cross-entropy kernel's five ~7 µs of host time per step (bench/NOTES.md, section 7). A
-# function's literal is folded into the kernel at compile time, and nothing is checked at launch.
+# launch Triton compares each constexpr global a kernel uses with its value at compile time (the
+# cross-entropy kernel's five cost ~7 µs of host time per step on a CPU, bench/NOTES.md section 7).
+# A function's literal is folded into the kernel at compile time, and nothing is checked at launch.
 
 
 @triton.jit
