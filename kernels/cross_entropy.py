@@ -125,8 +125,9 @@ def _lane_update(x, a, mask, m, t, sa, d, NEED_A: tl.constexpr, INTERPRET: tl.co
     with NEED_A, sa = sum a and d = sum a (x - ref), where ref = m, or 0 while the lane is empty.
 
     One exp per element: with e = exp(-|x - m|), a new max gives s' = s e + 1, i.e. t' = (1 + t) e,
-    and otherwise s' = s + e. A lane starts empty at m = -FLT_MAX (``_empty()``, the most negative finite float, so
-    that x - m is never inf - inf) and t = -1 (s = 0); -inf values add nothing, NaN makes t NaN.
+    and otherwise s' = s + e. A lane starts empty at m = -FLT_MAX (``_empty()``, the most negative
+    finite float, so that x - m is never inf - inf) and t = -1 (s = 0); -inf values add nothing, NaN
+    makes t NaN.
     About 9 instructions per element without NEED_A."""
     e = exp2(tl.abs(x - m) * -log2e(), INTERPRET)
     t_new = tl.where(x > m, t * e + e, t + e)
@@ -183,6 +184,14 @@ def _chunk_grad(x, a, ref, ref2, kp, A, B, cap_inv, PROB: tl.constexpr, REST: tl
         th = x * cap_inv  # tanh(raw / cap); d(cap tanh(raw / cap))/d raw = 1 - tanh^2
         g = tl.where(x > _neg_inf(), g * (1.0 - th * th), g)  # -inf: lanes of a dead row (0 * inf)
     return g
+
+
+@triton.jit
+def _inverse_of_parts(parts_ptr, n_parts, PARTS: tl.constexpr):
+    """1 / (the sum of the n_parts <= PARTS fp32 values at parts_ptr): summed in a fixed order,
+    inverted correctly rounded."""
+    k = tl.arange(0, PARTS)
+    return tl.math.div_rn(1.0, tl.sum(tl.load(parts_ptr + k, mask=k < n_parts, other=0.0), axis=0))
 
 
 @triton.jit
@@ -288,13 +297,11 @@ def _cross_entropy_kernel(
     x_row = logits_ptr + row * logits_stride
     t_row = target_ptr + row * target_stride
     if SCALED:
-        # The mean's denominators: their parts summed (in a fixed order) and inverted here, correctly
-        # rounded, rather than by more launches
-        k = tl.arange(0, PARTS)
-        ce_scale = tl.math.div_rn(1.0, tl.sum(tl.load(div_ptr + k, mask=k < n_parts, other=0.0), axis=0))
+        # The mean's denominators, inverted here rather than by more launches
+        ce_scale = _inverse_of_parts(div_ptr, n_parts, PARTS)
         z_scale = ce_scale
         if ZLOSS:
-            z_scale = tl.math.div_rn(1.0, tl.sum(tl.load(div_ptr + z_off + k, mask=k < n_parts, other=0.0), axis=0))
+            z_scale = _inverse_of_parts(div_ptr + z_off, n_parts, PARTS)
     else:
         ce_scale = 1.0
         z_scale = 1.0
