@@ -267,7 +267,8 @@ def main(argv=None) -> int:
 def run(device: torch.device, args) -> list[str]:
     # Small shapes: the host path does not depend on them, except that on CUDA rows of 16384 columns
     # or more are split across programs, which zero counters. On a CPU they are tiny, so that torch's
-    # step (which computes) is all host time too, as fastloss's (whose launches are stubbed) is.
+    # step (which computes) is all host time too, as fastloss's is (its launches, or with
+    # --launch-path their driver calls, stubbed).
     if device.type == "cuda":
         cases = steps(device, vocab=1024, n=1 << 16)
         cases["ce bf16 V=32768"] = steps(device, vocab=32768, n=80)["ce bf16"]
