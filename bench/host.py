@@ -200,7 +200,7 @@ def use_launch_path() -> None:
     """For the rest of the process: Triton's launch path for real on a CPU, the driver call stubbed
     (see ``_NoLaunchDriver``), and the triton backend taking CPU tensors (it takes them only under the
     interpreter otherwise). The kernels must not have been defined under the interpreter yet."""
-    if "fastloss.kernels" in sys.modules and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if "fastloss.kernels.common" in sys.modules and sys.modules["fastloss.kernels.common"].interpreting():
         raise RuntimeError("--launch-path needs a fresh process without TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"  # read when the kernels are defined
     from triton.runtime import driver

@@ -54,7 +54,13 @@ def triton_available() -> bool:
 
 
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether TRITON_INTERPRET asks for Triton's interpreter, read as the installed Triton reads it
+    (since 3.4: 1, true, on or yes; before: only 1), so that this never disagrees with Triton."""
+    try:
+        from triton import knobs
+    except ImportError:
+        return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return bool(knobs.runtime.interpret)
 
 
 def use_triton(tensor: torch.Tensor) -> bool:

@@ -6,13 +6,11 @@ does no work at import time (no device queries, no compilation).
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 # --------------------------------------------------------------------------------------------------
 # Launch heuristics
@@ -232,12 +230,12 @@ def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype, bloc
     return n, n_programs, first.new_empty(first.shape, dtype=loss_dtype or first.dtype)
 
 
-@functools.cache
 def interpreting() -> bool:
-    """True under Triton's interpreter: the kernels' INTERPRET switch. Its fp32 -> bf16 cast
-    truncates (see ``cast_to``) and it cannot run inline PTX (see ``exp2``). Read once, at the first
-    launch: ``triton.jit`` also reads TRITON_INTERPRET once, when the kernels are defined."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton's interpreter runs the kernels: their INTERPRET switch. Its fp32 -> bf16 cast
+    truncates (see ``cast_to``) and it cannot run inline PTX (see ``exp2``). ``triton.jit`` reads
+    TRITON_INTERPRET once, when a kernel is defined, and makes an interpreted kernel then; asking the
+    kernels rather than the variable keeps this right for every spelling Triton accepts."""
+    return isinstance(_sum_kernel, InterpretedFunction)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,6 +1,9 @@
 """The public API: signatures, the backend switch, bad arguments, modules and legacy arguments."""
 
 import inspect
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -82,13 +85,31 @@ def test_auto_on_cpu_runs_reference(monkeypatch):
     assert calls == [1]
 
 
-def test_forcing_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+@pytest.mark.parametrize("value", ["0", "2"])  # Triton reads neither as true
+def test_forcing_triton_on_cpu_without_interpreter_is_an_error(monkeypatch, value):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", value)
     with fastloss.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         fastloss.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
     with fastloss.use_backend("triton"), pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         fastloss.huber_loss(torch.randn(4), torch.randn(4))
 
+
+def test_every_spelling_triton_accepts_for_its_interpreter_runs_the_kernels():
+    """TRITON_INTERPRET=true makes Triton interpret the kernels, as 1 does (Triton >= 3.4); the
+    kernels' INTERPRET switch must follow, or they would reach inline PTX, which the interpreter
+    cannot run. A fresh process: Triton reads the variable when the kernels are defined."""
+    triton = pytest.importorskip("triton")
+    if not hasattr(triton, "knobs") or torch.cuda.is_available():
+        pytest.skip("Triton < 3.4 reads only TRITON_INTERPRET=1; a CPU test")
+    code = ("import torch, fastloss, torch.nn.functional as F\n"
+            "x = torch.randn(3, 5, dtype=torch.bfloat16, requires_grad=True); t = torch.tensor([0, 4, 2])\n"
+            "with fastloss.use_backend('triton'): fastloss.cross_entropy(x, t).backward()\n"
+            "ref = x.detach().float().requires_grad_(); F.cross_entropy(ref, t).backward()\n"
+            "torch.testing.assert_close(x.grad.float(), ref.grad, atol=1e-2, rtol=1e-2)\n")
+    done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TRITON_INTERPRET": "true"},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 # --------------------------------------------------------------------------------------------------
 # bad arguments: same exception type as torch, raised before any launch, naming the argument

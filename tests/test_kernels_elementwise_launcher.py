@@ -6,8 +6,6 @@ machine the same tests run natively, plus a > 2^31-element case.
 """
 
 import math
-import os
-
 
 import pytest
 import torch
@@ -15,13 +13,14 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
+from fastloss.kernels.common import interpreting  # noqa: E402
 from fastloss.kernels.focal import BLOCK as FOCAL_BLOCK  # noqa: E402
 from fastloss.kernels.focal import sigmoid_focal_fwd  # noqa: E402
 from fastloss.kernels.huber import BLOCK as HUBER_BLOCK  # noqa: E402
 from fastloss.kernels.huber import block_for as huber_block  # noqa: E402
 from fastloss.kernels.huber import huber_fwd  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = interpreting()
 if INTERPRET:
     DEVICE = "cpu"
 elif torch.cuda.is_available():
