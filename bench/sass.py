@@ -5,6 +5,11 @@ Triton's own ptxas and nvdisasm do the work, so no GPU is needed. Run it with TR
 A kernel whose SASS shows local-memory traffic (LDL/STL) or few 128-bit loads (LDG.E.128) is
 slower than its byte count suggests; the instruction count per element bounds how fast an
 elementwise or row kernel can be when it is not waiting on memory.
+
+The cross-entropy variants are the ones the default launch (``launch_config``) picks for the
+benchmark's headline shapes. For a kernel that sweeps a row in chunks, the static count says little:
+each loop's body is reported with its instructions per element (one chunk's values per thread), and
+the code outside the loops, which a program runs once, per element of the program's segment.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import re
 import subprocess
 import tempfile
+from dataclasses import dataclass
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -33,42 +39,114 @@ def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, alig
     return triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=TARGET, options={"num_warps": num_warps})
 
 
-def sass_mix(compiled) -> collections.Counter:
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+def _nvidia_tool(name: str, compiled, *args: str) -> str:
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        text = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
-    ops = collections.Counter()
-    for line in text.splitlines():
-        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)", line)
-        if m:
-            ops[m.group(1)] += 1
-    return ops
+        return subprocess.run([path, *args, f.name], capture_output=True, text=True, check=True).stdout
+
+
+_INSTRUCTION = re.compile(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)")
+_LABEL = re.compile(r"^(\.L_x_\d+):")
+_BRANCH = re.compile(r"\bBRA\s+`\((\.L_x_\d+)\)")
+
+
+@dataclass
+class Sass:
+    """A kernel's SASS: the opcodes in order, and its loops as (first, last) opcode indices (a
+    branch back to a label earlier in the code closes a loop). Subroutines placed after the kernel's
+    body (the slow paths of a correctly rounded division, say) are left out: they run rarely."""
+
+    ops: list[str]
+    loops: list[tuple[int, int]]
+
+    @classmethod
+    def of(cls, compiled) -> Sass:
+        ops: list[str] = []
+        labels: dict[str, int] = {}
+        loops = []
+        for line in _nvidia_tool("nvdisasm", compiled, "-c").splitlines():
+            if line.startswith("$__internal"):
+                break
+            if m := _LABEL.match(line):
+                labels[m.group(1)] = len(ops)
+            elif m := _INSTRUCTION.match(line):
+                b = _BRANCH.search(line)
+                if b and b.group(1) in labels:
+                    loops.append((labels[b.group(1)], len(ops)))
+                ops.append(m.group(1))
+        return cls(ops, loops)
+
+    def loop_ops(self, loop: tuple[int, int]) -> list[str]:
+        return self.ops[loop[0]:loop[1] + 1]
+
+    def outside_loops(self) -> int:
+        inside = set()
+        for first, last in self.loops:
+            inside.update(range(first, last + 1))
+        return len(self.ops) - len(inside)
 
 
 def registers(compiled) -> int:
     """Registers per thread, from the cubin's resource usage (cuobjdump)."""
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        text = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    return int(re.search(r"REG:(\d+)", text).group(1))
+    return int(re.search(r"REG:(\d+)", _nvidia_tool("cuobjdump", compiled, "-res-usage")).group(1))
 
 
-def report(name: str, compiled, elements_per_thread: int | None = None) -> None:
-    ops = sass_mix(compiled)
-    total = sum(ops.values())
+def report(name: str, compiled, per_thread: int | None = None, chunk_per_thread: int | None = None) -> None:
+    """Prints the instruction mix. ``per_thread``: the values each thread handles in one program
+    (gives instructions per element); ``chunk_per_thread``: the values each thread handles in one
+    iteration of a sweep (gives each loop's instructions per element)."""
+    sass = Sass.of(compiled)
+    ops = collections.Counter(sass.ops)
+    total = len(sass.ops)
     meta = compiled.metadata
     local = sum(v for k, v in ops.items() if k.startswith(("LDL", "STL")))
     mufu = sum(v for k, v in ops.items() if k.startswith("MUFU"))
     wide = sum(v for k, v in ops.items() if k.startswith(("LDG", "STG")) and k.endswith(".128"))
-    per = f", {total / elements_per_thread:.1f} per element" if elements_per_thread else ""
+    per = f", {total / per_thread:.1f} per element" if per_thread and not chunk_per_thread else ""
     print(f"{name}: {total} SASS instructions{per}; MUFU {mufu}; local-memory {local}; 128-bit global "
           f"{wide}; shared {meta.shared} B; warps {meta.num_warps}; registers {registers(compiled)}")
-    top = ", ".join(f"{k} {v}" for k, v in ops.most_common(12))
-    print(f"    {top}")
+    if chunk_per_thread:
+        executed = sass.outside_loops()
+        bodies = []
+        for loop in sass.loops:
+            body = sass.loop_ops(loop)
+            if any(op.startswith("LDG") and ".STRONG" not in op for op in body):  # a sweep: once per chunk
+                executed += len(body) * (per_thread // chunk_per_thread)
+                bodies.append(f"sweep {len(body)} ({len(body) / chunk_per_thread:.1f} per element)")
+            else:
+                bodies.append(f"loop {len(body)}")
+        print(f"    loops: {', '.join(bodies)}; outside them {sass.outside_loops()} "
+              f"({sass.outside_loops() / per_thread:.1f} per element of a {per_thread}-value share); "
+              f"in all {executed / per_thread:.1f} per element, once through every other loop")
+    print("    " + ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
+
+
+def _cross_entropy_variants(dtype: str):
+    """(name, constexprs, warps, values per thread, values per thread per chunk or None) for the
+    default launches of the benchmark's headline shapes, as ``cross_entropy_fwd`` derives them."""
+    from fastloss.kernels.common import cdiv
+    from fastloss.kernels.cross_entropy import PARTS, STATS, _default_config
+
+    plain = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, PROB=False, FOCAL=False,
+                 WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, STATS=STATS, PARTS=PARTS)
+    size = 4 if dtype == "fp32" else 2
+    cases = [(f"{dtype} V=32768", 32768, {}), (f"{dtype} V=128256", 128256, {}),
+             (f"{dtype} V=262144", 262144, {}), (f"{dtype} V=1000", 1000, {}),
+             (f"{dtype} V=128256, focal", 128256, {"FOCAL": True}),
+             (f"{dtype} V=128256, forward only", 128256, {"WRITE_GRAD": False})]
+    for name, v, extra in cases:
+        cfg = _default_config(v, size, extra.get("WRITE_GRAD", True))
+        segments = max(cfg.segments, 1)
+        seg_len = cdiv(cdiv(v, segments), cfg.block) * cfg.block if cfg.segments else v
+        single = seg_len <= cfg.block
+        threads = 32 * cfg.num_warps
+        constexprs = dict(plain, BLOCK=cfg.block, SINGLE=single, SPLIT=cfg.segments > 0, SEGMENTS=segments,
+                          REVERSE=cfg.reverse, **extra)
+        label = (f"{name}: BLOCK={cfg.block} warps={cfg.num_warps} "
+                 + (f"segments={segments} of {seg_len}" if cfg.segments else "one row per program"))
+        yield label, constexprs, cfg.num_warps, cdiv(min(seg_len, v), threads), None if single else cfg.block // threads
 
 
 def main(argv=None) -> int:
@@ -80,7 +158,7 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile")
 
-    from fastloss.kernels.cross_entropy import PARTS, STATS, _cross_entropy_kernel
+    from fastloss.kernels.cross_entropy import _cross_entropy_kernel
     from fastloss.kernels.focal import _sigmoid_focal_kernel
     from fastloss.kernels.huber import _huber_kernel
 
@@ -91,16 +169,10 @@ def main(argv=None) -> int:
               "loss_ptr": "*fp32", "sync_ptr": "*i32", "stats_ptr": "*fp32", "V": "i32", "seg_len": "i32",
               "ignore_index": "i64", "eps": "fp32", "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32",
               "gamma": "fp32"}
-    plain = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, PROB=False, FOCAL=False,
-                 WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, REVERSE=True,
-                 STATS=STATS, PARTS=PARTS)
-    for block, warps, single, split, segs in [(8192, 8, False, False, 1), (8192, 8, True, True, 16),
-                                              (16384, 16, True, True, 8), (1024, 2, True, False, 1)]:
-        c = compile_sm90(_cross_entropy_kernel, ce_sig,
-                         dict(plain, BLOCK=block, SINGLE=single, SPLIT=split, SEGMENTS=segs), warps,
+    for name, constexprs, warps, per_thread, chunk_per_thread in _cross_entropy_variants(dt):
+        c = compile_sm90(_cross_entropy_kernel, ce_sig, constexprs, warps,
                          aligned=("logits_stride", "grad_stride", "V", "seg_len"))
-        report(f"cross-entropy BLOCK={block} warps={warps} single={single} split={split}", c,
-               block // (32 * warps) if single else None)
+        report(f"cross-entropy {name}", c, per_thread, chunk_per_thread)
     out = {"out_ptr": "*fp32" if args.reduce else f"*{dt}"}
     ew = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}", **out, "gx_ptr": f"*{dt}",
           "gy_ptr": f"*{dt}", "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32"}
