@@ -32,11 +32,14 @@ TARGET = GPUTarget("cuda", 90, 32)
 def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, aligned: tuple[str, ...] = ()):
     """Compiles ``kernel`` as a launch would: pointers and the integer arguments named in ``aligned``
     are known to be multiples of 16 (Triton specializes arguments that are), which is what lets
-    it vectorize loads and stores."""
+    it vectorize loads and stores. Fused multiply-adds as the launches ask for them."""
+    from fastloss.kernels.common import FP_FUSION
+
     sig = {**signature, **{name: "constexpr" for name in constexprs}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
              if name in aligned or str(signature.get(name, "")).startswith("*")}
-    return triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=TARGET, options={"num_warps": num_warps})
+    return triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=TARGET,
+                          options={"num_warps": num_warps, "enable_fp_fusion": FP_FUSION})
 
 
 def _nvidia_tool(name: str, compiled, *args: str) -> str:

@@ -22,6 +22,11 @@ from triton.runtime.interpreter import InterpretedFunction
 MAX_ROW_BLOCK = 2048
 # Elements per program for flat elementwise kernels.
 ELEMENTWISE_BLOCK = 4096
+# Every launch passes enable_fp_fusion=FP_FUSION: the kernels' instruction counts, and the roundings
+# their comments describe (x log2e - ref log2e in one FMA, say), assume fused multiply-adds, and
+# Triton's default is changing (3.9 warns that 3.10 turns them off unless TRITON_DEFAULT_FP_FUSION is
+# set). TRITON_FORCE_DISABLE_FP_FUSION still turns them off.
+FP_FUSION = True
 
 
 def cdiv(a: int, b: int) -> int:
@@ -196,7 +201,8 @@ def reduce_partials(partials: Tensor, dtype: torch.dtype) -> Tensor:
     if dtype == torch.float32:
         return partials.sum()
     out = partials.new_empty((), dtype=dtype)
-    _sum_kernel[(1,)](partials, out, partials.numel(), INTERPRET=interpreting(), BLOCK=SUM_BLOCK, num_warps=8)
+    _sum_kernel[(1,)](partials, out, partials.numel(), INTERPRET=interpreting(), BLOCK=SUM_BLOCK, num_warps=8,
+                      enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -337,5 +343,6 @@ def scale_grad_(grad: Tensor, grad_output: Tensor) -> Tensor:
         INTERPRET=interpreting(),
         BLOCK=ELEMENTWISE_BLOCK,
         num_warps=8,
+        enable_fp_fusion=FP_FUSION,
     )
     return grad

@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
+    FP_FUSION,
     cast_to,
     cdiv,
     exp2,
@@ -627,6 +628,7 @@ def cross_entropy_fwd(
             ZERO_SYNC=split,
             BLOCK=PART_ROWS,
             num_warps=4,
+            enable_fp_fusion=FP_FUSION,
         )
     cap = 1.0 if softcap is None else float(softcap)
     _cross_entropy_kernel[(n_rows * segments,)](
@@ -670,5 +672,6 @@ def cross_entropy_fwd(
         STATS=STATS,
         PARTS=PARTS,
         num_warps=cfg.num_warps,
+        enable_fp_fusion=FP_FUSION,
     )
     return reduce_partials(loss, loss_dtype) if reduce else loss

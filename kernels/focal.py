@@ -22,6 +22,7 @@ from torch import Tensor
 
 from .common import (
     ELEMENTWISE_BLOCK,
+    FP_FUSION,
     atanh_log,
     cast_to,
     elementwise_loss_output,
@@ -150,5 +151,6 @@ def sigmoid_focal_fwd(
             WRITE_GRAD_INPUT=grad_input is not None,
             INTERPRET=interpreting(),
             num_warps=num_warps_for(BLOCK),
+            enable_fp_fusion=FP_FUSION,
         )
     return reduce_partials(out, loss_dtype or torch.float32) if reduce else out

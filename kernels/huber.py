@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .common import (
     ELEMENTWISE_BLOCK,
+    FP_FUSION,
     cast_to,
     elementwise_loss_output,
     interpreting,
@@ -143,5 +144,6 @@ def huber_fwd(
             INTERPRET=interpreting(),
             WRITE_GRAD_TARGET=grad_target is not None,
             num_warps=num_warps_for(block),
+            enable_fp_fusion=FP_FUSION,
         )
     return reduce_partials(out, loss_dtype or torch.float32) if reduce else out

@@ -13,7 +13,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from fastloss.kernels.common import _scale_grad_kernel, _sum_kernel
+from fastloss.kernels.common import FP_FUSION, _scale_grad_kernel, _sum_kernel
 from fastloss.kernels.cross_entropy import PARTS, STATS, _cross_entropy_kernel, _prologue_kernel
 from fastloss.kernels.focal import _sigmoid_focal_kernel
 from fastloss.kernels.huber import _huber_kernel
@@ -23,7 +23,8 @@ TARGET = GPUTarget("cuda", 90, 32)
 
 def compile_variant(kernel, runtime: dict, constexprs: dict, num_warps: int = 8) -> None:
     signature = {**runtime, **{name: "constexpr" for name in constexprs}}
-    triton.compile(ASTSource(kernel, signature, constexprs), target=TARGET, options={"num_warps": num_warps})
+    triton.compile(ASTSource(kernel, signature, constexprs), target=TARGET,
+                   options={"num_warps": num_warps, "enable_fp_fusion": FP_FUSION})
 
 
 def cross_entropy_variants():

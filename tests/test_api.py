@@ -111,6 +111,29 @@ def test_every_spelling_triton_accepts_for_its_interpreter_runs_the_kernels():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
+def test_every_launch_asks_for_fused_multiply_adds(monkeypatch):
+    """Triton's default for fused multiply-adds is changing (3.9 warns that 3.10 turns it off): every
+    launch asks for them, as the kernels' instruction counts and roundings assume."""
+    pytest.importorskip("triton")
+    from triton.runtime import interpreter, jit
+
+    asked = {}
+    for cls in (jit.JITFunction, interpreter.InterpretedFunction):
+        def run(self, *args, _real=cls.run, **kwargs):
+            asked[getattr(self, "__name__", None) or self.fn.__name__] = kwargs.get("enable_fp_fusion")
+            return _real(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "run", run)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    logits = torch.randn(4, 9, dtype=torch.bfloat16, device=device, requires_grad=True)
+    x, y = torch.randn(2, 40, device=device, requires_grad=True), torch.rand(2, 40, device=device)
+    with fastloss.use_backend("triton"):
+        fastloss.cross_entropy(logits, torch.tensor([1, 0, 8, 2], device=device)).backward(torch.tensor(0.5))
+        fastloss.huber_loss(x, y).backward()
+        fastloss.sigmoid_focal_loss(x, y, reduction="mean").backward()
+    assert set(asked) >= {"_prologue_kernel", "_cross_entropy_kernel", "_sum_kernel", "_scale_grad_kernel",
+                          "_huber_kernel", "_sigmoid_focal_kernel"}
+    assert all(v is True for v in asked.values()), asked
+
 # --------------------------------------------------------------------------------------------------
 # bad arguments: same exception type as torch, raised before any launch, naming the argument
 # --------------------------------------------------------------------------------------------------
