@@ -2,7 +2,8 @@
 
 For each headline shape it times the launcher alone (no autograd, preallocated gradient) with the
 default ``launch_config`` and then does a coordinate search over ``LaunchConfig``'s fields
-(segments per row, chunk, warps, reverse sweep 2), two rounds. Every configuration is first
+(segments per row, chunk, warps, reverse sweep 2), two rounds, and with a gradient also tries the
+launches that hold a whole segment in registers (``in_registers``). Every configuration is first
 checked against the default one's loss and gradient, with the gradient buffer poisoned with NaN
 so that an unwritten element fails. Times are medians of ``triton.testing.do_bench`` (L2 flushed
 before each rep), shown as a share of the floor, 2·N·V·b (N·V·b forward only) over the copy
@@ -38,6 +39,22 @@ def candidates(field: str, n_cols: int, write_grad: bool) -> list:
     if field == "block":
         return sorted({b for b in (1024, 2048, 4096, 8192, 16384, 32768) if b <= pow2} | ({pow2} if pow2 <= 32768 else set()))
     return {"num_warps": [1, 2, 4, 8, 16], "reverse": [False, True]}[field]
+
+
+def in_registers(n_cols: int) -> list:
+    """Launches that hold a whole segment in registers (one read, one write, no second sweep),
+    varying the segments and the warps together, which the one-field-at-a-time search cannot: its
+    chunk must grow with the segment. fp32's default is one of them."""
+    from fastloss.kernels.common import cdiv, next_power_of_2
+    from fastloss.kernels.cross_entropy import LaunchConfig
+
+    out = []
+    for segments in (2, 4, 8, 16, 32):
+        block = next_power_of_2(cdiv(n_cols, segments))
+        # at most 64 values a thread, fp32's default (more spill: fp32 holds them in 128 registers)
+        out += [LaunchConfig(block=block, num_warps=w, segments=segments) for w in (4, 8, 16)
+                if 2048 <= block and block // (32 * w) <= 64]
+    return out
 
 
 def tune_elementwise(bandwidth: float, do_bench) -> list[dict]:
@@ -198,6 +215,13 @@ def main(argv=None) -> int:
                     ms = measure(cfg)
                     if ms < best_ms:
                         best, best_ms = cfg, ms
+        if write_grad:  # then the segments held in registers, which that search cannot reach
+            for cfg in in_registers(n_cols):
+                if time.monotonic() > deadline:
+                    break
+                ms = measure(cfg)
+                if ms < best_ms:
+                    best, best_ms = cfg, ms
         again = do_bench(lambda: run(best), warmup=10, rep=100, return_mode="median")
         record = dict(case=name, floor_ms=floor_ms, default=dataclasses.asdict(default), default_ms=default_ms,
                       default_pct=100 * floor_ms / default_ms, best=dataclasses.asdict(best), best_ms=best_ms,

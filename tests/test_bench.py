@@ -230,3 +230,23 @@ def test_ab_names_and_table(tmp_path, monkeypatch):
     assert lines[0].split() == ["case", "head", "1", "old", "1"]
     assert lines[1].split()[-2:] == ["95.0%", "90.0%"]
     assert lines[2].split()[-2:] == ["—", "—"]
+
+
+@pytest.mark.parametrize("n_cols", [32768, 128256, 262144])
+def test_tune_ce_tries_segments_held_in_registers(n_cols):
+    """bench.tune_ce's joint candidates: each holds its whole segment in registers (the kernel's SINGLE
+    case, one read and one write), the segments cover the row, and fp32's default launch is among
+    them at V = 128256 (the one-field-at-a-time search never tried it for 16-bit rows)."""
+    pytest.importorskip("triton")
+    from bench.tune_ce import in_registers
+    from fastloss.kernels.common import cdiv
+    from fastloss.kernels.cross_entropy import _default_config
+
+    configs = in_registers(n_cols)
+    assert configs
+    for cfg in configs:
+        seg_len = cdiv(cdiv(n_cols, cfg.segments), cfg.block) * cfg.block  # as cross_entropy_fwd has it
+        assert seg_len == cfg.block and cfg.segments * seg_len >= n_cols
+        assert cfg.block // (32 * cfg.num_warps) <= 64
+    if n_cols == 128256:
+        assert _default_config(n_cols, 4, True) in configs
