@@ -54,13 +54,12 @@ def triton_available() -> bool:
 
 
 def interpreter_enabled() -> bool:
-    """Whether TRITON_INTERPRET asks for Triton's interpreter, read as the installed Triton reads it
-    (since 3.4: 1, true, on or yes; before: only 1), so that this never disagrees with Triton."""
-    try:
-        from triton import knobs
-    except ImportError:
-        return os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return bool(knobs.runtime.interpret)
+    """Whether Triton's interpreter runs the kernels, as Triton decided from TRITON_INTERPRET when it
+    defined them (1, and since Triton 3.4 also true, on or yes). Asked of the kernels themselves, so
+    that this never disagrees with Triton; imports them, which the call that asks is about to do."""
+    from .kernels.common import interpreting
+
+    return interpreting()
 
 
 def use_triton(tensor: torch.Tensor) -> bool:
