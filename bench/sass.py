@@ -130,7 +130,7 @@ def _cross_entropy_variants(dtype: str):
     """(name, constexprs, warps, values per thread, values per thread per chunk or None) for the
     default launches of the benchmark's headline shapes, as ``cross_entropy_fwd`` derives them."""
     from fastloss.kernels.common import cdiv
-    from fastloss.kernels.cross_entropy import PARTS, STATS, _default_config
+    from fastloss.kernels.cross_entropy import MAX_SEGMENTS, PARTS, STATS, _default_config
 
     plain = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, PROB=False, FOCAL=False,
                  WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, STATS=STATS, PARTS=PARTS)
@@ -140,7 +140,7 @@ def _cross_entropy_variants(dtype: str):
              (f"{dtype} V=128256, focal", 128256, {"FOCAL": True}),
              (f"{dtype} V=128256, forward only", 128256, {"WRITE_GRAD": False})]
     for name, v, extra in cases:
-        cfg = _default_config(v, size, extra.get("WRITE_GRAD", True))
+        cfg = _default_config(v, size, MAX_SEGMENTS if extra.get("WRITE_GRAD", True) else 0)  # an H100's
         segments = max(cfg.segments, 1)
         seg_len = cdiv(cdiv(v, segments), cfg.block) * cfg.block if cfg.segments else v
         single = seg_len <= cfg.block

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .common import (
     FP_FUSION,
+    MAX_ROW_BLOCK,
     cast_to,
     cdiv,
     exp2,
@@ -57,6 +58,11 @@ SPLIT_MIN_COLS = 16384
 # segments swept in chunks of 2048 (the second sweep from L2), fp32 with 16384 columns held in
 # registers.
 SPLIT_COLS = {2: (8192, 2048, 4), 4: (16384, 16384, 8)}
+# A row's segments wait for each other, so all of its programs must be able to run at once. One
+# program per SM always can (and a waiting program holds its SM until its row is done), so a launch
+# gives a row at most as many segments as the GPU has SMs, and at most MAX_SEGMENTS (the tuner found
+# no gain beyond); longer rows get longer segments, swept in chunks.
+MAX_SEGMENTS = 32
 
 STATS = 8  # floats per segment in the SPLIT statistics buffer (5 used; 32-byte records)
 # The mean's denominators are summed in at most PARTS parts, by as many programs of the prologue
@@ -284,7 +290,7 @@ def _cross_entropy_kernel(
         # Programs take tickets in the order they start, and ticket k is segment k % SEGMENTS of row
         # k // SEGMENTS. A program waits only for the other segments of its row, whose tickets were
         # or will be taken by programs already running or next to start, so the wait always ends as
-        # long as SEGMENTS programs fit on the GPU at once (any GPU holds more than 32).
+        # long as SEGMENTS programs fit on the GPU at once (the launcher sees to it: MAX_SEGMENTS).
         ticket = tl.atomic_add(sync_ptr, 1, sem="relaxed").to(tl.int64)
         row = ticket // SEGMENTS
         seg = (ticket - row * SEGMENTS).to(tl.int32)
@@ -510,15 +516,34 @@ class LaunchConfig:
 def launch_config(logits: Tensor, write_grad: bool) -> LaunchConfig:
     """The default launch for (N, V) logits, from ``python -m bench.tune_ce`` on an H100 (see
     bench/NOTES.md): rows of V >= SPLIT_MIN_COLS with a gradient are split into segments of
-    SPLIT_COLS[dtype] columns; other rows run one per program in chunks of up to MAX_ROW_BLOCK."""
-    return _default_config(logits.shape[1], logits.element_size(), write_grad and logits.is_cuda)
+    SPLIT_COLS[dtype] columns (at most ``max_segments`` of them); other rows run one per program in
+    chunks of up to MAX_ROW_BLOCK."""
+    split = write_grad and logits.is_cuda
+    return _default_config(logits.shape[1], logits.element_size(), _max_segments(logits.get_device()) if split else 0)
+
+
+def max_segments(sm_count: int) -> int:
+    """The most segments a split launch gives a row on a GPU with ``sm_count`` SMs: a power of two,
+    at most the SM count and MAX_SEGMENTS (see MAX_SEGMENTS)."""
+    return min(MAX_SEGMENTS, 1 << (sm_count.bit_length() - 1))
+
+
+@functools.cache
+def _max_segments(device_index: int) -> int:
+    return max_segments(torch.cuda.get_device_properties(device_index).multi_processor_count)
 
 
 @functools.lru_cache(maxsize=1024)  # a step's host time counts (bench/NOTES.md): computed once per shape
-def _default_config(n_cols: int, element_size: int, may_split: bool) -> LaunchConfig:
-    if may_split and n_cols >= SPLIT_MIN_COLS:
+def _default_config(n_cols: int, element_size: int, segments_cap: int) -> LaunchConfig:
+    """``segments_cap``: at most this many segments a row (``max_segments``); 0 splits no row."""
+    if segments_cap and n_cols >= SPLIT_MIN_COLS:
         seg_cols, block, warps = SPLIT_COLS[element_size]
-        return LaunchConfig(block=block, num_warps=warps, segments=next_power_of_2(cdiv(n_cols, seg_cols)))
+        segments = next_power_of_2(cdiv(n_cols, seg_cols))
+        if segments > segments_cap:  # longer segments, swept in chunks
+            segments = segments_cap
+            if block > MAX_ROW_BLOCK:
+                block, warps = MAX_ROW_BLOCK, 4
+        return LaunchConfig(block=block, num_warps=warps, segments=segments)
     block = row_block(n_cols)
     return LaunchConfig(block=block, num_warps=max(1, min(16, block // 256)))
 

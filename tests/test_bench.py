@@ -238,9 +238,10 @@ def test_tune_ce_tries_segments_held_in_registers(n_cols):
     case, one read and one write), the segments cover the row, and fp32's default launch is among
     them at V = 128256 (the one-field-at-a-time search never tried it for 16-bit rows)."""
     pytest.importorskip("triton")
-    from bench.tune_ce import in_registers
     from fastloss.kernels.common import cdiv
-    from fastloss.kernels.cross_entropy import _default_config
+    from fastloss.kernels.cross_entropy import MAX_SEGMENTS, _default_config
+
+    from bench.tune_ce import in_registers
 
     configs = in_registers(n_cols)
     assert configs
@@ -249,4 +250,4 @@ def test_tune_ce_tries_segments_held_in_registers(n_cols):
         assert seg_len == cfg.block and cfg.segments * seg_len >= n_cols
         assert cfg.block // (32 * cfg.num_warps) <= 64
     if n_cols == 128256:
-        assert _default_config(n_cols, 4, True) in configs
+        assert _default_config(n_cols, 4, MAX_SEGMENTS) in configs

@@ -16,8 +16,15 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import fastloss.kernels.cross_entropy as ce  # noqa: E402
-from fastloss.kernels.common import scale_grad_  # noqa: E402
-from fastloss.kernels.cross_entropy import LaunchConfig, cross_entropy_fwd  # noqa: E402
+from fastloss.kernels.common import cdiv, scale_grad_  # noqa: E402
+from fastloss.kernels.cross_entropy import (  # noqa: E402
+    MAX_SEGMENTS,
+    LaunchConfig,
+    _default_config,
+    cross_entropy_fwd,
+    launch_config,
+    max_segments,
+)
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # The interpreter evaluates both sides of every tl.where in numpy, which warns about log(0), 0 * inf...
@@ -397,6 +404,35 @@ def test_launch_configs(config, v, kind):
     torch.testing.assert_close(grad3, grad, rtol=20 * ULP[torch.float32], atol=1e-7)  # as check()
     torch.testing.assert_close(total, loss.sum(), rtol=1e-6, atol=0)
 
+
+@pytest.mark.parametrize("sm_count", [8, 20, 132])
+@pytest.mark.parametrize("n_cols", [16384, 128256, 262144, 1 << 20, 3 << 22])
+@pytest.mark.parametrize("size", [2, 4])
+def test_split_rows_never_get_more_segments_than_can_run_at_once(sm_count, n_cols, size):
+    """A split row's programs wait for each other, so the default launch gives a row no more
+    segments than the GPU can run at once (one per SM), whatever V: past that, a row of V = 2^24 on
+    an H100 would have waited forever. The segments (a power of two) cover the row, and a segment
+    too long to sit in registers is swept in chunks."""
+    cap = max_segments(sm_count)
+    assert cap & (cap - 1) == 0 and cap <= min(sm_count, MAX_SEGMENTS)
+    cfg = _default_config(n_cols, size, cap)
+    assert 1 <= cfg.segments <= cap and cfg.segments & (cfg.segments - 1) == 0
+    seg_len = cdiv(cdiv(n_cols, cfg.segments), cfg.block) * cfg.block  # as cross_entropy_fwd has it
+    assert cfg.segments * seg_len >= n_cols
+    assert seg_len == cfg.block or cfg.block <= 2048  # in registers, or chunked
+    if cap == MAX_SEGMENTS and n_cols <= 262144:  # the tuned launches are unchanged
+        assert cfg == _default_config(n_cols, size, 1 << 30)
+
+
+@pytest.mark.skipif(DEV.type != "cuda", reason="split launches run on CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_longer_than_the_segments_cap(dtype):
+    """The default launch at V past MAX_SEGMENTS full segments (fp32 2^19 columns and more): capped
+    segments, swept in chunks, against the oracle."""
+    v = (MAX_SEGMENTS * 16384 if dtype == torch.float32 else MAX_SEGMENTS * 8192) * 2 + 3
+    logits, target = make(6, v, dtype, ignore=1)
+    assert launch_config(logits, True).segments <= MAX_SEGMENTS
+    check(logits, target, None, (5.0, 5.0))
 
 @pytest.mark.parametrize("loss_dtype", [torch.float32, torch.bfloat16])
 def test_reduce(loss_dtype):
