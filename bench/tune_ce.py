@@ -215,7 +215,7 @@ def main(argv=None) -> int:
                     ms = measure(cfg)
                     if ms < best_ms:
                         best, best_ms = cfg, ms
-        if write_grad:  # then the segments held in registers, which that search cannot reach
+        if write_grad and args.rounds > 0:  # then segments held in registers, which it cannot reach
             for cfg in in_registers(n_cols):
                 if time.monotonic() > deadline:
                     break
