@@ -96,6 +96,14 @@ def registers(compiled) -> int:
     return int(re.search(r"REG:(\d+)", _nvidia_tool("cuobjdump", compiled, "-res-usage")).group(1))
 
 
+def programs_per_sm(regs: int, warps: int, shared: int) -> int:
+    """How many programs of a kernel an H100 SM holds at once: 64K registers (allocated per warp in
+    units of 256, i.e. a multiple of 8 per thread), 64 warps, 32 blocks, 227 KiB of shared memory."""
+    by_regs = 65536 // (-(-regs // 8) * 8 * 32 * warps)
+    by_shared = (227 * 1024) // shared if shared else 32
+    return min(by_regs, 64 // warps, 32, by_shared)
+
+
 def report(name: str, compiled, per_thread: int | None = None, chunk_per_thread: int | None = None) -> None:
     """Prints the instruction mix. ``per_thread``: the values each thread handles in one program
     (gives instructions per element); ``chunk_per_thread``: the values each thread handles in one
@@ -108,8 +116,10 @@ def report(name: str, compiled, per_thread: int | None = None, chunk_per_thread:
     mufu = sum(v for k, v in ops.items() if k.startswith("MUFU"))
     wide = sum(v for k, v in ops.items() if k.startswith(("LDG", "STG")) and k.endswith(".128"))
     per = f", {total / per_thread:.1f} per element" if per_thread and not chunk_per_thread else ""
+    regs = registers(compiled)
     print(f"{name}: {total} SASS instructions{per}; MUFU {mufu}; local-memory {local}; 128-bit global "
-          f"{wide}; shared {meta.shared} B; warps {meta.num_warps}; registers {registers(compiled)}")
+          f"{wide}; shared {meta.shared} B; warps {meta.num_warps}; registers {regs} "
+          f"({programs_per_sm(regs, meta.num_warps, meta.shared)} programs an SM)")
     if chunk_per_thread:
         executed = sass.outside_loops()
         bodies = []
