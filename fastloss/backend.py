@@ -2,7 +2,8 @@
 
 ``FASTLOSS_BACKEND`` (read at every call) or the :func:`use_backend` context manager chooses:
 
-* ``auto`` (default): CUDA tensors run the Triton kernels, everything else the reference.
+* ``auto`` (default): CUDA tensors run the Triton kernels, everything else the reference. (On a
+  ROCm build of torch, whose GPU tensors are "cuda" too, the reference: the kernels use NVIDIA PTX.)
 * ``triton``: always the Triton kernels. On CPU tensors this needs Triton's interpreter
   (``TRITON_INTERPRET=1``); that is how the kernels are tested on machines without a GPU.
 * ``reference``: always the plain-PyTorch reference implementation.
@@ -68,9 +69,12 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if name == "reference":
         return False
     if name == "auto":
-        return tensor.is_cuda and triton_available()
+        return tensor.is_cuda and torch.version.hip is None and triton_available()
     if not triton_available():
         raise RuntimeError("FASTLOSS_BACKEND=triton, but the triton package is not installed")
+    if tensor.is_cuda and torch.version.hip is not None:
+        raise RuntimeError("FASTLOSS_BACKEND=triton on a ROCm GPU: fastloss's kernels are written for NVIDIA GPUs "
+                           "(they use PTX); use the 'auto' or 'reference' backend")
     if not tensor.is_cuda and not interpreter_enabled():
         raise RuntimeError(
             f"FASTLOSS_BACKEND=triton on a {tensor.device.type} tensor needs Triton's interpreter: "

@@ -4,6 +4,7 @@ import inspect
 import os
 import subprocess
 import sys
+import types
 import warnings
 
 import pytest
@@ -75,6 +76,19 @@ def test_backend_invalid_name(monkeypatch):
     with pytest.raises(ValueError, match="'fast'"):
         fastloss.cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]))
 
+
+def test_rocm_gpus_take_the_reference(monkeypatch):
+    """On a ROCm build of torch GPU tensors are "cuda" too, but the kernels use NVIDIA PTX, which
+    would fail to compile there: auto takes the reference, and forcing triton is a clear error."""
+    pytest.importorskip("triton")
+    gpu_tensor = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    monkeypatch.setattr(torch.version, "hip", None)  # an NVIDIA build
+    assert backend.use_triton(gpu_tensor) is True
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert backend.use_triton(gpu_tensor) is False
+    with fastloss.use_backend("triton"), pytest.raises(RuntimeError, match="ROCm"):
+        backend.use_triton(gpu_tensor)
 
 def test_auto_on_cpu_runs_reference(monkeypatch):
     calls = []
