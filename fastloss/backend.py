@@ -3,7 +3,8 @@
 ``FASTLOSS_BACKEND`` (read at every call) or the :func:`use_backend` context manager chooses:
 
 * ``auto`` (default): CUDA tensors run the Triton kernels, everything else the reference. (On a
-  ROCm build of torch, whose GPU tensors are "cuda" too, the reference: the kernels use NVIDIA PTX.)
+  ROCm build of torch, whose GPU tensors are "cuda" too, the reference: the kernels use NVIDIA PTX.
+  Under a torch.func transform, the reference too.)
 * ``triton``: always the Triton kernels. On CPU tensors this needs Triton's interpreter
   (``TRITON_INTERPRET=1``); that is how the kernels are tested on machines without a GPU.
 * ``reference``: always the plain-PyTorch reference implementation.
@@ -63,15 +64,26 @@ def interpreter_enabled() -> bool:
     return interpreting()
 
 
+def transforming() -> bool:
+    """Whether a torch.func transform (vmap, grad, jacrev, ...) runs this call: the kernels'
+    autograd.Functions cannot be transformed, and no check may branch on a tensor's values. (False
+    while torch.compile traces, which cannot call this; torch itself asks the same question before
+    every autograd.Function.)"""
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether a call on ``tensor`` runs the Triton kernels; raises if ``triton`` is forced but cannot run."""
     name = current()
     if name == "reference":
         return False
     if name == "auto":
-        return tensor.is_cuda and torch.version.hip is None and triton_available()
+        return tensor.is_cuda and torch.version.hip is None and not transforming() and triton_available()
     if not triton_available():
         raise RuntimeError("FASTLOSS_BACKEND=triton, but the triton package is not installed")
+    if transforming():
+        raise RuntimeError("FASTLOSS_BACKEND=triton under a torch.func transform (vmap, grad, ...): the kernels "
+                           "cannot be transformed; use the 'auto' or 'reference' backend, which run the reference")
     if tensor.is_cuda and torch.version.hip is not None:
         raise RuntimeError("FASTLOSS_BACKEND=triton on a ROCm GPU: fastloss's kernels are written for NVIDIA GPUs "
                            "(they use PTX); use the 'auto' or 'reference' backend")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .backend import transforming
+
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "huber_loss", "smooth_l1_loss"]
 
 
@@ -43,11 +45,16 @@ def _class_rows(input, target, weight, ignore_index, softcap):
     t = target.reshape(-1).long()
     valid = t != ignore_index
     bad = valid & ((t < 0) | (t >= num_classes))
-    if bad.any():  # torch's CPU behaviour (nll_loss raises IndexError)
+    # torch's CPU behaviour (nll_loss raises IndexError). torch.compile and torch.func cannot branch
+    # on data: there, as in the kernels, such a row's loss is NaN.
+    checked = not (torch.compiler.is_compiling() or transforming())
+    if checked and bad.any():
         raise IndexError(f"Target {t[bad][0].item()} is out of bounds.")
-    t = torch.where(valid, t, 0)  # any in-range index for ignored rows; they are masked below
+    t = torch.where(valid if checked else valid & ~bad, t, 0)  # in range; ignored rows are masked below
     logp = torch.log_softmax(x, dim=-1)
     logp_y = logp.gather(-1, t[:, None]).squeeze(-1)
+    if not checked:
+        logp_y = torch.where(bad, float("nan"), logp_y)
     w = None if weight is None else weight.to(x.dtype)
     w_y = valid.to(x.dtype) if w is None else torch.where(valid, w[t], 0)
     return x, logp, logp_y, w_y, valid, w

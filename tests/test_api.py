@@ -99,6 +99,63 @@ def test_auto_on_cpu_runs_reference(monkeypatch):
     assert calls == [1]
 
 
+# torch.func: (ours, torch's) with the target they take; sigmoid focal is checked against its reference
+TRANSFORMED = {
+    "cross_entropy": (lambda x, t: fastloss.cross_entropy(x, t, weight=torch.arange(1.0, 8.0, device=x.device),
+                                                          ignore_index=2, label_smoothing=0.1),
+                      lambda x, t: F.cross_entropy(x, t, weight=torch.arange(1.0, 8.0, device=x.device),
+                                                   ignore_index=2, label_smoothing=0.1), "class"),
+    "focal_loss": (lambda x, t: fastloss.focal_loss(x, t, gamma=0.0), F.cross_entropy, "class"),
+    "huber_loss": (fastloss.huber_loss, F.huber_loss, "real"),
+    "smooth_l1_loss": (lambda x, t: fastloss.smooth_l1_loss(x, t, beta=0.5),
+                       lambda x, t: F.smooth_l1_loss(x, t, beta=0.5), "real"),
+    "sigmoid_focal_loss": (lambda x, t: fastloss.sigmoid_focal_loss(x, t, reduction="mean"),
+                           lambda x, t: reference.sigmoid_focal_loss(x, t, reduction="mean"), "real"),
+}
+
+
+@pytest.mark.parametrize("name", TRANSFORMED)
+def test_torch_func_transforms_run_the_reference(name, monkeypatch):
+    """vmap(grad(loss)) (per-sample gradients) and jacrev work as with torch's losses: under a
+    torch.func transform auto takes the reference, which branches on no tensor's values there, and
+    on CUDA the kernels' autograd.Functions, which cannot be transformed, are not used."""
+    monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    ours, theirs, kind = TRANSFORMED[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 7, generator=g)
+    t = torch.randint(0, 7, (4, 3), generator=g) if kind == "class" else torch.rand(4, 3, 7, generator=g)
+    if torch.cuda.is_available():
+        x, t = x.cuda(), t.cuda()
+    per_sample = torch.func.vmap(torch.func.grad(ours))(x, t)
+    torch.testing.assert_close(per_sample, torch.func.vmap(torch.func.grad(theirs))(x, t))
+    torch.testing.assert_close(torch.func.jacrev(ours)(x[0], t[0]), torch.func.jacrev(theirs)(x[0], t[0]))
+
+
+def test_forcing_triton_under_a_torch_func_transform_is_an_error():
+    pytest.importorskip("triton")
+    with fastloss.use_backend("triton"), pytest.raises(RuntimeError, match="torch.func"):
+        torch.func.grad(fastloss.huber_loss)(torch.randn(4), torch.randn(4))
+
+
+def test_out_of_range_class_where_no_check_can_branch(monkeypatch):
+    """Eager CPU raises IndexError as torch does; under torch.func and inside a compiled graph no
+    check can branch on the targets, so the row's loss is NaN, as the kernels give on CUDA (never a
+    read out of bounds). The reference compiles with fullgraph=True on CPU."""
+    monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    x, t = torch.randn(5, 7), torch.tensor([1, 9, -3, 0, -100])
+    with pytest.raises(IndexError):
+        fastloss.cross_entropy(x, t)
+    expected = F.cross_entropy(x, t.clamp(0, 6), reduction="none", ignore_index=-100)
+    expected[[1, 2]] = float("nan")
+    expected[4] = 0.0
+    vmapped = torch.func.vmap(lambda a, b: fastloss.cross_entropy(a, b, reduction="none"))(x[None], t[None])[0]
+    torch.testing.assert_close(vmapped, expected, equal_nan=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b: fastloss.cross_entropy(a, b, reduction="none"), fullgraph=True,
+                             backend="aot_eager")(x, t)
+    torch.testing.assert_close(compiled, expected, equal_nan=True)
+    assert torch.compile(fastloss.focal_loss, fullgraph=True, backend="aot_eager")(x, t.clamp(0, 6)).isfinite()
+
 def test_forcing_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
     pytest.importorskip("triton")
     from fastloss.kernels import common
