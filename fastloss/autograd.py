@@ -25,7 +25,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 # This module is imported on the first call that runs a kernel (functional imports it there), never
 # by `import fastloss`, so triton is imported then too. Imported once here, not in every launch: an
@@ -243,17 +242,25 @@ def _backward_grads(ctx, grad_loss: Tensor, n_other: int) -> tuple[Optional[Tens
     return (*_scaled_grads(ctx, grad_loss), *[None] * n_other)
 
 
-_backward_grads_once = once_differentiable(_backward_grads)
+_SECOND_ORDER = (b"fastloss's kernels compute the gradient in the forward pass, so it cannot be differentiated "
+                 b"again (create_graph=True, then a backward through the gradient); for higher-order gradients "
+                 b"use fastloss.use_backend('reference')")
 
 
 def _backward(ctx, grad_loss: Tensor, n_other: int) -> tuple[Optional[Tensor], ...]:
     """The Functions' backward. The gradients are computed in the forward, so they cannot be
-    differentiated again: under ``create_graph=True`` (grad mode on here) ``once_differentiable``
-    makes a second differentiation raise. A plain backward skips its wrapper, which costs a few
-    microseconds of host time."""
-    if torch.is_grad_enabled():
-        return _backward_grads_once(ctx, grad_loss, n_other)
-    return _backward_grads(ctx, grad_loss, n_other)
+    differentiated again. Under ``create_graph=True`` (grad mode on here) they are returned through
+    a node that raises if a second differentiation reaches it. ``once_differentiable`` does that only
+    when ``grad_loss`` requires grad, which autograd's own ones do not: a second order taken through
+    the model (a gradient penalty, meta-learning) then silently lacked the loss's own term."""
+    if not torch.is_grad_enabled():
+        return _backward_grads(ctx, grad_loss, n_other)
+    with torch.no_grad():
+        grads = _backward_grads(ctx, grad_loss, n_other)
+    live = [g.detach().requires_grad_() for g in grads if g is not None]
+    refused = torch._C._functions.DelayedError(_SECOND_ORDER, len(live))(*live)
+    refused = iter((refused,) if isinstance(refused, Tensor) else refused)
+    return tuple(None if g is None else next(refused) for g in grads)
 
 
 class SoftmaxLoss(torch.autograd.Function):

@@ -251,7 +251,8 @@ def test_grad_output_of_exactly_one_and_second_backward(loss, reduction):
 @pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss", "huber_loss", "sigmoid_focal_loss"])
 def test_create_graph_gives_the_gradient_and_refuses_a_second_order(loss):
     """The gradient is computed in the forward, so it cannot be differentiated again: with
-    create_graph=True backward still returns it, and differentiating it raises (never a silent 0)."""
+    create_graph=True backward still returns it, and differentiating it raises (never a silent 0)
+    with a message that says what to do."""
     x = logits(5, 33).requires_grad_()
     t = labels(5, 33) if loss in ("cross_entropy", "focal_loss") else torch.rand(5, 33, device=DEVICE)
     with fastloss.use_backend("triton"):
@@ -259,9 +260,23 @@ def test_create_graph_gives_the_gradient_and_refuses_a_second_order(loss):
     (g,) = torch.autograd.grad(out, x, create_graph=True)
     (expected,) = torch.autograd.grad(getattr(reference, loss)(x, t, reduction="sum"), x)
     torch.testing.assert_close(g, expected)
-    # g is a constant here (once_differentiable; grad_output needs no grad): x gets no second-order term
-    with pytest.raises(RuntimeError, match="does not require grad|differentiate twice"):
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
         g.pow(2).sum().backward()
+
+
+def test_a_second_order_through_the_model_raises():
+    """create_graph=True, then a penalty on the gradient of a weight *upstream* of the loss: the
+    weight's gradient depends on the model's other weights, so it can be differentiated, and without
+    the loss's own term it would be silently wrong. It raises."""
+    x, t = logits(8, 6), labels(8, 5)
+    w1, w2 = logits(6, 7).requires_grad_(), logits(7, 5).requires_grad_()
+    with fastloss.use_backend("triton"):
+        out = fastloss.cross_entropy(torch.tanh(x @ w1) @ w2, t)
+    g1, _ = torch.autograd.grad(out, (w1, w2), create_graph=True)
+    (expected,) = torch.autograd.grad(F.cross_entropy(torch.tanh(x @ w1) @ w2, t), w1)
+    torch.testing.assert_close(g1, expected)
+    with pytest.raises(RuntimeError, match="cannot be differentiated again"):
+        g1.pow(2).sum().backward()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
