@@ -181,9 +181,10 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
     if softcap is not None:
         _check_range(fn, "softcap", softcap, 0.0, low_inclusive=False)
     out_dtype = _loss_dtype(input)
-    # Gradients for probability targets only exist in the reference.
+    # Gradients for probability targets and class weights only exist in the reference (torch has
+    # none for the weights; the kernels would silently give none).
     if (not backend.use_triton(input) or input.dtype not in _KERNEL_DTYPES or input.numel() == 0
-            or target.requires_grad):
+            or target.requires_grad or (weight is not None and weight.requires_grad)):
         if out_dtype != input.dtype:
             input, target, weight = _upcast(input, target, weight)
         if gamma is None:

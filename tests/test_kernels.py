@@ -279,6 +279,23 @@ def test_a_second_order_through_the_model_raises():
         g1.pow(2).sum().backward()
 
 
+@pytest.mark.parametrize("loss, what", [("cross_entropy", "weight"), ("focal_loss", "weight"),
+                                        ("cross_entropy", "probabilities")])
+def test_gradients_the_kernels_do_not_compute_come_from_the_reference(loss, what):
+    """Class weights (and probability targets) that require grad get their gradient, the same with
+    the kernels forced as on the reference: the kernels compute only the logits' gradient, so such a
+    call takes the reference instead of silently leaving the weights without one."""
+    x = logits(6, 9).requires_grad_()
+    other = (torch.rand(9, device=DEVICE) + 0.5) if what == "weight" else torch.softmax(logits(6, 9), -1)
+    other.requires_grad_()
+    t, kwargs = (labels(6, 9, ignore=1), {"weight": other}) if what == "weight" else (other, {})
+    grads = []
+    for name in ("reference", "triton"):
+        with fastloss.use_backend(name):
+            grads.append(torch.autograd.grad(getattr(fastloss, loss)(x, t, **kwargs), (x, other)))
+    for ours, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, expected)
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("v", [50, 4099], ids=["one-chunk", "chunked"])
 def test_masked_vocabulary_huge_logits_and_nan_row(v, dtype):
