@@ -56,6 +56,13 @@ def _loss_dtype(*tensors: Tensor | None) -> torch.dtype:
     return dtype
 
 
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """``t``'s dtype as a loss under ``torch.autocast`` sees it: fp32 for bf16/fp16."""
+    if (t.dtype is torch.float16 or t.dtype is torch.bfloat16) and torch.is_autocast_enabled(t.device.type):
+        return torch.float32
+    return t.dtype
+
+
 def _upcast(*tensors: Tensor | None) -> list[Tensor | None]:
     """What torch.autocast does to a loss's floating-point arguments, for the reference path."""
     return [t.float() if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
@@ -138,6 +145,9 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
             raise RuntimeError(
                 f"{fn}: weight must be defined for all {n_classes} classes, got shape {list(weight.shape)}"
             )
+        # as torch's nll_loss (probability targets promote instead)
+        if class_targets and _compute_dtype(weight) != _compute_dtype(input):
+            raise RuntimeError(f"{fn}: expected weight of the input's dtype {input.dtype}, got {weight.dtype}")
     _check_devices(fn, ("input", input), ("target", target), ("weight", weight))
     return class_targets
 
@@ -180,10 +190,12 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
     class_targets = _check_softmax_args(fn, input, target, weight, class_targets_only=gamma is not None)
     if softcap is not None:
         _check_range(fn, "softcap", softcap, 0.0, low_inclusive=False)
-    out_dtype = _loss_dtype(input)
+    # torch: the input's dtype for class indices; probability targets promote the three dtypes
+    out_dtype = _loss_dtype(input) if class_targets else _loss_dtype(input, target, weight)
     # Gradients for probability targets and class weights only exist in the reference (torch has
     # none for the weights; the kernels would silently give none).
     if (not backend.use_triton(input) or input.dtype not in _KERNEL_DTYPES or input.numel() == 0
+            or out_dtype not in (input.dtype, torch.float32)
             or target.requires_grad or (weight is not None and weight.requires_grad)):
         if out_dtype != input.dtype:
             input, target, weight = _upcast(input, target, weight)
@@ -282,9 +294,10 @@ def focal_loss(
 
 def _elementwise_ready(fn: str, input: Tensor, target: Tensor, weight: Tensor | None,
                        out_dtype: torch.dtype) -> bool:
-    """Common checks; returns whether the Triton path can take these tensors as they are."""
+    """Common checks; returns whether the Triton path can take these tensors as they are. (An
+    integer or bool target is allowed, as torch allows it: the reference takes it.)"""
     _check_tensor("input", input)
-    _check_tensor("target", target)
+    _check_tensor("target", target, floating=False)
     _check_devices(fn, ("input", input), ("target", target), ("weight", weight))
     same_shape = _check_same_shape_or_broadcast(fn, input, target)
     return (same_shape and input.dtype == target.dtype and input.dtype in _KERNEL_DTYPES
@@ -345,8 +358,9 @@ def huber_loss(
             raise ValueError(
                 f"huber_loss: weight must have the input's shape {list(input.shape)}, got {list(weight.shape)}"
             )
-    # The kernel gives no gradient for weight; the reference does.
-    out_dtype = _loss_dtype(input, target, weight)
+    # The kernel gives no gradient for weight; the reference does. torch's result has the input's
+    # dtype, promoted with the weight's (not the target's).
+    out_dtype = _loss_dtype(input, weight)
     if (not _elementwise_ready("huber_loss", input, target, weight, out_dtype)
             or (weight is not None and weight.requires_grad)):
         if out_dtype != input.dtype:

@@ -28,9 +28,10 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(1, -1) if x.dim() == 1 else x.movedim(1, -1).reshape(-1, x.shape[1])
 
 
-def _logits(input: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """Logit rows in the compute dtype, softcapped: x <- softcap·tanh(x/softcap)."""
-    x = _rows(input).to(_acc(input))
+def _logits(input: torch.Tensor, softcap: float | None, *others: torch.Tensor) -> torch.Tensor:
+    """Logit rows in the compute dtype (of the input and ``others``), softcapped:
+    x <- softcap·tanh(x/softcap)."""
+    x = _rows(input).to(_acc(input, *others))
     return x if softcap is None else softcap * torch.tanh(x / softcap)
 
 
@@ -96,8 +97,12 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     z-loss adds z_loss·lse² per counted row, unweighted; its mean divides by the counted-row count.
     """
     eps = label_smoothing
-    if target.shape == input.shape:  # class probabilities
-        x = _logits(input, softcap)
+    out_dtype = input.dtype  # (class indices: torch requires the weight's dtype to be the input's)
+    if target.shape == input.shape:  # class probabilities: torch promotes the three dtypes
+        others = (target,) if weight is None else (target, weight)
+        for t in others:
+            out_dtype = torch.promote_types(out_dtype, t.dtype)
+        x = _logits(input, softcap, *others)
         w = None if weight is None else weight.to(x.dtype)
         q = _rows(target).to(x.dtype)
         if eps > 0:
@@ -123,7 +128,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
             z_mean = z.sum() / valid.sum()
         else:
             loss = loss + z
-    return (_reduce(loss, reduction, denom, shape, x.dtype) + z_mean).to(input.dtype)
+    return (_reduce(loss, reduction, denom, shape, x.dtype) + z_mean).to(out_dtype)
 
 
 def focal_loss(input, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean",
@@ -161,14 +166,16 @@ def sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none")
     return _reduce(loss, reduction, loss.numel(), loss.shape, torch.promote_types(inputs.dtype, targets.dtype))
 
 
-def _elementwise(input, target, weight, fn, reduction):
-    """Broadcast (silently), compute fn(input, target) per element in the compute dtype, weight, reduce."""
+def _elementwise(input, target, weight, fn, reduction, promote_target=True):
+    """Broadcast (silently), compute fn(input, target) per element in the compute dtype, weight, reduce.
+    The result's dtype is torch's: the input's, promoted with the target's (``promote_target``;
+    huber_loss does not) and then with the weight's."""
     x, y = torch.broadcast_tensors(input, target)
     acc = _acc(x, y)
     loss = fn(x.to(acc), y.to(acc))
     if weight is not None:
         loss = loss * weight.to(acc)
-    dtype = torch.promote_types(input.dtype, target.dtype)
+    dtype = torch.promote_types(input.dtype, target.dtype) if promote_target else input.dtype
     if weight is not None:
         dtype = torch.promote_types(dtype, weight.dtype)  # torch multiplies by the weight last
     return _reduce(loss, reduction, loss.numel(), loss.shape, dtype)
@@ -181,7 +188,8 @@ def _elementwise(input, target, weight, fn, reduction):
 def huber_loss(input, target, reduction="mean", delta=1.0, weight=None):
     """``torch.nn.functional.huber_loss``; ``weight`` multiplies the per-element loss (mean = its mean)."""
     return _elementwise(input, target, weight,
-                        lambda x, y: F.huber_loss(x, y, reduction="none", delta=delta), reduction)
+                        lambda x, y: F.huber_loss(x, y, reduction="none", delta=delta), reduction,
+                        promote_target=False)
 
 
 def smooth_l1_loss(input, target, reduction="mean", beta=1.0):

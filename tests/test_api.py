@@ -367,3 +367,53 @@ def test_extras_reach_the_function():
     expected = fastloss.cross_entropy(X, T, z_loss=1e-2, softcap=3.0)
     torch.testing.assert_close(m(X, T), expected)
     assert not torch.allclose(expected, fastloss.cross_entropy(X, T))
+
+
+_BF, _P = torch.bfloat16, torch.softmax(torch.randn(4, 5, generator=torch.Generator().manual_seed(3)), -1)
+# Mixed dtypes, as torch has them: huber_loss keeps the input's dtype (promoted with the weight's, not
+# the target's), smooth_l1_loss and probability targets promote, integer and bool targets are taken,
+# and class-index cross-entropy wants the weight in the input's dtype (any float under autocast).
+MIXED_DTYPES = [
+    ("huber bf16 fp32", "huber_loss", lambda: (X.to(_BF), Y), {}),
+    ("huber fp32 fp64", "huber_loss", lambda: (X, Y.double()), {}),
+    ("huber fp32 int", "huber_loss", lambda: (X, Y.long()), {}),
+    ("huber bf16 bool, weight fp32", "huber_loss", lambda: (X.to(_BF), Y > 0), {"weight": Y.abs()}),
+    ("smooth_l1 bf16 fp32", "smooth_l1_loss", lambda: (X.to(_BF), Y), {}),
+    ("smooth_l1 fp32 int", "smooth_l1_loss", lambda: (X, Y.long()), {"beta": 0.0}),
+    ("ce probabilities bf16 fp32", "cross_entropy", lambda: (X.to(_BF), _P), {}),
+    ("ce probabilities fp32 fp64", "cross_entropy", lambda: (X, _P.double()), {"label_smoothing": 0.1}),
+    ("ce probabilities bf16 bf16, weight fp32", "cross_entropy", lambda: (X.to(_BF), _P.to(_BF)),
+     {"weight": torch.rand(5) + 0.5}),
+    ("ce weight bf16", "cross_entropy", lambda: (X, T), {"weight": torch.rand(5).to(_BF)}),
+    ("ce bf16 weight fp32", "cross_entropy", lambda: (X.to(_BF), T), {"weight": torch.rand(5)}),
+    ("ce fp64 weight fp32", "cross_entropy", lambda: (X.double(), T), {"weight": torch.rand(5)}),
+]
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("name, loss, make, kwargs", MIXED_DTYPES, ids=[c[0] for c in MIXED_DTYPES])
+def test_mixed_dtypes_as_torch_has_them(name, loss, make, kwargs, backend_name):
+    if backend_name == "triton":
+        pytest.importorskip("triton")
+    args = make()
+    try:
+        expected = getattr(F, loss)(*args, **kwargs)
+    except RuntimeError as err:
+        with fastloss.use_backend(backend_name), pytest.raises(type(err)):
+            getattr(fastloss, loss)(*args, **kwargs)
+        return
+    with fastloss.use_backend(backend_name):
+        ours = getattr(fastloss, loss)(*args, **kwargs)
+    assert ours.dtype == expected.dtype
+    torch.testing.assert_close(ours, expected, rtol=1e-2, atol=1e-3)
+
+
+def test_autocast_takes_a_float_weight_of_any_precision():
+    """Under autocast torch computes the loss in fp32, so bf16 logits with fp32 weights (or the reverse)
+    are fine, as they are not outside it."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for x, w in ((X.to(_BF), torch.rand(5)), (X, torch.rand(5).to(_BF))):
+            expected = F.cross_entropy(x, T, weight=w)
+            ours = fastloss.cross_entropy(x, T, weight=w)
+            assert ours.dtype == expected.dtype == torch.float32
+            torch.testing.assert_close(ours, expected, rtol=1e-2, atol=1e-3)
