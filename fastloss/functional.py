@@ -188,6 +188,8 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label_smoothing,
                   z_loss, softcap, gamma, inplace_backward) -> Tensor:
     class_targets = _check_softmax_args(fn, input, target, weight, class_targets_only=gamma is not None)
+    if not class_targets and ignore_index >= 0:  # as torch
+        raise RuntimeError(f"{fn}: ignore_index is not supported for floating point target")
     if softcap is not None:
         _check_range(fn, "softcap", softcap, 0.0, low_inclusive=False)
     # torch: the input's dtype for class indices; probability targets promote the three dtypes

@@ -229,6 +229,7 @@ BAD_CALLS = [
     ("target_dtype", lambda m: m.cross_entropy(X, T.int()), "target"),
     ("target_float_dtype_mismatch", lambda m: m.cross_entropy(X, T.double()), "target"),
     ("prob_shape", lambda m: m.cross_entropy(X, torch.rand(4, 6)), "target"),
+    ("prob_ignore_index", lambda m: m.cross_entropy(X, torch.rand(4, 5), ignore_index=0), "ignore_index"),
     ("weight_size", lambda m: m.cross_entropy(X, T, weight=torch.ones(3)), "weight"),
     ("out_of_range", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, 5])), "5"),
     ("negative_target", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, -3])), "-3"),
