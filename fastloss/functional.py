@@ -321,7 +321,9 @@ def sigmoid_focal_loss(
     reduction = _reduction(reduction)
     _check_range("sigmoid_focal_loss", "gamma", gamma, 0.0)
     _check_tensor("inputs", inputs)
-    _check_tensor("targets", targets)
+    _check_tensor("targets", targets, floating=False)
+    if not targets.is_floating_point():  # torchvision fails with a RuntimeError here
+        raise RuntimeError(f"sigmoid_focal_loss: targets must be a floating-point tensor, got dtype {targets.dtype}")
     if targets.shape != inputs.shape:
         raise ValueError(
             f"sigmoid_focal_loss: targets must have the inputs' shape {list(inputs.shape)}, "

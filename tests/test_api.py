@@ -301,13 +301,16 @@ FASTLOSS_ONLY_BAD_CALLS = [
     (lambda: fastloss.sigmoid_focal_loss(X, Y, gamma=-1.0), ValueError, "gamma"),
     (lambda: fastloss.sigmoid_focal_loss(X, Y, reduction="avg"), ValueError, "reduction"),
     (lambda: fastloss.sigmoid_focal_loss(X, "y"), TypeError, "targets"),
+    (lambda: fastloss.sigmoid_focal_loss(X, Y.long()), RuntimeError, "targets"),  # as torchvision
+    (lambda: fastloss.sigmoid_focal_loss(X.long(), Y), NotImplementedError, "inputs"),
 ]
 
 
 @pytest.mark.parametrize("call, exc, pattern", FASTLOSS_ONLY_BAD_CALLS)
 def test_bad_arguments_of_extras(call, exc, pattern, launches):
-    with fastloss.use_backend("triton"), pytest.raises(exc, match=pattern):
+    with fastloss.use_backend("triton"), pytest.raises(exc, match=pattern) as raised:
         call()
+    assert type(raised.value) is exc  # not a subclass: torchvision's own type
     assert not launches  # raised before any kernel launch
 
 
