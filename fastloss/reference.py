@@ -141,6 +141,9 @@ def focal_loss(input, target, gamma=2.0, weight=None, ignore_index=-100, reducti
     """
     x, _, logp_y, w_y, valid, _ = _class_rows(input, target, weight, ignore_index, softcap)
     factor = _focal_factor(-torch.expm1(logp_y), gamma)
+    # p_y = 0 exactly (the target's logit is -inf): the loss is inf, and the factor's derivative, 0,
+    # times it would be NaN; its limit is 0, so the gradient is the CE one, as the kernels give.
+    factor = torch.where(logp_y == float("-inf"), factor.detach(), factor)
     loss = torch.where(valid, -logp_y * w_y * factor, 0)
     return _reduce(loss, reduction, w_y.sum(), target.shape, input.dtype)
 

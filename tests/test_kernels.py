@@ -310,6 +310,22 @@ def test_masked_vocabulary_huge_logits_and_nan_row(v, dtype):
     check("focal_loss", [x[[0, 1, 3]], t[[0, 1, 3]]], {"reduction": "none", "gamma": 0.5})
 
 
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_focal_target_logit_of_minus_inf(gamma):
+    """A target whose own logit is -inf (p_y = 0): the loss is inf, and the gradient is the limit
+    of the focal one, the cross-entropy gradient, finite: on the kernels and in the reference alike
+    (its autograd used to give NaN, 0 times inf in the focal factor's derivative)."""
+    x = logits(3, 9)
+    x[1, 4] = float("-inf")
+    t = torch.tensor([0, 4, 8], device=DEVICE)
+    loss, grad = check("focal_loss", [x, t], {"gamma": gamma, "reduction": "none"})
+    assert torch.isinf(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+    assert torch.isfinite(grad).all()
+    ce_row = torch.softmax(x[1].double(), 0)
+    ce_row[4] -= 1
+    go = _random_grad_output(loss)[1]
+    torch.testing.assert_close(grad[1].double(), go.double() * ce_row, rtol=1e-5, atol=1e-7)
+
 @pytest.mark.parametrize("gamma", [0.0, 0.25, 0.5, 1.0, 2.0])
 def test_focal_saturated_logits_are_finite(gamma):
     x = torch.tensor([[60.0, 0.0, -60.0], [-60.0, 60.0, 0.0], [0.0, 1e4, -1e4]], device=DEVICE)
