@@ -139,7 +139,7 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
                 f"got {list(target.shape)}"
             )
     if weight is not None:
-        _check_tensor("weight", weight)
+        _check_tensor("weight", weight, floating=False)
         n_classes = input.shape[1] if dim >= 2 else input.shape[0]
         if weight.dim() != 1 or weight.shape[0] != n_classes:
             raise RuntimeError(
@@ -297,12 +297,14 @@ def focal_loss(
 def _elementwise_ready(fn: str, input: Tensor, target: Tensor, weight: Tensor | None,
                        out_dtype: torch.dtype) -> bool:
     """Common checks; returns whether the Triton path can take these tensors as they are. (An
-    integer or bool target is allowed, as torch allows it: the reference takes it.)"""
+    integer or bool target, or an integer weight, is allowed, as torch allows it: the reference
+    takes it.)"""
     _check_tensor("input", input)
     _check_tensor("target", target, floating=False)
     _check_devices(fn, ("input", input), ("target", target), ("weight", weight))
     same_shape = _check_same_shape_or_broadcast(fn, input, target)
     return (same_shape and input.dtype == target.dtype and input.dtype in _KERNEL_DTYPES
+            and (weight is None or weight.is_floating_point())
             and out_dtype in (input.dtype, torch.float32) and input.numel() > 0 and backend.use_triton(input))
 
 
@@ -357,7 +359,7 @@ def huber_loss(
     reduction = _reduction(reduction)
     _check_range("huber_loss", "delta", delta, 0.0, low_inclusive=False, exc=RuntimeError)
     if weight is not None:
-        _check_tensor("weight", weight)
+        _check_tensor("weight", weight, floating=False)
         if weight.shape != input.shape:
             raise ValueError(
                 f"huber_loss: weight must have the input's shape {list(input.shape)}, got {list(weight.shape)}"

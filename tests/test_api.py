@@ -391,6 +391,9 @@ MIXED_DTYPES = [
     ("ce weight bf16", "cross_entropy", lambda: (X, T), {"weight": torch.rand(5).to(_BF)}),
     ("ce bf16 weight fp32", "cross_entropy", lambda: (X.to(_BF), T), {"weight": torch.rand(5)}),
     ("ce fp64 weight fp32", "cross_entropy", lambda: (X.double(), T), {"weight": torch.rand(5)}),
+    ("ce weight int", "cross_entropy", lambda: (X, T), {"weight": torch.arange(1, 6)}),
+    ("ce probabilities, weight int", "cross_entropy", lambda: (X, _P), {"weight": torch.arange(1, 6)}),
+    ("huber bf16, weight int", "huber_loss", lambda: (X.to(_BF), Y.to(_BF)), {"weight": torch.arange(20).view(4, 5)}),
 ]
 
 
