@@ -43,24 +43,23 @@ def _check_tensor(name: str, t, floating: bool = True) -> None:
         raise NotImplementedError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
 
 
-def _loss_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """The result's dtype, as torch's: the floating-point arguments' dtypes promoted together, and
-    fp32 under ``torch.autocast``, where torch computes its losses in fp32 (the kernels still read
-    low-precision inputs as they are)."""
-    dtype = None
-    for t in tensors:
-        if t is not None and t.is_floating_point() and t.dtype != dtype:
-            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
-    if (dtype is torch.float16 or dtype is torch.bfloat16) and torch.is_autocast_enabled(tensors[0].device.type):
+def _autocast(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """A loss's dtype as ``torch.autocast`` makes it: fp32 for bf16/fp16 while autocast is on for
+    the device, where torch computes its losses in fp32 (the kernels still read low-precision inputs
+    as they are)."""
+    if (dtype is torch.float16 or dtype is torch.bfloat16) and torch.is_autocast_enabled(device_type):
         return torch.float32
     return dtype
 
 
-def _compute_dtype(t: Tensor) -> torch.dtype:
-    """``t``'s dtype as a loss under ``torch.autocast`` sees it: fp32 for bf16/fp16."""
-    if (t.dtype is torch.float16 or t.dtype is torch.bfloat16) and torch.is_autocast_enabled(t.device.type):
-        return torch.float32
-    return t.dtype
+def _loss_dtype(*tensors: Tensor | None) -> torch.dtype:
+    """The result's dtype, as torch's: the floating-point arguments' dtypes promoted together, and
+    fp32 under autocast (see ``_autocast``)."""
+    dtype = None
+    for t in tensors:
+        if t is not None and t.is_floating_point() and t.dtype != dtype:
+            dtype = t.dtype if dtype is None else torch.promote_types(dtype, t.dtype)
+    return _autocast(dtype, tensors[0].device.type)
 
 
 def _upcast(*tensors: Tensor | None) -> list[Tensor | None]:
@@ -146,7 +145,8 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
                 f"{fn}: weight must be defined for all {n_classes} classes, got shape {list(weight.shape)}"
             )
         # as torch's nll_loss (probability targets promote instead)
-        if class_targets and _compute_dtype(weight) != _compute_dtype(input):
+        device = input.device.type
+        if class_targets and _autocast(weight.dtype, device) != _autocast(input.dtype, device):
             raise RuntimeError(f"{fn}: expected weight of the input's dtype {input.dtype}, got {weight.dtype}")
     _check_devices(fn, ("input", input), ("target", target), ("weight", weight))
     return class_targets
