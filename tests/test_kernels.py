@@ -434,6 +434,13 @@ def test_inplace_backward_never_silently_wrong():
         with pytest.raises(RuntimeError, match="leaf"):
             fastloss.cross_entropy(leaf[:, :10], t.clamp(max=9), inplace_backward=True)
         assert torch.equal(leaf.detach(), before)  # untouched
+        # rows that share memory (an expanded row) cannot each hold their gradient: refused too
+        row = leaf[:1] * 2.0
+        for shared in (row.expand(4, 12), torch.as_strided(leaf * 2.0, (4, 8), (1, 1))):
+            kept = shared.detach().clone()
+            with pytest.raises(RuntimeError, match="rows share memory"):
+                fastloss.cross_entropy(shared, t.clamp(max=7), inplace_backward=True)
+            assert torch.equal(shared.detach(), kept)
         # another node (x * x) saved the logits: backward raises instead of using the overwritten values
         x = leaf * 2.0
         other = (x * x).sum()
