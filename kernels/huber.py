@@ -11,6 +11,8 @@ weight and ``scale`` (1/numel for a mean), so the backward only has to apply gra
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -121,6 +123,13 @@ def huber_fwd(
     everywhere).
     """
     block = block_for(input.dtype)
+    beta, mul, scale = float(beta), float(mul), float(scale)
+    if math.isinf(beta) and mul == beta:
+        # Huber's delta = inf: all quadratic (0.5 d^2); mul * scale = inf would turn 0.5 d^2 / beta
+        # * mul into 0 * inf. The linear side, which that factor also scales, is never taken.
+        inv_beta, c = 1.0, scale
+    else:
+        inv_beta, c = 1.0 / beta if beta else 0.0, mul * scale
     n, n_programs, out = elementwise_loss_output(
         "huber_fwd", {"input": input, "target": target, "weight": weight, "grad_input": grad_input,
                       "grad_target": grad_target}, reduce, loss_dtype, block)
@@ -133,11 +142,11 @@ def huber_fwd(
             grad_input if grad_input is not None else input,
             grad_target if grad_target is not None else input,
             n,
-            float(beta),
-            1.0 / float(beta) if beta else 0.0,
-            float(mul) * float(scale),
+            beta,
+            inv_beta,
+            c,
             BLOCK=block,
-            L1=float(beta) == 0.0,
+            L1=beta == 0.0,
             HAS_WEIGHT=weight is not None,
             REDUCE=bool(reduce),
             WRITE_GRAD_INPUT=grad_input is not None,

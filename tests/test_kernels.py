@@ -620,7 +620,8 @@ SIZES = [1, 37, 4096, 5003, 8192, 24581]
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_huber(reduction, size, dtype):
     x, y = logits(size, dtype=dtype, scale=2.0), logits(size, dtype=dtype, scale=2.0)
-    for delta in (0.1, 1.0, 50.0):                # the error scale is ~3: both regimes, and all-quadratic
+    # the error scale is ~3: both regimes, all-quadratic, and delta = inf (0.5 d^2, torch's limit)
+    for delta in (0.1, 1.0, 50.0, math.inf):
         check("huber_loss", [x, y], {"reduction": reduction, "delta": delta}, grad_of=(0, 1))
 
 
@@ -633,7 +634,7 @@ def test_huber_weight_and_input_only(reduction):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("beta", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 2.0, math.inf])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_smooth_l1(reduction, beta, dtype):
     x, y = logits(2, 501, dtype=dtype), logits(2, 501, dtype=dtype)
