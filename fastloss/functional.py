@@ -9,6 +9,8 @@ Argument errors are raised here, before any kernel launch, so both backends fail
 
 from __future__ import annotations
 
+import math
+import operator
 import warnings
 
 import torch
@@ -79,14 +81,42 @@ def _check_devices(fn: str, *named: tuple[str, Tensor | None]) -> None:
             )
 
 
-def _check_range(fn: str, name: str, value: float, low: float, high: float | None = None,
-                         low_inclusive: bool = True, exc: type = ValueError) -> None:
+def _float(fn: str, name: str, value) -> float:
+    """A float argument as torch's parser takes one (a Python or NumPy number, a one-element
+    tensor), else TypeError, as torch raises."""
+    if not isinstance(value, (bool, str)):
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    raise TypeError(f"{fn}: {name} must be a float, not {type(value).__name__}")
+
+
+def _int(fn: str, name: str, value) -> int:
+    """An int argument as torch's parser takes one (not a float, even an integral one), else TypeError."""
+    if not isinstance(value, bool):
+        try:
+            value = operator.index(value)
+        except TypeError:
+            pass
+        else:
+            if not -2**63 <= value < 2**63:
+                raise ValueError(f"{fn}: {name} = {value} does not fit in int64")
+            return value
+    raise TypeError(f"{fn}: {name} must be an int, not {type(value).__name__}")
+
+
+def _check_range(fn: str, name: str, value, low: float, high: float | None = None,
+                 low_inclusive: bool = True, exc: type = ValueError) -> float:
+    """``value`` as a float (see ``_float``), checked to lie in the range; raises ``exc`` if not."""
+    value = _float(fn, name, value)
     ok = value >= low if low_inclusive else value > low
     if high is not None:
         ok = ok and value <= high
     if not ok:
         bound = f"{'>=' if low_inclusive else '>'} {low}" + (f" and <= {high}" if high is not None else "")
         raise exc(f"{fn}: {name} must be {bound}, got {value}")
+    return value
 
 
 def _check_same_shape_or_broadcast(fn: str, input: Tensor, target: Tensor) -> bool:
@@ -187,11 +217,14 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 
 def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label_smoothing,
                   z_loss, softcap, gamma, inplace_backward) -> Tensor:
+    ignore_index = _int(fn, "ignore_index", ignore_index)
     class_targets = _check_softmax_args(fn, input, target, weight, class_targets_only=gamma is not None)
     if not class_targets and ignore_index >= 0:  # as torch
         raise RuntimeError(f"{fn}: ignore_index is not supported for floating point target")
     if softcap is not None:
-        _check_range(fn, "softcap", softcap, 0.0, low_inclusive=False)
+        softcap = _check_range(fn, "softcap", softcap, 0.0, low_inclusive=False)
+        if softcap == math.inf:  # softcap * tanh(x / softcap) -> x: no cap, not inf * 0
+            softcap = None
     # torch: the input's dtype for class indices; probability targets promote the three dtypes
     out_dtype = _loss_dtype(input) if class_targets else _loss_dtype(input, target, weight)
     # Gradients for probability targets and class weights only exist in the reference (torch has
@@ -251,7 +284,8 @@ def cross_entropy(
     Extras (keyword-only):
         z_loss: adds ``z_loss * logsumexp(logits)**2`` for each counted row, not class-weighted;
             ``mean`` divides it by the count of counted rows.
-        softcap: logits ← ``softcap * tanh(logits / softcap)`` before the loss (inside the kernel).
+        softcap: logits ← ``softcap * tanh(logits / softcap)`` before the loss (inside the kernel);
+            ``inf`` is its limit, no cap.
         inplace_backward: write the gradient into the logits' memory instead of a fresh buffer,
             saving one ``N×C`` allocation. The logits are destroyed: backward raises if another
             autograd node saved them before the loss, and in eager mode also if they are written
@@ -259,8 +293,8 @@ def cross_entropy(
             views of them), and logits whose rows share memory, are refused. The reference backend ignores it.
     """
     reduction = _reduction(reduction, size_average, reduce)
-    _check_range("cross_entropy", "label_smoothing", label_smoothing, 0.0, 1.0, exc=RuntimeError)
-    _check_range("cross_entropy", "z_loss", z_loss, 0.0)
+    label_smoothing = _check_range("cross_entropy", "label_smoothing", label_smoothing, 0.0, 1.0, exc=RuntimeError)
+    z_loss = _check_range("cross_entropy", "z_loss", z_loss, 0.0)
     return _softmax_loss("cross_entropy", input, target, weight, ignore_index, reduction,
                          label_smoothing, z_loss, softcap, None, inplace_backward)
 
@@ -284,9 +318,9 @@ def focal_loss(
     :func:`cross_entropy`.
     """
     reduction = _reduction(reduction)
-    _check_range("focal_loss", "gamma", gamma, 0.0)
+    gamma = _check_range("focal_loss", "gamma", gamma, 0.0)
     return _softmax_loss("focal_loss", input, target, weight, ignore_index, reduction,
-                         0.0, 0.0, softcap, float(gamma), inplace_backward)
+                         0.0, 0.0, softcap, gamma, inplace_backward)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,7 +355,8 @@ def sigmoid_focal_loss(
     unless ``alpha < 0``. Targets are floats of the inputs' shape (soft labels allowed).
     """
     reduction = _reduction(reduction)
-    _check_range("sigmoid_focal_loss", "gamma", gamma, 0.0)
+    gamma = _check_range("sigmoid_focal_loss", "gamma", gamma, 0.0)
+    alpha = _float("sigmoid_focal_loss", "alpha", alpha)
     _check_tensor("inputs", inputs)
     _check_tensor("targets", targets, floating=False)
     if not targets.is_floating_point():  # torchvision fails with a RuntimeError here
@@ -341,7 +376,7 @@ def sigmoid_focal_loss(
 
     import fastloss.autograd as autograd  # noqa: PLR0402
 
-    return autograd.sigmoid_focal(inputs, targets, float(alpha), float(gamma), reduction, out_dtype)
+    return autograd.sigmoid_focal(inputs, targets, alpha, gamma, reduction, out_dtype)
 
 
 def huber_loss(
@@ -357,7 +392,7 @@ def huber_loss(
     averages over all elements, as torch does. Gradients flow to ``input`` and ``target``.
     """
     reduction = _reduction(reduction)
-    _check_range("huber_loss", "delta", delta, 0.0, low_inclusive=False, exc=RuntimeError)
+    delta = _check_range("huber_loss", "delta", delta, 0.0, low_inclusive=False, exc=RuntimeError)
     if weight is not None:
         _check_tensor("weight", weight, floating=False)
         if weight.shape != input.shape:
@@ -375,7 +410,7 @@ def huber_loss(
 
     import fastloss.autograd as autograd  # noqa: PLR0402
 
-    return autograd.huber(input, target, weight, float(delta), float(delta), reduction, out_dtype)
+    return autograd.huber(input, target, weight, delta, delta, reduction, out_dtype)
 
 
 def smooth_l1_loss(
@@ -388,7 +423,7 @@ def smooth_l1_loss(
 ) -> Tensor:
     """Drop-in ``torch.nn.functional.smooth_l1_loss``: Huber loss divided by ``beta``; ``beta=0`` is L1."""
     reduction = _reduction(reduction, size_average, reduce)
-    _check_range("smooth_l1_loss", "beta", beta, 0.0, exc=RuntimeError)
+    beta = _check_range("smooth_l1_loss", "beta", beta, 0.0, exc=RuntimeError)
     out_dtype = _loss_dtype(input, target)
     if not _elementwise_ready("smooth_l1_loss", input, target, None, out_dtype):
         if out_dtype != input.dtype:
@@ -397,4 +432,4 @@ def smooth_l1_loss(
 
     import fastloss.autograd as autograd  # noqa: PLR0402
 
-    return autograd.huber(input, target, None, float(beta), 1.0, reduction, out_dtype)
+    return autograd.huber(input, target, None, beta, 1.0, reduction, out_dtype)

@@ -1,12 +1,14 @@
 """The public API: signatures, the backend switch, bad arguments, modules and legacy arguments."""
 
 import inspect
+import math
 import os
 import subprocess
 import sys
 import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -231,6 +233,10 @@ BAD_CALLS = [
     ("prob_shape", lambda m: m.cross_entropy(X, torch.rand(4, 6)), "target"),
     ("prob_ignore_index", lambda m: m.cross_entropy(X, torch.rand(4, 5), ignore_index=0), "ignore_index"),
     ("weight_size", lambda m: m.cross_entropy(X, T, weight=torch.ones(3)), "weight"),
+    ("ignore_index_float", lambda m: m.cross_entropy(X, T, ignore_index=1.0), "ignore_index"),
+    ("ignore_index_bool", lambda m: m.cross_entropy(X, T, ignore_index=True), "ignore_index"),
+    ("ignore_index_overflow", lambda m: m.cross_entropy(X, T, ignore_index=2**70), "ignore_index"),
+    ("label_smoothing_str", lambda m: m.cross_entropy(X, T, label_smoothing="0.1"), "label_smoothing"),
     ("out_of_range", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, 5])), "5"),
     ("negative_target", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, -3])), "-3"),
     ("int_input", lambda m: m.cross_entropy(X.long(), T), "input"),
@@ -239,6 +245,8 @@ BAD_CALLS = [
     ("huber_reduction", lambda m: m.huber_loss(X, Y, reduction="max"), "reduction"),
     ("huber_weight", lambda m: m.huber_loss(X, Y, weight=torch.ones(5)), "weight"),
     ("huber_broadcast_fail", lambda m: m.huber_loss(X, torch.randn(3)), ""),
+    ("huber_delta_none", lambda m: m.huber_loss(X, Y, delta=None), "delta"),
+    ("smooth_l1_beta_none", lambda m: m.smooth_l1_loss(X, Y, beta=None), "beta"),
     ("smooth_l1_beta", lambda m: m.smooth_l1_loss(X, Y, beta=-1.0), "beta"),
     ("smooth_l1_reduction", lambda m: m.smooth_l1_loss(X, Y, reduction=""), "reduction"),
     ("device", lambda m: m.cross_entropy(X, T.to("meta")), "device"),
@@ -303,7 +311,28 @@ FASTLOSS_ONLY_BAD_CALLS = [
     (lambda: fastloss.sigmoid_focal_loss(X, "y"), TypeError, "targets"),
     (lambda: fastloss.sigmoid_focal_loss(X, Y.long()), RuntimeError, "targets"),  # as torchvision
     (lambda: fastloss.sigmoid_focal_loss(X.long(), Y), NotImplementedError, "inputs"),
+    (lambda: fastloss.sigmoid_focal_loss(X, Y, alpha=None), TypeError, "alpha"),
+    (lambda: fastloss.focal_loss(X, T, gamma="2"), TypeError, "gamma"),
+    (lambda: fastloss.focal_loss(X, T, ignore_index=0.0), TypeError, "ignore_index"),
+    (lambda: fastloss.cross_entropy(X, T, softcap=torch.ones(2)), TypeError, "softcap"),
 ]
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_scalar_arguments_as_torch_takes_them(backend_name):
+    """NumPy numbers and one-element tensors stand for Python numbers, as in torch; softcap = inf and
+    delta = inf are their limits (no cap; 0.5 d^2 everywhere), not inf * 0."""
+    t = torch.tensor([0, 1, 1, 3])
+    with fastloss.use_backend(backend_name):
+        for loss in (fastloss.cross_entropy, fastloss.focal_loss):
+            expected = loss(X, t, ignore_index=1)
+            for ignore_index in (np.int64(1), torch.tensor(1)):
+                torch.testing.assert_close(loss(X, t, ignore_index=ignore_index), expected)
+            torch.testing.assert_close(loss(X, t, softcap=math.inf), loss(X, t))
+        torch.testing.assert_close(fastloss.cross_entropy(X, t, label_smoothing=np.float32(0.25)),
+                                   F.cross_entropy(X, t, label_smoothing=0.25))
+        torch.testing.assert_close(fastloss.huber_loss(X, Y, delta=torch.tensor(0.5)), F.huber_loss(X, Y, delta=0.5))
+        torch.testing.assert_close(fastloss.huber_loss(X, Y, delta=math.inf), 0.5 * ((X - Y) ** 2).mean())
 
 
 @pytest.mark.parametrize("call, exc, pattern", FASTLOSS_ONLY_BAD_CALLS)
