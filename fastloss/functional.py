@@ -84,6 +84,8 @@ def _check_devices(fn: str, *named: tuple[str, Tensor | None]) -> None:
 def _float(fn: str, name: str, value) -> float:
     """A float argument as torch's parser takes one (a Python or NumPy number, a one-element
     tensor), else TypeError, as torch raises."""
+    if type(value) is float:  # the usual case, first: a step's host time counts
+        return value
     if not isinstance(value, (bool, str)):
         try:
             return float(value)
@@ -94,6 +96,8 @@ def _float(fn: str, name: str, value) -> float:
 
 def _int(fn: str, name: str, value) -> int:
     """An int argument as torch's parser takes one (not a float, even an integral one), else TypeError."""
+    if type(value) is int and -2**63 <= value < 2**63:  # the usual case, first
+        return value
     if not isinstance(value, bool):
         try:
             value = operator.index(value)
