@@ -51,8 +51,9 @@ from .common import softcap as _softcap
 
 # Long rows with a gradient are split into segments, one program each, which read their segment
 # once from memory (see the SPLIT branch of the kernel). Only on CUDA: Triton's interpreter runs
-# programs one after another, so a program waiting for another would wait forever (tests run SPLIT
-# there with segments=1).
+# programs one after another, so a program waiting for another would wait forever (the tests run
+# split launches there with their programs in threads: concurrent_programs in
+# tests/test_kernels_ce_launcher.py).
 SPLIT_MIN_COLS = 16384
 # element size -> (columns per segment, chunk, warps): 16-bit logits do best with 8192-column
 # segments swept in chunks of 2048 (the second sweep from L2), fp32 with 16384 columns held in

@@ -5,7 +5,12 @@ with an independent float64 oracle written here with torch ops and autograd. Wit
 under Triton's interpreter on small shapes.
 """
 
+import contextlib
+import inspect
+import itertools
 import os
+import threading
+import time
 
 import torch
 
@@ -22,6 +27,7 @@ from fastloss.kernels.cross_entropy import (  # noqa: E402
     LaunchConfig,
     _default_config,
     cross_entropy_fwd,
+    _max_segments,
     launch_config,
     max_segments,
 )
@@ -101,6 +107,76 @@ def check(logits, target, weight=None, scales=(1.0, 1.0), **opts):
     err = (grad.double() - ref_grad).abs()
     assert bool((err <= tol).all()), f"grad error {(err - tol).max().item():.3g} over tolerance"
     return loss, grad
+
+
+@contextlib.contextmanager
+def concurrent_programs():
+    """Runs a launch's programs at once, one thread each, as a GPU does, so that the split launch
+    (whose programs wait for each other) runs under Triton's interpreter, which otherwise runs them
+    one after another. On CUDA it does nothing.
+
+    It stands in for the loop over the grid of the interpreter's ``GridExecutor.__call__``: the
+    program id becomes per thread, and every atomic yields the GIL so that a program spinning on
+    one lets the others run. (The interpreter's atomics are real ones on host memory, and its
+    loads read memory afresh.) It depends on interpreter internals, the same in Triton 3.6 to 3.9.
+    """
+    if DEV.type == "cuda":
+        yield
+        return
+    from triton.runtime import interpreter as interp
+
+    needed = ("GridExecutor", "interpreter_builder", "_patch_lang", "_implicit_cvt")
+    if not all(hasattr(interp, name) for name in needed):
+        pytest.skip("this Triton's interpreter is not the one concurrent_programs() knows")
+    builder = type(interp.interpreter_builder)
+    local = threading.local()
+
+    def call(self, *args_dev, **kwargs):
+        spec = inspect.getfullargspec(self.fn)
+        kwargs = {k: v for k, v in kwargs.items() if k in spec.args or k in spec.kwonlyargs}
+        args_hst, kwargs_hst = self._init_args_hst(args_dev, kwargs)
+        for hook in self.pre_run_hooks:
+            hook(*args_hst, **kwargs_hst)
+        scope = interp._patch_lang(self.fn)
+        try:
+            args = inspect.getcallargs(self.fn, *args_hst, **kwargs_hst)
+            args = {k: v if k in self.constexprs else interp._implicit_cvt(v) for k, v in args.items()}
+            grid = self.grid(args) if callable(self.grid) else self.grid
+            grid = tuple(grid) + (1,) * (3 - len(grid))
+            interp.interpreter_builder.set_grid_dim(*grid)
+            errors = []
+
+            def program(idx):
+                try:
+                    interp.interpreter_builder.set_grid_idx(*idx)
+                    self.fn(**args)
+                except BaseException as err:  # noqa: BLE001 - re-raised below, in the caller's thread
+                    errors.append(err)
+
+            threads = [threading.Thread(target=program, args=(idx,)) for idx in itertools.product(*map(range, grid))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if errors:
+                raise errors[0]
+        finally:
+            scope.restore()
+        self._restore_args_dev(args_dev, args_hst, kwargs, kwargs_hst)
+
+    def atomic_rmw(self, *args, _rmw=builder.create_atomic_rmw, **kwargs):
+        out = _rmw(self, *args, **kwargs)
+        time.sleep(0)  # let the others run
+        return out
+
+    saved = interp.GridExecutor.__call__, builder.create_atomic_rmw
+    builder.grid_idx = property(lambda self: local.idx, lambda self, idx: setattr(local, "idx", idx))
+    interp.GridExecutor.__call__, builder.create_atomic_rmw = call, atomic_rmw
+    try:
+        yield
+    finally:
+        interp.GridExecutor.__call__, builder.create_atomic_rmw = saved
+        del builder.grid_idx
 
 
 def make(n, v, dtype, *, ignore=0, seed=0, scale=3.0):
@@ -356,23 +432,30 @@ def test_inplace_and_strided(v):
 
 
 # Launch configurations besides the default, on V = 4099 and 20000. ``segments`` > 0 runs the split
-# protocol (tickets, published statistics, the wait, the combine); under the interpreter programs run
-# one after another, so only one segment per row can run there, and CUDA adds several, including
-# empty trailing segments (4099 = 2048 + 2048 + 3 + 0 with 4 segments of 2 chunks of 1024).
+# protocol (tickets, published statistics, the wait, the combine), several segments a row with
+# concurrent_programs(): segments in registers (4096 columns), swept in chunks (3 of 1024 for 2
+# segments), an empty trailing one (4099 = 2048 + 2048 + 3 + 0 with 4 segments of 2 chunks of 1024)
+# and 16 at once. Under the interpreter, where a program costs seconds, on V = 4099 only.
 CONFIGS = [LaunchConfig(block=1024, num_warps=4), LaunchConfig(block=1024, num_warps=4, reverse=False),
            LaunchConfig(block=1024, num_warps=4, segments=1), LaunchConfig(block=8192, num_warps=8, segments=1),
            LaunchConfig(block=1024, num_warps=4, segments=1, reverse=False)]
-if DEV.type == "cuda":
-    CONFIGS += [LaunchConfig(block=1024, num_warps=4, segments=s) for s in (2, 4, 8)]
-    CONFIGS += [LaunchConfig(block=4096, num_warps=8, segments=2), LaunchConfig(block=512, num_warps=2, segments=16),
-                LaunchConfig(block=2048, num_warps=4, segments=4, reverse=False),
-                LaunchConfig(block=2048, num_warps=4, segments=4)]
+SPLIT_CONFIGS = [*(LaunchConfig(block=1024, num_warps=4, segments=s) for s in (2, 4, 8)),
+                 LaunchConfig(block=4096, num_warps=8, segments=2), LaunchConfig(block=512, num_warps=2, segments=16),
+                 LaunchConfig(block=2048, num_warps=4, segments=4, reverse=False),
+                 LaunchConfig(block=2048, num_warps=4, segments=4)]
+LAUNCHES = [(c, v) for c in CONFIGS + SPLIT_CONFIGS for v in (4099, 20000)
+            if c.segments <= 1 or v == 4099 or DEV.type == "cuda"]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"b{c.block}w{c.num_warps}s{c.segments}r{int(c.reverse)}")
-@pytest.mark.parametrize("v", [4099, 20000])
+@pytest.mark.parametrize("config, v", LAUNCHES,
+                         ids=lambda c: f"b{c.block}w{c.num_warps}s{c.segments}r{int(c.reverse)}" if isinstance(c, LaunchConfig) else str(c))
 @pytest.mark.parametrize("kind", ["plain", "all", "prob", "focal"])
 def test_launch_configs(config, v, kind):
+    with concurrent_programs():
+        _launch_config_checks(config, v, kind)
+
+
+def _launch_config_checks(config, v, kind):
     logits, target = make(5, v, torch.float32, ignore=0 if kind == "prob" else 1)
     weight = torch.rand(v, device=DEV) + 0.5
     opts = dict(config=config)
@@ -424,15 +507,20 @@ def test_split_rows_never_get_more_segments_than_can_run_at_once(sm_count, n_col
         assert cfg == _default_config(n_cols, size, 1 << 30)
 
 
-@pytest.mark.skipif(DEV.type != "cuda", reason="split launches run on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rows_longer_than_the_segments_cap(dtype):
-    """The default launch at V past MAX_SEGMENTS full segments (fp32 2^19 columns and more): capped
-    segments, swept in chunks, against the oracle."""
-    v = (MAX_SEGMENTS * 16384 if dtype == torch.float32 else MAX_SEGMENTS * 8192) * 2 + 3
-    logits, target = make(6, v, dtype, ignore=1)
-    assert launch_config(logits, True).segments <= MAX_SEGMENTS
-    check(logits, target, None, (5.0, 5.0))
+    """The default launch at V past its cap of full segments (on an H100 32: fp32 2^19 columns and
+    more), capped segments swept in chunks, against the oracle. Without a GPU, the launch of a GPU
+    with 2 SMs (a cap of 2), its programs run at once by concurrent_programs()."""
+    cap = _max_segments(DEV.index or 0) if DEV.type == "cuda" else max_segments(2)
+    v = cap * (16384 if dtype == torch.float32 else 8192) * 2 + 3
+    logits, target = make(3 if DEV.type == "cpu" else 6, v, dtype, ignore=1)
+    config = _default_config(v, logits.element_size(), cap)
+    assert config.segments == cap and config.block <= 2048
+    if DEV.type == "cuda":
+        assert launch_config(logits, True) == config
+    with concurrent_programs():
+        check(logits, target, None, (5.0, 5.0), config=config)
 
 @pytest.mark.parametrize("loss_dtype", [torch.float32, torch.bfloat16])
 def test_reduce(loss_dtype):
