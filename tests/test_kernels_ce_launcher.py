@@ -118,14 +118,16 @@ def concurrent_programs():
     It stands in for the loop over the grid of the interpreter's ``GridExecutor.__call__``: the
     program id becomes per thread, and every atomic yields the GIL so that a program spinning on
     one lets the others run. (The interpreter's atomics are real ones on host memory, and its
-    loads read memory afresh.) It depends on interpreter internals, the same in Triton 3.6 to 3.9.
+    loads read memory afresh.) The interpreter's first call of a device function adds names to the
+    module's globals while another call may be reading them, so those two steps take a lock. It
+    depends on interpreter internals, the same in Triton 3.6 to 3.9.
     """
     if DEV.type == "cuda":
         yield
         return
     from triton.runtime import interpreter as interp
 
-    needed = ("GridExecutor", "interpreter_builder", "_patch_lang", "_implicit_cvt")
+    needed = ("GridExecutor", "InterpretedFunction", "interpreter_builder", "_patch_lang", "_implicit_cvt")
     if not all(hasattr(interp, name) for name in needed):
         pytest.skip("this Triton's interpreter is not the one concurrent_programs() knows")
     builder = type(interp.interpreter_builder)
@@ -169,13 +171,24 @@ def concurrent_programs():
         time.sleep(0)  # let the others run
         return out
 
-    saved = interp.GridExecutor.__call__, builder.create_atomic_rmw
+    lock = threading.RLock()
+
+    def locked(fn):
+        def run_locked(*args, **kwargs):
+            with lock:
+                return fn(*args, **kwargs)
+        return run_locked
+
+    saved = (interp.GridExecutor.__call__, builder.create_atomic_rmw, interp._patch_lang,
+             interp.InterpretedFunction.rewrite)
     builder.grid_idx = property(lambda self: local.idx, lambda self, idx: setattr(local, "idx", idx))
-    interp.GridExecutor.__call__, builder.create_atomic_rmw = call, atomic_rmw
+    (interp.GridExecutor.__call__, builder.create_atomic_rmw, interp._patch_lang,
+     interp.InterpretedFunction.rewrite) = call, atomic_rmw, locked(saved[2]), locked(saved[3])
     try:
         yield
     finally:
-        interp.GridExecutor.__call__, builder.create_atomic_rmw = saved
+        (interp.GridExecutor.__call__, builder.create_atomic_rmw, interp._patch_lang,
+         interp.InterpretedFunction.rewrite) = saved
         del builder.grid_idx
 
 
