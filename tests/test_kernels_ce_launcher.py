@@ -452,7 +452,8 @@ def test_inplace_and_strided(v):
 CONFIGS = [LaunchConfig(block=1024, num_warps=4), LaunchConfig(block=1024, num_warps=4, reverse=False),
            LaunchConfig(block=1024, num_warps=4, segments=1), LaunchConfig(block=8192, num_warps=8, segments=1),
            LaunchConfig(block=1024, num_warps=4, segments=1, reverse=False)]
-INTERPRETED_SPLITS = [LaunchConfig(block=1024, num_warps=4, segments=2), LaunchConfig(block=1024, num_warps=4, segments=4),
+INTERPRETED_SPLITS = [LaunchConfig(block=1024, num_warps=4, segments=2),
+                      LaunchConfig(block=1024, num_warps=4, segments=4),
                       LaunchConfig(block=4096, num_warps=8, segments=2)]
 SPLIT_CONFIGS = [*INTERPRETED_SPLITS, LaunchConfig(block=1024, num_warps=4, segments=8),
                  LaunchConfig(block=512, num_warps=2, segments=16),
@@ -462,8 +463,13 @@ LAUNCHES = [(c, v) for c in CONFIGS + SPLIT_CONFIGS for v in (4099, 20000)
             if DEV.type == "cuda" or c.segments <= 1 or (c in INTERPRETED_SPLITS and v == 4099)]
 
 
-@pytest.mark.parametrize("config, v", LAUNCHES,
-                         ids=lambda c: f"b{c.block}w{c.num_warps}s{c.segments}r{int(c.reverse)}" if isinstance(c, LaunchConfig) else str(c))
+def _launch_id(value):
+    if isinstance(value, LaunchConfig):
+        return f"b{value.block}w{value.num_warps}s{value.segments}r{int(value.reverse)}"
+    return str(value)
+
+
+@pytest.mark.parametrize("config, v", LAUNCHES, ids=_launch_id)
 @pytest.mark.parametrize("kind", ["plain", "all", "prob", "focal"])
 def test_launch_configs(config, v, kind):
     with concurrent_programs() if config.segments > 1 else contextlib.nullcontext():
