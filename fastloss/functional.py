@@ -294,7 +294,8 @@ def cross_entropy(
             saving one ``N×C`` allocation. The logits are destroyed: backward raises if another
             autograd node saved them before the loss, and in eager mode also if they are written
             to after it or they (or the tensor they view) are used again after it. Leaf logits (or
-            views of them), and logits whose rows share memory, are refused. The reference backend ignores it.
+            views of them), and logits whose rows share memory, are refused. The reference backend
+            ignores it.
     """
     reduction = _reduction(reduction, size_average, reduce)
     label_smoothing = _check_range("cross_entropy", "label_smoothing", label_smoothing, 0.0, 1.0, exc=RuntimeError)
