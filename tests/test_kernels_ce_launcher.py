@@ -109,6 +109,9 @@ def check(logits, target, weight=None, scales=(1.0, 1.0), **opts):
     return loss, grad
 
 
+WAIT_S = 120  # concurrent_programs(): the longest a launch may take (the longest takes ~5 s)
+
+
 @contextlib.contextmanager
 def concurrent_programs():
     """Runs a launch's programs at once, one thread each, as a GPU does, so that the split launch
@@ -119,8 +122,9 @@ def concurrent_programs():
     program id becomes per thread, and every atomic yields the GIL so that a program spinning on
     one lets the others run. (The interpreter's atomics are real ones on host memory, and its
     loads read memory afresh.) The interpreter's first call of a device function adds names to the
-    module's globals while another call may be reading them, so those two steps take a lock. It
-    depends on interpreter internals, the same in Triton 3.6 to 3.9.
+    module's globals while another call may be reading them, so those two steps take a lock. A
+    program that fails, or a launch still waiting after WAIT_S seconds, ends the launch's waits with
+    an error instead of a hang. It depends on interpreter internals, the same in Triton 3.6 to 3.9.
     """
     if DEV.type == "cuda":
         yield
@@ -132,6 +136,7 @@ def concurrent_programs():
         pytest.skip("this Triton's interpreter is not the one concurrent_programs() knows")
     builder = type(interp.interpreter_builder)
     local = threading.local()
+    launch = {"failed": threading.Event(), "deadline": 0.0}
 
     def call(self, *args_dev, **kwargs):
         spec = inspect.getfullargspec(self.fn)
@@ -147,6 +152,8 @@ def concurrent_programs():
             grid = tuple(grid) + (1,) * (3 - len(grid))
             interp.interpreter_builder.set_grid_dim(*grid)
             errors = []
+            launch["failed"].clear()
+            launch["deadline"] = time.monotonic() + WAIT_S
 
             def program(idx):
                 try:
@@ -154,6 +161,7 @@ def concurrent_programs():
                     self.fn(**args)
                 except BaseException as err:  # noqa: BLE001 - re-raised below, in the caller's thread
                     errors.append(err)
+                    launch["failed"].set()
 
             threads = [threading.Thread(target=program, args=(idx,)) for idx in itertools.product(*map(range, grid))]
             for t in threads:
@@ -167,6 +175,10 @@ def concurrent_programs():
         self._restore_args_dev(args_dev, args_hst, kwargs, kwargs_hst)
 
     def atomic_rmw(self, *args, _rmw=builder.create_atomic_rmw, **kwargs):
+        if launch["failed"].is_set():
+            raise RuntimeError("another program of this launch failed")
+        if time.monotonic() > launch["deadline"]:
+            raise TimeoutError(f"a program of this launch was still waiting after {WAIT_S} s")
         out = _rmw(self, *args, **kwargs)
         time.sleep(0)  # let the others run
         return out
