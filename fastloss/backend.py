@@ -4,7 +4,7 @@
 
 * ``auto`` (default): CUDA tensors run the Triton kernels, everything else the reference. (On a
   ROCm build of torch, whose GPU tensors are "cuda" too, the reference: the kernels use NVIDIA PTX.
-  Under a torch.func transform, the reference too.)
+  Under a torch.func transform or forward-mode AD, the reference too.)
 * ``triton``: always the Triton kernels. On CPU tensors this needs Triton's interpreter
   (``TRITON_INTERPRET=1``); that is how the kernels are tested on machines without a GPU.
 * ``reference``: always the plain-PyTorch reference implementation.
@@ -17,6 +17,7 @@ import importlib.util
 import os
 
 import torch
+from torch.autograd import forward_ad
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -72,18 +73,29 @@ def transforming() -> bool:
     return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
 
 
+def forward_mode() -> bool:
+    """Whether forward-mode AD is on (``torch.autograd.forward_ad.dual_level``): the kernels'
+    autograd.Functions have no forward-mode derivative (jvp)."""
+    return forward_ad._current_level >= 0
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
     """Whether a call on ``tensor`` runs the Triton kernels; raises if ``triton`` is forced but cannot run."""
     name = current()
     if name == "reference":
         return False
     if name == "auto":
-        return tensor.is_cuda and torch.version.hip is None and not transforming() and triton_available()
+        return (tensor.is_cuda and torch.version.hip is None and not transforming() and not forward_mode()
+                and triton_available())
     if not triton_available():
         raise RuntimeError("FASTLOSS_BACKEND=triton, but the triton package is not installed")
     if transforming():
         raise RuntimeError("FASTLOSS_BACKEND=triton under a torch.func transform (vmap, grad, ...): the kernels "
                            "cannot be transformed; use the 'auto' or 'reference' backend, which run the reference")
+    if forward_mode():
+        raise RuntimeError("FASTLOSS_BACKEND=triton under forward-mode AD (torch.autograd.forward_ad): the kernels "
+                           "have no forward-mode derivative; use the 'auto' or 'reference' backend, which run the "
+                           "reference")
     if tensor.is_cuda and torch.version.hip is not None:
         raise RuntimeError("FASTLOSS_BACKEND=triton on a ROCm GPU: fastloss's kernels are written for NVIDIA GPUs "
                            "(they use PTX); use the 'auto' or 'reference' backend")

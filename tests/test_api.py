@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 import fastloss
@@ -131,6 +132,35 @@ def test_torch_func_transforms_run_the_reference(name, monkeypatch):
     per_sample = torch.func.vmap(torch.func.grad(ours))(x, t)
     torch.testing.assert_close(per_sample, torch.func.vmap(torch.func.grad(theirs))(x, t))
     torch.testing.assert_close(torch.func.jacrev(ours)(x[0], t[0]), torch.func.jacrev(theirs)(x[0], t[0]))
+
+
+# torch loads its forward-mode decompositions through torch.jit.script on first use, which warns
+JIT_DEPRECATED = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+@JIT_DEPRECATED
+@pytest.mark.parametrize("name", TRANSFORMED)
+def test_forward_mode_ad_runs_the_reference(name, monkeypatch):
+    """Forward-mode AD (torch.autograd.forward_ad) gives torch's tangents: auto takes the reference
+    there, on CUDA too, where the kernels' autograd.Functions have no jvp."""
+    monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    ours, theirs, kind = TRANSFORMED[name]
+    g = torch.Generator().manual_seed(0)
+    x, tangent = torch.randn(6, 7, generator=g), torch.randn(6, 7, generator=g)
+    t = torch.randint(0, 7, (6,), generator=g) if kind == "class" else torch.rand(6, 7, generator=g)
+    if torch.cuda.is_available():
+        x, tangent, t = x.cuda(), tangent.cuda(), t.cuda()
+    with fwAD.dual_level():
+        got, expected = (fwAD.unpack_dual(fn(fwAD.make_dual(x, tangent), t)) for fn in (ours, theirs))
+    torch.testing.assert_close(got.primal, expected.primal)
+    torch.testing.assert_close(got.tangent, expected.tangent)
+
+
+@JIT_DEPRECATED
+def test_forcing_triton_under_forward_mode_ad_is_an_error():
+    pytest.importorskip("triton")
+    with fastloss.use_backend("triton"), fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode"):
+        fastloss.huber_loss(fwAD.make_dual(torch.randn(4), torch.randn(4)), torch.randn(4))
 
 
 def test_forcing_triton_under_a_torch_func_transform_is_an_error():
