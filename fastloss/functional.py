@@ -96,18 +96,16 @@ def _float(fn: str, name: str, value) -> float:
 
 def _int(fn: str, name: str, value) -> int:
     """An int argument as torch's parser takes one (not a float, even an integral one), else TypeError."""
-    if type(value) is int and -2**63 <= value < 2**63:  # the usual case, first
-        return value
-    if not isinstance(value, bool):
+    if type(value) is not int:  # the usual case, a Python int, skips this
         try:
+            if isinstance(value, bool):
+                raise TypeError
             value = operator.index(value)
         except TypeError:
-            pass
-        else:
-            if not -2**63 <= value < 2**63:
-                raise ValueError(f"{fn}: {name} = {value} does not fit in int64")
-            return value
-    raise TypeError(f"{fn}: {name} must be an int, not {type(value).__name__}")
+            raise TypeError(f"{fn}: {name} must be an int, not {type(value).__name__}") from None
+    if not -2**63 <= value < 2**63:
+        raise ValueError(f"{fn}: {name} = {value} does not fit in int64")
+    return value
 
 
 def _check_range(fn: str, name: str, value, low: float, high: float | None = None,
