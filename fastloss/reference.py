@@ -25,7 +25,7 @@ def _acc(*tensors: torch.Tensor) -> torch.dtype:
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """(C,) -> (1, C); (N, C, d1, ...) -> (N·d1·..., C), class dim last."""
-    return x.reshape(1, -1) if x.dim() == 1 else x.movedim(1, -1).reshape(-1, x.shape[1])
+    return x.unsqueeze(0) if x.dim() == 1 else x.movedim(1, -1).flatten(0, -2)  # C = 0 too
 
 
 def _logits(input: torch.Tensor, softcap: float | None, *others: torch.Tensor) -> torch.Tensor:
@@ -53,11 +53,15 @@ def _class_rows(input, target, weight, ignore_index, softcap):
         raise IndexError(f"Target {t[bad][0].item()} is out of bounds.")
     t = torch.where(valid if checked else valid & ~bad, t, 0)  # in range; ignored rows are masked below
     logp = torch.log_softmax(x, dim=-1)
-    logp_y = logp.gather(-1, t[:, None]).squeeze(-1)
+    w = None if weight is None else weight.to(x.dtype)
+    if num_classes:
+        logp_y = logp.gather(-1, t[:, None]).squeeze(-1)
+        w_y = valid.to(x.dtype) if w is None else torch.where(valid, w[t], 0)
+    else:  # no classes: every row is ignored (a counted one raised above, or is NaN below)
+        logp_y = logp.sum(-1)  # zeros, in the graph
+        w_y = torch.zeros_like(logp_y)
     if not checked:
         logp_y = torch.where(bad, float("nan"), logp_y)
-    w = None if weight is None else weight.to(x.dtype)
-    w_y = valid.to(x.dtype) if w is None else torch.where(valid, w[t], 0)
     return x, logp, logp_y, w_y, valid, w
 
 
@@ -97,6 +101,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     z-loss adds z_loss·lse² per counted row, unweighted; its mean divides by the counted-row count.
     """
     eps = label_smoothing
+    n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
+    eps_c = eps / n_classes if n_classes else 0.0  # (no classes: every row is ignored)
     out_dtype = input.dtype  # (class indices: torch requires the weight's dtype to be the input's)
     if target.shape == input.shape:  # class probabilities: torch promotes the three dtypes
         others = (target,) if weight is None else (target, weight)
@@ -106,7 +112,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         w = None if weight is None else weight.to(x.dtype)
         q = _rows(target).to(x.dtype)
         if eps > 0:
-            q = q * (1 - eps) + eps / x.shape[-1]
+            q = q * (1 - eps) + eps_c
         wq = q if w is None else q * w
         loss = -(torch.log_softmax(x, dim=-1) * wq).sum(-1)
         valid = torch.ones_like(loss, dtype=torch.bool)
@@ -117,7 +123,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         loss = torch.where(valid, -logp_y * w_y, 0)
         if eps > 0:
             smooth = -(logp if w is None else logp * w).sum(-1)
-            loss = (1 - eps) * loss + (eps / x.shape[-1]) * torch.where(valid, smooth, 0)
+            loss = (1 - eps) * loss + eps_c * torch.where(valid, smooth, 0)
         denom = w_y.sum()
         shape = target.shape
 

@@ -270,6 +270,7 @@ BAD_CALLS = [
     ("out_of_range", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, 5])), "5"),
     ("negative_target", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, -3])), "-3"),
     ("int_input", lambda m: m.cross_entropy(X.long(), T), "input"),
+    ("no_classes", lambda m: m.cross_entropy(torch.zeros(4, 0), T.clamp(max=0)), "out of bounds"),
     ("huber_delta", lambda m: m.huber_loss(X, Y, delta=0.0), "delta"),
     ("huber_negative_delta", lambda m: m.huber_loss(X, Y, delta=-1.0), "delta"),
     ("huber_reduction", lambda m: m.huber_loss(X, Y, reduction="max"), "reduction"),
@@ -472,6 +473,25 @@ def test_mixed_dtypes_as_torch_has_them(name, loss, make, kwargs, backend_name):
         ours = getattr(fastloss, loss)(*args, **kwargs)
     assert ours.dtype == expected.dtype
     torch.testing.assert_close(ours, expected, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_classes_where_every_row_is_ignored(reduction, backend_name):
+    """C = 0 is a degenerate input: a counted row raises IndexError (BAD_CALLS), and where every row
+    is ignored the result is torch's (mean: 0/0 = nan), with an empty gradient. Label smoothing
+    adds nothing there (torch's own result is NaN: it divides by C) and focal loss is CE's."""
+    t = torch.full((3,), -100)
+    expected = F.cross_entropy(torch.zeros(3, 0), t, reduction=reduction)
+    with fastloss.use_backend(backend_name):
+        for loss, kw in [(fastloss.cross_entropy, {}), (fastloss.cross_entropy, {"weight": torch.ones(0)}),
+                         (fastloss.cross_entropy, {"label_smoothing": 0.2, "z_loss": 0.1}),
+                         (fastloss.focal_loss, {})]:
+            x = torch.zeros(3, 0, requires_grad=True)
+            out = loss(x, t, reduction=reduction, **kw)
+            torch.testing.assert_close(out, expected, equal_nan=True)
+            out.sum().backward()
+            assert x.grad.shape == x.shape
 
 
 def test_autocast_takes_a_float_weight_of_any_precision():
