@@ -160,7 +160,11 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
                 f"({target.shape[0]})"
             )
         if target.shape != expected:
-            raise RuntimeError(f"{fn}: expected target of shape {list(expected)}, got {list(target.shape)}")
+            hint = ""
+            if dim == 3 and target.shape == input.shape[:2]:  # (batch, sequence, classes) logits
+                hint = (": the classes are dim 1, as in torch; for (batch, sequence, classes) logits pass "
+                        "input.flatten(0, 1) and target.flatten()")
+            raise RuntimeError(f"{fn}: expected target of shape {list(expected)}, got {list(target.shape)}{hint}")
     else:
         if class_targets_only:
             raise RuntimeError(f"{fn}: target must hold class indices (int64), got {target.dtype}")
