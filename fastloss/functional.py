@@ -150,8 +150,9 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
         raise RuntimeError(f"{fn}: input must have at least 1 dimension (the classes), got a 0-d tensor")
     class_targets = not target.is_floating_point()
     if class_targets:
-        if target.dtype not in (torch.long, torch.uint8):
-            raise RuntimeError(f"{fn}: expected target dtype int64 or uint8 (class indices), got {target.dtype}")
+        if target.dtype != torch.long and (target.dtype != torch.uint8 or dim > 2):  # as torch's nll_loss(2d)
+            raise RuntimeError(f"{fn}: expected target dtype int64 (class indices; uint8 too for (C,) and (N, C) "
+                               f"inputs), got {target.dtype}")
         # (N, C, d1, ...) -> (N, d1, ...); (N, C) -> (N,); (C,) -> ()
         expected = input.shape[:1] if dim == 2 else input.shape[:1] + input.shape[2:] if dim > 2 else torch.Size()
         if dim >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:

@@ -260,6 +260,8 @@ BAD_CALLS = [
     ("target_shape", lambda m: m.cross_entropy(torch.randn(4, 5, 3), torch.zeros(4, 2, dtype=torch.long)), "target"),
     ("sequence_logits", lambda m: m.cross_entropy(torch.randn(2, 4, 5), T.view(2, 2).repeat(1, 2)), "flatten(0, 1)"),
     ("target_dtype", lambda m: m.cross_entropy(X, T.int()), "target"),
+    ("target_uint8_spatial", lambda m: m.cross_entropy(torch.randn(4, 5, 3), torch.zeros(4, 3, dtype=torch.uint8)),
+     "target"),
     ("target_float_dtype_mismatch", lambda m: m.cross_entropy(X, T.double()), "target"),
     ("prob_shape", lambda m: m.cross_entropy(X, torch.rand(4, 6)), "target"),
     ("prob_ignore_index", lambda m: m.cross_entropy(X, torch.rand(4, 5), ignore_index=0), "ignore_index"),
