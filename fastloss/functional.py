@@ -298,7 +298,9 @@ def cross_entropy(
             autograd node saved them before the loss, and in eager mode also if they are written
             to after it or they (or the tensor they view) are used again after it. Leaf logits (or
             views of them), and logits whose rows share memory, are refused. The reference backend
-            ignores it.
+            ignores it, and so does an input whose classes are strided in memory (a contiguous
+            ``(N, C, d1, ...)`` tensor, a transposed one): that is copied first, the copy takes the
+            gradient, and the logits keep their values.
     """
     reduction = _reduction(reduction, size_average, reduce)
     label_smoothing = _check_range("cross_entropy", "label_smoothing", label_smoothing, 0.0, 1.0, exc=RuntimeError)

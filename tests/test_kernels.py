@@ -423,6 +423,29 @@ def test_inplace_backward_on_views(shape):
     torch.testing.assert_close(grads[1], grads[0])
 
 
+@pytest.mark.parametrize("layout", ["3d", "transposed", "3d_view_of_class_last"])
+def test_inplace_backward_on_a_copied_input(layout):
+    """An input whose classes are strided in memory (a contiguous (N, C, d) tensor, a transposed one)
+    is copied for the kernel, and the copy takes the gradient: the logits keep their values, and the
+    gradient is the out-of-place one. A (N, C, d) view of class-last memory is not copied: it takes
+    the gradient itself."""
+    x0 = {"3d": lambda: logits(2, 40, 3), "transposed": lambda: logits(40, 6).t(),
+          "3d_view_of_class_last": lambda: logits(2, 3, 40).transpose(1, 2)}[layout]()
+    t = labels(6, 40).view(2, 3) if x0.dim() == 3 else labels(6, 40)
+    expected = _run(fastloss.cross_entropy, [x0, t], (0,), {}, _random_grad_output, "triton")
+    leaf = x0.detach().requires_grad_()
+    x = leaf * 1.0
+    with fastloss.use_backend("triton"):
+        out = fastloss.cross_entropy(x, t, inplace_backward=True)
+    (g,) = torch.autograd.grad(out, leaf, _random_grad_output(out))
+    torch.testing.assert_close(out, expected[0])
+    torch.testing.assert_close(g, expected[1])
+    if layout == "3d_view_of_class_last":
+        torch.testing.assert_close(x.detach(), expected[1])
+    else:
+        assert torch.equal(x.detach(), x0)
+
+
 def test_inplace_backward_never_silently_wrong():
     t = labels(4, 12)
     leaf = logits(4, 12).requires_grad_()
