@@ -206,6 +206,11 @@ def _run(fn, inputs, mode):
     return loss.detach(), torch.autograd.grad(loss, _grad_leaves(inputs))
 
 
+def _divided(fn, k: int):
+    """``fn`` with its loss divided by ``k`` (Case.loss_div)."""
+    return fn if k == 1 else lambda *inputs: fn(*inputs) / k
+
+
 def reference_outputs(case: Case, inputs, device: torch.device):
     """``fastloss.reference`` on an upcast copy of the inputs: float64, or float32 for big shapes.
     Falls back to the CPU when the device runs out of memory."""
@@ -216,11 +221,12 @@ def reference_outputs(case: Case, inputs, device: torch.device):
             return x.to(where)
         return x.detach().to(where, dtype).requires_grad_(x.requires_grad)
 
+    fn = _divided(REFERENCE_FNS[case.loss], case.loss_div)
     try:
-        return _run(REFERENCE_FNS[case.loss], [upcast(x, device) for x in inputs], case.mode)
+        return _run(fn, [upcast(x, device) for x in inputs], case.mode)
     except torch.cuda.OutOfMemoryError:
         _free(device)
-        return _run(REFERENCE_FNS[case.loss], [upcast(x, "cpu") for x in inputs], case.mode)
+        return _run(fn, [upcast(x, "cpu") for x in inputs], case.mode)
 
 
 def relative_error(value: torch.Tensor, ref: torch.Tensor) -> float:
@@ -280,6 +286,7 @@ def run_case(
         "shape": "×".join(map(str, case.shape)),
         "mode": case.mode,
         "target_grad": case.target_grad,
+        "loss_div": case.loss_div,
         "sweep": case.sweep,
         "bytes": floor_bytes,
         "floor_ms": floor_bytes / bandwidth * 1e3,
@@ -295,6 +302,9 @@ def run_case(
             row.update(status="skipped", note=f"does not fit: {too_big}")
         return rows
 
+    # every provider's loss, and the reference's, divided the same way (Case.loss_div)
+    providers = {name: p if isinstance(p, str) else dataclasses.replace(p, fn=_divided(p.fn, case.loss_div))
+                 for name, p in providers.items()}
     if "compile" in providers:
         import torch._dynamo as dynamo  # not `import torch._dynamo`: that makes torch a local name here
 

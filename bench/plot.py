@@ -26,7 +26,7 @@ def sweep_groups(records: list[dict]) -> dict[tuple, dict[str, list[tuple[int, f
     groups: dict[tuple, dict[str, list[tuple[int, float]]]] = {}
     copies: dict[tuple, list[float]] = {}
     for r in records:
-        if r["status"] != "ok" or r["loss"] not in ("ce", "focal"):
+        if r["status"] != "ok" or r["loss"] not in ("ce", "focal") or (r.get("loss_div") or 1) != 1:
             continue
         n_rows, vocab = (int(s) for s in r["shape"].split("×"))
         key = (r["device"], r["loss"], r["dtype"], r["mode"], n_rows)

@@ -16,7 +16,7 @@ import torch
 # Every record has these keys, in this order (CSV columns; JSON key order).
 META_COLUMNS = ["device", "device_type", "torch", "triton", "python", "date", "copy_gbps"]
 ROW_COLUMNS = [
-    "case", "loss", "dtype", "shape", "mode", "target_grad", "sweep", "provider", "status", "check",
+    "case", "loss", "dtype", "shape", "mode", "target_grad", "loss_div", "sweep", "provider", "status", "check",
     "loss_err", "grad_err", "ms", "ms_p20", "ms_p80", "bytes", "floor_ms", "gbps", "pct_floor",
     "vs_torch", "vs_compile", "peak_extra_mib", "peak_x_input", "goal_pct", "note",
 ]  # fmt: skip

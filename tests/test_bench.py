@@ -75,6 +75,24 @@ def test_mismatching_provider_is_marked_and_not_timed():
     assert rows["absent"]["status"] == "skipped" and rows["absent"]["note"] == "not installed"
 
 
+def test_divided_loss_is_checked_against_the_divided_reference():
+    """Case.loss_div divides every provider's loss and the reference's (were only one divided, the
+    check would fail), so the backward gets grad_output = 1 / loss_div; the floor is unchanged."""
+    case = cases.Case("ce", "fp32", (64, 100), loss_div=8)
+    assert "loss/8" in case.label and case.floor_bytes() == cases.Case("ce", "fp32", (64, 100)).floor_bytes()
+    grad_outputs = []
+
+    def ce(x, t):
+        loss = F.cross_entropy(x, t)
+        if loss.requires_grad:
+            loss.register_hook(grad_outputs.append)
+        return loss
+
+    rows = harness.run_case(case, {"torch": cases.Provider("torch", ce)}, CPU, bandwidth=1e10, quick=True)
+    assert rows[0]["status"] == "ok" and rows[0]["check"] == "✓" and rows[0]["loss_div"] == 8
+    assert grad_outputs and all(float(g) == 1 / 8 for g in grad_outputs)
+
+
 def test_quick_run_writes_sane_results(tmp_path, capsys):
     args = ["--quick", "--device", "cpu", "--losses", "ce,huber", "--dtypes", "fp32", "--modes", "fwdbwd"]
     args += ["--shapes", "all", "--copy-mib", "16", "--save", str(tmp_path)]
