@@ -155,8 +155,9 @@ def _cross_entropy_variants(dtype: str):
         seg_len = cdiv(cdiv(v, segments), cfg.block) * cfg.block if cfg.segments else v
         single = seg_len <= cfg.block
         threads = 32 * cfg.num_warps
+        # the headline's mean loss predicts grad_output when it writes a gradient (autograd._PREDICTIONS)
         constexprs = dict(plain, BLOCK=cfg.block, SINGLE=single, SPLIT=cfg.segments > 0, SEGMENTS=segments,
-                          REVERSE=cfg.reverse, **extra)
+                          REVERSE=cfg.reverse, PREDICT=extra.get("WRITE_GRAD", True), **extra)
         label = (f"{name}: BLOCK={cfg.block} warps={cfg.num_warps} "
                  + (f"segments={segments} of {seg_len}" if cfg.segments else "one row per program"))
         yield label, constexprs, cfg.num_warps, cdiv(min(seg_len, v), threads), None if single else cfg.block // threads
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
               "grad_stride": "i64",
               "loss_ptr": "*fp32", "sync_ptr": "*i32", "stats_ptr": "*fp32", "V": "i32", "seg_len": "i32",
               "ignore_index": "i64", "eps": "fp32", "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32",
-              "gamma": "fp32"}
+              "gamma": "fp32", "prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}
     for name, constexprs, warps, per_thread, chunk_per_thread in _cross_entropy_variants(dt):
         c = compile_sm90(_cross_entropy_kernel, ce_sig, constexprs, warps,
                          aligned=("logits_stride", "grad_stride", "V", "seg_len"))

@@ -266,14 +266,28 @@ def _scale_block(grad_ptr, offs, n_elements, n_cols, row_stride, s, go_ptr, PER_
 
 
 @triton.jit
+def next_prediction(g):
+    """What a forward should multiply its gradient by, given the latest scalar grad_output g (see
+    ``scale_grad_``): g itself when it is a power of two in [2^-24, 2^24] (multiplying by it is exact
+    in every float format fastloss writes, barring values below the smallest normal), else 1."""
+    bits = g.to(tl.int32, bitcast=True)
+    exponent = (bits >> 23) & 0xFF  # biased; the sign bit must be 0 (bits >= 0)
+    pow2 = (bits >= 0) & ((bits & 0x7FFFFF) == 0) & (exponent >= 127 - 24) & (exponent <= 127 + 24)
+    return tl.where(pow2, g, 1.0)
+
+
+@triton.jit
 def _scale_grad_kernel(
     grad_ptr,
     go_ptr,
+    predicted_ptr,  # PREDICTED: what the forward already multiplied grad by (a power of two)
+    prediction_ptr,  # PREDICTED: the next forwards' prediction, updated from this grad_output
     n_elements,
     n_cols,
     row_stride,
     PER_ROW: tl.constexpr,
     STRIDED: tl.constexpr,
+    PREDICTED: tl.constexpr,
     INTERPRET: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -289,6 +303,12 @@ def _scale_grad_kernel(
         # every program exits at once, and the grid is small (see scale_grad_) so that this costs a
         # few microseconds; otherwise the programs stride over the gradient.
         s = tl.load(go_ptr).to(tl.float32)
+        if PREDICTED:
+            if tl.program_id(0) == 0:
+                tl.store(prediction_ptr, next_prediction(s))
+            # what is left to multiply by: 1 when the prediction was right; exact either way, as the
+            # prediction is a power of two, so grad ends bit for bit as without one
+            s = tl.math.div_rn(s, tl.load(predicted_ptr))
         if s != 1.0:
             step = tl.num_programs(0).to(tl.int64) * BLOCK
             for base in range(start, n_elements, step):
@@ -301,8 +321,14 @@ def _scale_grad_kernel(
 SCALE_GRAD_PROGRAMS = 1024
 
 
-def scale_grad_(grad: Tensor, grad_output: Tensor) -> Tensor:
+def scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Tensor | None = None,
+                prediction: Tensor | None = None) -> Tensor:
     """In place grad *= grad_output, on the device, no host sync; returns grad.
+
+    predicted, prediction (both or neither; scalar grad_output only): one fp32 value each. grad was
+    written already multiplied by ``predicted``, a power of two, so grad *= grad_output / predicted
+    instead, which moves no memory when the prediction was right; and ``prediction`` is set to
+    ``next_prediction(grad_output)`` for the forwards to come.
 
     grad: contiguous (any float dtype), or 2-D with stride(1) == 1 and any row stride (the logits
     buffer reused by an in-place backward). grad_output: fp32/bf16/fp16 with either 1 element (a
@@ -328,6 +354,8 @@ def scale_grad_(grad: Tensor, grad_output: Tensor) -> Tensor:
     if n_go == 0 or n % n_rows != 0:
         raise ValueError(f"scale_grad_: grad_output has {n_go} elements, which does not divide {n}")
     per_row = n_go > 1
+    if (predicted is None) != (prediction is None) or (predicted is not None and per_row):
+        raise ValueError("scale_grad_: predicted and prediction come together, with a scalar grad_output")
     # A per-row grad_output may come from an expand (stride 0) or another view: O(R) copy at most.
     go = grad_output.reshape(-1).contiguous() if per_row else grad_output  # a scalar: read at its address
     n_blocks = cdiv(n, ELEMENTWISE_BLOCK)
@@ -335,11 +363,14 @@ def scale_grad_(grad: Tensor, grad_output: Tensor) -> Tensor:
     _scale_grad_kernel[grid](
         grad,
         go,
+        predicted if predicted is not None else go,  # placeholders are never touched
+        prediction if prediction is not None else go,
         n,
         n // n_rows,
         row_stride,
         PER_ROW=per_row,
         STRIDED=strided,
+        PREDICTED=predicted is not None,
         INTERPRET=interpreting(),
         BLOCK=ELEMENTWISE_BLOCK,
         num_warps=8,

@@ -260,6 +260,8 @@ def _cross_entropy_kernel(
     loss_ptr,  # each row's loss, in its dtype (fp32 when the launcher sums the rows)
     sync_ptr,  # SPLIT: int32 [1 + N], zeroed: the ticket counter, then each row's arrival count
     stats_ptr,  # SPLIT: fp32 [N, SEGMENTS, STATS]: each segment's m, t, sa, d, x_y part
+    prediction_ptr,  # PREDICT: fp32, the gradient's extra factor (a power of two; see scale_grad_)
+    predicted_ptr,  # PREDICT: fp32, where the program of row 0 copies it for the backward
     V,
     seg_len,  # SPLIT: columns per segment (a multiple of BLOCK); V otherwise
     ignore_index,
@@ -282,6 +284,7 @@ def _cross_entropy_kernel(
     BLOCK: tl.constexpr,
     SINGLE: tl.constexpr,  # a row (SPLIT: a segment) fits one chunk and stays in registers
     SPLIT: tl.constexpr,  # SEGMENTS programs share each row
+    PREDICT: tl.constexpr,  # the gradient is multiplied by *prediction_ptr (the loss is not)
     SEGMENTS: tl.constexpr,
     REVERSE: tl.constexpr,  # sweep 2 walks the chunks last to first: the most recently read first
     STATS: tl.constexpr,  # module constants, passed rather than read as globals (see common.log2e)
@@ -453,6 +456,15 @@ def _cross_entropy_kernel(
 
     # ---- sweep 2: the gradient --------------------------------------------------------------------
     if WRITE_GRAD:
+        if PREDICT:
+            # The gradient's every term carries K, A or B: scaled by a power of two, exactly.
+            p = tl.load(prediction_ptr)
+            K = K * p
+            A = A * p
+            B = B * p
+            if row == 0:
+                if seg == 0:
+                    tl.store(predicted_ptr, p)
         # A dead row's coefficients give its gradient directly: 0 (ignored) or NaN (out of range).
         # Its lanes read -inf, so e = 0 and e * kp = 0 * kp.
         fill = tl.where(ignored, 0.0, nan)
@@ -564,6 +576,8 @@ def cross_entropy_fwd(
     mean: bool = False,
     reduce: bool = False,
     loss_dtype: torch.dtype = torch.float32,
+    prediction: Tensor | None = None,
+    predicted: Tensor | None = None,
     config: LaunchConfig | None = None,
 ) -> Tensor:
     """Per-row cross-entropy (or softmax focal loss when ``gamma`` is set), and optionally its gradient.
@@ -580,6 +594,9 @@ def cross_entropy_fwd(
     grad: None (forward only), an (N, V) tensor of logits.dtype with stride(1) == 1, or ``logits``
     itself (the gradient overwrites the logits row by row).
 
+    prediction, predicted (both or neither, with ``grad``): one fp32 value each. The gradient is
+    written multiplied by ``prediction``, a power of two (the backward's grad_output foreseen, see
+    ``common.scale_grad_``), which is copied to ``predicted`` for the backward.
     config: launch parameters (``launch_config(logits, grad is not None)`` when None); for tuning.
 
     Extra memory: the (N,) loss, for ``mean`` up to 32 floats, and for a split launch N + 1 int32
@@ -616,6 +633,8 @@ def cross_entropy_fwd(
         raise ValueError("cross_entropy_fwd: grad must be (N, V) with stride(1) == 1")
     if weight is not None and (weight.shape != (n_cols,) or not weight.is_contiguous()):
         raise ValueError(f"cross_entropy_fwd: weight must be a contiguous ({n_cols},) tensor")
+    if (prediction is None) != (predicted is None) or (prediction is not None and grad is None):
+        raise ValueError("cross_entropy_fwd: prediction and predicted come together, with grad")
     if divisors is not None and (mean or divisors.dtype != torch.float32 or divisors.numel() not in (1, 2)
                                  or not divisors.is_contiguous()):
         raise ValueError("cross_entropy_fwd: divisors must be a contiguous fp32 tensor of 1 or 2 values, or None "
@@ -671,6 +690,8 @@ def cross_entropy_fwd(
         loss,
         sync,
         stats,
+        prediction if prediction is not None else logits,  # placeholders are never touched
+        predicted if predicted is not None else logits,
         n_cols,
         seg_len,
         ignore_index,
@@ -693,6 +714,7 @@ def cross_entropy_fwd(
         BLOCK=cfg.block,
         SINGLE=seg_len <= cfg.block,
         SPLIT=split,
+        PREDICT=prediction is not None,
         SEGMENTS=segments,
         REVERSE=cfg.reverse,
         STATS=STATS,

@@ -39,12 +39,13 @@ def cross_entropy_variants():
                    "grad_stride": "i64", "loss_ptr": "*fp32" if single else f"*{dt}",  # fp32: reduced
                    "V": "i32", "ignore_index": "i64", "eps": "fp32",
                    "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32", "gamma": "fp32", "sync_ptr": "*i32",
-                   "stats_ptr": "*fp32", "seg_len": "i32"}
+                   "stats_ptr": "*fp32", "seg_len": "i32", "prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}
         constexprs = dict(HAS_WEIGHT=bool(weight), SMOOTH=bool(smooth), ZLOSS=bool(z), SOFTCAP=bool(cap),
                           PROB=bool(prob), FOCAL=bool(focal), WRITE_GRAD=True, NEED_A=bool(prob or smooth),
                           REST=bool(prob or smooth or z), INTERPRET=False, SCALED=True,
                           BLOCK=8192 if split else 1024 if single else 4096, SINGLE=single, SPLIT=split,
-                          SEGMENTS=16 if split else 1, REVERSE=True, STATS=STATS, PARTS=PARTS)
+                          SEGMENTS=16 if split else 1, REVERSE=True, STATS=STATS, PARTS=PARTS,
+                          PREDICT=single != split)
         yield _cross_entropy_kernel, runtime, constexprs
     for count, weighted, prob, zero_sync in [(1, 0, 0, 0), (1, 1, 0, 1), (1, 0, 1, 0), (0, 0, 0, 1)]:
         yield _prologue_kernel, {"target_ptr": "*fp32" if prob else "*i64", "weight_ptr": "*fp32",
@@ -69,10 +70,13 @@ def elementwise_variants():
                 WRITE_GRAD_INPUT=True)
     for dt in ("bf16", "fp16"):
         yield _sum_kernel, {"x_ptr": "*fp32", "out_ptr": f"*{dt}", "n": "i32"}, dict(INTERPRET=False, BLOCK=4096)
-    for per_row, strided in itertools.product([False, True], repeat=2):
-        yield _scale_grad_kernel, {"grad_ptr": "*bf16", "go_ptr": "*fp32", "n_elements": "i64",
+    for per_row, strided, predicted in itertools.product([False, True], repeat=3):
+        if per_row and predicted:
+            continue
+        yield _scale_grad_kernel, {"grad_ptr": "*bf16", "go_ptr": "*fp32", "predicted_ptr": "*fp32",
+                                   "prediction_ptr": "*fp32", "n_elements": "i64",
                                    "n_cols": "i64", "row_stride": "i64"}, dict(
-            PER_ROW=per_row, STRIDED=strided, INTERPRET=False, BLOCK=4096)
+            PER_ROW=per_row, STRIDED=strided, PREDICTED=predicted, INTERPRET=False, BLOCK=4096)
 
 
 if __name__ == "__main__":

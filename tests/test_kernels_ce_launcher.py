@@ -521,6 +521,33 @@ def _launch_config_checks(config, v, kind):
     torch.testing.assert_close(total, loss.sum(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("config", [LaunchConfig(block=1024, num_warps=4), INTERPRETED_SPLITS[0]], ids=_launch_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["all", "prob", "focal"])
+def test_a_prediction_multiplies_the_gradient_exactly(config, dtype, kind):
+    """Given a prediction p of grad_output (a power of two), the kernel writes p times the gradient
+    it writes without one, bit for bit, and the same loss, and copies p for the backward."""
+    logits, target = make(5, 4099, dtype, ignore=0 if kind == "prob" else 1)
+    opts = dict(config=config, reduce=True, label_smoothing=0.1)
+    if kind == "all":
+        opts.update(z_loss=1e-2, softcap=4.0)
+    elif kind == "prob":
+        target = torch.softmax(torch.randn(5, 4099, device=DEV) * 2, dim=-1)
+    else:
+        opts = dict(config=config, reduce=True, gamma=2.0)
+    weight = torch.rand(4099, device=DEV) + 0.5
+    with concurrent_programs() if config.segments > 1 else contextlib.nullcontext():
+        grad = torch.empty_like(logits)
+        loss = cross_entropy_fwd(logits, target, weight, None, grad, mean=True, **opts)
+        for p in (2.0 ** -3, 2.0 ** 16):
+            grad_p = torch.empty_like(logits)
+            predicted = torch.zeros(1, device=DEV)
+            loss_p = cross_entropy_fwd(logits, target, weight, None, grad_p, mean=True,
+                                       prediction=torch.tensor([p], device=DEV), predicted=predicted, **opts)
+            assert torch.equal(loss_p, loss) and predicted.item() == p
+            assert torch.equal(grad_p, (grad.float() * p).to(dtype))  # exact: no rounding in between
+
+
 @pytest.mark.parametrize("sm_count", [8, 20, 132])
 @pytest.mark.parametrize("n_cols", [16384, 128256, 262144, 1 << 20, 3 << 22])
 @pytest.mark.parametrize("size", [2, 4])
@@ -715,6 +742,25 @@ def test_scale_grad_per_row(dtype):
     h = h0.clone()
     scale_grad_(h, torch.full((1,), 3.0, device=DEV).expand(60))
     assert torch.equal(h, (h0.float() * 3.0).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_grad_with_a_prediction(dtype):
+    """A gradient stored times its predicted grad_output p ends as the one stored without a
+    prediction and scaled by grad_output, bit for bit; the next prediction is grad_output when it is
+    a power of two in [2^-24, 2^24], else 1."""
+    r = torch.randn(5, 1000, device=DEV).to(dtype)
+    inf, nan = float("inf"), float("nan")
+    for p, g, following in [(2 ** -3, 2 ** -3, 2 ** -3), (2 ** -3, 0.3, 1.0), (1.0, 2 ** 16, 2 ** 16),
+                            (4.0, -0.5, 1.0), (1.0, 2 ** -24, 2 ** -24), (2 ** -2, 2 ** 24, 2 ** 24),
+                            (1.0, 2 ** -25, 1.0), (1.0, 2 ** 25, 1.0), (1.0, 0.0, 1.0), (1.0, -0.0, 1.0),
+                            (1.0, 0.75, 1.0), (1.0, inf, 1.0), (2.0, nan, 1.0)]:
+        expected = scale_grad_(r.clone(), torch.tensor(g, device=DEV))
+        stored = (r.float() * p).to(dtype)
+        prediction = torch.full((1,), 7.0, device=DEV)
+        scale_grad_(stored, torch.tensor(g, device=DEV), torch.tensor([p], device=DEV), prediction)
+        assert torch.equal(stored.nan_to_num(), expected.nan_to_num()), (p, g)
+        assert prediction.item() == following, (g, prediction.item())
 
 
 def test_scale_grad_strided():
