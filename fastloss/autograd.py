@@ -88,41 +88,84 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) ->
     return logits.new_empty(() if reduce else logits.shape[0], dtype=loss_dtype)
 
 
+# The predicted grad_output. A backward with grad_output != 1 (a loss divided for gradient
+# accumulation, or scaled for fp16) must scale the whole saved gradient, a second pass over it. So the
+# kernels write the gradient already multiplied by a prediction of grad_output: the last scalar
+# grad_output that a backward on the same device and stream saw, when it is a power of two (else 1).
+# A right prediction leaves the backward nothing to do; a wrong one costs the pass it would have cost
+# anyway. Powers of two multiply exactly, so the gradient is the same bit for bit either way. Each
+# forward copies the prediction it used for its own backward, so the order of forwards and backwards
+# does not matter. fp16 gradients are left out: a prediction could overflow them.
+_PREDICTIONS: dict[tuple, Tensor] = {}
+_PREDICTED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _prediction(t: Tensor) -> Tensor:
+    """The prediction for kernels launched on ``t``'s device and current stream (one fp32 value)."""
+    stream = torch._C._cuda_getCurrentRawStream(t.get_device()) if t.is_cuda else 0
+    key = (t.device, stream)
+    pred = _PREDICTIONS.get(key)
+    if pred is None:
+        pred = _PREDICTIONS.setdefault(key, torch.ones(1, dtype=torch.float32, device=t.device))
+    return pred
+
+
+def _predicts(grad_dtype: torch.dtype, reduce: bool) -> bool:
+    """Whether a forward predicts grad_output: a scalar one (``reduce``), and a gradient dtype that
+    a power of two cannot overflow."""
+    return reduce and grad_dtype in _PREDICTED_DTYPES
+
+
+def _predicted_buffer(logits: Tensor, predict: bool) -> Tensor:
+    """Where a forward copies the prediction it used: one fp32 value, or none."""
+    return logits.new_empty(1 if predict else 0, dtype=torch.float32)
+
+
 # The launchers return the loss in ``loss_dtype`` (the input's, or fp32 for 16-bit inputs under
 # autocast: ``functional._loss_dtype`` decides), per row or element, or (``reduce``) summed: the
 # launcher sums the kernel's fp32 partials in fp32 and rounds the sum once (``reduce_partials``).
 @_op("softmax_loss_fwd")
 def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], mean: bool,
                       write_grad: bool, reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,
-                      z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> tuple[Tensor, Tensor]:
+                      z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
+    predict = write_grad and _predicts(logits.dtype, reduce)
+    predicted = _predicted_buffer(logits, predict)
     with _on(logits):
         loss = cross_entropy_fwd(logits, target, weight, None, grad, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
-                                 mean=mean, reduce=reduce, loss_dtype=loss_dtype)
-    return loss, grad if grad is not None else _no_grad_buffer(logits)
+                                 mean=mean, reduce=reduce, loss_dtype=loss_dtype,
+                                 prediction=_prediction(logits) if predict else None,
+                                 predicted=predicted if predict else None)
+    return loss, grad if grad is not None else _no_grad_buffer(logits), predicted
 
 
 @_softmax_loss_fwd.register_fake
 def _(logits, target, weight, mean, write_grad, reduce, loss_dtype, ignore_index, label_smoothing, z_loss,
       softcap, gamma):
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else _no_grad_buffer(logits)
-    return _fake_softmax_loss(logits, reduce, loss_dtype), grad
+    predicted = _predicted_buffer(logits, write_grad and _predicts(logits.dtype, reduce))
+    return _fake_softmax_loss(logits, reduce, loss_dtype), grad, predicted
 
 
 @_op("softmax_loss_fwd_inplace", mutates_args=("logits",))
 def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], mean: bool,
                               reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,
-                              z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> Tensor:
+                              z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> tuple[Tensor, Tensor]:
+    predict = _predicts(logits.dtype, reduce)
+    predicted = _predicted_buffer(logits, predict)
     with _on(logits):
-        return cross_entropy_fwd(logits, target, weight, None, logits, ignore_index=ignore_index,
+        loss = cross_entropy_fwd(logits, target, weight, None, logits, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
-                                 mean=mean, reduce=reduce, loss_dtype=loss_dtype)
+                                 mean=mean, reduce=reduce, loss_dtype=loss_dtype,
+                                 prediction=_prediction(logits) if predict else None,
+                                 predicted=predicted if predict else None)
+    return loss, predicted
 
 
 @_softmax_loss_fwd_inplace.register_fake
 def _(logits, target, weight, mean, reduce, loss_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma):
-    return _fake_softmax_loss(logits, reduce, loss_dtype)
+    return _fake_softmax_loss(logits, reduce, loss_dtype), _predicted_buffer(logits, _predicts(logits.dtype, reduce))
 
 
 @_op("huber_fwd")
@@ -164,13 +207,17 @@ def _(inputs, targets, alpha, gamma, scale, reduce, grad_input, loss_dtype):
 
 
 @_op("scale_grad_", mutates_args=("grad",))
-def _scale_grad_(grad: Tensor, grad_output: Tensor) -> None:
+def _scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Optional[Tensor]) -> None:
+    """grad *= grad_output; ``predicted``: what its forward multiplied grad by (see _PREDICTIONS)."""
     with _on(grad):
-        scale_grad_(grad, grad_output)
+        if predicted is None:
+            scale_grad_(grad, grad_output)
+        else:
+            scale_grad_(grad, grad_output, predicted, _prediction(grad))
 
 
 @_scale_grad_.register_fake
-def _(grad, grad_output):
+def _(grad, grad_output, predicted):
     return None
 
 
@@ -179,20 +226,23 @@ def _(grad, grad_output):
 # --------------------------------------------------------------------------------------------------
 
 
-def _save(ctx, grads: tuple[Tensor, ...], per_element: bool) -> None:
+def _save(ctx, grads: tuple[Tensor, ...], per_element: bool, predicted: Optional[Tensor] = None) -> None:
+    """Saves the gradients (one per input, in order), and ``predicted`` (see _PREDICTIONS) when it
+    holds a value."""
     ctx.per_element = per_element
-    ctx.save_for_backward(*grads)
+    ctx.n_grads = len(grads)
+    ctx.save_for_backward(*grads, *([predicted] if predicted is not None and predicted.numel() else []))
 
 
-def _save_overwritten(ctx, logits: Tensor) -> None:
+def _save_overwritten(ctx, logits: Tensor, predicted: Tensor) -> None:
     """Saves logits that hold their own gradient. In eager mode :class:`_Overwritten` marks them
     dirty right after the forward, one more version, which ``save_for_backward`` would take for a
     later write; so the expected version is kept and checked by :func:`_scaled_grads`. (A compiled
     graph cannot branch on a version: it saves the logits as they are, and is not marked.)"""
     if torch.compiler.is_compiling():
-        _save(ctx, (logits,), per_element=False)
+        _save(ctx, (logits,), per_element=False, predicted=predicted)
         return
-    ctx.per_element = False
+    _save(ctx, (), per_element=False, predicted=predicted)
     ctx.overwritten = (logits, logits._version + 1)
 
 
@@ -213,17 +263,17 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
     (``retain_graph=True``) raises instead of returning a gradient scaled twice; so does a saved
     gradient modified after the forward (in-place logits written to by the caller).
     """
+    try:
+        saved = ctx.saved_tensors
+    except RuntimeError as err:
+        raise RuntimeError(_BACKWARD_ONCE) from err
+    grads, predicted = saved[:ctx.n_grads], (saved[ctx.n_grads] if len(saved) > ctx.n_grads else None)
     if hasattr(ctx, "overwritten"):
         logits, version = ctx.overwritten
         ctx.overwritten = (None, None)  # let go of the logits, as saved tensors are after a backward
         if logits is None or logits._version != version:
             raise RuntimeError(_BACKWARD_ONCE)
         grads = (logits,)
-    else:
-        try:
-            grads = ctx.saved_tensors
-        except RuntimeError as err:
-            raise RuntimeError(_BACKWARD_ONCE) from err
     out: list[Optional[Tensor]] = []
     for i, g in enumerate(grads):
         if not ctx.needs_input_grad[i]:
@@ -231,7 +281,7 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
         elif ctx.per_element:
             out.append((g * grad_loss).to(g.dtype))
         else:
-            _scale_grad_(g, grad_loss)
+            _scale_grad_(g, grad_loss, predicted)
             out.append(g)
     return out
 
@@ -278,11 +328,11 @@ class SoftmaxLoss(torch.autograd.Function):
         args = (target, weight, mean)
         opts = (reduce, out_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma)
         if write_grad and inplace:
-            loss = _softmax_loss_fwd_inplace(logits, *args, *opts)
-            _save_overwritten(ctx, logits)
+            loss, predicted = _softmax_loss_fwd_inplace(logits, *args, *opts)
+            _save_overwritten(ctx, logits, predicted)
         else:
-            loss, grad = _softmax_loss_fwd(logits, *args, write_grad, *opts)
-            _save(ctx, (grad,), per_element=False)
+            loss, grad, predicted = _softmax_loss_fwd(logits, *args, write_grad, *opts)
+            _save(ctx, (grad,), per_element=False, predicted=predicted)
         return loss
 
     @staticmethod

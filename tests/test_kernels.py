@@ -446,6 +446,61 @@ def test_inplace_backward_on_a_copied_input(layout):
         assert torch.equal(x.detach(), x0)
 
 
+@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
+def test_a_predicted_grad_output_gives_the_same_bits(loss, dtype, inplace):
+    """A backward with grad_output != 1 (a divided loss) scales the saved gradient. After one with a
+    power of two, the forwards write the gradient already multiplied by it (not in fp16), so the
+    backward has nothing left to do; the loss and the gradient are the same bits as without that
+    prediction, whether it was right or wrong, and whatever the order of forwards and backwards."""
+    import fastloss.autograd as fa
+
+    x0, t = logits(6, 300, dtype=dtype), labels(6, 300, ignore=1)
+    fn = functools.partial(getattr(fastloss, loss), inplace_backward=inplace, reduction="sum")
+
+    def forward():
+        leaf = x0.clone().requires_grad_()
+        x = leaf * 1.0  # a non-leaf, as in-place needs
+        with fastloss.use_backend("triton"):
+            out = fn(x, t)
+        return leaf, x, out
+
+    def backward(state, g):
+        leaf, _, out = state
+        (grad,) = torch.autograd.grad(out, leaf, torch.tensor(g, dtype=out.dtype, device=DEVICE))
+        return out.detach(), grad
+
+    def unpredicted(g):  # the gradient as it is without a prediction
+        fa._PREDICTIONS.clear()
+        return backward(forward(), g)
+
+    def prediction():
+        return float(fa._PREDICTIONS[(DEVICE, 0)]) if (DEVICE, 0) in fa._PREDICTIONS else None
+
+    fa._PREDICTIONS.clear()
+    for g in (2.0 ** -3, 2.0 ** -3, 0.3, 2.0 ** 10, 2.0 ** 10, 1.0, 2.0 ** -3):
+        used = prediction()  # (CUDA: keyed by the stream, not looked at)
+        state = forward()
+        written = state[1].detach().clone()  # in place: the gradient as the forward wrote it
+        got = backward(state, g)
+        expected = unpredicted(g)  # leaves the prediction as got's backward did
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), g
+        if dtype == torch.float16:
+            assert not fa._PREDICTIONS  # never predicted
+        elif not CUDA:
+            assert prediction() == (g if g != 0.3 else 1.0)
+            if inplace and used not in (None, 1.0):  # written already times the prediction
+                fa._PREDICTIONS.clear()
+                plain = forward()[1].detach()
+                assert torch.equal(written, (plain.float() * used).to(dtype))
+                backward(forward(), g)  # the prediction back as it was
+    # two forwards, then their backwards in the other order: each backward uses its own forward's
+    a, b = forward(), forward()
+    assert torch.equal(backward(b, 0.25)[1], unpredicted(0.25)[1])
+    assert torch.equal(backward(a, 2.0 ** -3)[1], unpredicted(2.0 ** -3)[1])
+
+
 def test_inplace_backward_never_silently_wrong():
     t = labels(4, 12)
     leaf = logits(4, 12).requires_grad_()
