@@ -66,7 +66,8 @@ class _Op:
         self.name, self.fn = name, fn
         self.custom_op = torch.library.custom_op(f"fastloss::{name}", fn, mutates_args=mutates_args)
         params = list(inspect.signature(fn).parameters)
-        self.mutated = tuple(params.index(a) for a in mutates_args)
+        # (``predicted`` is fastloss's own fresh buffer, which autograd never sees: nothing to bump)
+        self.mutated = tuple(params.index(a) for a in mutates_args if a != "predicted")
 
     def register_fake(self, fake):
         return self.custom_op.register_fake(fake)
@@ -116,56 +117,48 @@ def _predicts(grad_dtype: torch.dtype, reduce: bool) -> bool:
     return reduce and grad_dtype in _PREDICTED_DTYPES
 
 
-def _predicted_buffer(logits: Tensor, predict: bool) -> Tensor:
-    """Where a forward copies the prediction it used: one fp32 value, or none."""
-    return logits.new_empty(1 if predict else 0, dtype=torch.float32)
-
-
 # The launchers return the loss in ``loss_dtype`` (the input's, or fp32 for 16-bit inputs under
 # autocast: ``functional._loss_dtype`` decides), per row or element, or (``reduce``) summed: the
 # launcher sums the kernel's fp32 partials in fp32 and rounds the sum once (``reduce_partials``).
-@_op("softmax_loss_fwd")
+# ``predicted``: None, or one fp32 value, into which the kernel copies the prediction it multiplied
+# the gradient by (see _PREDICTIONS).
+@_op("softmax_loss_fwd", mutates_args=("predicted",))
 def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], mean: bool,
                       write_grad: bool, reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,
-                      z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> tuple[Tensor, Tensor, Tensor]:
+                      z_loss: float, softcap: Optional[float], gamma: Optional[float],
+                      predicted: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
-    predict = write_grad and _predicts(logits.dtype, reduce)
-    predicted = _predicted_buffer(logits, predict)
     with _on(logits):
         loss = cross_entropy_fwd(logits, target, weight, None, grad, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
                                  mean=mean, reduce=reduce, loss_dtype=loss_dtype,
-                                 prediction=_prediction(logits) if predict else None,
-                                 predicted=predicted if predict else None)
-    return loss, grad if grad is not None else _no_grad_buffer(logits), predicted
+                                 prediction=None if predicted is None else _prediction(logits), predicted=predicted)
+    return loss, grad if grad is not None else _no_grad_buffer(logits)
 
 
 @_softmax_loss_fwd.register_fake
 def _(logits, target, weight, mean, write_grad, reduce, loss_dtype, ignore_index, label_smoothing, z_loss,
-      softcap, gamma):
+      softcap, gamma, predicted):
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else _no_grad_buffer(logits)
-    predicted = _predicted_buffer(logits, write_grad and _predicts(logits.dtype, reduce))
-    return _fake_softmax_loss(logits, reduce, loss_dtype), grad, predicted
+    return _fake_softmax_loss(logits, reduce, loss_dtype), grad
 
 
-@_op("softmax_loss_fwd_inplace", mutates_args=("logits",))
+@_op("softmax_loss_fwd_inplace", mutates_args=("logits", "predicted"))
 def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], mean: bool,
                               reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,
-                              z_loss: float, softcap: Optional[float], gamma: Optional[float]) -> tuple[Tensor, Tensor]:
-    predict = _predicts(logits.dtype, reduce)
-    predicted = _predicted_buffer(logits, predict)
+                              z_loss: float, softcap: Optional[float], gamma: Optional[float],
+                              predicted: Optional[Tensor]) -> Tensor:
     with _on(logits):
-        loss = cross_entropy_fwd(logits, target, weight, None, logits, ignore_index=ignore_index,
+        return cross_entropy_fwd(logits, target, weight, None, logits, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
                                  mean=mean, reduce=reduce, loss_dtype=loss_dtype,
-                                 prediction=_prediction(logits) if predict else None,
-                                 predicted=predicted if predict else None)
-    return loss, predicted
+                                 prediction=None if predicted is None else _prediction(logits), predicted=predicted)
 
 
 @_softmax_loss_fwd_inplace.register_fake
-def _(logits, target, weight, mean, reduce, loss_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma):
-    return _fake_softmax_loss(logits, reduce, loss_dtype), _predicted_buffer(logits, _predicts(logits.dtype, reduce))
+def _(logits, target, weight, mean, reduce, loss_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma,
+      predicted):
+    return _fake_softmax_loss(logits, reduce, loss_dtype)
 
 
 @_op("huber_fwd")
@@ -227,14 +220,13 @@ def _(grad, grad_output, predicted):
 
 
 def _save(ctx, grads: tuple[Tensor, ...], per_element: bool, predicted: Optional[Tensor] = None) -> None:
-    """Saves the gradients (one per input, in order), and ``predicted`` (see _PREDICTIONS) when it
-    holds a value."""
+    """Saves the gradients (one per input, in order), and ``predicted`` (see _PREDICTIONS)."""
     ctx.per_element = per_element
     ctx.n_grads = len(grads)
-    ctx.save_for_backward(*grads, *([predicted] if predicted is not None and predicted.numel() else []))
+    ctx.save_for_backward(*grads, *([] if predicted is None else [predicted]))
 
 
-def _save_overwritten(ctx, logits: Tensor, predicted: Tensor) -> None:
+def _save_overwritten(ctx, logits: Tensor, predicted: Optional[Tensor]) -> None:
     """Saves logits that hold their own gradient. In eager mode :class:`_Overwritten` marks them
     dirty right after the forward, one more version, which ``save_for_backward`` would take for a
     later write; so the expected version is kept and checked by :func:`_scaled_grads`. (A compiled
@@ -326,12 +318,14 @@ class SoftmaxLoss(torch.autograd.Function):
                 z_loss, softcap, gamma, out_dtype):
         write_grad = ctx.needs_input_grad[0]
         args = (target, weight, mean)
-        opts = (reduce, out_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma)
+        # the gradient written already times a predicted grad_output (see _PREDICTIONS)
+        predicted = logits.new_empty(1, dtype=torch.float32) if write_grad and _predicts(logits.dtype, reduce) else None
+        opts = (reduce, out_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma, predicted)
         if write_grad and inplace:
-            loss, predicted = _softmax_loss_fwd_inplace(logits, *args, *opts)
+            loss = _softmax_loss_fwd_inplace(logits, *args, *opts)
             _save_overwritten(ctx, logits, predicted)
         else:
-            loss, grad, predicted = _softmax_loss_fwd(logits, *args, write_grad, *opts)
+            loss, grad = _softmax_loss_fwd(logits, *args, write_grad, *opts)
             _save(ctx, (grad,), per_element=False, predicted=predicted)
         return loss
 

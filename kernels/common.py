@@ -363,8 +363,8 @@ def scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Tensor | None = No
     _scale_grad_kernel[grid](
         grad,
         go,
-        predicted if predicted is not None else go,  # placeholders are never touched
-        prediction if prediction is not None else go,
+        predicted,  # None without PREDICTED (cheaper to launch than a placeholder tensor)
+        prediction,
         n,
         n // n_rows,
         row_stride,

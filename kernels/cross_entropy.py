@@ -690,8 +690,8 @@ def cross_entropy_fwd(
         loss,
         sync,
         stats,
-        prediction if prediction is not None else logits,  # placeholders are never touched
-        predicted if predicted is not None else logits,
+        prediction,  # None without PREDICT (cheaper to launch than a placeholder tensor)
+        predicted,
         n_cols,
         seg_len,
         ignore_index,
