@@ -5,7 +5,9 @@ loss *and* the gradient (already multiplied by the reduction's scale), and saves
 cross-entropy ``mean`` launches a small prologue first, which counts the rows on the device). Its
 backward only multiplies that saved gradient by ``grad_output``, in place and on the device: the
 kernel reads ``grad_output`` itself and returns at once when it is exactly 1.0 — the common
-``loss.backward()`` — so backward costs one launch, no memory traffic and no host sync.
+``loss.backward()`` — so backward costs one launch, no memory traffic and no host sync. (Cross-entropy
+and focal loss also return at once when ``grad_output`` is the power of two the previous backward
+saw, which their forward multiplied in: see _PREDICTIONS.)
 
 The launchers are registered as ``torch.library.custom_op``s with fake (meta) implementations, so
 ``torch.compile(fullgraph=True)`` sees opaque, shape-correct nodes. In eager mode the same functions
@@ -96,7 +98,8 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) ->
 # A right prediction leaves the backward nothing to do; a wrong one costs the pass it would have cost
 # anyway. Powers of two multiply exactly, so the gradient is the same bit for bit either way. Each
 # forward copies the prediction it used for its own backward, so the order of forwards and backwards
-# does not matter. fp16 gradients are left out: a prediction could overflow them.
+# does not matter. fp16 gradients are left out: a prediction could overflow them (a loss scaler's
+# 2^16, say), and a wrong one would then leave inf where the scaled gradient is finite.
 _PREDICTIONS: dict[tuple, Tensor] = {}
 _PREDICTED_DTYPES = (torch.float32, torch.bfloat16)
 
