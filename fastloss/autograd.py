@@ -96,7 +96,8 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) ->
 # kernels write the gradient already multiplied by a prediction of grad_output: the last scalar
 # grad_output that a backward on the same device and stream saw, when it is a power of two (else 1).
 # A right prediction leaves the backward nothing to do; a wrong one costs the pass it would have cost
-# anyway. Powers of two multiply exactly, so the gradient is the same bit for bit either way. Each
+# anyway. Powers of two multiply exactly, so the gradient is the same bit for bit either way, but for
+# entries below the smallest normal float (times the factor): one rounding there, not two. Each
 # forward copies the prediction it used for its own backward, so the order of forwards and backwards
 # does not matter. fp16 gradients are left out: a prediction could overflow them (a loss scaler's
 # 2^16, say), and a wrong one would then leave inf where the scaled gradient is finite.

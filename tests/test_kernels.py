@@ -501,6 +501,32 @@ def test_a_predicted_grad_output_gives_the_same_bits(loss, dtype, inplace):
     assert torch.equal(backward(a, 2.0 ** -3)[1], unpredicted(2.0 ** -3)[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_predicted_grad_output_and_subnormal_gradients(dtype):
+    """Where the gradient holds values below the smallest normal float (probabilities under 1e-38:
+    logits 90 apart), a right prediction rounds them once and the pass it saves would have rounded
+    them twice, so they may differ in their last bits: only there, below 2^-126 times the larger of
+    the prediction's and the rest's factor."""
+    import fastloss.autograd as fa
+
+    x0, t = logits(6, 300, dtype=dtype, scale=40.0), labels(6, 300)
+    factor = 2.0 ** -3
+
+    def run():
+        leaf = x0.clone().requires_grad_()
+        with fastloss.use_backend("triton"):
+            out = fastloss.cross_entropy(leaf, t, reduction="sum")
+        return torch.autograd.grad(out, leaf, torch.tensor(factor, dtype=out.dtype, device=DEVICE))[0].float()
+
+    fa._PREDICTIONS.clear()
+    twice = run()  # predicted 1: the forward rounds, the backward's pass rounds again
+    once = run()   # predicted 1/8: right, no pass
+    differ = once != twice
+    assert (twice.abs() < torch.finfo(torch.float32).tiny).any()  # the case is what it says
+    assert differ.any() or dtype == torch.bfloat16
+    assert (twice[differ].abs() <= torch.finfo(torch.float32).tiny).all()
+
+
 def test_inplace_backward_never_silently_wrong():
     t = labels(4, 12)
     leaf = logits(4, 12).requires_grad_()
