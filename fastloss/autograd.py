@@ -68,8 +68,7 @@ class _Op:
         self.name, self.fn = name, fn
         self.custom_op = torch.library.custom_op(f"fastloss::{name}", fn, mutates_args=mutates_args)
         params = list(inspect.signature(fn).parameters)
-        # (``predicted`` is fastloss's own fresh buffer, which autograd never sees: nothing to bump)
-        self.mutated = tuple(params.index(a) for a in mutates_args if a != "predicted")
+        self.mutated = tuple(params.index(a) for a in mutates_args)
 
     def register_fake(self, fake):
         return self.custom_op.register_fake(fake)
@@ -79,7 +78,8 @@ class _Op:
             return getattr(torch.ops.fastloss, self.name)(*args)
         out = self.fn(*args)
         for i in self.mutated:
-            torch.autograd.graph.increment_version(args[i])
+            if args[i] is not None:  # an optional output buffer that was not asked for
+                torch.autograd.graph.increment_version(args[i])
         return out
 
 
@@ -207,10 +207,7 @@ def _(inputs, targets, alpha, gamma, scale, reduce, grad_input, loss_dtype):
 def _scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Optional[Tensor]) -> None:
     """grad *= grad_output; ``predicted``: what its forward multiplied grad by (see _PREDICTIONS)."""
     with _on(grad):
-        if predicted is None:
-            scale_grad_(grad, grad_output)
-        else:
-            scale_grad_(grad, grad_output, predicted, _prediction(grad))
+        scale_grad_(grad, grad_output, predicted, None if predicted is None else _prediction(grad))
 
 
 @_scale_grad_.register_fake
