@@ -176,7 +176,7 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
             )
     if weight is not None:
         _check_tensor("weight", weight, floating=False)
-        n_classes = input.shape[1] if dim >= 2 else input.shape[0]
+        n_classes = reference.n_classes(input)
         if weight.dim() != 1 or weight.shape[0] != n_classes:
             raise RuntimeError(
                 f"{fn}: weight must be defined for all {n_classes} classes, got shape {list(weight.shape)}"
@@ -250,7 +250,7 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
     # CPU, a sync on CUDA (so only with FASTLOSS_STRICT=1), and impossible to trace into a graph, so
     # compiled code relies on the kernel's NaN rows instead.
     if class_targets and (not input.is_cuda or backend.strict()) and not torch.compiler.is_compiling():
-        _check_class_range(target, input.shape[1] if input.dim() >= 2 else input.shape[0], ignore_index)
+        _check_class_range(target, reference.n_classes(input), ignore_index)
 
     # Imported here, not at the top: it imports triton, which `import fastloss` must not. (This form of
     # import statement costs a quarter of the `from .autograd import ...` form's microsecond.)

@@ -23,6 +23,11 @@ def _acc(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
+def n_classes(input: torch.Tensor) -> int:
+    """C of (C,), (N, C) or (N, C, d1, ...) logits."""
+    return input.shape[1] if input.dim() > 1 else input.shape[0]
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """(C,) -> (1, C); (N, C, d1, ...) -> (N·d1·..., C), class dim last."""
     return x.unsqueeze(0) if x.dim() == 1 else x.movedim(1, -1).flatten(0, -2)  # C = 0 too
@@ -101,8 +106,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     z-loss adds z_loss·lse² per counted row, unweighted; its mean divides by the counted-row count.
     """
     eps = label_smoothing
-    n_classes = input.shape[1] if input.dim() > 1 else input.shape[0]
-    eps_c = eps / n_classes if n_classes else 0.0  # (no classes: every row is ignored)
+    c = n_classes(input)
+    eps_c = eps / c if c else 0.0  # (no classes: every row is ignored)
     out_dtype = input.dtype  # (class indices: torch requires the weight's dtype to be the input's)
     if target.shape == input.shape:  # class probabilities: torch promotes the three dtypes
         others = (target,) if weight is None else (target, weight)
