@@ -68,16 +68,17 @@ def _huber_kernel(
     offs, mask, x, y = load_block_pair(x_ptr, y_ptr, n, BLOCK)
     d = x - y
     ad = tl.abs(d)
-    # sign(d) with sign(0) = 0; a NaN difference stays NaN (as torch's gradient does).
-    sign = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d))
     if L1:
+        # torch's gradient, sign(d): 0 where d is 0, and where it is NaN
         loss = ad
-        grad = sign
+        grad = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
     else:
         # Torch's expressions, with the division by beta a multiplication by its reciprocal: at most
         # one more rounding (an ulp), where an IEEE division per element (tl.math.div_rn) would cost
         # ~20 instructions and make the kernel compute-bound in 16-bit. |d| == beta takes the linear
-        # branch; both branches agree there: 0.5 * beta, gradient +-1.
+        # branch; both branches agree there: 0.5 * beta, gradient +-1. A NaN difference takes the
+        # linear one too, where the gradient stays NaN, as torch's does (sign(0) = 0).
+        sign = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d))
         quad = ad < beta
         loss = tl.where(quad, (0.5 * ad * ad) * inv_beta, ad - 0.5 * beta)
         grad = tl.where(quad, d * inv_beta, sign)

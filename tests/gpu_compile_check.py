@@ -56,11 +56,12 @@ def cross_entropy_variants():
 
 def elementwise_variants():
     for dt, reduce in itertools.product(["bf16", "fp32"], [False, True]):
-        yield _huber_kernel, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}",
-                              "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}", "gy_ptr": f"*{dt}",
-                              "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32"}, dict(
-            BLOCK=4096, INTERPRET=False, L1=False, HAS_WEIGHT=True, REDUCE=reduce,
-            WRITE_GRAD_INPUT=True, WRITE_GRAD_TARGET=True)
+        for l1 in (False, True):
+            yield _huber_kernel, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}",
+                                  "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}", "gy_ptr": f"*{dt}",
+                                  "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32"}, dict(
+                BLOCK=4096, INTERPRET=False, L1=l1, HAS_WEIGHT=True, REDUCE=reduce,
+                WRITE_GRAD_INPUT=True, WRITE_GRAD_TARGET=True)
         for gamma_int in (2, -1):
             yield _sigmoid_focal_kernel, {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}",
                                           "out_ptr": "*fp32" if reduce else f"*{dt}",

@@ -210,6 +210,20 @@ def test_huber_low_precision_no_worse_than_torch(dtype, size_name, variant, redu
         assert max_err(ours, t) <= max_err(theirs, t) + 1e-5 * t.abs().max().item()
 
 
+@pytest.mark.parametrize("variant", [v for v in HUBER_VARIANTS if v.id in ("huber-d1", "sl1-b0.25", "l1")])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_huber_nan_and_inf_as_torch(variant, reduction):
+    """NaN and infinite inputs give torch's loss and gradients: a NaN difference (NaN or inf - inf)
+    has a NaN loss and NaN gradients, an infinite one an infinite loss and the linear branch's."""
+    kind, thr, _ = variant
+    nan, inf = float("nan"), float("inf")
+    x = dev(torch.tensor([nan, 1.0, inf, -inf, inf, 0.5, 2.0, 0.25]))
+    y = dev(torch.tensor([0.0, nan, 0.0, 0.0, inf, 0.5, -inf, 0.0]))
+    out, gi, gt = run_huber(kind, thr, x, y, None, reduction)
+    for ours, theirs in zip((out, gi, gt), torch_huber(kind, thr, x, y, None, reduction)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0, equal_nan=True)
+
+
 def test_huber_partial_outputs_and_shapes():
     """Only grad_target, neither gradient, multi-dim shape, and the other dtypes of weight."""
     x, y, w = huber_inputs(3 * 5 * 7, 1.0, torch.float32, seed=3, weighted=True)
