@@ -160,11 +160,12 @@ def softcap(x, cap, inv_cap):
 def cast_to(x, DTYPE: tl.constexpr, INTERPRET: tl.constexpr):
     """x (fp32) converted to DTYPE with round-to-nearest-even. The GPU conversion already rounds to
     nearest even; Triton's interpreter truncates fp32 -> bf16, so under it (INTERPRET, see
-    ``interpreting()``) bf16 is rounded by hand on the bits first."""
+    ``interpreting()``) bf16 is rounded by hand on the bits first, and a NaN becomes the quiet NaN
+    (truncated, or rounded, a NaN whose payload lies in the low 16 bits would read inf)."""
     if INTERPRET and DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+        x = tl.where(x != x, float("nan"), bits.to(tl.float32, bitcast=True))
     return x.to(DTYPE)
 
 

@@ -1,13 +1,15 @@
 """Launcher-level tests of kernels/cross_entropy.py and kernels/common.py.
 
 ``cross_entropy_fwd`` and ``scale_grad_`` are called directly (no autograd, no reductions) and compared
-with an independent float64 oracle written here with torch ops and autograd. Without CUDA they run
-under Triton's interpreter on small shapes.
+with an independent float64 oracle written here with torch ops and autograd; the shared math helpers
+through a small kernel of this file's own. Without CUDA they run under Triton's interpreter on small
+shapes.
 """
 
 import contextlib
 import inspect
 import itertools
+import math
 import os
 import threading
 import time
@@ -20,8 +22,20 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 import fastloss.kernels.cross_entropy as ce  # noqa: E402
-from fastloss.kernels.common import cdiv, scale_grad_  # noqa: E402
+from fastloss.kernels.common import (  # noqa: E402
+    cast_to,
+    cdiv,
+    expm1,
+    interpreting,
+    log1p,
+    next_power_of_2,
+    scale_grad_,
+    tanh,
+)
 from fastloss.kernels.cross_entropy import (  # noqa: E402
     MAX_SEGMENTS,
     LaunchConfig,
@@ -346,6 +360,25 @@ def test_out_of_range_target_is_nan():
     assert torch.isfinite(loss[~bad]).all() and torch.isfinite(grad[~bad]).all()
     loss_ok, grad_ok = run(logits[~bad], target[~bad])
     assert torch.equal(loss[~bad], loss_ok) and torch.equal(grad[~bad], grad_ok)
+
+
+def test_mean_of_out_of_range_targets_reads_only_the_weights():
+    """With class weights, the mean's prologue takes an out-of-range target's w_y from the nearest
+    class (that row's loss is NaN anyway) and reads nothing outside the weights: NaN on both sides
+    of them would make every row's scale NaN."""
+    v = 9
+    logits, target = make(6, v, torch.float32)
+    target[1], target[4] = v, -1
+    buf = torch.full((v + 2,), float("nan"), device=DEV)
+    weight = buf[1:v + 1]
+    weight.copy_(torch.rand(v, device=DEV) + 0.5)
+    bad = torch.tensor([False, True, False, False, True, False], device=DEV)
+    grad = torch.empty_like(logits)
+    loss = cross_entropy_fwd(logits, target, weight, None, grad, mean=True)
+    ref_loss, ref_grad = run(logits, target, weight, (1.0 / weight[target.clamp(0, v - 1)].sum().item(),))
+    assert loss[bad].isnan().all() and grad[bad].isnan().all()
+    torch.testing.assert_close(loss[~bad], ref_loss[~bad], rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad[~bad], ref_grad[~bad], rtol=1e-6, atol=0)
 
 
 def test_matches_torch_cross_entropy():
@@ -770,3 +803,64 @@ def test_scale_grad_strided():
     scale_grad_(buf[:, :15], go)  # an in-place gradient living in a wider logits buffer
     assert torch.equal(buf[:, :15], b0[:, :15] * go[:, None]) and torch.equal(buf[:, 15:], b0[:, 15:])
     scale_grad_(torch.empty(0, device=DEV), torch.tensor(2.0, device=DEV))  # nothing to do
+
+
+# ------------------------------------------------------------------------------------------------
+# The shared @triton.jit math helpers
+# ------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _apply_helper(x_ptr, out_ptr, n, HELPER: tl.constexpr, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HELPER == "expm1":
+        y = expm1(x)
+    elif HELPER == "log1p":
+        y = log1p(x)
+    elif HELPER == "tanh":
+        y = tanh(x)
+    else:
+        y = cast_to(x, out_ptr.dtype.element_ty, INTERPRET)
+    tl.store(out_ptr + offs, y, mask=mask)
+
+
+def apply_helper(helper, x, dtype=torch.float32):
+    """common.<helper> (or for "cast", cast_to ``dtype``) of the fp32 values x, in one program."""
+    out = torch.empty(x.shape, dtype=dtype, device=DEV)
+    _apply_helper[(1,)](x.to(DEV), out, x.numel(), HELPER=helper, INTERPRET=interpreting(),
+                        BLOCK=next_power_of_2(x.numel()))
+    return out
+
+
+@pytest.mark.parametrize("helper, exact, far", [
+    ("expm1", torch.expm1, (-20.0, 5.0)),
+    ("log1p", torch.log1p, (-0.999, 100.0)),
+    ("tanh", torch.tanh, (-9.0, 9.0)),
+])
+def test_math_helpers_keep_their_relative_precision(helper, exact, far):
+    """Within 6 fp32 ulps of the exact value for |x| <= 0.5, down to 1e-30, where the plain formulas
+    (exp(x) - 1, log(1 + x)) lose digits to cancellation: the loss of a confident row and focal's
+    1 - p_y depend on it. Within 16 ulps elsewhere (the GPU's exp and log are approximate)."""
+    tiny = torch.logspace(-30, math.log10(0.5), 600)
+    near = torch.cat([torch.linspace(-0.5, 0.5, 2001), tiny, -tiny])
+    for xs, ulps in ((near, 6), (torch.linspace(*far, 2001), 16)):
+        truth = exact(xs.double())
+        err = (apply_helper(helper, xs).cpu().double() - truth).abs() / (truth.abs() * 2.0**-23)
+        assert err.max().item() <= ulps, (helper, xs[err.argmax()].item(), err.max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cast_to_rounds_as_torch(dtype):
+    """cast_to rounds fp32 to the nearest even 16-bit value as torch does (the interpreter's own
+    bf16 cast truncates): ties both ways, overflow to inf, subnormals, -0; and a NaN stays NaN,
+    also one whose payload lies in the bits a bf16 drops (truncated, it would read inf)."""
+    bits = [0x3F808000, 0x3F818000, 0x3F80FFFF, 0x3F807FFF, 0x80008000, 0x7F7FFFFF, 0xFF7FFFFF, 0x00000001,
+            0x7F800000, 0xFF800000, 0x7FC00000, 0x7F800001, 0xFF800001, 0x7FFFFFFF, 0x33800001, 0x387FC000]
+    specials = torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    x = torch.cat([specials, torch.randn(1000) * 10.0 ** torch.randint(-8, 8, (1000,))])
+    ours, theirs = apply_helper("cast", x, dtype).cpu(), x.to(dtype)
+    nan = theirs.isnan()
+    assert torch.equal(ours.isnan(), nan)
+    assert torch.equal(ours[~nan].view(torch.int16), theirs[~nan].view(torch.int16))
