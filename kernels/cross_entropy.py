@@ -407,6 +407,9 @@ def _cross_entropy_kernel(
         x_y = tl.where(live, x_y, 0.0)  # a dead row's lanes are -inf
 
     # ---- the row's loss ---------------------------------------------------------------------------
+    # A +inf logit makes the whole row NaN, loss and gradient, as torch's log_softmax does (inf - inf):
+    # through t, which every term of both divides by or takes the log of.
+    t = tl.where(m == -_neg_inf(), float("nan"), t)
     ref = tl.where((m == _empty()) | (m == _neg_inf()), 0.0, m)  # 0 for a row of -inf (or a dead row)
     log_s = log1p(t)  # lse - m: -inf for a row of -inf (t = -1)
     lse = ref + log_s

@@ -310,6 +310,33 @@ def test_masked_vocabulary_huge_logits_and_nan_row(v, dtype):
     check("focal_loss", [x[[0, 1, 3]], t[[0, 1, 3]]], {"reduction": "none", "gamma": 0.5})
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
+@pytest.mark.parametrize("v", [50, 4099], ids=["one-chunk", "chunked"])
+def test_plus_inf_logit_gives_a_nan_row(loss, v):
+    """A +inf logit makes its row's loss and whole gradient NaN, as torch's log_softmax does (inf -
+    inf), the target's logit or another; the other rows are untouched."""
+    x = logits(4, v)
+    x[1, 5] = float("inf")
+    x[2, 0] = x[2, v - 1] = float("inf")
+    t = torch.tensor([3, 1, 0, 2], device=DEVICE)  # row 2's target is one of them
+    loss, grad = check(loss, [x, t], {"reduction": "none"})
+    assert loss[1:3].isnan().all() and grad[1:3].isnan().all()
+    assert torch.isfinite(loss[[0, 3]]).all() and torch.isfinite(grad[[0, 3]]).all()
+
+
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
+def test_ignored_row_has_a_zero_gradient_whatever_its_logits(loss):
+    """The kernels read no logits of an ignored row: NaN and +inf there change nothing (torch's
+    gradient is NaN there, 0 times NaN; README)."""
+    x = logits(3, 9)
+    x[1, 2], x[1, 4] = float("nan"), float("inf")
+    x.requires_grad_()
+    with fastloss.use_backend("triton"):
+        out = getattr(fastloss, loss)(x, torch.tensor([0, -100, 5], device=DEVICE), reduction="sum")
+    out.backward()
+    assert torch.isfinite(out) and not x.grad[1].any() and torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
 def test_focal_target_logit_of_minus_inf(gamma):
     """A target whose own logit is -inf (p_y = 0): the loss is inf, and the gradient is the limit
