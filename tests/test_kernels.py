@@ -565,6 +565,12 @@ def test_inplace_backward_never_silently_wrong():
         with pytest.raises(RuntimeError, match="leaf"):
             fastloss.cross_entropy(leaf[:, :10], t.clamp(max=9), inplace_backward=True)
         assert torch.equal(leaf.detach(), before)  # untouched
+        # without grad mode nothing is written, so a leaf is fine there (an evaluation loop that
+        # reuses the training criterion)
+        with torch.no_grad():
+            expected = fastloss.cross_entropy(leaf, t)
+            assert torch.equal(fastloss.cross_entropy(leaf, t, inplace_backward=True), expected)
+        assert torch.equal(leaf.detach(), before)
         # rows that share memory (an expanded row) cannot each hold their gradient: refused too
         row = leaf[:1] * 2.0
         for shared in (row.expand(4, 12), torch.as_strided(leaf * 2.0, (4, 8), (1, 1))):
