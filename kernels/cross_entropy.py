@@ -409,7 +409,8 @@ def _cross_entropy_kernel(
     # ---- the row's loss ---------------------------------------------------------------------------
     # A +inf logit makes the whole row NaN, loss and gradient, as torch's log_softmax does (inf - inf):
     # through t, which every term of both divides by or takes the log of.
-    t = tl.where(m == -_neg_inf(), float("nan"), t)
+    nan = float("nan")
+    t = tl.where(m == -_neg_inf(), nan, t)
     ref = tl.where((m == _empty()) | (m == _neg_inf()), 0.0, m)  # 0 for a row of -inf (or a dead row)
     log_s = log1p(t)  # lse - m: -inf for a row of -inf (t = -1)
     lse = ref + log_s
@@ -452,7 +453,6 @@ def _cross_entropy_kernel(
         loss += z_scale * z_coef * lse * lse
         A += z_scale * 2.0 * z_coef * lse
     # ignored rows: 0 * ce_scale (NaN when the mean's scale is 1/0); out-of-range targets: NaN
-    nan = float("nan")
     loss = tl.where(live, loss, tl.where(ignored, 0.0 * ce_scale, nan))
     if seg == 0:
         tl.store(loss_ptr + row, cast_to(loss, loss_ptr.dtype.element_ty, INTERPRET))

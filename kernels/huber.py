@@ -68,17 +68,17 @@ def _huber_kernel(
     offs, mask, x, y = load_block_pair(x_ptr, y_ptr, n, BLOCK)
     d = x - y
     ad = tl.abs(d)
+    # sign(d), 0 where d is 0. Where d is NaN: 0 for L1, whose gradient is torch's sign(d); NaN for
+    # Huber and SmoothL1, whose linear branch a NaN takes, as torch's gradient has it.
+    sign = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0 if L1 else d))
     if L1:
-        # torch's gradient, sign(d): 0 where d is 0, and where it is NaN
         loss = ad
-        grad = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
+        grad = sign
     else:
         # Torch's expressions, with the division by beta a multiplication by its reciprocal: at most
         # one more rounding (an ulp), where an IEEE division per element (tl.math.div_rn) would cost
         # ~20 instructions and make the kernel compute-bound in 16-bit. |d| == beta takes the linear
-        # branch; both branches agree there: 0.5 * beta, gradient +-1. A NaN difference takes the
-        # linear one too, where the gradient stays NaN, as torch's does (sign(0) = 0).
-        sign = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, d))
+        # branch; both branches agree there: 0.5 * beta, gradient +-1.
         quad = ad < beta
         loss = tl.where(quad, (0.5 * ad * ad) * inv_beta, ad - 0.5 * beta)
         grad = tl.where(quad, d * inv_beta, sign)
