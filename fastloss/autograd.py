@@ -94,25 +94,49 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) ->
 # The predicted grad_output. A backward with grad_output != 1 (a loss divided for gradient
 # accumulation, or scaled for fp16) must scale the whole saved gradient, a second pass over it. So the
 # kernels write the gradient already multiplied by a prediction of grad_output: the last scalar
-# grad_output that a backward on the same device and stream saw, when it is a power of two (else 1).
+# grad_output that a backward on the same device saw, when it is a power of two (else 1).
 # A right prediction leaves the backward nothing to do; a wrong one costs the pass it would have cost
 # anyway. Powers of two multiply exactly, so the gradient is the same bit for bit either way, but for
 # entries below the smallest normal float (times the factor): one rounding there, not two. Each
 # forward copies the prediction it used for its own backward, so the order of forwards and backwards
 # does not matter. fp16 gradients are left out: a prediction could overflow them (a loss scaler's
 # 2^16, say), and a wrong one would then leave inf where the scaled gradient is finite.
-_PREDICTIONS: dict[tuple, Tensor] = {}
+# Only on the device's default stream, where training usually runs and no CUDA graph is ever
+# captured. torch.compile's CUDA graphs (mode="reduce-overhead") run their first calls and their
+# capture on a stream of their own, and what is allocated there goes to the graphs' private memory
+# pool: a prediction kept from there would be a leak that torch.compile's pool check raises on, and
+# one first allocated inside a capture holds its 1 only once that graph replays. Off the default
+# stream, the forward multiplies by 1, and the backward's pass scales as it would without this.
+_PREDICTIONS: dict[torch.device, Tensor] = {}
 _PREDICTED_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _prediction(t: Tensor) -> Tensor:
-    """The prediction for kernels launched on ``t``'s device and current stream (one fp32 value)."""
-    stream = torch._C._cuda_getCurrentRawStream(t.get_device()) if t.is_cuda else 0
-    key = (t.device, stream)
-    pred = _PREDICTIONS.get(key)
+def _on_default_stream(t: Tensor) -> bool:
+    """Whether the current stream of ``t``'s device is its default stream (always, on a CPU)."""
+    return not t.is_cuda or torch._C._cuda_getCurrentRawStream(t.get_device()) == 0
+
+
+def _prediction(t: Tensor) -> Optional[Tensor]:
+    """The prediction for kernels launched on ``t``'s device (one fp32 value), or None off its
+    default stream."""
+    if not _on_default_stream(t):
+        return None
+    pred = _PREDICTIONS.get(t.device)
     if pred is None:
-        pred = _PREDICTIONS.setdefault(key, torch.ones(1, dtype=torch.float32, device=t.device))
+        pred = _PREDICTIONS.setdefault(t.device, torch.ones(1, dtype=torch.float32, device=t.device))
     return pred
+
+
+def _forward_prediction(logits: Tensor, predicted: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    """The launcher's ``prediction`` and ``predicted`` for a forward given a ``predicted`` buffer (or
+    None): the device's prediction, which the kernel copies into ``predicted``; or, off the default
+    stream, neither, and ``predicted`` holds 1."""
+    prediction = None if predicted is None else _prediction(logits)
+    if prediction is None:
+        if predicted is not None:
+            predicted.fill_(1.0)
+        return None, None
+    return prediction, predicted
 
 
 def _predicts(grad_dtype: torch.dtype, reduce: bool) -> bool:
@@ -132,11 +156,12 @@ def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], 
                       z_loss: float, softcap: Optional[float], gamma: Optional[float],
                       predicted: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
+    prediction, predicted = _forward_prediction(logits, predicted)
     with _on(logits):
         loss = cross_entropy_fwd(logits, target, weight, None, grad, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
                                  mean=mean, reduce=reduce, loss_dtype=loss_dtype,
-                                 prediction=None if predicted is None else _prediction(logits), predicted=predicted)
+                                 prediction=prediction, predicted=predicted)
     return loss, grad if grad is not None else _no_grad_buffer(logits)
 
 
@@ -152,11 +177,12 @@ def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[T
                               reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,
                               z_loss: float, softcap: Optional[float], gamma: Optional[float],
                               predicted: Optional[Tensor]) -> Tensor:
+    prediction, predicted = _forward_prediction(logits, predicted)
     with _on(logits):
         return cross_entropy_fwd(logits, target, weight, None, logits, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
                                  mean=mean, reduce=reduce, loss_dtype=loss_dtype,
-                                 prediction=None if predicted is None else _prediction(logits), predicted=predicted)
+                                 prediction=prediction, predicted=predicted)
 
 
 @_softmax_loss_fwd_inplace.register_fake
@@ -206,8 +232,11 @@ def _(inputs, targets, alpha, gamma, scale, reduce, grad_input, loss_dtype):
 @_op("scale_grad_", mutates_args=("grad",))
 def _scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Optional[Tensor]) -> None:
     """grad *= grad_output; ``predicted``: what its forward multiplied grad by (see _PREDICTIONS)."""
+    prediction = None if predicted is None else _prediction(grad)
+    if predicted is not None and prediction is None:  # off the default stream: the next one goes nowhere
+        prediction = torch.empty_like(predicted)
     with _on(grad):
-        scale_grad_(grad, grad_output, predicted, None if predicted is None else _prediction(grad))
+        scale_grad_(grad, grad_output, predicted, prediction)
 
 
 @_scale_grad_.register_fake

@@ -474,14 +474,21 @@ def test_inplace_backward_on_a_copied_input(layout):
 
 
 @pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
-def test_a_predicted_grad_output_gives_the_same_bits(loss, dtype, inplace):
+@pytest.mark.parametrize("loss, dtype, stream", [
+    *[(loss, dtype, "default_stream") for loss in ("cross_entropy", "focal_loss") for dtype in DTYPES],
+    ("cross_entropy", torch.bfloat16, "other_stream"),
+], ids=str)
+def test_a_predicted_grad_output_gives_the_same_bits(loss, dtype, inplace, stream, monkeypatch):
     """A backward with grad_output != 1 (a divided loss) scales the saved gradient. After one with a
-    power of two, the forwards write the gradient already multiplied by it (not in fp16), so the
-    backward has nothing left to do; the loss and the gradient are the same bits as without that
-    prediction, whether it was right or wrong, and whatever the order of forwards and backwards."""
+    power of two, the forwards write the gradient already multiplied by it (not in fp16, and only on
+    the device's default stream), so the backward has nothing left to do; the loss and the gradient
+    are the same bits as without that prediction, whether it was right or wrong, and whatever the
+    order of forwards and backwards. Off the default stream (CUDA graphs are captured there) nothing
+    is predicted, and no prediction is kept."""
     import fastloss.autograd as fa
+
+    if stream == "other_stream":
+        monkeypatch.setattr(fa, "_on_default_stream", lambda t: False)
 
     x0, t = logits(6, 300, dtype=dtype), labels(6, 300, ignore=1)
     fn = functools.partial(getattr(fastloss, loss), inplace_backward=inplace, reduction="sum")
@@ -502,20 +509,20 @@ def test_a_predicted_grad_output_gives_the_same_bits(loss, dtype, inplace):
         fa._PREDICTIONS.clear()
         return backward(forward(), g)
 
-    def prediction():
-        return float(fa._PREDICTIONS[(DEVICE, 0)]) if (DEVICE, 0) in fa._PREDICTIONS else None
+    def prediction():  # (the tests use one device)
+        return float(next(iter(fa._PREDICTIONS.values()))) if fa._PREDICTIONS else None
 
     fa._PREDICTIONS.clear()
     for g in (2.0 ** -3, 2.0 ** -3, 0.3, 2.0 ** 10, 2.0 ** 10, 1.0, 2.0 ** -3):
-        used = prediction()  # (CUDA: keyed by the stream, not looked at)
+        used = prediction()
         state = forward()
         written = state[1].detach().clone()  # in place: the gradient as the forward wrote it
         got = backward(state, g)
         expected = unpredicted(g)  # leaves the prediction as got's backward did
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), g
-        if dtype == torch.float16:
+        if dtype == torch.float16 or stream == "other_stream":
             assert not fa._PREDICTIONS  # never predicted
-        elif not CUDA:
+        else:
             assert prediction() == (g if g != 0.3 else 1.0)
             if inplace and used not in (None, 1.0):  # written already times the prediction
                 fa._PREDICTIONS.clear()
@@ -941,3 +948,28 @@ def test_cuda_graph_capture():
         torch.testing.assert_close(h, F.huber_loss(y.detach(), torch.zeros_like(y)))
         torch.testing.assert_close(y.grad, expected_y.grad)
         torch.testing.assert_close(fastloss.cross_entropy(x.detach(), t), expected.detach())
+
+
+@gpu
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
+def test_torch_compile_with_cuda_graphs(loss):
+    """mode="reduce-overhead": torch.compile's CUDA graphs warm up and capture on a stream of their
+    own, whose allocations go to a private memory pool that torch.compile checks for leaks (a
+    predicted grad_output kept from there would be one). The loss is divided, as in gradient
+    accumulation, so the backward scales the gradient inside the graph; each call's results are
+    checked against torch's on fresh logits (the first calls warm up, the next ones replay)."""
+    torch._dynamo.reset()
+    fn = getattr(fastloss, loss)
+    compiled = torch.compile(lambda x, t: fn(x, t) / 4, mode="reduce-overhead")
+    t = labels(256, 5000, ignore=8)
+    for _ in range(4):
+        x = logits(256, 5000).requires_grad_()
+        got = compiled(x, t)
+        got.backward()
+        got = got.detach().clone()  # the graph's output is overwritten by its next replay
+        x_ref = x.detach().clone().requires_grad_()
+        ref_fn = F.cross_entropy if loss == "cross_entropy" else reference.focal_loss
+        expected = ref_fn(x_ref, t) / 4
+        expected.backward()
+        torch.testing.assert_close(got, expected.detach())
+        torch.testing.assert_close(x.grad, x_ref.grad)
