@@ -445,6 +445,7 @@ MIXED_DTYPES = [
     ("huber fp32 fp64", "huber_loss", lambda: (X, Y.double()), {}),
     ("huber fp32 int", "huber_loss", lambda: (X, Y.long()), {}),
     ("huber bf16 bool, weight fp32", "huber_loss", lambda: (X.to(_BF), Y > 0), {"weight": Y.abs()}),
+    ("huber fp32, weight fp64", "huber_loss", lambda: (X, Y), {"weight": Y.abs().double()}),
     ("smooth_l1 bf16 fp32", "smooth_l1_loss", lambda: (X.to(_BF), Y), {}),
     ("smooth_l1 fp32 int", "smooth_l1_loss", lambda: (X, Y.long()), {"beta": 0.0}),
     ("ce probabilities bf16 fp32", "cross_entropy", lambda: (X.to(_BF), _P), {}),

@@ -791,7 +791,7 @@ def test_smooth_l1(reduction, beta, dtype):
 def test_sigmoid_focal(reduction, size, dtype):
     x = logits(size, dtype=dtype)
     t = (torch.rand(size, device=DEVICE) < 0.3).to(dtype)
-    for alpha, gamma in ((0.25, 2.0), (-1.0, 0.5), (0.6, 0.0)):
+    for alpha, gamma in ((0.25, 2.0), (-1.0, 0.5), (0.6, 0.0), (0.0, 1.0)):  # alpha = 0 weights too
         check("sigmoid_focal_loss", [x, t], {"alpha": alpha, "gamma": gamma, "reduction": reduction})
 
 

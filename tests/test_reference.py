@@ -249,7 +249,11 @@ def test_gradcheck_weighted_huber():
 @pytest.mark.parametrize("ignore", [None, "some", "all"])
 def test_focal_gamma0_equals_cross_entropy(reduction, ignore):
     x, t, w = _logits_and_targets(ignore=ignore)
-    x = x.float().detach().requires_grad_()
+    x = x.float().detach()
+    n, d = (t != -100).nonzero()[0] if (t != -100).any() else (0, 0)
+    x[n, :, d] = 0.0
+    x[n, t[n, d].clamp(0, C - 1), d] = 60.0  # a saturated row: p_y rounds to 1 in fp32, 1 - p_y to 0
+    x.requires_grad_()
     for weight in (None, w.float()):
         kw = dict(weight=weight, ignore_index=-100, reduction=reduction)
         focal, ce = R.focal_loss(x, t, gamma=0.0, **kw), R.cross_entropy(x, t, **kw)
@@ -284,6 +288,21 @@ def test_sigmoid_focal_reduces_to_bce_and_factor():
     for gamma in (0.5, 2.0):
         ratio = R.sigmoid_focal_loss(x, t, alpha=0.3, gamma=gamma) / bce
         torch.testing.assert_close(ratio, (1 - p_t) ** gamma * alpha_t)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_sigmoid_focal_alpha_at_its_ends(alpha):
+    """Every alpha >= 0 weights, as in torchvision: 0 keeps only the negatives' loss and 1 only the
+    positives'; only a negative alpha disables the weighting."""
+    g = gen()
+    x = 3 * torch.randn(4, 6, dtype=torch.float64, generator=g)
+    t = torch.rand(4, 6, dtype=torch.float64, generator=g)
+    t[0] = (t[0] > 0.5).double()  # hard and soft targets
+    for reduction in REDUCTIONS:
+        torch.testing.assert_close(R.sigmoid_focal_loss(x, t, alpha=alpha, gamma=2.0, reduction=reduction),
+                                   torchvision_sigmoid_focal(x, t, alpha, 2.0, reduction))
+    positive = R.sigmoid_focal_loss(x, t, alpha=alpha)[0][t[0] == 1]
+    assert (positive == 0).all() if alpha == 0 else (positive > 0).all()
 
 
 @pytest.mark.parametrize("softcap", [None, 2.0])
