@@ -82,11 +82,11 @@ def _check_devices(fn: str, *named: tuple[str, Tensor | None]) -> None:
 
 
 def _float(fn: str, name: str, value) -> float:
-    """A float argument as torch's parser takes one (a Python or NumPy number, a one-element
+    """A float argument as torch's parser takes one (a Python or NumPy number, a bool, a one-element
     tensor), else TypeError, as torch raises."""
     if type(value) is float:  # the usual case, first: a step's host time counts
         return value
-    if not isinstance(value, (bool, str)):
+    if not isinstance(value, str):
         try:
             return float(value)
         except (TypeError, ValueError, RuntimeError):

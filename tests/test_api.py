@@ -354,8 +354,9 @@ FASTLOSS_ONLY_BAD_CALLS = [
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
 def test_scalar_arguments_as_torch_takes_them(backend_name):
-    """NumPy numbers and one-element tensors stand for Python numbers, as in torch; softcap = inf and
-    delta = inf are their limits (no cap; 0.5 d^2 everywhere), not inf * 0."""
+    """NumPy numbers and one-element tensors stand for Python numbers, as in torch, and so does a bool
+    for a float (not for an int); softcap = inf and delta = inf are their limits (no cap; 0.5 d^2
+    everywhere), not inf * 0."""
     t = torch.tensor([0, 1, 1, 3])
     with fastloss.use_backend(backend_name):
         for loss in (fastloss.cross_entropy, fastloss.focal_loss):
@@ -367,6 +368,12 @@ def test_scalar_arguments_as_torch_takes_them(backend_name):
                                    F.cross_entropy(X, t, label_smoothing=0.25))
         torch.testing.assert_close(fastloss.huber_loss(X, Y, delta=torch.tensor(0.5)), F.huber_loss(X, Y, delta=0.5))
         torch.testing.assert_close(fastloss.huber_loss(X, Y, delta=math.inf), 0.5 * ((X - Y) ** 2).mean())
+        torch.testing.assert_close(fastloss.cross_entropy(X, t, label_smoothing=True),
+                                   F.cross_entropy(X, t, label_smoothing=True))
+        torch.testing.assert_close(fastloss.smooth_l1_loss(X, Y, beta=False), F.smooth_l1_loss(X, Y, beta=False))
+        for fn in (F.cross_entropy, fastloss.cross_entropy):
+            with pytest.raises(TypeError, match="ignore_index"):
+                fn(X, t, ignore_index=True)
 
 
 @pytest.mark.parametrize("call, exc, pattern", FASTLOSS_ONLY_BAD_CALLS)
