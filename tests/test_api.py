@@ -71,6 +71,18 @@ def test_backend_env_and_context(monkeypatch):
     assert backend.current() == "reference"
 
 
+def test_strict_is_read_at_every_call(monkeypatch):
+    """FASTLOSS_STRICT (its synced range check matters on CUDA only: on a CPU the check is free and
+    always made): set to anything but empty or 0, it is on."""
+    from fastloss import backend
+
+    monkeypatch.delenv("FASTLOSS_STRICT", raising=False)
+    assert not backend.strict()
+    for value, strict in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv("FASTLOSS_STRICT", value)
+        assert backend.strict() is strict
+
+
 def test_backend_invalid_name(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         with fastloss.use_backend("cuda"):
@@ -256,6 +268,7 @@ BAD_CALLS = [
     # (id, fastloss call, torch call or None when torch has no such function, pattern in our message)
     ("reduction", lambda m: m.cross_entropy(X, T, reduction="avg"), "reduction"),
     ("label_smoothing", lambda m: m.cross_entropy(X, T, label_smoothing=1.5), "label_smoothing"),
+    ("weight_2d", lambda m: m.cross_entropy(X, T, weight=torch.ones(5, 1)), "weight"),
     ("batch", lambda m: m.cross_entropy(X, T[:3]), "batch_size"),
     ("target_shape", lambda m: m.cross_entropy(torch.randn(4, 5, 3), torch.zeros(4, 2, dtype=torch.long)), "target"),
     ("sequence_logits", lambda m: m.cross_entropy(torch.randn(2, 4, 5), T.view(2, 2).repeat(1, 2)), "flatten(0, 1)"),
@@ -340,6 +353,7 @@ FASTLOSS_ONLY_BAD_CALLS = [
     (lambda: fastloss.focal_loss(X, torch.rand(4, 5)), RuntimeError, "class indices"),
     (lambda: fastloss.focal_loss(X, T, reduction="avg"), ValueError, "reduction"),
     (lambda: fastloss.sigmoid_focal_loss(X, torch.rand(4, 4)), ValueError, "targets"),
+    (lambda: fastloss.sigmoid_focal_loss(X, torch.rand(4, 1)), ValueError, "targets"),  # no broadcast
     (lambda: fastloss.sigmoid_focal_loss(X, Y, gamma=-1.0), ValueError, "gamma"),
     (lambda: fastloss.sigmoid_focal_loss(X, Y, reduction="avg"), ValueError, "reduction"),
     (lambda: fastloss.sigmoid_focal_loss(X, "y"), TypeError, "targets"),
@@ -370,15 +384,18 @@ def test_scalar_arguments_as_torch_takes_them(backend_name):
         torch.testing.assert_close(fastloss.huber_loss(X, Y, delta=math.inf), 0.5 * ((X - Y) ** 2).mean())
         torch.testing.assert_close(fastloss.cross_entropy(X, t, label_smoothing=True),
                                    F.cross_entropy(X, t, label_smoothing=True))
+        torch.testing.assert_close(fastloss.cross_entropy(X, t, label_smoothing=1.0),  # the top of its range
+                                   F.cross_entropy(X, t, label_smoothing=1.0))
         torch.testing.assert_close(fastloss.smooth_l1_loss(X, Y, beta=False), F.smooth_l1_loss(X, Y, beta=False))
         for fn in (F.cross_entropy, fastloss.cross_entropy):
             with pytest.raises(TypeError, match="ignore_index"):
                 fn(X, t, ignore_index=True)
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
 @pytest.mark.parametrize("call, exc, pattern", FASTLOSS_ONLY_BAD_CALLS)
-def test_bad_arguments_of_extras(call, exc, pattern, launches):
-    with fastloss.use_backend("triton"), pytest.raises(exc, match=pattern) as raised:
+def test_bad_arguments_of_extras(call, exc, pattern, backend_name, launches):
+    with fastloss.use_backend(backend_name), pytest.raises(exc, match=pattern) as raised:
         call()
     assert type(raised.value) is exc  # not a subclass: torchvision's own type
     assert not launches  # raised before any kernel launch
@@ -409,6 +426,9 @@ def test_legacy_positional_arguments():
     m = fnn.CrossEntropyLoss(None, False)
     assert m.reduction == "sum"
     torch.testing.assert_close(m(X, T), torch.nn.CrossEntropyLoss(None, False)(X, T))
+    m = fnn.SmoothL1Loss(None, False)
+    assert m.reduction == "none"
+    torch.testing.assert_close(m(X, Y), torch.nn.SmoothL1Loss(None, False)(X, Y))
 
 
 MODULES = [

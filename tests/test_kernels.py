@@ -383,6 +383,22 @@ def test_non_contiguous_logits_and_targets():
     check("cross_entropy", [big[:, :70], both[:, 1]], {})           # strided class indices
     check("cross_entropy", [big[:, :70], torch.tensor(3, device=DEVICE).expand(6)], {"reduction": "none"})
     check("cross_entropy", [big[:, :70], torch.rand(70, 6, device=DEVICE).t()], {})  # strided probabilities
+    check("cross_entropy", [big[:, :70], labels(6, 70)], {"weight": (torch.rand(140, device=DEVICE) + 0.5)[::2]})
+
+
+def test_gradients_the_kernels_do_not_write_come_from_the_reference():
+    """A Huber weight and sigmoid focal targets that require grad get their gradient (the kernels
+    write none: those calls take the reference), never a missing one."""
+    x, y = logits(3, 41), logits(3, 41)
+    w, t = torch.rand(3, 41, device=DEVICE), torch.rand(3, 41, device=DEVICE)
+    for call, arg in ((lambda m, a: m.huber_loss(x, y, weight=a), w),
+                      (lambda m, a: m.sigmoid_focal_loss(x, a, reduction="sum"), t)):
+        grads = []
+        for module, backend_name in ((fastloss, "triton"), (reference, "reference")):
+            leaf = arg.clone().requires_grad_()
+            with fastloss.use_backend(backend_name):
+                grads.append(torch.autograd.grad(call(module, leaf), leaf)[0])
+        torch.testing.assert_close(*grads)
 
 
 def test_single_class_with_any_stride():
