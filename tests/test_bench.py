@@ -1,10 +1,12 @@
-"""Smoke tests of the benchmark tooling (bench/) on CPU: the harness's entry point with --quick on tiny
-cases, its accuracy gate, the floor arithmetic, and the two-run training script."""
+"""Tests of the benchmark tooling (bench/) on CPU: the harness's entry point with --quick on tiny cases,
+its accuracy gate, the floor and speed-up arithmetic, what one timed step does, the report's targets
+and merged saves, and the two-run training script."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import math
 import os
@@ -269,3 +271,173 @@ def test_tune_ce_tries_segments_held_in_registers(n_cols):
         assert cfg.block // (32 * cfg.num_warps) <= 64
     if n_cols == 128256:
         assert _default_config(n_cols, 4, MAX_SEGMENTS) in configs
+
+
+# ----------------------------------------------------------------------------------------------
+# The arithmetic behind every published figure: the floor's speed of light, the accuracy gate,
+# what one timed step does, and how the report ranks the runs.
+# ----------------------------------------------------------------------------------------------
+
+
+def test_copy_bandwidth_counts_the_read_and_the_write(monkeypatch):
+    """The speed of light is (bytes read + bytes written) / time of dst.copy_(src): a copy of 1 MiB in
+    1 ms moves 2 MiB, so the bandwidth is 2 MiB/ms. Counting one side would double every share of the floor."""
+    monkeypatch.setattr(harness, "bench_ms", lambda fn, device, quick=False: harness.Timing(1.0, 0.9, 1.1))
+    bandwidth, timing = harness.copy_bandwidth(CPU, 1 << 20, quick=True)
+    assert timing.ms == 1.0 and bandwidth == 2 * 2**20 / 1e-3
+
+
+def test_relative_error_is_the_worst_difference_over_the_largest_reference(monkeypatch):
+    monkeypatch.setattr(harness, "CHUNK", 3)  # the chunked loop, over 7 elements
+    ref = torch.tensor([1.0, -4.0, 2.0, 0.5, 0.0, 3.0, 1.0], dtype=torch.float64)
+    value = ref.clone().float()
+    value[5] += 0.2  # the worst difference, in the last chunk
+    value[0] -= 0.1
+    assert harness.relative_error(value, ref) == pytest.approx(0.2 / 4.0, rel=1e-6)
+    assert harness.relative_error(ref.float().reshape(7, 1), ref) == 0.0  # shapes are flattened
+    value[1] = float("nan")
+    assert math.isnan(harness.relative_error(value, ref))  # a NaN anywhere is never within tolerance
+    assert math.isnan(harness.relative_error(ref[:6], ref))  # so is a gradient of the wrong size
+    zeros = torch.zeros(4, dtype=torch.float64)
+    assert harness.relative_error(torch.full((4,), 1e-3), zeros) == pytest.approx(1e-3)  # absolute at 0
+
+
+def test_check_provider_gates_on_every_gradient_and_on_nan():
+    case = cases.Case("huber", "fp32", (64,), target_grad=True)
+    inputs = case.make_inputs(CPU)
+    ref = harness.reference_outputs(case, inputs, CPU)
+    assert len(ref[1]) == 2  # input and target
+    good = harness.check_provider(case, cases.Provider("torch", cases.TORCH_FNS["huber"]), inputs, ref)
+    assert good.ok and good.loss_err < 1e-6 and good.grad_err < 1e-6
+
+    def wrong_target_grad(x, y):  # the right loss and gradient for x, a zero gradient for y
+        return F.huber_loss(x, y.detach()) + 0 * y.sum()
+
+    wrong = harness.check_provider(case, cases.Provider("p", wrong_target_grad), inputs, ref)
+    assert wrong.ok is False and wrong.loss_err < 1e-6
+    nan = harness.check_provider(case, cases.Provider("p", lambda x, y: F.huber_loss(x, y) * float("nan")), inputs, ref)
+    assert nan.ok is False and nan.note.startswith("error above tolerance")
+    assert harness.check_provider(case, cases.Provider("p", cases.TORCH_FNS["huber"]), inputs, None).ok is None
+
+
+def test_a_provider_that_writes_into_its_inputs_is_checked_on_a_copy():
+    """Liger writes the gradient into the logits: checked on a copy, so the reference's inputs (and the
+    inputs every other provider is timed on) keep their values."""
+    case = cases.Case("ce", "fp32", (16, 50))
+    inputs = case.make_inputs(CPU)
+    before = inputs[0].detach().clone()
+
+    def in_place(x, t):
+        loss = F.cross_entropy(x, t)
+        with torch.no_grad():
+            x.zero_()
+        return loss
+
+    ref = harness.reference_outputs(case, inputs, CPU)
+    check = harness.check_provider(case, cases.Provider("p", in_place, mutates_inputs=True), inputs, ref)
+    assert check.ok and torch.equal(inputs[0].detach(), before)
+
+
+def test_reference_outputs_run_in_float64_below_the_size_limit_and_float32_above(monkeypatch):
+    case = cases.Case("ce", "bf16", (8, 30))
+    x, t = case.make_inputs(CPU)
+    loss, (grad,) = harness.reference_outputs(case, (x, t), CPU)
+    assert loss.dtype == grad.dtype == torch.float64 and x.grad is None  # on a copy: x is left alone
+    x64 = x.detach().double().requires_grad_()
+    expected = F.cross_entropy(x64, t)
+    assert torch.allclose(loss, expected) and torch.allclose(grad, torch.autograd.grad(expected, x64)[0])
+    monkeypatch.setattr(harness, "REFERENCE_FP64_NUMEL", case.numel - 1)
+    loss, (grad,) = harness.reference_outputs(case, (x, t), CPU)
+    assert loss.dtype == grad.dtype == torch.float32
+    fwd = cases.Case("ce", "bf16", (8, 30), mode="fwd")
+    loss, grads = harness.reference_outputs(fwd, fwd.make_inputs(CPU), CPU)
+    assert loss.dtype == torch.float32 and grads == ()
+
+
+def test_a_timed_step_starts_from_fresh_gradients_and_cycles_the_input_sets():
+    case = cases.Case("huber", "fp32", (32,), target_grad=True)
+    input_sets = [case.make_inputs(CPU, seed=i) for i in range(2)]
+    seen = []
+
+    def fn(x, y):
+        seen.append(x)
+        return F.huber_loss(x, y, reduction="sum")
+
+    step = harness.make_step(fn, input_sets, "fwdbwd")
+    for _ in range(4):
+        step()
+    assert [s is input_sets[i % 2][0] for i, s in enumerate(seen)] == [True] * 4
+    for x, y in input_sets:  # two backwards into each set: the last one's gradient, not their sum
+        (gx, gy) = torch.autograd.grad(F.huber_loss(x, y, reduction="sum"), (x, y))
+        assert torch.equal(x.grad, gx) and torch.equal(y.grad, gy)
+    grad_modes = []
+
+    def forward_only(x, y):
+        grad_modes.append(torch.is_grad_enabled())
+        return F.huber_loss(x, y)
+
+    harness.clear_grads(input_sets)
+    harness.make_step(forward_only, input_sets, "fwd")()
+    assert grad_modes == [False]
+    assert all(x.grad is None for s in input_sets for x in s)
+
+
+def test_speedups_divide_the_baselines_time_by_the_providers():
+    rows = [dict(provider="fastloss", status="ok", ms=1.0), dict(provider="torch", status="ok", ms=4.0),
+            dict(provider="compile", status="ok", ms=2.0), dict(provider="liger", status="error")]  # fmt: skip
+    harness._add_speedups(rows)
+    assert (rows[0]["vs_torch"], rows[0]["vs_compile"]) == (4.0, 2.0)  # > 1: fastloss is faster
+    assert (rows[2]["vs_torch"], rows[2]["vs_compile"]) == (2.0, 1.0)
+    assert "vs_torch" not in rows[3]
+
+
+def test_run_case_reports_a_provider_that_raises_and_goes_on():
+    case = cases.Case("ce", "fp32", (16, 50))
+
+    def broken(x, t):
+        raise RuntimeError("no kernel for you\nsecond line")
+
+    providers = {"broken": cases.Provider("broken", broken), "torch": cases.Provider("torch", cases.TORCH_FNS["ce"])}
+    rows = {r["provider"]: r for r in harness.run_case(case, providers, CPU, bandwidth=1e10, quick=True)}
+    assert rows["broken"]["status"] == "error" and rows["broken"]["note"] == "RuntimeError: no kernel for you"
+    assert rows["torch"]["status"] == "ok" and rows["torch"]["floor_ms"] == case.floor_bytes() / 1e10 * 1e3
+
+
+def test_targets_are_met_at_the_goal_and_short_below_it():
+    def row(case, pct, status="ok", goal=90.0, provider="fastloss"):
+        return dict(case=case, provider=provider, status=status, pct_floor=pct, goal_pct=goal)
+
+    rows = [row("a", 90.0), row("b", 89.9), row("c", None, status="error"), row("d", 50.0, goal=None),
+            row("a", 99.0, provider="torch")]  # fmt: skip
+    targets = {t["case"]: t for t in report.target_rows(rows)}
+    assert set(targets) == {"a", "b", "c"}  # d has no target; torch's rows are not fastloss's
+    assert targets["a"]["met"] and targets["a"]["gap_pt"] == 0.0
+    assert not targets["b"]["met"] and targets["b"]["gap_pt"] == pytest.approx(-0.1)
+    assert not targets["c"]["met"] and targets["c"]["reached_pct"] is None
+    text = report.format_targets(rows)
+    assert text.splitlines()[0].endswith("1/3 met") and "not measured (error)" in text
+
+
+def test_save_with_merge_keeps_the_other_records_and_replaces_the_measured_ones(tmp_path):
+    meta = report.run_meta(CPU, 1e10)
+
+    def row(case, provider, ms):
+        return dict(case=case, loss="huber", provider=provider, status="ok", ms=ms)
+
+    report.save(str(tmp_path), [row("a", "torch", 1.0), row("b", "torch", 2.0)], meta, plots=False)
+    report.save(str(tmp_path), [row("b", "torch", 3.0), row("b", "fastloss", 4.0)], meta, merge=True, plots=False)
+    got = {(r["case"], r["provider"]): r["ms"] for r in report.load(str(tmp_path))}
+    assert got == {("a", "torch"): 1.0, ("b", "torch"): 3.0, ("b", "fastloss"): 4.0}
+    report.save(str(tmp_path), [row("c", "torch", 5.0)], meta, plots=False)  # without merge: replaced
+    assert [(r["case"], r["ms"]) for r in report.load(str(tmp_path))] == [("c", 5.0)]
+
+
+def test_progress_prints_only_milestones_when_not_on_a_terminal():
+    stream = io.StringIO()
+    progress = report.Progress(4, stream=stream, width=4)
+    progress.status("timing", milestone=False)
+    progress.advance()
+    progress.status("case 2", milestone=True)
+    progress.clear()
+    (line,) = stream.getvalue().splitlines()  # the milestone alone
+    assert line.startswith("█░░░ 1/4  0:00") and line.endswith("case 2") and "\r" not in line
