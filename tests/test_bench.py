@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import fastloss
 import fastloss.functional as functional
 from bench import __main__ as bench_main
-from bench import ab, cases, harness, host, report, train
+from bench import ab, cases, harness, host, plot, report, train
 
 CPU = torch.device("cpu")
 HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
@@ -441,3 +441,21 @@ def test_progress_prints_only_milestones_when_not_on_a_terminal():
     progress.clear()
     (line,) = stream.getvalue().splitlines()  # the milestone alone
     assert line.startswith("█░░░ 1/4  0:00") and line.endswith("case 2") and "\r" not in line
+
+
+def test_sweep_plots_group_one_device_and_shape_and_leave_out_what_is_no_sweep_point():
+    """plot.sweep_groups: one plot per (device, loss, dtype, mode, N) with at least MIN_POINTS
+    vocabulary sizes, each provider's points sorted by V; failed rows, divided losses and other losses
+    are left out, and runs merged from one device are drawn against their mean copy bandwidth."""
+
+    def row(vocab, provider="fastloss", device="H100", copy=3000.0, **kw):
+        return dict(dict(device=device, copy_gbps=copy, loss="ce", dtype="bf16", mode="fwdbwd", status="ok",
+                         shape=f"8×{vocab}", provider=provider, gbps=vocab / 1000, loss_div=1), **kw)  # fmt: skip
+
+    records = [row(4096, copy=2900.0), row(1024), row(2048, copy=3100.0), row(2048, provider="torch"),
+               row(8192, status="error"), row(16384, loss_div=8), row(32768, loss="huber"),
+               row(1024, device="H200"), row(2048, device="H200")]  # fmt: skip
+    groups = plot.sweep_groups(records)
+    assert list(groups) == [("H100", 3000.0, "ce", "bf16", "fwdbwd", 8)]  # the H200 has two points only
+    (lines,) = groups.values()
+    assert lines == {"fastloss": [(1024, 1.024), (2048, 2.048), (4096, 4.096)], "torch": [(2048, 2.048)]}
