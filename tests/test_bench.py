@@ -101,6 +101,7 @@ def test_quick_run_writes_sane_results(tmp_path, capsys):
     assert bench_main.main(args) == 0
     printed = capsys.readouterr().out
     assert "copy bandwidth:" in printed and "Share of the floor" in printed
+    assert "timed with perf_counter on 1 thread(s)" in printed  # --threads' default
 
     expected = cases.select_cases(CPU, quick=True, losses=("ce", "huber"), modes=("fwdbwd",), dtypes=("fp32",),
                                   shapes="all")  # fmt: skip
@@ -459,3 +460,64 @@ def test_sweep_plots_group_one_device_and_shape_and_leave_out_what_is_no_sweep_p
     assert list(groups) == [("H100", 3000.0, "ce", "bf16", "fwdbwd", 8)]  # the H200 has two points only
     (lines,) = groups.values()
     assert lines == {"fastloss": [(1024, 1.024), (2048, 2.048), (4096, 4.096)], "torch": [(2048, 2.048)]}
+
+
+@pytest.mark.parametrize("loss", cases.LOSSES)
+def test_every_baseline_computes_the_loss_it_is_compared_on(loss):
+    """The baselines are timed only when they agree with the reference, as fastloss is: a wrong
+    formula in eager torch's focal losses would otherwise drop out of the table silently (a mismatch
+    fails the run only for fastloss). Inputs as the benchmark makes them: class targets across the
+    vocabulary, detection-style targets with some positives."""
+    shape = {"ce": (64, 300), "focal": (64, 300), "sigmoid_focal": (512, 80)}.get(loss, (4096,))
+    case = cases.Case(loss, "fp32", shape, target_grad=loss in ("huber", "smooth_l1"))
+    inputs = case.make_inputs(CPU)
+    target = inputs[1]
+    if loss in cases.CLASS_LOSSES:
+        assert target.min() >= 0 and target.max() < shape[1] and target.unique().numel() > shape[0] // 2
+    elif loss == "sigmoid_focal":
+        assert set(target.unique().tolist()) == {0.0, 1.0} and 0.05 < target.mean() < 0.2
+    ref = harness.reference_outputs(case, inputs, CPU)
+    for name in ("torch", "fastloss"):
+        check = harness.check_provider(case, cases.make_provider(loss, name, CPU), inputs, ref)
+        assert check.ok, (name, check)
+
+
+def test_case_selection_filters_and_leaves_no_duplicate():
+    everything = cases.select_cases(CPU, shapes="all")
+    labels = [c.label for c in everything]
+    assert len(labels) == len(set(labels))  # the sweep skips the V the headline measures
+    assert {c.dtype for c in cases.select_cases(CPU, dtypes=("bf16",))} == {"bf16"}
+    sweep = cases.select_cases(CPU, shapes="sweep")
+    assert sweep and all(c.sweep for c in sweep)
+    assert not any(c.sweep for c in cases.select_cases(CPU, shapes="headline"))
+    assert cases.Case("huber", "fp32", (1000,)).label == "huber fp32 1000 fwd+bwd"
+    assert cases.Case("huber", "fp32", (1 << 20,), target_grad=True).label == "huber fp32 2^20 +target grad fwd+bwd"
+    assert cases.make_provider("focal", "liger", CPU) == "liger has no focal loss"
+    with pytest.raises(ValueError, match="shapes must be one of"):
+        cases.select_cases(CPU, shapes="some")
+
+
+def test_command_line_refuses_an_empty_or_unknown_selection(capsys):
+    for bad in (",", "ce,nope"):
+        with pytest.raises(SystemExit):
+            bench_main.parse_args(["--losses", bad])
+        assert "expected a comma-separated subset of" in capsys.readouterr().err
+    assert bench_main.parse_args(["--losses", " ce , huber "]).losses == ("ce", "huber")
+
+
+def test_a_fastloss_error_fails_the_run(monkeypatch, capsys):
+    def broken(x, y):
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setitem(cases.FASTLOSS_FNS, "huber", broken)
+    args = ["--quick", "--device", "cpu", "--losses", "huber", "--dtypes", "fp32", "--copy-mib", "16"]
+    assert bench_main.main(args) == 1
+    assert "FAILED: fastloss error on huber fp32" in capsys.readouterr().err
+
+
+def test_train_curves_with_a_nan_do_not_agree(monkeypatch):
+    """A NaN step anywhere on a curve is disagreement, even where max() of the differences skips it."""
+    curves = {"torch": [3.0, 2.0, 1.0], "fastloss": [3.0, float("nan"), 1.0]}
+    monkeypatch.setattr(train, "train", lambda cfg, name, *a: {"losses": curves[name]})
+    result = train.run(train.CONFIGS["cpu"], CPU, verbose=False)
+    assert result["max_rel_diff"] == 0.0 and not result["agree"]
