@@ -146,20 +146,21 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
     _check_tensor("input", input)
     _check_tensor("target", target, floating=False)
     dim = input.dim()
-    if dim == 0:
-        raise RuntimeError(f"{fn}: input must have at least 1 dimension (the classes), got a 0-d tensor")
     class_targets = not target.is_floating_point()
+    if dim == 0:  # torch: IndexError at the class dimension, but a 0-d integer target is refused first
+        exc = RuntimeError if class_targets and target.dim() == 0 else IndexError
+        raise exc(f"{fn}: input must have at least 1 dimension (the classes), got a 0-d tensor")
     if class_targets:
-        if target.dtype != torch.long and (target.dtype != torch.uint8 or dim > 2):  # as torch's nll_loss(2d)
-            raise RuntimeError(f"{fn}: expected target dtype int64 (class indices; uint8 too for (C,) and (N, C) "
-                               f"inputs), got {target.dtype}")
-        # (N, C, d1, ...) -> (N, d1, ...); (N, C) -> (N,); (C,) -> ()
-        expected = input.shape[:1] if dim == 2 else input.shape[:1] + input.shape[2:] if dim > 2 else torch.Size()
         if dim >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
             raise ValueError(
                 f"{fn}: expected input batch_size ({input.shape[0]}) to match target batch_size "
                 f"({target.shape[0]})"
             )
+        if target.dtype != torch.long and (target.dtype != torch.uint8 or dim > 2):  # as torch's nll_loss(2d)
+            raise RuntimeError(f"{fn}: expected target dtype int64 (class indices; uint8 too for (C,) and (N, C) "
+                               f"inputs), got {target.dtype}")
+        # (N, C, d1, ...) -> (N, d1, ...); (N, C) -> (N,); (C,) -> ()
+        expected = input.shape[:1] if dim == 2 else input.shape[:1] + input.shape[2:] if dim > 2 else torch.Size()
         if target.shape != expected:
             hint = ""
             if dim == 3 and target.shape == input.shape[:2]:  # (batch, sequence, classes) logits
@@ -287,6 +288,9 @@ def cross_entropy(
     inputs of shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)``. The last moves the class dimension
     last with one copy (the kernel needs unit class stride); a 2-D input with a padded row stride is
     read in place, and any other class stride is copied.
+
+    ``label_smoothing`` outside [0, 1] raises RuntimeError. (torch raises only above 1; a negative
+    value it ignores for class indices and applies to probabilities.)
 
     Extras (keyword-only):
         z_loss: adds ``z_loss * logsumexp(logits)**2`` for each counted row, not class-weighted;
@@ -434,6 +438,9 @@ def smooth_l1_loss(
     """Drop-in ``torch.nn.functional.smooth_l1_loss``: Huber loss divided by ``beta``; ``beta=0`` is L1."""
     reduction = _reduction(reduction, size_average, reduce)
     beta = _check_range("smooth_l1_loss", "beta", beta, 0.0, exc=RuntimeError)
+    if (isinstance(input, Tensor) and isinstance(target, Tensor) and target.is_floating_point()
+            and not input.is_floating_point()):
+        input = input.to(target.dtype)  # as torch promotes an integer or bool input (huber_loss refuses it)
     out_dtype = _loss_dtype(input, target)
     if not _elementwise_ready("smooth_l1_loss", input, target, None, out_dtype):
         if out_dtype != input.dtype:

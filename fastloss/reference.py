@@ -121,7 +121,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         wq = q if w is None else q * w
         loss = -(torch.log_softmax(x, dim=-1) * wq).sum(-1)
         valid = torch.ones_like(loss, dtype=torch.bool)
-        denom = loss.numel()
+        denom = loss.numel() if c else 0  # torch divides by numel / C: without classes, 0 / 0 = nan
         shape = input.shape[:1] + input.shape[2:] if input.dim() > 1 else ()
     else:  # class indices
         x, logp, logp_y, w_y, valid, w = _class_rows(input, target, weight, ignore_index, softcap)

@@ -286,6 +286,11 @@ BAD_CALLS = [
     ("out_of_range", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, 5])), "5"),
     ("negative_target", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, -3])), "-3"),
     ("int_input", lambda m: m.cross_entropy(X.long(), T), "input"),
+    # a 0-d input fails at the class dimension (IndexError), unless a 0-d integer target is refused first
+    ("input_0d", lambda m: m.cross_entropy(torch.randn(()), T), "dimension"),
+    ("input_0d_probabilities", lambda m: m.cross_entropy(torch.randn(()), torch.rand(())), "dimension"),
+    ("input_0d_class_index", lambda m: m.cross_entropy(torch.randn(()), torch.tensor(1)), "dimension"),
+    ("batch_before_target_dtype", lambda m: m.cross_entropy(X, T[:3].int()), "batch_size"),
     ("no_classes", lambda m: m.cross_entropy(torch.zeros(4, 0), T.clamp(max=0)), "out of bounds"),
     ("huber_delta", lambda m: m.huber_loss(X, Y, delta=0.0), "delta"),
     ("huber_negative_delta", lambda m: m.huber_loss(X, Y, delta=-1.0), "delta"),
@@ -348,6 +353,7 @@ def test_bad_arguments_raise_like_torch(case, backend_name, launches):
 
 FASTLOSS_ONLY_BAD_CALLS = [
     (lambda: fastloss.cross_entropy(X, T, z_loss=-1.0), ValueError, "z_loss"),
+    (lambda: fastloss.cross_entropy(X, T, label_smoothing=-0.1), RuntimeError, "label_smoothing"),  # torch ignores it
     (lambda: fastloss.cross_entropy(X, T, softcap=0.0), ValueError, "softcap"),
     (lambda: fastloss.focal_loss(X, T, gamma=-0.5), ValueError, "gamma"),
     (lambda: fastloss.focal_loss(X, torch.rand(4, 5)), RuntimeError, "class indices"),
@@ -475,6 +481,10 @@ MIXED_DTYPES = [
     ("huber fp32, weight fp64", "huber_loss", lambda: (X, Y), {"weight": Y.abs().double()}),
     ("smooth_l1 bf16 fp32", "smooth_l1_loss", lambda: (X.to(_BF), Y), {}),
     ("smooth_l1 fp32 int", "smooth_l1_loss", lambda: (X, Y.long()), {"beta": 0.0}),
+    ("smooth_l1 int bf16", "smooth_l1_loss", lambda: ((3 * X).long(), Y.to(_BF)), {}),
+    ("smooth_l1 bool fp32", "smooth_l1_loss", lambda: (X > 0, Y), {"reduction": "none"}),
+    ("l1 int fp64", "smooth_l1_loss", lambda: ((3 * X).long(), Y.double()), {"beta": 0.0}),
+    ("huber int fp32", "huber_loss", lambda: ((3 * X).long(), Y), {}),  # torch refuses it
     ("ce probabilities bf16 fp32", "cross_entropy", lambda: (X.to(_BF), _P), {}),
     ("ce probabilities fp32 fp64", "cross_entropy", lambda: (X, _P.double()), {"label_smoothing": 0.1}),
     ("ce probabilities bf16 bf16, weight fp32", "cross_entropy", lambda: (X.to(_BF), _P.to(_BF)),
@@ -511,7 +521,8 @@ def test_mixed_dtypes_as_torch_has_them(name, loss, make, kwargs, backend_name):
 def test_no_classes_where_every_row_is_ignored(reduction, backend_name):
     """C = 0 is a degenerate input: a counted row raises IndexError (BAD_CALLS), and where every row
     is ignored the result is torch's (mean: 0/0 = nan), with an empty gradient. Label smoothing
-    adds nothing there (torch's own result is NaN: it divides by C) and focal loss is CE's."""
+    adds nothing there (torch's own result is NaN: it divides by C) and focal loss is CE's. With
+    probability targets every row counts, and the mean is torch's NaN too."""
     t = torch.full((3,), -100)
     expected = F.cross_entropy(torch.zeros(3, 0), t, reduction=reduction)
     with fastloss.use_backend(backend_name):
@@ -523,6 +534,10 @@ def test_no_classes_where_every_row_is_ignored(reduction, backend_name):
             torch.testing.assert_close(out, expected, equal_nan=True)
             out.sum().backward()
             assert x.grad.shape == x.shape
+        # probability targets: every row counts, but torch's mean divides by numel / C = 0 / 0
+        expected = F.cross_entropy(torch.zeros(3, 0), torch.zeros(3, 0), reduction=reduction)
+        torch.testing.assert_close(fastloss.cross_entropy(torch.zeros(3, 0), torch.zeros(3, 0), reduction=reduction),
+                                   expected, equal_nan=True)
 
 
 def test_autocast_takes_a_float_weight_of_any_precision():
