@@ -250,6 +250,8 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
     # The reference checks class indices itself. For the kernel this data-dependent check is free on
     # CPU, a sync on CUDA (so only with FASTLOSS_STRICT=1), and impossible to trace into a graph, so
     # compiled code relies on the kernel's NaN rows instead.
+    if target.dtype == torch.uint8:  # first: a uint8 target compared with ignore_index = -100 wraps it to 156
+        target = target.long()
     if class_targets and (not input.is_cuda or backend.strict()) and not torch.compiler.is_compiling():
         _check_class_range(target, reference.n_classes(input), ignore_index)
 
@@ -257,7 +259,7 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
     # import statement costs a quarter of the `from .autograd import ...` form's microsecond.)
     import fastloss.autograd as autograd  # noqa: PLR0402
 
-    x2d, t = _rows(input, target.long() if target.dtype == torch.uint8 else target)
+    x2d, t = _rows(input, target)
     if weight is not None:
         weight = weight.float().contiguous()
     # mean: the kernels count the rows (and sum their class weights) on the device, with no sync

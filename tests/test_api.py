@@ -285,6 +285,8 @@ BAD_CALLS = [
     ("label_smoothing_str", lambda m: m.cross_entropy(X, T, label_smoothing="0.1"), "label_smoothing"),
     ("out_of_range", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, 5])), "5"),
     ("negative_target", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, -3])), "-3"),
+    # 156 is -100 as a uint8: the ignore_index it is compared with must not wrap to it
+    ("out_of_range_uint8", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, 156], dtype=torch.uint8)), "156"),
     ("int_input", lambda m: m.cross_entropy(X.long(), T), "input"),
     # a 0-d input fails at the class dimension (IndexError), unless a 0-d integer target is refused first
     ("input_0d", lambda m: m.cross_entropy(torch.randn(()), T), "dimension"),
@@ -307,7 +309,7 @@ BAD_CALLS = [
 
 
 # Cases whose error depends on the values, found where the backend runs (the others are found first)
-VALUE_CHECKS = ("out_of_range", "negative_target")
+VALUE_CHECKS = ("out_of_range", "negative_target", "out_of_range_uint8")
 
 
 def _raised(call):
