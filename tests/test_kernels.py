@@ -528,6 +528,7 @@ def test_a_predicted_grad_output_gives_the_same_bits(loss, dtype, inplace, strea
     def prediction():  # (the tests use one device)
         return float(next(iter(fa._PREDICTIONS.values()))) if fa._PREDICTIONS else None
 
+    _, at_one = unpredicted(1.0)  # the gradient the backward scales, which no prediction touched
     fa._PREDICTIONS.clear()
     for g in (2.0 ** -3, 2.0 ** -3, 0.3, 2.0 ** 10, 2.0 ** 10, 1.0, 2.0 ** -3):
         used = prediction()
@@ -536,6 +537,8 @@ def test_a_predicted_grad_output_gives_the_same_bits(loss, dtype, inplace, strea
         got = backward(state, g)
         expected = unpredicted(g)  # leaves the prediction as got's backward did
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), g
+        scale = torch.tensor(g, dtype=got[0].dtype).float()  # grad_output as the backward reads it
+        assert torch.equal(expected[1], (at_one.float() * scale).to(dtype)), g  # one fp32 product, rounded
         if dtype == torch.float16 or stream == "other_stream":
             assert not fa._PREDICTIONS  # never predicted
         else:
