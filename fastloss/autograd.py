@@ -335,6 +335,13 @@ def _backward(ctx, grad_loss: Tensor, n_other: int) -> tuple[Optional[Tensor], .
     return tuple(None if g is None else next(refused) for g in grads)
 
 
+def _evaluated(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """The tensors detached under no_grad. There a Function's ``needs_input_grad`` still says True for
+    an input that requires grad (a loss logged inside ``torch.no_grad()`` during training), and the
+    kernel would write a gradient no backward reads: for cross-entropy an N·V buffer and its writes."""
+    return tensors if torch.is_grad_enabled() else tuple(t.detach() for t in tensors)
+
+
 class SoftmaxLoss(torch.autograd.Function):
     """Cross-entropy, and softmax focal loss when ``gamma`` is set: one kernel family.
 
@@ -369,7 +376,8 @@ def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], mean:
                  softcap: Optional[float], gamma: Optional[float], out_dtype: torch.dtype) -> Tensor:
     """Runs :class:`SoftmaxLoss` on 2-D logits; returns the loss as ``out_dtype``, summed when
     ``reduce``, and divided by the mean's denominators (computed on the device) when ``mean``."""
-    inplace = inplace and logits.requires_grad and torch.is_grad_enabled()
+    (logits,) = _evaluated(logits)
+    inplace = inplace and logits.requires_grad
     if inplace and (logits.is_leaf or (logits._base is not None and logits._base.is_leaf)):
         raise RuntimeError(
             "inplace_backward=True overwrites the logits with their gradient, which a leaf tensor "
@@ -434,7 +442,7 @@ class Huber(torch.autograd.Function):
 def huber(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, mul: float,
           reduction: str, out_dtype: torch.dtype) -> Tensor:
     """``mul * smooth_l1(input - target; beta)``, times ``weight``, reduced, as ``out_dtype``."""
-    input, target = input.contiguous(), target.contiguous()
+    input, target = _evaluated(input.contiguous(), target.contiguous())
     weight = weight.contiguous() if weight is not None else None
     return Huber.apply(input, target, weight, beta, mul, reduction, out_dtype)
 
@@ -457,4 +465,5 @@ class SigmoidFocal(torch.autograd.Function):
 
 def sigmoid_focal(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, reduction: str,
                   out_dtype: torch.dtype) -> Tensor:
-    return SigmoidFocal.apply(inputs.contiguous(), targets.contiguous(), alpha, gamma, reduction, out_dtype)
+    inputs, targets = _evaluated(inputs.contiguous(), targets.contiguous())
+    return SigmoidFocal.apply(inputs, targets, alpha, gamma, reduction, out_dtype)

@@ -769,6 +769,42 @@ def test_forward_only_under_no_grad():
     torch.testing.assert_close(got, F.cross_entropy(x, t, label_smoothing=0.1))
 
 
+def test_the_kernels_write_only_the_gradients_that_are_needed(monkeypatch):
+    """A gradient no input needs is not written: an evaluation (no_grad, or logits that do not require
+    grad) reads the logits once and allocates no N·V buffer, and Huber writes target's gradient only
+    when target requires grad, input's only when input does."""
+    import fastloss.autograd as fa
+
+    written = []
+
+    def spy(launcher, gradients):
+        def launch(*args, **kwargs):
+            written.append(tuple(g(args, kwargs) is not None for g in gradients))
+            return launcher(*args, **kwargs)
+
+        return launch
+
+    monkeypatch.setattr(fa, "cross_entropy_fwd", spy(fa.cross_entropy_fwd, [lambda a, k: a[4]]))
+    monkeypatch.setattr(fa, "huber_fwd", spy(fa.huber_fwd, [lambda a, k: k["grad_input"],
+                                                            lambda a, k: k["grad_target"]]))
+    monkeypatch.setattr(fa, "sigmoid_focal_fwd", spy(fa.sigmoid_focal_fwd, [lambda a, k: k["grad_input"]]))
+    x, t = logits(5, 40), labels(5, 40)
+    a, b = logits(50), logits(50)
+    calls = [
+        (lambda: fastloss.cross_entropy(x.requires_grad_(), t), (True,)),
+        (lambda: fastloss.focal_loss(x.detach(), t), (False,)),
+        (lambda: fastloss.huber_loss(a.requires_grad_(), b), (True, False)),
+        (lambda: fastloss.smooth_l1_loss(a.detach(), b.requires_grad_()), (False, True)),
+        (lambda: fastloss.sigmoid_focal_loss(a.detach(), torch.rand_like(a)), (False,)),
+    ]
+    for call, expected in calls:
+        for grad_mode in (True, False):
+            written.clear()
+            with torch.set_grad_enabled(grad_mode), fastloss.use_backend("triton"):
+                call()
+            assert written == [expected if grad_mode else (False,) * len(expected)]
+
+
 # --------------------------------------------------------------------------------------------------
 # elementwise: Huber, SmoothL1, sigmoid focal
 # --------------------------------------------------------------------------------------------------
