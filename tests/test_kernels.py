@@ -386,6 +386,18 @@ def test_non_contiguous_logits_and_targets():
     check("cross_entropy", [big[:, :70], labels(6, 70)], {"weight": (torch.rand(140, device=DEVICE) + 0.5)[::2]})
 
 
+def test_non_contiguous_elementwise_inputs():
+    """Transposed inputs, targets and Huber weights pair up element by element as their shapes say
+    (the kernels read flat memory, so each is made contiguous first)."""
+    def strided():
+        return logits(30, 7).t()
+
+    check("huber_loss", [strided(), strided()], {"weight": strided().abs(), "reduction": "none"}, grad_of=(0, 1))
+    check("huber_loss", [logits(7, 30), logits(7, 30)], {"weight": strided().abs()}, grad_of=(0, 1))
+    check("smooth_l1_loss", [strided(), logits(7, 30)], {"beta": 0.5}, grad_of=(0, 1))
+    check("sigmoid_focal_loss", [strided(), torch.rand(30, 7, device=DEVICE).t()], {"reduction": "sum"})
+
+
 def test_gradients_the_kernels_do_not_write_come_from_the_reference():
     """A Huber weight and sigmoid focal targets that require grad get their gradient (the kernels
     write none: those calls take the reference), never a missing one."""
