@@ -247,11 +247,11 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
                                            label_smoothing, z_loss, softcap)
         return reference.focal_loss(input, target, gamma, weight, ignore_index, reduction, softcap)
 
+    if target.dtype == torch.uint8:  # compared with ignore_index = -100 as a uint8, 156 would pass as ignored
+        target = target.long()
     # The reference checks class indices itself. For the kernel this data-dependent check is free on
     # CPU, a sync on CUDA (so only with FASTLOSS_STRICT=1), and impossible to trace into a graph, so
     # compiled code relies on the kernel's NaN rows instead.
-    if target.dtype == torch.uint8:  # first: a uint8 target compared with ignore_index = -100 wraps it to 156
-        target = target.long()
     if class_targets and (not input.is_cuda or backend.strict()) and not torch.compiler.is_compiling():
         _check_class_range(target, reference.n_classes(input), ignore_index)
 
