@@ -134,11 +134,16 @@ def test_quick_run_writes_sane_results(tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png.name})" in markdown
 
 
-def test_fastloss_mismatch_fails_the_run(monkeypatch, capsys):
-    monkeypatch.setitem(cases.FASTLOSS_FNS, "huber", lambda x, y: F.huber_loss(x, y) + 1.0)
+def _raises(x, y):
+    raise RuntimeError("kernel failed")
+
+
+@pytest.mark.parametrize("status, fn", [("mismatch", lambda x, y: F.huber_loss(x, y) + 1.0), ("error", _raises)])
+def test_a_fastloss_mismatch_or_error_fails_the_run(status, fn, monkeypatch, capsys):
+    monkeypatch.setitem(cases.FASTLOSS_FNS, "huber", fn)
     args = ["--quick", "--device", "cpu", "--losses", "huber", "--dtypes", "fp32", "--copy-mib", "16"]
     assert bench_main.main(args) == 1
-    assert "FAILED: fastloss mismatch" in capsys.readouterr().err
+    assert f"FAILED: fastloss {status} on huber fp32" in capsys.readouterr().err
 
 
 def test_train_cpu_curves_agree(tmp_path):
@@ -503,16 +508,6 @@ def test_command_line_refuses_an_empty_or_unknown_selection(capsys):
             bench_main.parse_args(["--losses", bad])
         assert "expected a comma-separated subset of" in capsys.readouterr().err
     assert bench_main.parse_args(["--losses", " ce , huber "]).losses == ("ce", "huber")
-
-
-def test_a_fastloss_error_fails_the_run(monkeypatch, capsys):
-    def broken(x, y):
-        raise RuntimeError("kernel failed")
-
-    monkeypatch.setitem(cases.FASTLOSS_FNS, "huber", broken)
-    args = ["--quick", "--device", "cpu", "--losses", "huber", "--dtypes", "fp32", "--copy-mib", "16"]
-    assert bench_main.main(args) == 1
-    assert "FAILED: fastloss error on huber fp32" in capsys.readouterr().err
 
 
 def test_train_curves_with_a_nan_do_not_agree(monkeypatch):

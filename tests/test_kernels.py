@@ -802,12 +802,15 @@ def test_the_kernels_write_only_the_gradients_that_are_needed(monkeypatch):
     monkeypatch.setattr(fa, "sigmoid_focal_fwd", spy(fa.sigmoid_focal_fwd, [lambda a, k: k["grad_input"]]))
     x, t = logits(5, 40), labels(5, 40)
     a, b = logits(50), logits(50)
+    def needing_grad(v):  # a fresh leaf each call: no call changes another's inputs
+        return v.detach().requires_grad_()
+
     calls = [
-        (lambda: fastloss.cross_entropy(x.requires_grad_(), t), (True,)),
-        (lambda: fastloss.focal_loss(x.detach(), t), (False,)),
-        (lambda: fastloss.huber_loss(a.requires_grad_(), b), (True, False)),
-        (lambda: fastloss.smooth_l1_loss(a.detach(), b.requires_grad_()), (False, True)),
-        (lambda: fastloss.sigmoid_focal_loss(a.detach(), torch.rand_like(a)), (False,)),
+        (lambda: fastloss.cross_entropy(needing_grad(x), t), (True,)),
+        (lambda: fastloss.focal_loss(x, t), (False,)),
+        (lambda: fastloss.huber_loss(needing_grad(a), b), (True, False)),
+        (lambda: fastloss.smooth_l1_loss(a, needing_grad(b)), (False, True)),
+        (lambda: fastloss.sigmoid_focal_loss(a, torch.rand_like(a)), (False,)),
     ]
     for call, expected in calls:
         for grad_mode in (True, False):
