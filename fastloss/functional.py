@@ -140,28 +140,39 @@ def _check_same_shape_or_broadcast(fn: str, input: Tensor, target: Tensor) -> bo
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor | None,
+def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
                         class_targets_only: bool = False) -> bool:
     """Checks shapes and dtypes like torch's cross_entropy; returns True for class-index targets."""
     _check_tensor("input", input)
     _check_tensor("target", target, floating=False)
     dim = input.dim()
     class_targets = not target.is_floating_point()
-    if dim == 0:  # torch: IndexError at the class dimension, but a 0-d integer target is refused first
-        exc = RuntimeError if class_targets and target.dim() == 0 else IndexError
-        raise exc(f"{fn}: input must have at least 1 dimension (the classes), got a 0-d tensor")
+    if target.shape == input.shape and not class_targets_only:
+        # torch takes a target of the input's shape for probabilities, and checks these first
+        if class_targets:
+            raise RuntimeError(f"{fn}: a target of the input's shape holds class probabilities, which must be "
+                               f"floating point, got dtype {target.dtype}")
+        if ignore_index >= 0:
+            raise RuntimeError(f"{fn}: ignore_index is not supported for floating point target")
+    if dim == 0:  # torch: IndexError at the class dimension
+        raise IndexError(f"{fn}: input must have at least 1 dimension (the classes), got a 0-d tensor")
+    if dim >= 2 and target.shape != input.shape:
+        # torch takes any other target for class indices, and checks its batch size first (0 when 0-d)
+        batch = target.shape[0] if target.dim() else 0
+        if batch != input.shape[0]:
+            raise ValueError(f"{fn}: expected input batch_size ({input.shape[0]}) to match target batch_size ({batch})")
+        if target.dim() == 0:  # and no rows: torch fails reading its batch size
+            raise IndexError(f"{fn}: expected a target with a batch dimension of size 0, got a 0-d tensor")
     if class_targets:
-        if dim >= 2 and target.dim() >= 1 and target.shape[0] != input.shape[0]:
-            raise ValueError(
-                f"{fn}: expected input batch_size ({input.shape[0]}) to match target batch_size "
-                f"({target.shape[0]})"
-            )
         if target.dtype != torch.long and (target.dtype != torch.uint8 or dim > 2):  # as torch's nll_loss(2d)
             raise RuntimeError(f"{fn}: expected target dtype int64 (class indices; uint8 too for (C,) and (N, C) "
                                f"inputs), got {target.dtype}")
-        # (N, C, d1, ...) -> (N, d1, ...); (N, C) -> (N,); (C,) -> ()
+        # (N, C, d1, ...) -> (N, d1, ...); (N, C) -> (N,); (C,) -> () or (1,): torch's forward takes a
+        # one-element target for a (C,) input too (its backward then fails; here it works)
         expected = input.shape[:1] if dim == 2 else input.shape[:1] + input.shape[2:] if dim > 2 else torch.Size()
-        if target.shape != expected:
+        if dim == 1 and target.dim() == 1 and target.shape[0] != 1:
+            raise ValueError(f"{fn}: a (C,) input takes a 0-d target (or one of 1 element), got {list(target.shape)}")
+        if target.shape != expected and not (dim == 1 and target.shape == (1,)):
             hint = ""
             if dim == 3 and target.shape == input.shape[:2]:  # (batch, sequence, classes) logits
                 hint = (": the classes are dim 1, as in torch; for (batch, sequence, classes) logits pass "
@@ -226,9 +237,9 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label_smoothing,
                   z_loss, softcap, gamma, inplace_backward) -> Tensor:
     ignore_index = _int(fn, "ignore_index", ignore_index)
-    class_targets = _check_softmax_args(fn, input, target, weight, class_targets_only=gamma is not None)
-    if not class_targets and ignore_index >= 0:  # as torch
-        raise RuntimeError(f"{fn}: ignore_index is not supported for floating point target")
+    class_targets = _check_softmax_args(fn, input, target, weight, ignore_index, class_targets_only=gamma is not None)
+    if class_targets and target.dim() > input.dim() - 1:  # a (C,) input's one-element target
+        target = target.reshape(())
     if softcap is not None:
         softcap = _check_range(fn, "softcap", softcap, 0.0, low_inclusive=False)
         if softcap == math.inf:  # softcap * tanh(x / softcap) -> x: no cap, not inf * 0
@@ -287,9 +298,12 @@ def cross_entropy(
     """Drop-in ``torch.nn.functional.cross_entropy`` that computes loss and gradient in one pass.
 
     Accepts class-index targets (int64) or class probabilities (floats of the input's shape), and
-    inputs of shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)``. The last moves the class dimension
-    last with one copy (the kernel needs unit class stride); a 2-D input with a padded row stride is
-    read in place, and any other class stride is copied.
+    inputs of shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)``. As in torch, a target of the
+    input's shape holds probabilities and any other class indices; a ``(C,)`` input takes a 0-d
+    target, or one of shape ``(1,)`` (torch's forward takes that too, and its backward fails).
+    ``(N, C, d1, ...)`` inputs move the class dimension last with one copy (the kernel needs unit
+    class stride); a 2-D input with a padded row stride is read in place, and any other class stride
+    is copied.
 
     ``label_smoothing`` outside [0, 1] raises RuntimeError. (torch raises only above 1; a negative
     value it ignores for class indices and applies to probabilities.)
@@ -344,15 +358,22 @@ def focal_loss(
 # --------------------------------------------------------------------------------------------------
 
 
-def _elementwise_ready(fn: str, input: Tensor, target: Tensor, weight: Tensor | None,
-                       out_dtype: torch.dtype) -> bool:
-    """Common checks; returns whether the Triton path can take these tensors as they are. (An
-    integer or bool target, or an integer weight, is allowed, as torch allows it: the reference
+def _check_pair(fn: str, input: Tensor, target: Tensor, weight: Tensor | None) -> bool:
+    """Huber's and SmoothL1's tensor checks, before their other arguments' as in torch (whose
+    broadcast comes before the reduction is read); returns whether input and target have one shape.
+    (An integer or bool target, or an integer weight, is allowed, as torch allows it: the reference
     takes it.)"""
     _check_tensor("input", input)
     _check_tensor("target", target, floating=False)
+    if weight is not None:
+        _check_tensor("weight", weight, floating=False)
     _check_devices(fn, ("input", input), ("target", target), ("weight", weight))
-    same_shape = _check_same_shape_or_broadcast(fn, input, target)
+    return _check_same_shape_or_broadcast(fn, input, target)
+
+
+def _elementwise_ready(same_shape: bool, input: Tensor, target: Tensor, weight: Tensor | None,
+                       out_dtype: torch.dtype) -> bool:
+    """Whether the Triton path can take these checked tensors as they are."""
     return (same_shape and input.dtype == target.dtype and input.dtype in _KERNEL_DTYPES
             and (weight is None or weight.is_floating_point())
             and out_dtype in (input.dtype, torch.float32) and input.numel() > 0 and backend.use_triton(input))
@@ -407,18 +428,20 @@ def huber_loss(
     ``weight`` (optional) has the input's shape and multiplies each element's loss; ``mean`` then
     averages over all elements, as torch does. Gradients flow to ``input`` and ``target``.
     """
-    reduction = _reduction(reduction)
+    same_shape = _check_pair("huber_loss", input, target, weight)
+    if weight is not None and weight.shape != input.shape:
+        raise ValueError(f"huber_loss: weight must have the input's shape {list(input.shape)}, got {list(weight.shape)}")
+    # torch reads the reduction before its kernel checks delta, except with a weight, which it
+    # applies after an unreduced call
+    if weight is None:
+        reduction = _reduction(reduction)
     delta = _check_range("huber_loss", "delta", delta, 0.0, low_inclusive=False, exc=RuntimeError)
     if weight is not None:
-        _check_tensor("weight", weight, floating=False)
-        if weight.shape != input.shape:
-            raise ValueError(
-                f"huber_loss: weight must have the input's shape {list(input.shape)}, got {list(weight.shape)}"
-            )
+        reduction = _reduction(reduction)
     # The kernel gives no gradient for weight; the reference does. torch's result has the input's
     # dtype, promoted with the weight's (not the target's).
     out_dtype = _loss_dtype(input, weight)
-    if (not _elementwise_ready("huber_loss", input, target, weight, out_dtype)
+    if (not _elementwise_ready(same_shape, input, target, weight, out_dtype)
             or (weight is not None and weight.requires_grad)):
         if out_dtype != input.dtype:
             input, target, weight = _upcast(input, target, weight)
@@ -438,13 +461,14 @@ def smooth_l1_loss(
     beta: float = 1.0,
 ) -> Tensor:
     """Drop-in ``torch.nn.functional.smooth_l1_loss``: Huber loss divided by ``beta``; ``beta=0`` is L1."""
-    reduction = _reduction(reduction, size_average, reduce)
-    beta = _check_range("smooth_l1_loss", "beta", beta, 0.0, exc=RuntimeError)
     if (isinstance(input, Tensor) and isinstance(target, Tensor) and target.is_floating_point()
             and not input.is_floating_point()):
         input = input.to(target.dtype)  # as torch promotes an integer or bool input (huber_loss refuses it)
+    same_shape = _check_pair("smooth_l1_loss", input, target, None)
+    reduction = _reduction(reduction, size_average, reduce)
+    beta = _check_range("smooth_l1_loss", "beta", beta, 0.0, exc=RuntimeError)
     out_dtype = _loss_dtype(input, target)
-    if not _elementwise_ready("smooth_l1_loss", input, target, None, out_dtype):
+    if not _elementwise_ready(same_shape, input, target, None, out_dtype):
         if out_dtype != input.dtype:
             input, target = _upcast(input, target)
         return reference.smooth_l1_loss(input, target, reduction, beta)

@@ -291,7 +291,18 @@ BAD_CALLS = [
     # a 0-d input fails at the class dimension (IndexError), unless a 0-d integer target is refused first
     ("input_0d", lambda m: m.cross_entropy(torch.randn(()), T), "dimension"),
     ("input_0d_probabilities", lambda m: m.cross_entropy(torch.randn(()), torch.rand(())), "dimension"),
-    ("input_0d_class_index", lambda m: m.cross_entropy(torch.randn(()), torch.tensor(1)), "dimension"),
+    ("input_0d_class_index", lambda m: m.cross_entropy(torch.randn(()), torch.tensor(1)), "floating point"),
+    # a target of the input's shape is taken for probabilities; any other shape, for class indices,
+    # whose batch size torch checks first, whatever the target's dtype
+    ("class_indices_of_the_input_shape", lambda m: m.cross_entropy(X, torch.zeros(4, 5, dtype=torch.long)),
+     "floating point"),
+    ("batch_of_a_0d_target", lambda m: m.cross_entropy(X, torch.tensor(1)), "batch_size (0)"),
+    ("batch_of_a_0d_target_spatial", lambda m: m.cross_entropy(torch.randn(4, 5, 3), torch.tensor(1)), "batch_size"),
+    ("batch_of_probabilities", lambda m: m.cross_entropy(X, torch.rand(3, 5)), "batch_size"),
+    ("no_rows_0d_target", lambda m: m.cross_entropy(torch.randn(0, 5), torch.tensor(1)), "0-d"),
+    ("unbatched_target_size", lambda m: m.cross_entropy(torch.randn(5), torch.tensor([1, 2, 3])), "0-d target"),
+    ("input_0d_probabilities_ignore_index",  # the ignore_index torch refuses for probabilities, first
+     lambda m: m.cross_entropy(torch.randn(()), torch.rand(()), ignore_index=0), "ignore_index"),
     ("batch_before_target_dtype", lambda m: m.cross_entropy(X, T[:3].int()), "batch_size"),
     ("no_classes", lambda m: m.cross_entropy(torch.zeros(4, 0), T.clamp(max=0)), "out of bounds"),
     ("huber_delta", lambda m: m.huber_loss(X, Y, delta=0.0), "delta"),
@@ -303,6 +314,16 @@ BAD_CALLS = [
     ("smooth_l1_beta_none", lambda m: m.smooth_l1_loss(X, Y, beta=None), "beta"),
     ("smooth_l1_beta", lambda m: m.smooth_l1_loss(X, Y, beta=-1.0), "beta"),
     ("smooth_l1_reduction", lambda m: m.smooth_l1_loss(X, Y, reduction=""), "reduction"),
+    # two faults: the one torch reports first (shapes, then the weight's, then the reduction, then
+    # delta or beta, except that a weighted Huber checks delta before the reduction)
+    ("huber_broadcast_before_reduction", lambda m: m.huber_loss(X, torch.randn(3), reduction="max"), ""),
+    ("huber_broadcast_before_weight", lambda m: m.huber_loss(X, torch.randn(3), weight=torch.ones(5)), ""),
+    ("huber_weight_before_delta", lambda m: m.huber_loss(X, Y, delta=-1.0, weight=torch.ones(5)), "weight"),
+    ("huber_reduction_before_delta", lambda m: m.huber_loss(X, Y, reduction="max", delta=-1.0), "reduction"),
+    ("huber_weighted_delta_before_reduction",
+     lambda m: m.huber_loss(X, Y, reduction="max", delta=-1.0, weight=torch.ones(4, 5)), "delta"),
+    ("smooth_l1_broadcast_before_reduction", lambda m: m.smooth_l1_loss(X, torch.randn(3), reduction=""), ""),
+    ("smooth_l1_reduction_before_beta", lambda m: m.smooth_l1_loss(X, Y, reduction="", beta=-1.0), "reduction"),
     ("device", lambda m: m.cross_entropy(X, T.to("meta")), "device"),
     ("huber_device", lambda m: m.huber_loss(X, Y.to("meta")), "device"),
 ]
@@ -540,6 +561,27 @@ def test_no_classes_where_every_row_is_ignored(reduction, backend_name):
         expected = F.cross_entropy(torch.zeros(3, 0), torch.zeros(3, 0), reduction=reduction)
         torch.testing.assert_close(fastloss.cross_entropy(torch.zeros(3, 0), torch.zeros(3, 0), reduction=reduction),
                                    expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_unbatched_input_takes_a_one_element_target(reduction, backend_name):
+    """torch's forward takes a (1,) target for a (C,) input, as if 0-d (its backward then fails on
+    the shapes): here both work, and give the 0-d target's loss and gradient."""
+    x = torch.randn(7)
+    assert F.cross_entropy(x, torch.tensor([3]), reduction=reduction).shape == ()
+    for loss, kwargs in [(fastloss.cross_entropy, {"label_smoothing": 0.1}), (fastloss.focal_loss, {})]:
+        results = []
+        for t in [torch.tensor(3), torch.tensor([3])]:
+            xg = x.clone().requires_grad_()
+            with fastloss.use_backend(backend_name):
+                out = loss(xg, t, reduction=reduction, **kwargs)
+            out.backward()
+            assert out.shape == ()
+            results.append((out, xg.grad))
+        torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+        if loss is fastloss.cross_entropy:
+            torch.testing.assert_close(results[0][0], F.cross_entropy(x, torch.tensor(3), reduction=reduction, **kwargs))
 
 
 def test_autocast_takes_a_float_weight_of_any_precision():
