@@ -390,20 +390,27 @@ def sigmoid_focal_loss(
 
     ``loss = BCEWithLogits(x, t) * (1 - p_t)**gamma``, times ``α_t = alpha*t + (1-alpha)*(1-t)``
     unless ``alpha < 0``. Targets are floats of the inputs' shape (soft labels allowed).
+
+    Checked in torchvision's order, with its exception types: alpha (ValueError above 1 or NaN), the
+    targets' shape (ValueError) and dtype (RuntimeError), then the reduction. Where torchvision
+    differs: every negative alpha disables the weighting (torchvision's releases with torch 2.13
+    take only -1, as older ones took any), and a negative gamma raises ValueError.
     """
-    reduction = _reduction(reduction)
-    gamma = _check_range("sigmoid_focal_loss", "gamma", gamma, 0.0)
     alpha = _float("sigmoid_focal_loss", "alpha", alpha)
+    if not alpha <= 1.0:  # NaN too
+        raise ValueError(f"sigmoid_focal_loss: alpha must be in [0, 1], or negative for no weighting, got {alpha}")
     _check_tensor("inputs", inputs)
     _check_tensor("targets", targets, floating=False)
-    if not targets.is_floating_point():  # torchvision fails with a RuntimeError here
-        raise RuntimeError(f"sigmoid_focal_loss: targets must be a floating-point tensor, got dtype {targets.dtype}")
     if targets.shape != inputs.shape:
         raise ValueError(
             f"sigmoid_focal_loss: targets must have the inputs' shape {list(inputs.shape)}, "
             f"got {list(targets.shape)}"
         )
+    if not targets.is_floating_point():  # torchvision fails with a RuntimeError here
+        raise RuntimeError(f"sigmoid_focal_loss: targets must be a floating-point tensor, got dtype {targets.dtype}")
     _check_devices("sigmoid_focal_loss", ("inputs", inputs), ("targets", targets))
+    gamma = _check_range("sigmoid_focal_loss", "gamma", gamma, 0.0)
+    reduction = _reduction(reduction)
     out_dtype = _loss_dtype(inputs, targets)
     if (inputs.numel() == 0 or inputs.dtype not in _KERNEL_DTYPES or targets.requires_grad
             or out_dtype not in (inputs.dtype, torch.float32) or not backend.use_triton(inputs)):

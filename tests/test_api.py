@@ -389,6 +389,12 @@ FASTLOSS_ONLY_BAD_CALLS = [
     (lambda: fastloss.sigmoid_focal_loss(X, Y.long()), RuntimeError, "targets"),  # as torchvision
     (lambda: fastloss.sigmoid_focal_loss(X.long(), Y), NotImplementedError, "inputs"),
     (lambda: fastloss.sigmoid_focal_loss(X, Y, alpha=None), TypeError, "alpha"),
+    # torchvision's checks and their order: alpha (in [0, 1], or negative here), shape, dtype, reduction
+    (lambda: fastloss.sigmoid_focal_loss(X, Y, alpha=1.5), ValueError, "alpha"),
+    (lambda: fastloss.sigmoid_focal_loss(X, Y, alpha=math.nan), ValueError, "alpha"),
+    (lambda: fastloss.sigmoid_focal_loss(X, Y.long(), alpha=1.5), ValueError, "alpha"),
+    (lambda: fastloss.sigmoid_focal_loss(X, torch.zeros(4, 4, dtype=torch.long)), ValueError, "shape"),
+    (lambda: fastloss.sigmoid_focal_loss(X, Y.long(), reduction="avg"), RuntimeError, "floating-point"),
     (lambda: fastloss.focal_loss(X, T, gamma="2"), TypeError, "gamma"),
     (lambda: fastloss.focal_loss(X, T, ignore_index=0.0), TypeError, "ignore_index"),
     (lambda: fastloss.cross_entropy(X, T, softcap=torch.ones(2)), TypeError, "softcap"),
