@@ -178,6 +178,14 @@ def test_huber_boundary_is_exact():
                     grad_target=None)
     assert out.tolist() == [1.0, 1.0, 0.0, 0.25]
     assert gi.tolist() == [1.0, -1.0, 0.0, 1.0]
+    # beta = 0.1 is not a float: there the quadratic branch's 0.5 d^2 / beta, computed with the
+    # rounded 1 / beta, is an ulp off at |d| == beta, so the boundary must take torch's linear branch
+    beta = torch.tensor(0.1).item()
+    x, y = dev(torch.tensor([beta, -beta, 0.5 * beta])), dev(torch.zeros(3))
+    gi = torch.empty_like(x)
+    out = huber_fwd(x, y, None, beta=beta, mul=1.0, scale=1.0, reduce=False, grad_input=gi, grad_target=None)
+    assert torch.equal(out, F.smooth_l1_loss(x, y, reduction="none", beta=beta))
+    assert gi.tolist() == [1.0, -1.0, 0.5]
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
