@@ -27,6 +27,7 @@ import triton.language as tl  # noqa: E402
 
 import fastloss.kernels.cross_entropy as ce  # noqa: E402
 from fastloss.kernels.common import (  # noqa: E402
+    atanh_log,
     cast_to,
     cdiv,
     expm1,
@@ -821,6 +822,8 @@ def _apply_helper(x_ptr, out_ptr, n, HELPER: tl.constexpr, INTERPRET: tl.constex
         y = log1p(x)
     elif HELPER == "tanh":
         y = tanh(x)
+    elif HELPER == "atanh_log":
+        y = atanh_log(x)
     else:
         y = cast_to(x, out_ptr.dtype.element_ty, INTERPRET)
     tl.store(out_ptr + offs, y, mask=mask)
@@ -849,6 +852,16 @@ def test_math_helpers_keep_their_relative_precision(helper, exact, far):
         truth = exact(xs.double())
         err = (apply_helper(helper, xs).cpu().double() - truth).abs() / (truth.abs() * 2.0**-23)
         assert err.max().item() <= ulps, (helper, xs[err.argmax()].item(), err.max().item())
+
+
+def test_atanh_log_keeps_full_precision():
+    """2 atanh(z), sigmoid focal's log1p(e) for e <= 1 (z = e / (2 + e) <= 1/3), is a polynomial with
+    no approximate function, so within 1.5 units of 2^-23 relative on a CPU and a GPU alike (0.96
+    measured on a CPU; 2.0 without its last term)."""
+    z = torch.cat([torch.linspace(-1 / 3, 1 / 3, 4001), torch.logspace(-30, math.log10(1 / 3), 300)])
+    truth = 2.0 * torch.atanh(z.double())
+    err = (apply_helper("atanh_log", z).cpu().double() - truth).abs() / (truth.abs() * 2.0**-23)
+    assert err[z != 0].max().item() <= 1.5, (z[err.argmax()].item(), err.max().item())
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
