@@ -299,15 +299,16 @@ def test_gradients_the_kernels_do_not_compute_come_from_the_reference(loss, what
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("v", [50, 4099], ids=["one-chunk", "chunked"])
 def test_masked_vocabulary_huge_logits_and_nan_row(v, dtype):
-    n = 4
+    n = 5
     x = logits(n, v) * 1e3                        # saturated softmax (60000 at most: fits fp16)
     x = x.clamp(-6e4, 6e4).to(dtype)
     x[0, 10:] = float("-inf")                     # masked vocabulary
     x[2, 7] = float("nan")                        # NaN row → NaN loss for that row only
-    t = torch.tensor([3, 1, 2, 0], device=DEVICE)
+    x[4] = float("-inf")                          # every class masked: NaN, as torch's -inf - (-inf)
+    t = torch.tensor([3, 1, 2, 0, 4], device=DEVICE)
     ours = check("cross_entropy", [x, t], {"reduction": "none"})
-    assert torch.isnan(ours[0][2]) and torch.isfinite(ours[0][[0, 1, 3]]).all()
-    check("focal_loss", [x[[0, 1, 3]], t[[0, 1, 3]]], {"reduction": "none", "gamma": 0.5})
+    assert torch.isnan(ours[0][[2, 4]]).all() and torch.isfinite(ours[0][[0, 1, 3]]).all()
+    check("focal_loss", [x[[0, 1, 3, 4]], t[[0, 1, 3, 4]]], {"reduction": "none", "gamma": 0.5})
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
