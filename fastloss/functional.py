@@ -170,9 +170,10 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
         # (N, C, d1, ...) -> (N, d1, ...); (N, C) -> (N,); (C,) -> () or (1,): torch's forward takes a
         # one-element target for a (C,) input too (its backward then fails; here it works)
         expected = input.shape[:1] if dim == 2 else input.shape[:1] + input.shape[2:] if dim > 2 else torch.Size()
-        if dim == 1 and target.dim() == 1 and target.shape[0] != 1:
-            raise ValueError(f"{fn}: a (C,) input takes a 0-d target (or one of 1 element), got {list(target.shape)}")
-        if target.shape != expected and not (dim == 1 and target.shape == (1,)):
+        if dim == 1 and target.dim() == 1:
+            if target.shape[0] != 1:
+                raise ValueError(f"{fn}: a (C,) input takes a 0-d target (or one of 1 element), got {list(target.shape)}")
+        elif target.shape != expected:
             hint = ""
             if dim == 3 and target.shape == input.shape[:2]:  # (batch, sequence, classes) logits
                 hint = (": the classes are dim 1, as in torch; for (batch, sequence, classes) logits pass "
@@ -238,7 +239,7 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
                   z_loss, softcap, gamma, inplace_backward) -> Tensor:
     ignore_index = _int(fn, "ignore_index", ignore_index)
     class_targets = _check_softmax_args(fn, input, target, weight, ignore_index, class_targets_only=gamma is not None)
-    if class_targets and target.dim() > input.dim() - 1:  # a (C,) input's one-element target
+    if class_targets and input.dim() == 1 and target.dim() == 1:  # a (C,) input's one-element target
         target = target.reshape(())
     if softcap is not None:
         softcap = _check_range(fn, "softcap", softcap, 0.0, low_inclusive=False)
