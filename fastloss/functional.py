@@ -141,14 +141,19 @@ def _check_same_shape_or_broadcast(fn: str, input: Tensor, target: Tensor) -> bo
 
 
 def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                        class_targets_only: bool = False) -> bool:
-    """Checks shapes and dtypes like torch's cross_entropy; returns True for class-index targets."""
+                        label_smoothing, class_targets_only: bool = False) -> tuple[bool, float]:
+    """Checks arguments in torch's cross_entropy's order; returns whether the targets are class
+    indices, and ``label_smoothing`` as a float."""
     _check_tensor("input", input)
     _check_tensor("target", target, floating=False)
     dim = input.dim()
     class_targets = not target.is_floating_point()
-    if target.shape == input.shape and not class_targets_only:
-        # torch takes a target of the input's shape for probabilities, and checks these first
+    # torch takes a target of the input's shape for probabilities, and checks these first; it checks
+    # label_smoothing before a class-index target's shapes, and after a probability target's weight
+    probabilities = target.shape == input.shape and not class_targets_only
+    if not probabilities:
+        label_smoothing = _check_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0, exc=RuntimeError)
+    else:
         if class_targets:
             raise RuntimeError(f"{fn}: a target of the input's shape holds class probabilities, which must be "
                                f"floating point, got dtype {target.dtype}")
@@ -198,8 +203,10 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
         device = input.device.type
         if class_targets and _autocast(weight.dtype, device) != _autocast(input.dtype, device):
             raise RuntimeError(f"{fn}: expected weight of the input's dtype {input.dtype}, got {weight.dtype}")
+    if probabilities:
+        label_smoothing = _check_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0, exc=RuntimeError)
     _check_devices(fn, ("input", input), ("target", target), ("weight", weight))
-    return class_targets
+    return class_targets, label_smoothing
 
 
 def _check_class_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
@@ -238,7 +245,8 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
 def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label_smoothing,
                   z_loss, softcap, gamma, inplace_backward) -> Tensor:
     ignore_index = _int(fn, "ignore_index", ignore_index)
-    class_targets = _check_softmax_args(fn, input, target, weight, ignore_index, class_targets_only=gamma is not None)
+    class_targets, label_smoothing = _check_softmax_args(fn, input, target, weight, ignore_index, label_smoothing,
+                                                         class_targets_only=gamma is not None)
     if class_targets and input.dim() == 1 and target.dim() == 1:  # a (C,) input's one-element target
         target = target.reshape(())
     if softcap is not None:
@@ -324,7 +332,7 @@ def cross_entropy(
             gradient, and the logits keep their values.
     """
     reduction = _reduction(reduction, size_average, reduce)
-    label_smoothing = _check_range("cross_entropy", "label_smoothing", label_smoothing, 0.0, 1.0, exc=RuntimeError)
+    label_smoothing = _float("cross_entropy", "label_smoothing", label_smoothing)  # its range: with the shapes
     z_loss = _check_range("cross_entropy", "z_loss", z_loss, 0.0)
     return _softmax_loss("cross_entropy", input, target, weight, ignore_index, reduction,
                          label_smoothing, z_loss, softcap, None, inplace_backward)

@@ -304,6 +304,15 @@ BAD_CALLS = [
     ("input_0d_probabilities_ignore_index",  # the ignore_index torch refuses for probabilities, first
      lambda m: m.cross_entropy(torch.randn(()), torch.rand(()), ignore_index=0), "ignore_index"),
     ("batch_before_target_dtype", lambda m: m.cross_entropy(X, T[:3].int()), "batch_size"),
+    # label_smoothing: checked before a class-index target's shapes, after a probability target's weight
+    ("label_smoothing_before_batch", lambda m: m.cross_entropy(X, T[:3], label_smoothing=1.5), "label_smoothing"),
+    ("input_0d_probabilities_before_label_smoothing",
+     lambda m: m.cross_entropy(torch.randn(()), torch.rand(()), label_smoothing=1.5), "dimension"),
+    ("probability_weight_before_label_smoothing",
+     lambda m: m.cross_entropy(X, torch.rand(4, 5), weight=torch.ones(3), label_smoothing=1.5), "weight"),
+    ("label_smoothing_type_before_shapes",
+     lambda m: m.cross_entropy(torch.randn(()), torch.rand(()), label_smoothing="0.1"), "label_smoothing"),
+    ("input_type_before_label_smoothing", lambda m: m.cross_entropy([0.5], T, label_smoothing=1.5), "input"),
     ("no_classes", lambda m: m.cross_entropy(torch.zeros(4, 0), T.clamp(max=0)), "out of bounds"),
     ("huber_delta", lambda m: m.huber_loss(X, Y, delta=0.0), "delta"),
     ("huber_negative_delta", lambda m: m.huber_loss(X, Y, delta=-1.0), "delta"),
