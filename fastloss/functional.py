@@ -442,7 +442,9 @@ def huber_loss(
     """Drop-in ``torch.nn.functional.huber_loss``: quadratic below ``delta``, linear above.
 
     ``weight`` (optional) has the input's shape and multiplies each element's loss; ``mean`` then
-    averages over all elements, as torch does. Gradients flow to ``input`` and ``target``.
+    averages over all elements, as torch does. Gradients flow to ``input`` and ``target``, each in
+    its own dtype where the two differ (the loss keeps the input's, as torch's; torch's backward
+    raises there).
     """
     same_shape = _check_pair("huber_loss", input, target, weight)
     if weight is not None and weight.shape != input.shape:
