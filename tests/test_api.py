@@ -445,14 +445,29 @@ def test_bad_arguments_of_extras(call, exc, pattern, backend_name, launches):
     assert not launches  # raised before any kernel launch
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("shapes", [((4, 5), (5,)), ((1, 5), (4, 1))], ids=str)
 @pytest.mark.parametrize("loss", ["huber_loss", "smooth_l1_loss"])
-def test_broadcast_warns_like_torch(loss):
-    target = torch.randn(5)
-    with pytest.warns(UserWarning, match="target size"):
-        got = getattr(fastloss, loss)(X, target)
-    with pytest.warns(UserWarning, match="target size"):
-        expected = getattr(F, loss)(X, target)
-    torch.testing.assert_close(got, expected)
+def test_broadcast_warns_like_torch(loss, shapes, reduction, backend_name):
+    """Shapes that differ but broadcast: torch's warning, loss and gradients (each summed back to its
+    tensor's shape), on either backend (the kernels take one shape; the reference broadcasts)."""
+    if backend_name == "triton":
+        pytest.importorskip("triton")
+    kwargs = {"reduction": reduction, "delta" if loss == "huber_loss" else "beta": 0.5}
+
+    def run(fn):
+        gen = torch.Generator().manual_seed(7)
+        x, y = (torch.randn(shape, generator=gen).requires_grad_() for shape in shapes)
+        with pytest.warns(UserWarning, match="target size"):
+            out = fn(x, y, **kwargs)
+        out.backward(torch.randn(out.shape, generator=gen))
+        return out, x.grad, y.grad
+
+    with fastloss.use_backend(backend_name):
+        got = run(getattr(fastloss, loss))
+    for ours, torchs in zip(got, run(getattr(F, loss))):
+        torch.testing.assert_close(ours, torchs)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -710,17 +710,18 @@ AUTOCAST_CASES = [
 
 @pytest.mark.parametrize("backend_name", ["triton", "reference"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("loss, make_target, torch_fn", AUTOCAST_CASES, ids=[c[0] for c in AUTOCAST_CASES])
-def test_autocast(loss, make_target, torch_fn, reduction, backend_name, monkeypatch):
+def test_autocast(loss, make_target, torch_fn, dtype, reduction, backend_name, monkeypatch):
     # Under autocast torch computes these losses in fp32 and returns fp32; fastloss returns fp32 too,
-    # and its kernels read the bf16 logits as they are (no fp32 copy).
+    # and its kernels read the bf16 or fp16 logits as they are (no fp32 copy).
     seen = []
     import fastloss.autograd as ag  # where the launcher is called from
     real = ag.cross_entropy_fwd
     monkeypatch.setattr(ag, "cross_entropy_fwd", lambda x, *a, **k: seen.append(x.dtype) or real(x, *a, **k))
     lin = torch.nn.Linear(16, 40).to(DEVICE)
     h = torch.randn(8, 16, device=DEVICE)
-    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=dtype):
         z = lin(h)
         target = make_target(z).to(z.dtype) if loss not in ("cross_entropy", "focal_loss") else make_target(z)
         with fastloss.use_backend(backend_name):
@@ -734,9 +735,9 @@ def test_autocast(loss, make_target, torch_fn, reduction, backend_name, monkeypa
         float_target = target.float() if target.is_floating_point() else target
         torch.testing.assert_close(got, torch_fn(z.float(), float_target, reduction=reduction), rtol=1e-5, atol=1e-6)
     (g,) = torch.autograd.grad(got.sum(), z)
-    assert g.dtype == torch.bfloat16 and torch.isfinite(g).all()
+    assert g.dtype == dtype and torch.isfinite(g).all()
     if backend_name == "triton" and loss in ("cross_entropy", "focal_loss"):
-        assert seen == [torch.bfloat16]
+        assert seen == [dtype]
 
 
 # Aten ops that wait for the GPU: a scalar read (.item(), bool(), float()), or an output whose size
