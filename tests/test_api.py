@@ -339,7 +339,13 @@ BAD_CALLS = [
 
 
 # Cases whose error depends on the values, found where the backend runs (the others are found first)
-VALUE_CHECKS = ("out_of_range", "negative_target", "out_of_range_uint8")
+VALUE_CHECKS = ("out_of_range", "negative_target", "out_of_range_uint8", "no_classes")
+
+
+def _device(backend_name: str) -> torch.device:
+    """Where a test's tensors go for a backend: the triton backend takes CPU tensors only under the
+    interpreter, so on a machine with CUDA it gets CUDA tensors."""
+    return torch.device("cuda" if backend_name == "triton" and torch.cuda.is_available() else "cpu")
 
 
 def _raised(call):
@@ -371,7 +377,8 @@ def test_bad_arguments_raise_like_torch(case, backend_name, launches):
     name, call, pattern = case
     if backend_name == "triton" and name in VALUE_CHECKS and torch.cuda.is_available():
         pytest.skip("the triton backend runs these CPU tensors only under the interpreter; on CUDA, "
-                    "test_kernels.py::test_out_of_range_target_on_device_gives_nan_row checks them")
+                    "test_kernels.py::test_out_of_range_target_on_device_gives_nan_row checks out-of-range "
+                    "targets (a NaN row, no sync)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = _raised(lambda: call(F))
@@ -415,25 +422,25 @@ def test_scalar_arguments_as_torch_takes_them(backend_name):
     """NumPy numbers and one-element tensors stand for Python numbers, as in torch, and so does a bool
     for a float (not for an int); softcap = inf and delta = inf are their limits (no cap; 0.5 d^2
     everywhere), not inf * 0."""
-    t = torch.tensor([0, 1, 1, 3])
+    x, y, t = (v.to(_device(backend_name)) for v in (X, Y, torch.tensor([0, 1, 1, 3])))
     with fastloss.use_backend(backend_name):
         for loss in (fastloss.cross_entropy, fastloss.focal_loss):
-            expected = loss(X, t, ignore_index=1)
+            expected = loss(x, t, ignore_index=1)
             for ignore_index in (np.int64(1), torch.tensor(1)):
-                torch.testing.assert_close(loss(X, t, ignore_index=ignore_index), expected)
-            torch.testing.assert_close(loss(X, t, softcap=math.inf), loss(X, t))
-        torch.testing.assert_close(fastloss.cross_entropy(X, t, label_smoothing=np.float32(0.25)),
-                                   F.cross_entropy(X, t, label_smoothing=0.25))
-        torch.testing.assert_close(fastloss.huber_loss(X, Y, delta=torch.tensor(0.5)), F.huber_loss(X, Y, delta=0.5))
-        torch.testing.assert_close(fastloss.huber_loss(X, Y, delta=math.inf), 0.5 * ((X - Y) ** 2).mean())
-        torch.testing.assert_close(fastloss.cross_entropy(X, t, label_smoothing=True),
-                                   F.cross_entropy(X, t, label_smoothing=True))
-        torch.testing.assert_close(fastloss.cross_entropy(X, t, label_smoothing=1.0),  # the top of its range
-                                   F.cross_entropy(X, t, label_smoothing=1.0))
-        torch.testing.assert_close(fastloss.smooth_l1_loss(X, Y, beta=False), F.smooth_l1_loss(X, Y, beta=False))
+                torch.testing.assert_close(loss(x, t, ignore_index=ignore_index), expected)
+            torch.testing.assert_close(loss(x, t, softcap=math.inf), loss(x, t))
+        torch.testing.assert_close(fastloss.cross_entropy(x, t, label_smoothing=np.float32(0.25)),
+                                   F.cross_entropy(x, t, label_smoothing=0.25))
+        torch.testing.assert_close(fastloss.huber_loss(x, y, delta=torch.tensor(0.5)), F.huber_loss(x, y, delta=0.5))
+        torch.testing.assert_close(fastloss.huber_loss(x, y, delta=math.inf), 0.5 * ((x - y) ** 2).mean())
+        torch.testing.assert_close(fastloss.cross_entropy(x, t, label_smoothing=True),
+                                   F.cross_entropy(x, t, label_smoothing=True))
+        torch.testing.assert_close(fastloss.cross_entropy(x, t, label_smoothing=1.0),  # the top of its range
+                                   F.cross_entropy(x, t, label_smoothing=1.0))
+        torch.testing.assert_close(fastloss.smooth_l1_loss(x, y, beta=False), F.smooth_l1_loss(x, y, beta=False))
         for fn in (F.cross_entropy, fastloss.cross_entropy):
             with pytest.raises(TypeError, match="ignore_index"):
-                fn(X, t, ignore_index=True)
+                fn(x, t, ignore_index=True)
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
@@ -556,7 +563,8 @@ MIXED_DTYPES = [
 def test_mixed_dtypes_as_torch_has_them(name, loss, make, kwargs, backend_name):
     if backend_name == "triton":
         pytest.importorskip("triton")
-    args = make()
+    args = [a.to(_device(backend_name)) for a in make()]
+    kwargs = {k: v.to(_device(backend_name)) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     try:
         expected = getattr(F, loss)(*args, **kwargs)
     except RuntimeError as err:
@@ -599,21 +607,23 @@ def test_no_classes_where_every_row_is_ignored(reduction, backend_name):
     is ignored the result is torch's (mean: 0/0 = nan), with an empty gradient. Label smoothing
     adds nothing there (torch's own result is NaN: it divides by C) and focal loss is CE's. With
     probability targets every row counts, and the mean is torch's NaN too."""
-    t = torch.full((3,), -100)
-    expected = F.cross_entropy(torch.zeros(3, 0), t, reduction=reduction)
+    device = _device(backend_name)
+    t = torch.full((3,), -100, device=device)
+    expected = F.cross_entropy(torch.zeros(3, 0, device=device), t, reduction=reduction)
     with fastloss.use_backend(backend_name):
-        for loss, kw in [(fastloss.cross_entropy, {}), (fastloss.cross_entropy, {"weight": torch.ones(0)}),
+        for loss, kw in [(fastloss.cross_entropy, {}),
+                         (fastloss.cross_entropy, {"weight": torch.ones(0, device=device)}),
                          (fastloss.cross_entropy, {"label_smoothing": 0.2, "z_loss": 0.1}),
                          (fastloss.focal_loss, {})]:
-            x = torch.zeros(3, 0, requires_grad=True)
+            x = torch.zeros(3, 0, device=device, requires_grad=True)
             out = loss(x, t, reduction=reduction, **kw)
             torch.testing.assert_close(out, expected, equal_nan=True)
             out.sum().backward()
             assert x.grad.shape == x.shape
         # probability targets: every row counts, but torch's mean divides by numel / C = 0 / 0
-        expected = F.cross_entropy(torch.zeros(3, 0), torch.zeros(3, 0), reduction=reduction)
-        torch.testing.assert_close(fastloss.cross_entropy(torch.zeros(3, 0), torch.zeros(3, 0), reduction=reduction),
-                                   expected, equal_nan=True)
+        empty = torch.zeros(3, 0, device=device)
+        expected = F.cross_entropy(empty, empty, reduction=reduction)
+        torch.testing.assert_close(fastloss.cross_entropy(empty, empty, reduction=reduction), expected, equal_nan=True)
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
@@ -621,11 +631,12 @@ def test_no_classes_where_every_row_is_ignored(reduction, backend_name):
 def test_unbatched_input_takes_a_one_element_target(reduction, backend_name):
     """torch's forward takes a (1,) target for a (C,) input, as if 0-d (its backward then fails on
     the shapes): here both work, and give the 0-d target's loss and gradient."""
-    x = torch.randn(7)
-    assert F.cross_entropy(x, torch.tensor([3]), reduction=reduction).shape == ()
+    device = _device(backend_name)
+    x = torch.randn(7, device=device)
+    assert F.cross_entropy(x, torch.tensor([3], device=device), reduction=reduction).shape == ()
     for loss, kwargs in [(fastloss.cross_entropy, {"label_smoothing": 0.1}), (fastloss.focal_loss, {})]:
         results = []
-        for t in [torch.tensor(3), torch.tensor([3])]:
+        for t in [torch.tensor(3, device=device), torch.tensor([3], device=device)]:
             xg = x.clone().requires_grad_()
             with fastloss.use_backend(backend_name):
                 out = loss(xg, t, reduction=reduction, **kwargs)
@@ -634,7 +645,8 @@ def test_unbatched_input_takes_a_one_element_target(reduction, backend_name):
             results.append((out, xg.grad))
         torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
         if loss is fastloss.cross_entropy:
-            torch.testing.assert_close(results[0][0], F.cross_entropy(x, torch.tensor(3), reduction=reduction, **kwargs))
+            expected = F.cross_entropy(x, torch.tensor(3, device=device), reduction=reduction, **kwargs)
+            torch.testing.assert_close(results[0][0], expected)
 
 
 def test_autocast_takes_a_float_weight_of_any_precision():
