@@ -462,13 +462,14 @@ def test_broadcast_warns_like_torch(loss, shapes, reduction, backend_name):
     if backend_name == "triton":
         pytest.importorskip("triton")
     kwargs = {"reduction": reduction, "delta" if loss == "huber_loss" else "beta": 0.5}
+    device = _device(backend_name)
 
     def run(fn):
         gen = torch.Generator().manual_seed(7)
-        x, y = (torch.randn(shape, generator=gen).requires_grad_() for shape in shapes)
+        x, y = (torch.randn(shape, generator=gen).to(device).requires_grad_() for shape in shapes)
         with pytest.warns(UserWarning, match="target size"):
             out = fn(x, y, **kwargs)
-        out.backward(torch.randn(out.shape, generator=gen))
+        out.backward(torch.randn(out.shape, generator=gen).to(device))
         return out, x.grad, y.grad
 
     with fastloss.use_backend(backend_name):
@@ -563,8 +564,9 @@ MIXED_DTYPES = [
 def test_mixed_dtypes_as_torch_has_them(name, loss, make, kwargs, backend_name):
     if backend_name == "triton":
         pytest.importorskip("triton")
-    args = [a.to(_device(backend_name)) for a in make()]
-    kwargs = {k: v.to(_device(backend_name)) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    device = _device(backend_name)
+    args = [a.to(device) for a in make()]
+    kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     try:
         expected = getattr(F, loss)(*args, **kwargs)
     except RuntimeError as err:
@@ -588,10 +590,11 @@ def test_gradients_of_mixed_dtypes(dtypes, loss, reduction, backend_name):
     both give each gradient as float64's, rounded to its tensor's dtype."""
     if backend_name == "triton":
         pytest.importorskip("triton")
-    x, y = X.to(dtypes[0], copy=True).requires_grad_(), Y.to(dtypes[1], copy=True).requires_grad_()
+    device = _device(backend_name)
+    x, y = X.to(device, dtypes[0], copy=True).requires_grad_(), Y.to(device, dtypes[1], copy=True).requires_grad_()
     with fastloss.use_backend(backend_name):
         out = getattr(fastloss, loss)(x, y, reduction=reduction)
-    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(device, out.dtype)
     out.backward(grad_output)
     x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
     getattr(F, loss)(x64, y64, reduction=reduction).backward(grad_output.double())
