@@ -1,4 +1,4 @@
-"""Shared Triton helpers, launch heuristics and the backward's gradient-scaling kernel.
+"""Shared Triton helpers, launch heuristics and launching, and the backward's gradient-scaling kernel.
 
 Everything here is used by the loss kernels in this package; it imports only torch and triton and
 does no work at import time (no device queries, no compilation).
@@ -6,10 +6,13 @@ does no work at import time (no device queries, no compilation).
 
 from __future__ import annotations
 
+import re
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime import driver
 from triton.runtime.interpreter import InterpretedFunction
 
 # --------------------------------------------------------------------------------------------------
@@ -202,8 +205,8 @@ def reduce_partials(partials: Tensor, dtype: torch.dtype) -> Tensor:
     if dtype == torch.float32:
         return partials.sum()
     out = partials.new_empty((), dtype=dtype)
-    _sum_kernel[(1,)](partials, out, partials.numel(), INTERPRET=interpreting(), BLOCK=SUM_BLOCK, num_warps=8,
-                      enable_fp_fusion=FP_FUSION)
+    launch(_sum_kernel, 1, partials, out, partials.numel(), INTERPRET=interpreting(), BLOCK=SUM_BLOCK, num_warps=8,
+           enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -243,6 +246,72 @@ def interpreting() -> bool:
     TRITON_INTERPRET once, when a kernel is defined, and makes an interpreted kernel then; asking the
     kernels rather than the variable keeps this right for every spelling Triton accepts."""
     return isinstance(_sum_kernel, InterpretedFunction)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launching
+# --------------------------------------------------------------------------------------------------
+
+# Kernels launch through ``launch``, which calls a compiled variant of the kernel directly once Triton
+# has compiled it. It is used with the Triton releases whose argument specialization
+# ``_specialization`` was checked against (3.6 to 3.9: tests/launch_check.py checks the installed
+# one); other releases launch through Triton's own path.
+_DIRECT_RELEASES = ((3, 6), (3, 7), (3, 8), (3, 9))
+_DIRECT = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) in _DIRECT_RELEASES
+# Compiled variants by (kernel, device, the runtime arguments' specialization, the constexpr arguments
+# and launch options), with the kernel's constexpr parameter names: everything Triton's own cache key
+# holds, so there are at most as many entries as compiled variants.
+_COMPILED: dict = {}
+
+
+def _specialization(args: tuple) -> tuple | None:
+    """What Triton compiles a kernel for, given its runtime arguments: a tensor's dtype and whether its
+    address is a multiple of 16; an int's type (int32, int64 or uint64 by its value), whether it is 1
+    (then a constant) and whether it is a multiple of 16; a float, a bool or None by type alone. None
+    for any other argument (left to Triton)."""
+    spec = []
+    for a in args:
+        t = type(a)
+        if t is int:
+            spec.append((a == 1, a % 16 == 0, -2**31 <= a < 2**31, a < 2**63))
+        elif t is float or t is bool or a is None:
+            spec.append(t)
+        elif isinstance(a, Tensor):
+            spec.append((a.dtype, a.data_ptr() % 16 == 0))
+        else:
+            return None
+    return tuple(spec)
+
+
+def launch(kernel, programs: int, *args, **constexprs) -> None:
+    """``kernel[(programs,)](*args, **constexprs)``, with the runtime arguments given by position, in
+    the kernel's order, and every constexpr argument and launch option by name.
+
+    Before each driver call, Triton's launch path binds and specializes every argument and builds its
+    cache key in Python: 10-20 µs of host time per launch on a CPU, which a short step waits for
+    (bench/NOTES.md, section 9). Here the first launch of a variant goes through Triton, which compiles
+    it, and later ones call the compiled kernel (``CompiledKernel[grid]``, which reads the stream and
+    Triton's launch hooks, so profilers still see every launch), found by what Triton specializes on.
+    Triton's own options (``TRITON_DEBUG``, say) are read at a variant's first launch. Under the
+    interpreter, and with Triton releases not checked, every launch goes through Triton.
+    """
+    spec = _specialization(args) if _DIRECT and not isinstance(kernel, InterpretedFunction) else None
+    if spec is None:
+        kernel[(programs,)](*args, **constexprs)
+        return
+    key = (id(kernel), driver.active.get_current_device(), spec, *constexprs.items())
+    found = _COMPILED.get(key)
+    if found is not None:
+        compiled, names = found
+        compiled[(programs, 1, 1)](*args, *[constexprs[name] for name in names])
+        return
+    names = kernel.arg_names[len(args):]
+    missing = [name for name in names if name not in constexprs]
+    if missing:
+        raise TypeError(f"launch: {kernel.__name__} takes {', '.join(missing)} by name")
+    compiled = kernel[(programs,)](*args, **constexprs)
+    if compiled is not None:  # (None when a compile hook skipped it)
+        _COMPILED[key] = (compiled, names)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,8 +429,9 @@ def scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Tensor | None = No
     # A per-row grad_output may come from an expand (stride 0) or another view: O(R) copy at most.
     go = grad_output.reshape(-1).contiguous() if per_row else grad_output  # a scalar: read at its address
     n_blocks = cdiv(n, ELEMENTWISE_BLOCK)
-    grid = (n_blocks if per_row else min(n_blocks, SCALE_GRAD_PROGRAMS),)
-    _scale_grad_kernel[grid](
+    launch(
+        _scale_grad_kernel,
+        n_blocks if per_row else min(n_blocks, SCALE_GRAD_PROGRAMS),
         grad,
         go,
         predicted,  # None without PREDICTED (cheaper to launch than a placeholder tensor)

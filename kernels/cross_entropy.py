@@ -41,6 +41,7 @@ from .common import (
     exp2,
     expm1,
     interpreting,
+    launch,
     log1p,
     log2e,
     next_power_of_2,
@@ -662,7 +663,9 @@ def cross_entropy_fwd(
         if mean:  # one part per program
             n_parts, z_off = programs, programs if weighted else 0
             divisors = logits.new_empty((2 if weighted else 1) * n_parts, dtype=torch.float32)
-        _prologue_kernel[(programs,)](
+        launch(
+            _prologue_kernel,
+            programs,
             target,
             weight if weighted else sync,  # placeholders are never touched
             divisors if mean else sync,
@@ -679,7 +682,9 @@ def cross_entropy_fwd(
             enable_fp_fusion=FP_FUSION,
         )
     cap = 1.0 if softcap is None else float(softcap)
-    _cross_entropy_kernel[(n_rows * segments,)](
+    launch(
+        _cross_entropy_kernel,
+        n_rows * segments,
         logits,
         logits.stride(0),
         target,

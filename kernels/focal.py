@@ -28,6 +28,7 @@ from .common import (
     elementwise_loss_output,
     exp2,
     interpreting,
+    launch,
     load_block_pair,
     log2,
     log2e,
@@ -136,7 +137,9 @@ def sigmoid_focal_fwd(
     alpha, scale = float(alpha), float(scale)
     use_alpha = alpha >= 0
     if n > 0:
-        _sigmoid_focal_kernel[(n_programs,)](
+        launch(
+            _sigmoid_focal_kernel,
+            n_programs,
             inputs,
             targets,
             out,

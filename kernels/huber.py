@@ -24,6 +24,7 @@ from .common import (
     cast_to,
     elementwise_loss_output,
     interpreting,
+    launch,
     load_block_pair,
     num_warps_for,
     reduce_partials,
@@ -135,7 +136,9 @@ def huber_fwd(
         "huber_fwd", {"input": input, "target": target, "weight": weight, "grad_input": grad_input,
                       "grad_target": grad_target}, reduce, loss_dtype, block)
     if n > 0:
-        _huber_kernel[(n_programs,)](
+        launch(
+            _huber_kernel,
+            n_programs,
             input,
             target,
             weight if weight is not None else input,  # placeholders are never touched
