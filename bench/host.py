@@ -14,10 +14,10 @@ and times the step's host path:
   the GPU waits for when the step is short;
 - on a CPU: the time of the step with the Triton launches replaced by no-ops (the interpreter would
   otherwise run the kernels), so it times fastloss's Python and the aten ops around the launches;
-  with ``--launch-path``, the launches go through Triton's own launch path (the kernels compiled
-  for an H100 by Triton's ptxas; the binder, the cache key and the checks run) up to the driver
-  call, which alone is stubbed. Triton's Python costs a launch several microseconds, which the
-  default mode hides.
+  with ``--launch-path``, the launches run for real (the kernels compiled for an H100 by Triton's
+  ptxas) up to the driver call, which alone is stubbed: a variant's first launch through Triton's
+  launch path (the binder, the cache key, the checks), the next ones through fastloss's direct call
+  of the compiled kernel (``common.launch``). The default mode hides what a launch costs.
 
 Beside it, the same step through eager torch (the benchmark's ``torch`` provider) on the same
 inputs: its host time is what a fused loss must not exceed by much, or a short step loses to torch
@@ -25,14 +25,18 @@ however fast the kernel. (On a CPU the shapes are tiny, so torch's step is host 
 
 It splits fastloss's time at its two main Triton launches, the loss kernel and the backward's scale
 (medians over the reps): before the loss kernel's launch (a cross-entropy mean's prologue launch,
-which counts the rows on the device, included), inside it (Triton's Python and the driver call),
+which counts the rows on the device, included), inside it (Triton's and the driver call),
 between the two launches (the loss's sum, a launch for a 16-bit loss, autograd, ``loss.backward()``
 up to the scale), inside the scale's launch, and after it. Where the step is short the GPU waits
 for "before" and, beyond the loss kernel's time, for "between".
 It then times the parts on their own: a small aten op, a 0-dim cast, an allocation and an
-autograd.Function that launches nothing, and on a GPU a Triton launch of a cached kernel through
-``kernel[grid](...)`` and straight through the compiled kernel (what a leaner launch path could
-save), fastloss's launcher of the same kernel and a device context.
+autograd.Function that launches nothing, and on a GPU (or with ``--launch-path``) a launch of a
+compiled kernel through Triton's ``kernel[grid](...)`` and through fastloss's ``launch``, and
+fastloss's launcher of the same kernel; on a GPU, a device context.
+
+``--direct-ab`` prints instead each step's host time with fastloss's direct launches off (every
+launch through Triton's launch path) and on, alternating in blocks in one process: what
+``common.launch`` gains, measured so that the machine's drift falls on both alike.
 
 The counts are the same on both machines; the times are only comparable on one machine.
 """
@@ -118,31 +122,45 @@ class _Launches(collections.Counter):
 
 @contextlib.contextmanager
 def triton_launches(stub: bool):
-    """Counts and times Triton launches (compiled or interpreted); with ``stub`` they do nothing."""
+    """Counts and times Triton launches (compiled or interpreted); with ``stub`` they do nothing.
+
+    A launch goes through ``JITFunction.run`` (Triton's launch path: a variant's first launch, the
+    interpreter's), or calls the compiled kernel (``CompiledKernel[grid](...)``, fastloss's later
+    launches, see ``common.launch``); both are counted, and each span is what Triton does."""
+    import triton.compiler.compiler as compiler
     import triton.runtime.interpreter as interpreter
     import triton.runtime.jit as jit
 
     count = _Launches()
     classes = [c for c in (jit.JITFunction, getattr(interpreter, "InterpretedFunction", None)) if c is not None]
     saved = {c: c.run for c in classes}
+    saved_getitem = compiler.CompiledKernel.__getitem__
+
+    def timed(name, fn, *args, **kwargs):
+        count[name] += 1
+        t0 = time.perf_counter()
+        out = None if stub else fn(*args, **kwargs)
+        count.spans.append((name, t0, time.perf_counter()))
+        return out
 
     def wrap(original):
         def run(self, *args, **kwargs):
-            name = getattr(self, "__name__", None) or self.fn.__name__
-            count[name] += 1
-            t0 = time.perf_counter()
-            out = None if stub else original(self, *args, **kwargs)
-            count.spans.append((name, t0, time.perf_counter()))
-            return out
+            return timed(getattr(self, "__name__", None) or self.fn.__name__, original, self, *args, **kwargs)
         return run
+
+    def getitem(self, grid):
+        runner = saved_getitem(self, grid)
+        return lambda *args, **kwargs: timed(self.name, runner, *args, **kwargs)
 
     for c in classes:
         c.run = wrap(saved[c])
+    compiler.CompiledKernel.__getitem__ = getitem
     try:
         yield count
     finally:
         for c, run in saved.items():
             c.run = run
+        compiler.CompiledKernel.__getitem__ = saved_getitem
 
 
 def torch_fn(name: str):
@@ -241,6 +259,27 @@ def measure(name: str, inputs, fn, device: torch.device, reps: int, stub: bool |
                 parts_us=[statistics.median(p) for p in zip(*parts)])
 
 
+def direct_ab(inputs, fn, reps: int, blocks: int = 30) -> dict:
+    """One step's host time with ``common.launch``'s direct calls of compiled kernels off (every launch
+    through Triton's launch path) and on, alternating in ``blocks`` blocks of ``reps`` steps in one
+    process, so that the machine's drift falls on both alike: the minimum over blocks of each block's
+    median, and the median and quartiles of the blocks' paired gains (off minus on), in µs."""
+    from fastloss.kernels import common
+
+    saved = common._DIRECT
+    medians: dict[bool, list[float]] = {False: [], True: []}
+    try:
+        for block in range(blocks):
+            for direct in (False, True) if block % 2 else (True, False):
+                common._DIRECT = direct
+                medians[direct].append(_per_call_us(lambda: one_step(inputs, fn), reps))
+    finally:
+        common._DIRECT = saved
+    gains = [off - on for off, on in zip(medians[False], medians[True])]
+    q1, q2, q3 = statistics.quantiles(gains, n=4)
+    return dict(triton_us=min(medians[False]), direct_us=min(medians[True]), gain_us=q2, gain_q1=q1, gain_q3=q3)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=200)
@@ -248,7 +287,13 @@ def main(argv=None) -> int:
     p.add_argument("--launch-path", action="store_true",
                    help="on a CPU: launches through Triton's own launch path (kernels compiled for sm_90 with "
                         "ptxas, the driver call stubbed) instead of stubbing whole launches")
+    p.add_argument("--direct-ab", action="store_true",
+                   help="instead of the table: each step with fastloss's direct launches of compiled kernels off "
+                        "(every launch through Triton's launch path) and on, alternating in blocks of --reps "
+                        "steps in one process (on a CPU, needs --launch-path)")
     args = p.parse_args(argv)
+    if args.direct_ab and not torch.cuda.is_available() and not args.launch_path:
+        p.error("--direct-ab on a CPU needs --launch-path (the interpreter launches no compiled kernel)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.stub = device.type == "cpu" and not args.launch_path
     with contextlib.ExitStack() as stack:
@@ -276,6 +321,15 @@ def run(device: torch.device, args) -> list[str]:
         cases = steps(device, vocab=64, n=80 * 64, rows=16)
     wanted = [w for w in args.cases.split(",") if w]
     where = "issue time" if device.type == "cuda" else "launches stubbed" if args.stub else "driver call stubbed"
+    if args.direct_ab:
+        print(f"{'case':20} {'triton µs':>9} {'direct µs':>9}  paired gain µs: median (quartiles)  (host time of a step, "
+              f"{where}; min over blocks of each block's median)")
+        for name, (inputs, fn) in cases.items():
+            if not wanted or any(w in name for w in wanted):
+                r = direct_ab(inputs, fn, args.reps)
+                print(f"{name:20} {r['triton_us']:9.1f} {r['direct_us']:9.1f}  {r['gain_us']:6.1f} "
+                      f"({r['gain_q1']:.1f} to {r['gain_q3']:.1f})", flush=True)
+        return []
     print(f"{'case':20} {'aten ops':>8} {'launching':>9} {'triton':>6} {'host µs':>8} {'torch µs':>8}  {PARTS}  ({where}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__})")
     failed = []
@@ -298,7 +352,7 @@ def run(device: torch.device, args) -> list[str]:
               f"{launching}", flush=True)
     if not wanted:
         print(f"\nparts, µs per call ({'issue time' if device.type == 'cuda' else 'CPU'}):", flush=True)
-        for part, us in part_costs(device, args.reps).items():
+        for part, us in part_costs(device, args.reps, launches=device.type == "cuda" or not args.stub).items():
             print(f"  {part:48} {us if isinstance(us, str) else f'{us:8.1f}'}", flush=True)
     return failed
 
@@ -324,17 +378,18 @@ class _NoKernel(torch.autograd.Function):
         return g
 
 
-def part_costs(device: torch.device, reps: int) -> dict:
+def part_costs(device: torch.device, reps: int, launches: bool | None = None) -> dict:
     """Host time of the pieces a step is made of, each on its own, in µs per call (see the module's
-    doc); the Triton launches and the device context only on CUDA."""
+    doc); the Triton launches with ``launches`` (default: on CUDA; on a CPU with ``--launch-path``),
+    the device context on CUDA only."""
     grad = torch.empty(1 << 20, device=device, dtype=torch.bfloat16)
     one = torch.ones((), device=device)
     small = torch.randn(8192, device=device)
     leaf = torch.zeros((), device=device, requires_grad=True)
     out = {}
-    if device.type == "cuda":
+    if device.type == "cuda" if launches is None else launches:
         out.update(_launch_costs(grad, one.reshape(1), reps))
-
+    if device.type == "cuda":
         def device_context():
             with torch.cuda.device(device):
                 pass
@@ -355,27 +410,22 @@ def part_costs(device: torch.device, reps: int) -> dict:
 
 
 def _launch_costs(grad: Tensor, one: Tensor, reps: int) -> dict:
-    """The backward's scale (grad_output = 1: every program exits at once) launched three ways."""
+    """The backward's scale (grad_output = 1: every program exits at once) launched three ways:
+    through Triton's launch path, through fastloss's ``launch`` (the compiled kernel, called
+    directly), and by fastloss's launcher ``scale_grad_`` (its checks, then ``launch``)."""
     from fastloss.kernels import common
 
     kernel = common._scale_grad_kernel
-    args = (grad, one, grad.numel(), grad.numel(), 0)  # the kernel's parameters, in order
-    consts = dict(PER_ROW=False, STRIDED=False, INTERPRET=False, BLOCK=common.ELEMENTWISE_BLOCK)
-    grid = (min(common.cdiv(grad.numel(), common.ELEMENTWISE_BLOCK), common.SCALE_GRAD_PROGRAMS),)
-
-    def generic():
-        return kernel[grid](*args, **consts, num_warps=8)
-
-    out = {"triton launch, kernel[grid]": _per_call_us(generic, reps)}
-    try:  # the compiled kernel called with every parameter, constexprs included (triton 3.6 to 3.9)
-        compiled = generic()
-        compiled = compiled.result() if hasattr(compiled, "result") else compiled
-        direct = compiled[grid + (1, 1)]
-        out["triton launch, compiled kernel"] = _per_call_us(lambda: direct(*args, *consts.values()), reps)
-    except Exception as exc:  # noqa: BLE001  (a measurement that is not available is reported, not fatal)
-        out["triton launch, compiled kernel"] = f"n/a ({type(exc).__name__}: {exc})"[:120]
-    out["scale_grad_, fastloss's launcher"] = _per_call_us(lambda: common.scale_grad_(grad, one), reps)
-    return out
+    args = (grad, one, None, None, grad.numel(), grad.numel(), 0)  # the runtime parameters, in order
+    consts = dict(PER_ROW=False, STRIDED=False, PREDICTED=False, INTERPRET=False, BLOCK=common.ELEMENTWISE_BLOCK,
+                  num_warps=8, enable_fp_fusion=common.FP_FUSION)
+    programs = min(common.cdiv(grad.numel(), common.ELEMENTWISE_BLOCK), common.SCALE_GRAD_PROGRAMS)
+    return {
+        "triton launch, kernel[grid]": _per_call_us(lambda: kernel[(programs,)](*args, **consts), reps),
+        "triton launch, fastloss's launch()": _per_call_us(lambda: common.launch(kernel, programs, *args, **consts),
+                                                          reps),
+        "scale_grad_, fastloss's launcher": _per_call_us(lambda: common.scale_grad_(grad, one), reps),
+    }
 
 
 if __name__ == "__main__":

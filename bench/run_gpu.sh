@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in order, each logged under OUT (default bench-out/) and each bounded in
-# time (seconds, overridable) so that the whole fits a 10-minute slot (the limits add up to 550 s; the
+# time (seconds, overridable) so that the whole fits a 10-minute slot (the limits add up to 580 s; the
 # whole took 255 s on an H100 on 2026-11-23, tests 95 + 21 s, headline bench 49 s):
 #   1. the test suite natively at full size: large shapes, N·V > 2^31, torch.compile, CUDA graphs
 #      (the full-size tests run 3 at a time: each holds up to ~20 GB);
 #   2. the benchmark's headline shapes with every provider, then the V sweep (fastloss and torch
 #      eager) for the plots, both into OUT/results (the bench saves after every case);
-#   3. the end-to-end training comparison, and the host path of one step (python -m bench.host);
+#   3. the end-to-end training comparison, the host path of one step (python -m bench.host), and
+#      what fastloss's direct launches of compiled kernels save a step (bench.host --direct-ab);
 #   4. OUT/results.tgz, which unpacks into bench/results/ to commit.
 # Usage: bash bench/run_gpu.sh [OUT]
 set -uo pipefail
@@ -34,4 +35,6 @@ timeout "${TRAIN_S:-70}" $py -m bench.train --save "$out/results" >"$out/train.l
 tail -6 "$out/train.log"
 timeout "${HOST_S:-40}" $py -m bench.host >"$out/results/host.txt" 2>&1
 cat "$out/results/host.txt"
+timeout "${DIRECT_S:-30}" $py -m bench.host --direct-ab --reps 50 >"$out/results/host_direct.txt" 2>&1
+cat "$out/results/host_direct.txt"
 tar czf "$out/results.tgz" -C "$out" results && rm -rf "$out/results"

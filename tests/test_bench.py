@@ -4,6 +4,7 @@ and merged saves, and the two-run training script."""
 
 from __future__ import annotations
 
+import ast
 import csv
 import importlib.util
 import io
@@ -198,9 +199,10 @@ def test_host_path_of_a_training_step(name, launching, triton, monkeypatch):
 
 def test_host_launch_path_runs_tritons_launch_path_without_a_gpu():
     """python -m bench.host --launch-path on a CPU: the kernels are compiled for sm_90 and every launch
-    runs Triton's own launch path up to the driver call (in a fresh process: the suite's kernels are
-    interpreted). A cross-entropy mean step is three launches, and the loss kernel's launch takes
-    Triton's binder and checks, microseconds, where a stubbed launch takes a tenth of one."""
+    runs up to the driver call (in a fresh process: the suite's kernels are interpreted), through
+    Triton's launch path or, once a variant is compiled, fastloss's direct call of it. A
+    cross-entropy mean step is three launches, and the loss kernel's launch takes a microsecond or
+    more (the device, the stream, Triton's hooks), where a stubbed launch takes a tenth of one."""
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("a mode for machines without a GPU")
@@ -212,7 +214,45 @@ def test_host_launch_path_runs_tritons_launch_path_without_a_gpu():
     assert "driver call stubbed" in header
     fields = row.split()  # case (2 words), aten ops, launching, triton, host, torch, before, launch, ...
     assert fields[:2] == ["ce", "fp32"] and fields[4] == "3"
-    assert float(fields[8]) > 1.0
+    assert float(fields[8]) > 0.5
+
+
+def test_host_direct_ab_without_a_gpu():
+    """python -m bench.host --launch-path --direct-ab: each step with fastloss's direct launches off and
+    on, alternating in one process; both columns are host times, and the gain is their difference's
+    median. Without --launch-path on a CPU it refuses (the interpreter launches no compiled kernel)."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("a mode for machines without a GPU")
+    with pytest.raises(SystemExit):
+        host.main(["--direct-ab"])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "bench.host", "--launch-path", "--direct-ab", "--reps", "3",
+                           "--cases", "huber fp32"], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    header, row = done.stdout.splitlines()[:2]
+    assert "paired gain" in header
+    fields = row.split()
+    assert fields[:2] == ["huber", "fp32"] and float(fields[2]) > 0 and float(fields[3]) > 0
+
+
+def test_host_launch_costs_without_a_gpu():
+    """bench.host's launch costs (the scale kernel through Triton's launch path, through fastloss's
+    launch(), and by its launcher), run with --launch-path's stand-in driver in a fresh process: they
+    run on a GPU only otherwise, and their arguments must match the kernel's parameters."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("a mode for machines without a GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import torch; from bench import host; host.use_launch_path(); "
+            "print(host.part_costs(torch.device('cpu'), 3, launches=True))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    costs = ast.literal_eval(done.stdout.strip())
+    launches = ["triton launch, kernel[grid]", "triton launch, fastloss's launch()", "scale_grad_, fastloss's launcher"]
+    assert list(costs)[:3] == launches and all(costs[k] > 0 for k in launches)
 
 
 def test_host_main_prints_fastloss_beside_torch(capsys):
