@@ -273,6 +273,8 @@ def direct_ab(inputs, fn, reps: int, blocks: int = 30) -> dict:
             for direct in (False, True) if block % 2 else (True, False):
                 common._DIRECT = direct
                 medians[direct].append(_per_call_us(lambda: one_step(inputs, fn), reps))
+                if inputs[0].is_cuda:  # no backlog of one block's GPU work left to slow the next
+                    torch.cuda.synchronize()
     finally:
         common._DIRECT = saved
     gains = [off - on for off, on in zip(medians[False], medians[True])]
