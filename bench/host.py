@@ -25,7 +25,7 @@ however fast the kernel. (On a CPU the shapes are tiny, so torch's step is host 
 
 It splits fastloss's time at its two main Triton launches, the loss kernel and the backward's scale
 (medians over the reps): before the loss kernel's launch (a cross-entropy mean's prologue launch,
-which counts the rows on the device, included), inside it (Triton's and the driver call),
+which counts the rows on the device, included), inside it (Triton's Python and the driver call),
 between the two launches (the loss's sum, a launch for a 16-bit loss, autograd, ``loss.backward()``
 up to the scale), inside the scale's launch, and after it. Where the step is short the GPU waits
 for "before" and, beyond the loss kernel's time, for "between".
