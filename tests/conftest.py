@@ -10,6 +10,9 @@ converted to Python scalars"): use numpy < 2.3 with it.
 """
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,3 +32,23 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def fresh_process():
+    """Runs ``python ARGS`` in the repository in a new process without TRITON_INTERPRET, so that the
+    kernels compile for a GPU (sm_90) instead of being interpreted, and returns its stdout, failing
+    the test if it fails. For machines without a GPU: with one, the tests compile and launch the
+    kernels natively."""
+    pytest.importorskip("triton")
+    if CUDA:
+        pytest.skip("a check for machines without a GPU: with one, the kernels compile and launch natively")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+    def run(*args: str) -> str:
+        done = subprocess.run([sys.executable, *args], cwd=Path(__file__).resolve().parents[1], env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-4000:]
+        return done.stdout
+
+    return run

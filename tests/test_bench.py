@@ -10,10 +10,6 @@ import importlib.util
 import io
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -197,60 +193,40 @@ def test_host_path_of_a_training_step(name, launching, triton, monkeypatch):
     assert len(result["parts_us"]) == 5 and min(result["parts_us"]) >= 0
 
 
-def test_host_launch_path_runs_tritons_launch_path_without_a_gpu():
+def test_host_launch_path_runs_tritons_launch_path_without_a_gpu(fresh_process):
     """python -m bench.host --launch-path on a CPU: the kernels are compiled for sm_90 and every launch
     runs up to the driver call (in a fresh process: the suite's kernels are interpreted), through
     Triton's launch path or, once a variant is compiled, fastloss's direct call of it. A
     cross-entropy mean step is three launches, and the loss kernel's launch takes a microsecond or
     more (the device, the stream, Triton's hooks), where a stubbed launch takes a tenth of one."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("a mode for machines without a GPU")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "bench.host", "--launch-path", "--reps", "30", "--cases", "ce fp32"],
-                          cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    header, row = done.stdout.splitlines()[:2]
+    out = fresh_process("-m", "bench.host", "--launch-path", "--reps", "30", "--cases", "ce fp32")
+    header, row = out.splitlines()[:2]
     assert "driver call stubbed" in header
     fields = row.split()  # case (2 words), aten ops, launching, triton, host, torch, before, launch, ...
     assert fields[:2] == ["ce", "fp32"] and fields[4] == "3"
     assert float(fields[8]) > 0.5
 
 
-def test_host_direct_ab_without_a_gpu():
+def test_host_direct_ab_without_a_gpu(fresh_process):
     """python -m bench.host --launch-path --direct-ab: each step with fastloss's direct launches off and
     on, alternating in one process; both columns are host times, and the gain is their difference's
     median. Without --launch-path on a CPU it refuses (the interpreter launches no compiled kernel)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("a mode for machines without a GPU")
     with pytest.raises(SystemExit):
         host.main(["--direct-ab"])
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "bench.host", "--launch-path", "--direct-ab", "--reps", "3",
-                           "--cases", "huber fp32"], cwd=Path(__file__).resolve().parents[1], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    header, row = done.stdout.splitlines()[:2]
+    out = fresh_process("-m", "bench.host", "--launch-path", "--direct-ab", "--reps", "3", "--cases", "huber fp32")
+    header, row = out.splitlines()[:2]
     assert "paired gain" in header
     fields = row.split()
     assert fields[:2] == ["huber", "fp32"] and float(fields[2]) > 0 and float(fields[3]) > 0
 
 
-def test_host_launch_costs_without_a_gpu():
+def test_host_launch_costs_without_a_gpu(fresh_process):
     """bench.host's launch costs (the scale kernel through Triton's launch path, through fastloss's
     launch(), and by its launcher), run with --launch-path's stand-in driver in a fresh process: they
     run on a GPU only otherwise, and their arguments must match the kernel's parameters."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("a mode for machines without a GPU")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import torch; from bench import host; host.use_launch_path(); "
             "print(host.part_costs(torch.device('cpu'), 3, launches=True))")
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    costs = ast.literal_eval(done.stdout.strip())
+    costs = ast.literal_eval(fresh_process("-c", code).strip())
     launches = ["triton launch, kernel[grid]", "triton launch, fastloss's launch()", "scale_grad_, fastloss's launcher"]
     assert list(costs)[:3] == launches and all(costs[k] > 0 for k in launches)
 
