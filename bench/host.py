@@ -322,22 +322,20 @@ def run(device: torch.device, args) -> list[str]:
     else:
         cases = steps(device, vocab=64, n=80 * 64, rows=16)
     wanted = [w for w in args.cases.split(",") if w]
+    cases = {name: case for name, case in cases.items() if not wanted or any(w in name for w in wanted)}
     where = "issue time" if device.type == "cuda" else "launches stubbed" if args.stub else "driver call stubbed"
     if args.direct_ab:
         print(f"{'case':20} {'triton µs':>9} {'direct µs':>9}  paired gain µs: median (quartiles)  (host time of a step, "
               f"{where}; min over blocks of each block's median)")
         for name, (inputs, fn) in cases.items():
-            if not wanted or any(w in name for w in wanted):
-                r = direct_ab(inputs, fn, args.reps)
-                print(f"{name:20} {r['triton_us']:9.1f} {r['direct_us']:9.1f}  {r['gain_us']:6.1f} "
-                      f"({r['gain_q1']:.1f} to {r['gain_q3']:.1f})", flush=True)
+            r = direct_ab(inputs, fn, args.reps)
+            print(f"{name:20} {r['triton_us']:9.1f} {r['direct_us']:9.1f}  {r['gain_us']:6.1f} "
+                  f"({r['gain_q1']:.1f} to {r['gain_q3']:.1f})", flush=True)
         return []
     print(f"{'case':20} {'aten ops':>8} {'launching':>9} {'triton':>6} {'host µs':>8} {'torch µs':>8}  {PARTS}  ({where}, "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__})")
     failed = []
     for name, (inputs, fn) in cases.items():
-        if wanted and not any(w in name for w in wanted):
-            continue
         try:
             r = measure(name, inputs, fn, device, args.reps, stub=args.stub)
             torch_us = _per_call_us(lambda: one_step(inputs, torch_fn(name)), args.reps)
@@ -380,16 +378,16 @@ class _NoKernel(torch.autograd.Function):
         return g
 
 
-def part_costs(device: torch.device, reps: int, launches: bool | None = None) -> dict:
+def part_costs(device: torch.device, reps: int, launches: bool = False) -> dict:
     """Host time of the pieces a step is made of, each on its own, in µs per call (see the module's
-    doc); the Triton launches with ``launches`` (default: on CUDA; on a CPU with ``--launch-path``),
-    the device context on CUDA only."""
+    doc); with ``launches`` (on CUDA, or on a CPU with ``--launch-path``) the Triton launches, and on
+    CUDA the device context."""
     grad = torch.empty(1 << 20, device=device, dtype=torch.bfloat16)
     one = torch.ones((), device=device)
     small = torch.randn(8192, device=device)
     leaf = torch.zeros((), device=device, requires_grad=True)
     out = {}
-    if device.type == "cuda" if launches is None else launches:
+    if launches:
         out.update(_launch_costs(grad, one.reshape(1), reps))
     if device.type == "cuda":
         def device_context():
