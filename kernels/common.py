@@ -290,8 +290,9 @@ def launch(kernel, programs: int, *args, **constexprs) -> None:
     Before each driver call, Triton's launch path binds and specializes every argument and builds its
     cache key in Python: 10-20 µs of host time per launch on a CPU, which a short step waits for
     (bench/NOTES.md, section 9). Here the first launch of a variant goes through Triton, which compiles
-    it, and later ones call the compiled kernel (``CompiledKernel[grid]``, which reads the stream and
-    Triton's launch hooks, so profilers still see every launch), found by what Triton specializes on.
+    it, and later ones call the compiled kernel (``CompiledKernel[grid]``, on the current stream as
+    Triton's launch reads it, with Triton's launch hooks, so profilers still see every launch), found
+    by what Triton specializes on.
     Triton's own options (``TRITON_DEBUG``, say) are read at a variant's first launch. Under the
     interpreter, and with Triton releases not checked, every launch goes through Triton.
     """
@@ -299,11 +300,14 @@ def launch(kernel, programs: int, *args, **constexprs) -> None:
     if spec is None:
         kernel[(programs,)](*args, **constexprs)
         return
-    key = (id(kernel), driver.active.get_current_device(), spec, *constexprs.items())
+    device = driver.active.get_current_device()
+    key = (id(kernel), device, spec, *constexprs.items())
     found = _COMPILED.get(key)
     if found is not None:
         compiled, names = found
-        compiled[(programs, 1, 1)](*args, *[constexprs[name] for name in names])
+        # the stream given, so that the compiled kernel's launch does not ask for the device again
+        compiled[(programs, 1, 1)](*args, *[constexprs[name] for name in names],
+                                   stream=driver.active.get_current_stream(device))
         return
     names = kernel.arg_names[len(args):]
     missing = [name for name in names if name not in constexprs]
