@@ -99,6 +99,8 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if tensor.is_cuda and torch.version.hip is not None:
         raise RuntimeError("FASTLOSS_BACKEND=triton on a ROCm GPU: fastloss's kernels are written for NVIDIA GPUs "
                            "(they use PTX); use the 'auto' or 'reference' backend")
+    if tensor.is_meta:  # no data for a kernel to read: the reference gives torch's meta result
+        return False
     if not tensor.is_cuda and not interpreter_enabled():
         raise RuntimeError(
             f"FASTLOSS_BACKEND=triton on a {tensor.device.type} tensor needs Triton's interpreter: "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 import warnings
 
 import torch
@@ -48,9 +49,13 @@ def _check_tensor(name: str, t, floating: bool = True) -> None:
 def _autocast(dtype: torch.dtype, device_type: str) -> torch.dtype:
     """A loss's dtype as ``torch.autocast`` makes it: fp32 for bf16/fp16 while autocast is on for
     the device, where torch computes its losses in fp32 (the kernels still read low-precision inputs
-    as they are)."""
-    if (dtype is torch.float16 or dtype is torch.bfloat16) and torch.is_autocast_enabled(device_type):
-        return torch.float32
+    as they are). A device type with no autocast (meta) keeps the dtype, as torch's losses do there."""
+    if dtype is torch.float16 or dtype is torch.bfloat16:
+        try:  # free where nothing raises: no cost on the CPU and CUDA path
+            if torch.is_autocast_enabled(device_type):
+                return torch.float32
+        except RuntimeError:  # "unknown device type for autocast" (meta)
+            pass
     return dtype
 
 
@@ -82,16 +87,37 @@ def _check_devices(fn: str, *named: tuple[str, Tensor | None]) -> None:
 
 
 def _float(fn: str, name: str, value) -> float:
-    """A float argument as torch's parser takes one (a Python or NumPy number, a bool, a one-element
-    tensor), else TypeError, as torch raises."""
+    """A float argument as torch's argument parser takes one, else TypeError, as torch raises.
+
+    Taken: a Python float or int (a bool too, and their subclasses), a NumPy number (``np.float64(0.1)``,
+    ``np.int64(1)``, ``np.bool_(True)``; not an array, even a 0-d one) and a 0-d tensor that does not
+    require grad. A tensor with one element in one or more dimensions (``torch.tensor([0.5])``) is
+    refused, as one that requires grad is. torch reads a 0-d tensor with ``.item()``, so a meta
+    tensor raises RuntimeError there, and so does a complex one with an imaginary part.
+    """
     if type(value) is float:  # the usual case, first: a step's host time counts
         return value
-    if not isinstance(value, str):
-        try:
-            return float(value)
-        except (TypeError, ValueError, RuntimeError):
-            pass
+    if isinstance(value, (int, float)):  # bool; numpy.float64 subclasses float
+        return float(value)  # an int too large for a float: OverflowError, as in torch
+    if isinstance(value, Tensor):
+        if value.dim() == 0 and not value.requires_grad:
+            item = value.item()  # a meta tensor: RuntimeError, as in torch
+            if isinstance(item, complex):
+                if item.imag:
+                    raise RuntimeError(f"{fn}: {name} = {item} cannot be converted to a float without "
+                                       "overflow (it has an imaginary part)")
+                item = item.real
+            return float(item)
+    elif isinstance(value, (torch.SymFloat, torch.SymInt)) or _numpy_number(value):
+        return float(value)  # a NumPy complex: its real part, with NumPy's ComplexWarning, as in torch
     raise TypeError(f"{fn}: {name} must be a float, not {type(value).__name__}")
+
+
+def _numpy_number(value) -> bool:
+    """Whether ``value`` is a NumPy scalar that torch's parser takes for a number (an integer, bool,
+    float or complex one). NumPy is imported already if ``value`` is one of its scalars."""
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(value, (np.integer, np.bool_, np.floating, np.complexfloating))
 
 
 def _int(fn: str, name: str, value) -> int:
@@ -272,7 +298,8 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
     # The reference checks class indices itself. For the kernel this data-dependent check is free on
     # CPU, a sync on CUDA (so only with FASTLOSS_STRICT=1), and impossible to trace into a graph, so
     # compiled code relies on the kernel's NaN rows instead.
-    if class_targets and (not input.is_cuda or backend.strict()) and not torch.compiler.is_compiling():
+    if (class_targets and (not input.is_cuda or backend.strict()) and not torch.compiler.is_compiling()
+            and not input.is_meta):  # a meta tensor has no values to check
         _check_class_range(target, reference.n_classes(input), ignore_index)
 
     # Imported here, not at the top: it imports triton, which `import fastloss` must not. (This form of

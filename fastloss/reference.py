@@ -52,8 +52,8 @@ def _class_rows(input, target, weight, ignore_index, softcap):
     valid = t != ignore_index
     bad = valid & ((t < 0) | (t >= num_classes))
     # torch's CPU behaviour (nll_loss raises IndexError). torch.compile and torch.func cannot branch
-    # on data: there, as in the kernels, such a row's loss is NaN.
-    checked = not (torch.compiler.is_compiling() or transforming())
+    # on data: there, as in the kernels, such a row's loss is NaN. A meta tensor has no data to check.
+    checked = not (torch.compiler.is_compiling() or transforming() or t.is_meta)
     if checked and bad.any():
         raise IndexError(f"Target {t[bad][0].item()} is out of bounds.")
     t = torch.where(valid if checked else valid & ~bad, t, 0)  # in range; ignored rows are masked below
@@ -107,7 +107,10 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     """
     eps = label_smoothing
     c = n_classes(input)
-    eps_c = eps / c if c else 0.0  # (no classes: every row is ignored)
+    # No classes (every row is ignored): eps / C is inf, as in torch, where it multiplies the smoothing
+    # term (0) of each row, or their sum: the loss is NaN for every reduction, even over no rows.
+    # (Probability targets have no elements for it to reach: there it changes nothing.)
+    eps_c = eps / c if c else float("inf")  # used only where eps > 0
     out_dtype = input.dtype  # (class indices: torch requires the weight's dtype to be the input's)
     if target.shape == input.shape:  # class probabilities: torch promotes the three dtypes
         others = (target,) if weight is None else (target, weight)
@@ -132,14 +135,19 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         denom = w_y.sum()
         shape = target.shape
 
-    z_mean = 0.0
+    z_mean = None
     if z_loss:
         z = torch.where(valid, z_loss * torch.logsumexp(x, dim=-1).square(), 0)
         if reduction == "mean":
             z_mean = z.sum() / valid.sum()
         else:
             loss = loss + z
-    return (_reduce(loss, reduction, denom, shape, x.dtype) + z_mean).to(out_dtype)
+    out = _reduce(loss, reduction, denom, shape, x.dtype)
+    if z_mean is not None:  # (not 0.0 otherwise: that would turn torch's -0.0 into 0.0)
+        out = out + z_mean
+    if not c and eps > 0 and reduction == "sum" and target.shape != input.shape:
+        out = out * eps_c  # torch's sum of the rows' smoothing terms (0, or none) times eps / C: NaN
+    return out.to(out_dtype)
 
 
 def focal_loss(input, target, gamma=2.0, weight=None, ignore_index=-100, reduction="mean",

@@ -419,12 +419,17 @@ FASTLOSS_ONLY_BAD_CALLS = [
     (lambda: fastloss.focal_loss(X, T, gamma="2"), TypeError, "gamma"),
     (lambda: fastloss.focal_loss(X, T, ignore_index=0.0), TypeError, "ignore_index"),
     (lambda: fastloss.cross_entropy(X, T, softcap=torch.ones(2)), TypeError, "softcap"),
+    # fastloss's own float arguments are parsed as torch parses its own (test_float_arguments_...)
+    (lambda: fastloss.cross_entropy(X, T, z_loss=torch.tensor([0.1])), TypeError, "z_loss"),
+    (lambda: fastloss.cross_entropy(X, T, softcap=np.array(30.0)), TypeError, "softcap"),
+    (lambda: fastloss.focal_loss(X, T, gamma=torch.tensor(2.0, requires_grad=True)), TypeError, "gamma"),
+    (lambda: fastloss.sigmoid_focal_loss(X, Y, alpha=np.array(0.25)), TypeError, "alpha"),
 ]
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
 def test_scalar_arguments_as_torch_takes_them(backend_name):
-    """NumPy numbers and one-element tensors stand for Python numbers, as in torch, and so does a bool
+    """NumPy numbers and 0-d tensors stand for Python numbers, as in torch, and so does a bool
     for a float (not for an int); softcap = inf and delta = inf are their limits (no cap; 0.5 d^2
     everywhere), not inf * 0."""
     x, y, t = (v.to(_device(backend_name)) for v in (X, Y, torch.tensor([0, 1, 1, 3])))
@@ -446,6 +451,54 @@ def test_scalar_arguments_as_torch_takes_them(backend_name):
         for fn in (F.cross_entropy, fastloss.cross_entropy):
             with pytest.raises(TypeError, match="ignore_index"):
                 fn(x, t, ignore_index=True)
+
+
+class _FloatLike:
+    def __float__(self):
+        return 0.25
+
+
+# (id, value) for a float argument: what torch's argument parser takes, and what it refuses
+FLOAT_VALUES = [
+    ("float", 0.25), ("int", 1), ("bool", True), ("float_subclass", type("F", (float,), {})(0.25)),
+    ("int_too_large", 2**1100),  # OverflowError
+    ("tensor_0d", torch.tensor(0.25)), ("tensor_0d_int", torch.tensor(1)), ("tensor_0d_bool", torch.tensor(True)),
+    ("tensor_0d_float64", torch.tensor(0.25, dtype=torch.float64)),
+    ("tensor_0d_complex", torch.tensor(0.25 + 0j)), ("tensor_0d_complex_imag", torch.tensor(0.25 + 1j)),
+    ("tensor_0d_requires_grad", torch.tensor(0.25, requires_grad=True)),
+    ("tensor_0d_meta", torch.tensor(0.25, device="meta")),  # torch's .item() raises RuntimeError
+    ("tensor_1d_one_element", torch.tensor([0.25])), ("tensor_2d_one_element", torch.tensor([[0.25]])),
+    ("numpy_float64", np.float64(0.25)), ("numpy_float32", np.float32(0.25)), ("numpy_int64", np.int64(1)),
+    ("numpy_bool", np.bool_(True)), ("numpy_complex", np.complex128(0.25)),
+    ("numpy_array_0d", np.array(0.25)), ("numpy_array_0d_int", np.array(1)), ("numpy_array_1d", np.array([0.25])),
+    ("str", "0.25"), ("none", None), ("complex", 0.25 + 0j), ("fraction", __import__("fractions").Fraction(1, 4)),
+    ("has_dunder_float", _FloatLike()),
+]
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("value", [v for _, v in FLOAT_VALUES], ids=[i for i, _ in FLOAT_VALUES])
+def test_float_arguments_parsed_as_torch_parses_them(value, backend_name):
+    """label_smoothing, delta and beta take what torch's argument parser takes for a float: a Python
+    or NumPy number, or a 0-d tensor that does not require grad; not a one-element tensor of more
+    dimensions, nor a NumPy array (a 0-d one too), nor anything else with a __float__. Refused, they
+    raise torch's exception type."""
+    device = _device(backend_name)
+    x, y, t = (v.to(device) for v in (X, Y, T))
+    calls = [lambda m: m.cross_entropy(x, t, label_smoothing=value),
+             lambda m: m.cross_entropy(x, torch.softmax(y, 1), label_smoothing=value),
+             lambda m: m.huber_loss(x, y, delta=value),
+             lambda m: m.smooth_l1_loss(x, y, beta=value)]
+    for call in calls:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NumPy's ComplexWarning, in both
+            expected = _raised(lambda: call(F))
+            with fastloss.use_backend(backend_name):
+                got = _raised(lambda: call(fastloss))
+            assert type(got) is type(expected), f"torch raised {expected!r}, fastloss raised {got!r}"
+            if expected is None:
+                with fastloss.use_backend(backend_name):
+                    torch.testing.assert_close(call(fastloss), call(F))
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
@@ -613,25 +666,93 @@ def test_gradients_of_mixed_dtypes(dtypes, loss, reduction, backend_name):
 def test_no_classes_where_every_row_is_ignored(reduction, backend_name):
     """C = 0 is a degenerate input: a counted row raises IndexError (BAD_CALLS), and where every row
     is ignored the result is torch's (mean: 0/0 = nan), with an empty gradient. Label smoothing
-    adds nothing there (torch's own result is NaN: it divides by C) and focal loss is CE's. With
-    probability targets every row counts, and the mean is torch's NaN too."""
+    makes it NaN for every reduction, as in torch, which multiplies the smoothing term by eps / C =
+    inf, even over no rows; focal loss is CE's. With probability targets every row counts, and the
+    mean is torch's NaN too (eps / C = inf reaches no element there)."""
     device = _device(backend_name)
     t = torch.full((3,), -100, device=device)
-    expected = F.cross_entropy(torch.zeros(3, 0, device=device), t, reduction=reduction)
+    empty = torch.zeros(3, 0, device=device)
     with fastloss.use_backend(backend_name):
-        for loss, kw in [(fastloss.cross_entropy, {}),
-                         (fastloss.cross_entropy, {"weight": torch.ones(0, device=device)}),
-                         (fastloss.cross_entropy, {"label_smoothing": 0.2, "z_loss": 0.1}),
-                         (fastloss.focal_loss, {})]:
-            x = torch.zeros(3, 0, device=device, requires_grad=True)
+        for loss, kw, torch_kw in [(fastloss.cross_entropy, {}, {}),
+                                   (fastloss.cross_entropy, {"weight": torch.ones(0, device=device)}, None),
+                                   (fastloss.cross_entropy, {"label_smoothing": 0.2}, None),
+                                   (fastloss.cross_entropy, {"label_smoothing": 0.2, "z_loss": 0.1},
+                                    {"label_smoothing": 0.2}),  # z-loss adds 0: no row counts
+                                   (fastloss.focal_loss, {}, {})]:
+            expected = F.cross_entropy(empty, t, reduction=reduction, **(kw if torch_kw is None else torch_kw))
+            x = empty.clone().requires_grad_()
             out = loss(x, t, reduction=reduction, **kw)
             torch.testing.assert_close(out, expected, equal_nan=True)
             out.sum().backward()
             assert x.grad.shape == x.shape
         # probability targets: every row counts, but torch's mean divides by numel / C = 0 / 0
-        empty = torch.zeros(3, 0, device=device)
-        expected = F.cross_entropy(empty, empty, reduction=reduction)
-        torch.testing.assert_close(fastloss.cross_entropy(empty, empty, reduction=reduction), expected, equal_nan=True)
+        for kw in ({}, {"label_smoothing": 0.2}):
+            expected = F.cross_entropy(empty, empty, reduction=reduction, **kw)
+            torch.testing.assert_close(fastloss.cross_entropy(empty, empty, reduction=reduction, **kw), expected,
+                                       equal_nan=True)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(3, 0), (2, 0, 0, 3), (0, 0), (0,)], ids=str)
+def test_no_classes_with_label_smoothing_is_nan_as_in_torch(shape, reduction, backend_name):
+    """The label-smoothed loss over no classes is torch's NaN (eps / C = inf times the smoothing
+    term, 0), for every reduction and also over no rows, where a sum is of nothing; the result of
+    'none' has torch's shape. (Both backends: such an input has no elements, which the reference takes.)"""
+    device = _device(backend_name)
+    t = torch.full(shape[:1] + shape[2:] if len(shape) > 1 else (), -100, device=device)
+    for kw in ({"label_smoothing": 0.1}, {"label_smoothing": 1.0, "weight": torch.ones(0, device=device)}):
+        expected = F.cross_entropy(torch.zeros(shape, device=device), t, reduction=reduction, **kw)
+        x = torch.zeros(shape, device=device, requires_grad=True)
+        with fastloss.use_backend(backend_name):
+            out = fastloss.cross_entropy(x, t, reduction=reduction, **kw)
+        torch.testing.assert_close(out, expected, equal_nan=True)
+        if reduction != "none" or out.numel():
+            assert out.isnan().all()
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "reference", "triton"])
+def test_meta_tensors_give_meta_results(backend_name):
+    """Meta tensors (no data) give torch's meta result, of its shape and dtype: bf16 ones too, whose
+    dtype asks about autocast, which torch has none of for the meta device, and class-index targets,
+    whose range (a value) is not checked, as torch does not check it there. (The triton backend runs
+    the reference for them: no kernel can read a tensor with no data.)"""
+    bf16 = torch.empty(3, 4, device="meta", dtype=torch.bfloat16)
+    logits = torch.empty(4, 5, device="meta")
+    classes = torch.tensor([0, 1, 2, 4], device="meta")
+    calls = [
+        lambda m, r: m.huber_loss(bf16, bf16, reduction=r),
+        lambda m, r: m.huber_loss(bf16, bf16, reduction=r, weight=bf16),
+        lambda m, r: m.smooth_l1_loss(bf16, bf16, reduction=r),
+        lambda m, r: m.cross_entropy(logits, classes, reduction=r),
+        lambda m, r: m.cross_entropy(logits, torch.tensor([0, -100, 9, 1], device="meta"), reduction=r,
+                                     label_smoothing=0.1, weight=torch.ones(5, device="meta")),
+        lambda m, r: m.cross_entropy(torch.empty(2, 5, 3, device="meta", dtype=torch.bfloat16),
+                                     torch.zeros(2, 3, dtype=torch.long, device="meta"), reduction=r),
+        lambda m, r: m.cross_entropy(bf16, bf16, reduction=r),  # probabilities
+    ]
+    # torch has no softmax focal loss (focal's shapes and dtypes are CE's) nor torchvision here
+    # (sigmoid focal's are the inputs', reduced)
+    theirs = {"focal_loss": lambda r: F.cross_entropy(logits, classes, reduction=r),
+              "sigmoid_focal_loss": lambda r: F.binary_cross_entropy_with_logits(bf16, bf16, reduction=r)}
+    ours = {"focal_loss": lambda r: fastloss.focal_loss(logits, classes, reduction=r),
+            "sigmoid_focal_loss": lambda r: fastloss.sigmoid_focal_loss(bf16, bf16, reduction=r)}
+    for autocast in (False, True):  # autocast is on for the CPU, but the meta device has none
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            for reduction in ("none", "mean", "sum"):
+                pairs = [(lambda r, c=c: c(F, r), lambda r, c=c: c(fastloss, r)) for c in calls]
+                pairs += [(theirs[k], ours[k]) for k in theirs]
+                for expected_call, call in pairs:
+                    expected = expected_call(reduction)
+                    with fastloss.use_backend(backend_name):
+                        got = call(reduction)
+                    assert (got.device, got.shape, got.dtype) == (expected.device, expected.shape, expected.dtype)
+    x = torch.empty(4, 5, device="meta", requires_grad=True)
+    with fastloss.use_backend(backend_name):
+        fastloss.cross_entropy(x, classes, label_smoothing=0.1).backward()
+    assert x.grad.is_meta and x.grad.shape == x.shape
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])

@@ -392,3 +392,38 @@ def test_out_of_range_targets_raise_index_error(bad):
                  lambda: R.focal_loss(x, t, reduction="none")):
         with pytest.raises(IndexError):
             call()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_meta_inputs_have_no_values_to_check(reduction):
+    """Meta tensors hold no data, so the class-index range check (an .item()) is skipped for them, as
+    torch skips it: the result is a meta tensor of torch's shape and dtype, out-of-range targets
+    included. (On CPU the check still raises: test_out_of_range_targets_raise_index_error.)"""
+    for shape, t in (((4, C), [0, 1, 2, 4]), ((4, C), [0, -100, C + 3, -1]), ((2, C, 3), [[0, 1, 9], [2, 3, 4]])):
+        x = torch.randn(shape, device="meta", requires_grad=True)
+        t = torch.tensor(t, device="meta")
+        w = torch.rand(C, device="meta")
+        for ours, theirs in ((R.cross_entropy(x, t, reduction=reduction), F.cross_entropy(x, t, reduction=reduction)),
+                             (R.cross_entropy(x, t, w, label_smoothing=0.1, reduction=reduction),
+                              F.cross_entropy(x, t, w, label_smoothing=0.1, reduction=reduction)),
+                             (R.focal_loss(x, t, weight=w, reduction=reduction),
+                              F.cross_entropy(x, t, w, reduction=reduction))):  # focal's shape is CE's
+            assert (ours.device.type, ours.shape, ours.dtype) == (theirs.device.type, theirs.shape, theirs.dtype)
+            (grad,) = torch.autograd.grad(ours.sum(), x)
+            assert grad.is_meta and grad.shape == x.shape
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True])
+# (not (2, 0, 4): torch refuses a 3-d input with no classes, with a size mismatch of its own making)
+@pytest.mark.parametrize("shape", [(3, 0), (2, 0, 0, 3), (0, 0), (0,), (2, 0, 4, 1)], ids=str)
+def test_no_classes_with_label_smoothing_as_torch(shape, weighted, reduction):
+    """C = 0 (every row ignored) with label smoothing: torch multiplies the smoothing term by
+    eps / C = inf, so the loss is NaN for every reduction, over no rows too (a sum of nothing, times
+    inf). With probability targets there is nothing for inf to reach."""
+    x = torch.randn(shape, dtype=torch.float64)
+    t = torch.full(shape[:1] + shape[2:] if len(shape) > 1 else (), -100)
+    kw = dict(reduction=reduction, label_smoothing=0.1, weight=torch.ones(0, dtype=torch.float64) if weighted else None)
+    torch.testing.assert_close(R.cross_entropy(x, t, **kw), F.cross_entropy(x, t, **kw), equal_nan=True)
+    q = torch.rand(shape, dtype=torch.float64)
+    torch.testing.assert_close(R.cross_entropy(x, q, **kw), F.cross_entropy(x, q, **kw), equal_nan=True)
