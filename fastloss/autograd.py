@@ -99,8 +99,12 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) ->
 # anyway. Powers of two multiply exactly, so the gradient is the same bit for bit either way, but for
 # entries below the smallest normal float (times the factor): one rounding there, not two. Each
 # forward copies the prediction it used for its own backward, so the order of forwards and backwards
-# does not matter. fp16 gradients are left out: a prediction could overflow them (a loss scaler's
-# 2^16, say), and a wrong one would then leave inf where the scaled gradient is finite.
+# does not matter. fp16 gradients (max 65504) take the prediction only as far as the unscaled
+# gradient (the kernel caps it at 1 / the mean's scale, and saves the factor it used), so that a
+# wrong prediction cannot overflow them, and are written unscaled while no backward has set one
+# (0, "unknown"; also off the default stream). That keeps a mean's gradient out of fp16's subnormals
+# (6e-8 to 6.1e-5): divided by thousands of rows in the forward, with a loss scaler's factor applied
+# only in the backward, most of it was flushed before the factor came.
 # Only on the device's default stream, where training usually runs and no CUDA graph is ever
 # captured. torch.compile's CUDA graphs (mode="reduce-overhead") run their first calls and their
 # capture on a stream of their own, and what is allocated there goes to the graphs' private memory
@@ -108,7 +112,6 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) ->
 # one first allocated inside a capture holds its 1 only once that graph replays. Off the default
 # stream, the forward multiplies by 1, and the backward's pass scales as it would without this.
 _PREDICTIONS: dict[torch.device, Tensor] = {}
-_PREDICTED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _on_default_stream(t: Tensor) -> bool:
@@ -122,27 +125,23 @@ def _prediction(t: Tensor) -> Optional[Tensor]:
     if not _on_default_stream(t):
         return None
     pred = _PREDICTIONS.get(t.device)
-    if pred is None:
-        pred = _PREDICTIONS.setdefault(t.device, torch.ones(1, dtype=torch.float32, device=t.device))
+    if pred is None:  # 0 until a backward sets it: "unknown", which the kernels take as 1 (fp16: see above)
+        pred = _PREDICTIONS.setdefault(t.device, torch.zeros(1, dtype=torch.float32, device=t.device))
     return pred
 
 
 def _forward_prediction(logits: Tensor, predicted: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """The launcher's ``prediction`` and ``predicted`` for a forward given a ``predicted`` buffer (or
     None): the device's prediction, which the kernel copies into ``predicted``; or, off the default
-    stream, neither, and ``predicted`` holds 1."""
+    stream, none, and ``predicted`` holds 1 (fp16: an "unknown" of the forward's own instead)."""
     prediction = None if predicted is None else _prediction(logits)
     if prediction is None:
         if predicted is not None:
+            if logits.dtype == torch.float16:
+                return torch.zeros(1, dtype=torch.float32, device=logits.device), predicted
             predicted.fill_(1.0)
         return None, None
     return prediction, predicted
-
-
-def _predicts(grad_dtype: torch.dtype, reduce: bool) -> bool:
-    """Whether a forward predicts grad_output: a scalar one (``reduce``), and a gradient dtype that
-    a power of two cannot overflow."""
-    return reduce and grad_dtype in _PREDICTED_DTYPES
 
 
 # The launchers return the loss in ``loss_dtype`` (the input's, or fp32 for 16-bit inputs under
@@ -194,12 +193,12 @@ def _(logits, target, weight, mean, reduce, loss_dtype, ignore_index, label_smoo
 @_op("huber_fwd")
 def _huber_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, mul: float,
                scale: float, reduce: bool, grad_input: bool, grad_target: bool,
-               loss_dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+               loss_dtype: torch.dtype, unscaled_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
     gi = torch.empty_like(input) if grad_input else None
     gt = torch.empty_like(target) if grad_target else None
     with _on(input):
         loss = huber_fwd(input, target, weight, beta=beta, mul=mul, scale=scale, reduce=reduce,
-                         grad_input=gi, grad_target=gt, loss_dtype=loss_dtype)
+                         grad_input=gi, grad_target=gt, loss_dtype=loss_dtype, unscaled_grad=unscaled_grad)
     return loss, gi if gi is not None else _no_grad_buffer(input), gt if gt is not None else _no_grad_buffer(input)
 
 
@@ -208,7 +207,7 @@ def _fake_elementwise_loss(input: Tensor, reduce: bool, loss_dtype: torch.dtype)
 
 
 @_huber_fwd.register_fake
-def _(input, target, weight, beta, mul, scale, reduce, grad_input, grad_target, loss_dtype):
+def _(input, target, weight, beta, mul, scale, reduce, grad_input, grad_target, loss_dtype, unscaled_grad):
     gi = torch.empty_like(input) if grad_input else _no_grad_buffer(input)
     gt = torch.empty_like(target) if grad_target else _no_grad_buffer(input)
     return _fake_elementwise_loss(input, reduce, loss_dtype), gi, gt
@@ -216,16 +215,17 @@ def _(input, target, weight, beta, mul, scale, reduce, grad_input, grad_target, 
 
 @_op("sigmoid_focal_fwd")
 def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, scale: float,
-                       reduce: bool, grad_input: bool, loss_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+                       reduce: bool, grad_input: bool, loss_dtype: torch.dtype,
+                       unscaled_grad: bool) -> tuple[Tensor, Tensor]:
     gi = torch.empty_like(inputs) if grad_input else None
     with _on(inputs):
         loss = sigmoid_focal_fwd(inputs, targets, alpha=alpha, gamma=gamma, scale=scale, reduce=reduce,
-                                 grad_input=gi, loss_dtype=loss_dtype)
+                                 grad_input=gi, loss_dtype=loss_dtype, unscaled_grad=unscaled_grad)
     return loss, gi if gi is not None else _no_grad_buffer(inputs)
 
 
 @_sigmoid_focal_fwd.register_fake
-def _(inputs, targets, alpha, gamma, scale, reduce, grad_input, loss_dtype):
+def _(inputs, targets, alpha, gamma, scale, reduce, grad_input, loss_dtype, unscaled_grad):
     return _fake_elementwise_loss(inputs, reduce, loss_dtype), torch.empty_like(inputs) if grad_input else _no_grad_buffer(inputs)
 
 
@@ -249,9 +249,12 @@ def _(grad, grad_output, predicted):
 # --------------------------------------------------------------------------------------------------
 
 
-def _save(ctx, grads: tuple[Tensor, ...], per_element: bool, predicted: Optional[Tensor] = None) -> None:
-    """Saves the gradients (one per input, in order), and ``predicted`` (see _PREDICTIONS)."""
+def _save(ctx, grads: tuple[Tensor, ...], per_element: bool, predicted: Optional[Tensor] = None,
+          left: float = 1.0) -> None:
+    """Saves the gradients (one per input, in order), and ``predicted`` (see _PREDICTIONS); ``left``:
+    a factor the forward left out of them, for the backward to apply (see _elementwise_scales)."""
     ctx.per_element = per_element
+    ctx.left = left
     ctx.n_grads = len(grads)
     ctx.save_for_backward(*grads, *([] if predicted is None else [predicted]))
 
@@ -296,6 +299,8 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
         if logits is None or logits._version != version:
             raise RuntimeError(_BACKWARD_ONCE)
         grads = (logits,)
+    if ctx.left != 1.0:  # in fp32: a 16-bit grad_loss times 1/numel could itself underflow
+        grad_loss = grad_loss.to(torch.float32) * ctx.left
     out: list[Optional[Tensor]] = []
     for i, g in enumerate(grads):
         if not ctx.needs_input_grad[i]:
@@ -355,8 +360,8 @@ class SoftmaxLoss(torch.autograd.Function):
                 z_loss, softcap, gamma, out_dtype):
         write_grad = ctx.needs_input_grad[0]
         args = (target, weight, mean)
-        # the gradient written already times a predicted grad_output (see _PREDICTIONS)
-        predicted = logits.new_empty(1, dtype=torch.float32) if write_grad and _predicts(logits.dtype, reduce) else None
+        # the gradient written already times a predicted grad_output (see _PREDICTIONS), when scalar
+        predicted = logits.new_empty(1, dtype=torch.float32) if write_grad and reduce else None
         opts = (reduce, out_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma, predicted)
         if write_grad and inplace:
             loss = _softmax_loss_fwd_inplace(logits, *args, *opts)
@@ -422,16 +427,29 @@ class _Overwritten(torch.autograd.Function):
         )
 
 
+def _elementwise_scales(reduction: str, numel: int, grads: tuple[Optional[Tensor], ...]) -> tuple[float, bool]:
+    """An elementwise loss's ``scale`` (1/numel for a mean), and whether its gradients leave it out
+    for the backward to apply. They do when one is fp16 (smallest normal 6.1e-5): a mean's gradient
+    written divided by numel in the forward lies mostly below it, and a loss scaler's factor (2^16,
+    say) reached it only in the backward, after the entries were flushed. Written unscaled, fp16
+    gradients meet that factor as torch's do: in fp32, before their one rounding. (The backward then
+    always scales, a pass over the gradient that a loss scaler's factor costs anyway.)"""
+    if reduction != "mean":
+        return 1.0, False
+    return 1.0 / numel, any(g is not None and g.dtype == torch.float16 for g in grads)
+
+
 class Huber(torch.autograd.Function):
     """Huber, SmoothL1 and L1: one elementwise kernel, gradients for input and target."""
 
     @staticmethod
     def forward(ctx, input, target, weight, beta, mul, reduction, out_dtype):
-        scale = 1.0 / input.numel() if reduction == "mean" else 1.0
+        grads = (input if ctx.needs_input_grad[0] else None, target if ctx.needs_input_grad[1] else None)
+        scale, unscaled = _elementwise_scales(reduction, input.numel(), grads)
         loss, g_in, g_t = _huber_fwd(
             input, target, weight, beta, mul, scale, reduction != "none",
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1], out_dtype)
-        _save(ctx, (g_in, g_t), per_element=reduction == "none")
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1], out_dtype, unscaled)
+        _save(ctx, (g_in, g_t), per_element=reduction == "none", left=scale if unscaled else 1.0)
         return loss
 
     @staticmethod
@@ -452,10 +470,11 @@ class SigmoidFocal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inputs, targets, alpha, gamma, reduction, out_dtype):
-        scale = 1.0 / inputs.numel() if reduction == "mean" else 1.0
+        scale, unscaled = _elementwise_scales(reduction, inputs.numel(),
+                                              (inputs if ctx.needs_input_grad[0] else None,))
         loss, g_in = _sigmoid_focal_fwd(inputs, targets, alpha, gamma, scale, reduction != "none",
-                                        ctx.needs_input_grad[0], out_dtype)
-        _save(ctx, (g_in,), per_element=reduction == "none")
+                                        ctx.needs_input_grad[0], out_dtype, unscaled)
+        _save(ctx, (g_in,), per_element=reduction == "none", left=scale if unscaled else 1.0)
         return loss
 
     @staticmethod

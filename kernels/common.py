@@ -211,11 +211,12 @@ def reduce_partials(partials: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @triton.jit
-def store_loss(out_ptr, offs, mask, loss, REDUCE: tl.constexpr, INTERPRET: tl.constexpr):
+def store_loss(out_ptr, offs, mask, loss, partial_scale, REDUCE: tl.constexpr, INTERPRET: tl.constexpr):
     """Elementwise kernels' loss output: the per-element loss in out_ptr's dtype, or (REDUCE) one
-    fp32 partial sum per program, which the launcher sums (``reduce_partials``; no atomics)."""
+    fp32 partial sum per program times ``partial_scale``, which the launcher sums
+    (``reduce_partials``; no atomics)."""
     if REDUCE:
-        tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
+        tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0) * partial_scale)
     else:
         tl.store(out_ptr + offs, cast_to(loss, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 

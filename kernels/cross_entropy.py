@@ -262,7 +262,7 @@ def _cross_entropy_kernel(
     sync_ptr,  # SPLIT: int32 [1 + N], zeroed: the ticket counter, then each row's arrival count
     stats_ptr,  # SPLIT: fp32 [N, SEGMENTS, STATS]: each segment's m, t, sa, d, x_y part
     prediction_ptr,  # PREDICT: fp32, the gradient's extra factor (a power of two; see scale_grad_)
-    predicted_ptr,  # PREDICT: fp32, where the program of row 0 copies it for the backward
+    predicted_ptr,  # PREDICT: fp32, where the program of row 0 copies the factor used, for the backward
     V,
     seg_len,  # SPLIT: columns per segment (a multiple of BLOCK); V otherwise
     ignore_index,
@@ -462,7 +462,19 @@ def _cross_entropy_kernel(
     if WRITE_GRAD:
         if PREDICT:
             # The gradient's every term carries K, A or B: scaled by a power of two, exactly.
-            p = tl.load(prediction_ptr)
+            p = tl.load(prediction_ptr)  # 0: unknown (no backward has set it yet)
+            if grad_ptr.dtype.element_ty == tl.float16:
+                # fp16 (max 65504): never past the unscaled gradient, so that no prediction can
+                # overflow it. Where ce_scale * p > 1 (a loss scaler's 2^16 over a mean of fewer
+                # rows), or p is unknown, the gradient is written unscaled and the backward's pass
+                # applies the rest: written times ce_scale, a mean of thousands of rows put most of
+                # it below fp16's smallest normal (6.1e-5) before the scaler's factor came. The same
+                # p in every program, as ce_scale is (_inverse_of_parts). ce_scale = inf (a mean
+                # over no weight) keeps p: 0 would leave the backward 1/0.
+                mag = tl.abs(ce_scale)
+                unscaled = 1.0 / mag
+                p = tl.where(((mag * p > 1.0) | (p == 0.0)) & (unscaled > 0.0), unscaled, p)
+            p = tl.where(p == 0.0, 1.0, p)
             K = K * p
             A = A * p
             B = B * p
@@ -600,7 +612,9 @@ def cross_entropy_fwd(
 
     prediction, predicted (both or neither, with ``grad``): one fp32 value each. The gradient is
     written multiplied by ``prediction``, a power of two (the backward's grad_output foreseen, see
-    ``common.scale_grad_``), which is copied to ``predicted`` for the backward.
+    ``common.scale_grad_``), which is copied to ``predicted`` for the backward. An fp16 gradient is
+    multiplied by at most 1 / |ce_scale| instead (never more than unscaled: no overflow), and
+    ``predicted`` holds the factor used.
     config: launch parameters (``launch_config(logits, grad is not None)`` when None); for tuning.
 
     Extra memory: the (N,) loss, for ``mean`` up to 32 floats, and for a split launch N + 1 int32

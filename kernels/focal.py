@@ -58,8 +58,9 @@ def _sigmoid_focal_kernel(
     gx_ptr,
     n,
     k1,  # scale * a_t = k1 * t + k0: k1 = scale (2 alpha - 1), k0 = scale (1 - alpha); without
-    k0,  # alpha (alpha < 0) k1 = 0 and k0 = scale
+    k0,  # alpha (alpha < 0) k1 = 0 and k0 = scale (scale = 1 in both with unscaled_grad)
     gamma,
+    partial_scale,  # REDUCE: each partial sum's factor (scale with unscaled_grad, else 1)
     BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
     GAMMA_INT: tl.constexpr,  # gamma when it is a small integer, else -1
@@ -95,7 +96,7 @@ def _sigmoid_focal_kernel(
     k = k1 * t + k0  # scale * a_t
     kq = k * qg
     loss = ce * kq
-    store_loss(out_ptr, offs, mask, loss, REDUCE, INTERPRET)
+    store_loss(out_ptr, offs, mask, loss, partial_scale, REDUCE, INTERPRET)
 
     if WRITE_GRAD_INPUT:
         p_minus_t = p * (1.0 - t) - omp * t  # = p - t, exact for hard labels
@@ -116,6 +117,7 @@ def sigmoid_focal_fwd(
     reduce: bool,
     grad_input: Tensor | None,
     loss_dtype: torch.dtype | None = None,
+    unscaled_grad: bool = False,
 ) -> Tensor:
     """Sigmoid focal loss ``scale * a_t * ce * (1 - p_t)^gamma`` and optionally its gradient.
 
@@ -127,14 +129,18 @@ def sigmoid_focal_fwd(
     ``reduce`` is False, else a 0-dim tensor (``loss_dtype``, by default fp32) holding the sum of the
     scaled losses, summed in fp32 in a fixed order (one partial per program, then ``reduce_partials``).
     grad_input, when given, is overwritten with d(loss)/d(inputs) * scale in its own dtype (for
-    reduce=False: the gradient of the summed loss).
+    reduce=False: the gradient of the summed loss). With ``unscaled_grad`` (``reduce`` only) the
+    gradient leaves ``scale`` out, and the reduced loss takes it once per program.
     """
+    if unscaled_grad and not reduce:
+        raise ValueError("sigmoid_focal_fwd: unscaled_grad applies to a reduced loss")
     n, n_programs, out = elementwise_loss_output(
         "sigmoid_focal_fwd", {"inputs": inputs, "targets": targets, "grad_input": grad_input}, reduce,
         loss_dtype, BLOCK)
     gamma = float(gamma)
     gamma_int = int(gamma) if gamma.is_integer() and 0 <= gamma <= MAX_INT_GAMMA else -1
     alpha, scale = float(alpha), float(scale)
+    grad_scale, partial_scale = (1.0, scale) if unscaled_grad else (scale, 1.0)
     use_alpha = alpha >= 0
     if n > 0:
         launch(
@@ -145,9 +151,10 @@ def sigmoid_focal_fwd(
             out,
             grad_input if grad_input is not None else inputs,  # placeholder, never touched
             n,
-            (2.0 * alpha - 1.0) * scale if use_alpha else 0.0,
-            (1.0 - alpha) * scale if use_alpha else float(scale),
+            (2.0 * alpha - 1.0) * grad_scale if use_alpha else 0.0,
+            (1.0 - alpha) * grad_scale if use_alpha else grad_scale,
             gamma,
+            partial_scale,
             BLOCK=BLOCK,
             GAMMA_INT=gamma_int,
             REDUCE=bool(reduce),

@@ -6,7 +6,9 @@ With d = input - target (in fp32):
     d smoothl1 / d input = d / beta if |d| < beta else sign(d)   (sign(0) = 0)
 and Huber(d; delta) = delta * smoothl1(d; beta=delta), so one kernel serves all three losses through
 a loss multiplier ``mul``. Loss and gradients are multiplied by ``mul``, the optional per-element
-weight and ``scale`` (1/numel for a mean), so the backward only has to apply grad_output.
+weight and ``scale`` (1/numel for a mean), so the backward only has to apply grad_output; or, with
+``unscaled_grad``, the gradients are not multiplied by ``scale`` (the backward applies it: fp16
+gradients, see fastloss/autograd.py) and the reduced loss is, once per program.
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def _huber_kernel(
     n,
     beta,  # fp32 threshold; unused when L1
     inv_beta,  # 1 / beta, rounded once on the host (unused when L1)
-    c,  # mul * scale, folded on the host
+    c,  # mul * scale, folded on the host (mul alone, with unscaled_grad)
+    partial_scale,  # REDUCE: each partial sum's factor (scale with unscaled_grad, else 1)
     BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
     L1: tl.constexpr,
@@ -89,7 +92,7 @@ def _huber_kernel(
     else:
         cw = c
     loss = loss * cw
-    store_loss(out_ptr, offs, mask, loss, REDUCE, INTERPRET)
+    store_loss(out_ptr, offs, mask, loss, partial_scale, REDUCE, INTERPRET)
     if WRITE_GRAD_INPUT or WRITE_GRAD_TARGET:
         g = grad * cw
         if WRITE_GRAD_INPUT:
@@ -110,6 +113,7 @@ def huber_fwd(
     grad_input: Tensor | None,
     grad_target: Tensor | None,
     loss_dtype: torch.dtype | None = None,
+    unscaled_grad: bool = False,
 ) -> Tensor:
     """Loss (and optionally gradients) of ``mul * weight * scale * smoothl1(input - target; beta)``.
 
@@ -122,16 +126,19 @@ def huber_fwd(
     scaled losses, summed in fp32 in a fixed order (one partial per program, then ``reduce_partials``).
     grad_input / grad_target, when given, are overwritten with d(loss)/d(input) * scale and its
     negation (for reduce=False this is the gradient of the summed loss, i.e. grad_output = 1
-    everywhere).
+    everywhere). With ``unscaled_grad`` (``reduce`` only) the gradients leave ``scale`` out.
     """
     block = block_for(input.dtype)
     beta, mul, scale = float(beta), float(mul), float(scale)
+    if unscaled_grad and not reduce:
+        raise ValueError("huber_fwd: unscaled_grad applies to a reduced loss")
+    grad_scale, partial_scale = (1.0, scale) if unscaled_grad else (scale, 1.0)
     if math.isinf(beta) and mul == beta:
         # Huber's delta = inf: all quadratic (0.5 d^2); mul * scale = inf would turn 0.5 d^2 / beta
         # * mul into 0 * inf. The linear side, which that factor also scales, is never taken.
-        inv_beta, c = 1.0, scale
+        inv_beta, c = 1.0, grad_scale
     else:
-        inv_beta, c = 1.0 / beta if beta else 0.0, mul * scale
+        inv_beta, c = 1.0 / beta if beta else 0.0, mul * grad_scale
     n, n_programs, out = elementwise_loss_output(
         "huber_fwd", {"input": input, "target": target, "weight": weight, "grad_input": grad_input,
                       "grad_target": grad_target}, reduce, loss_dtype, block)
@@ -149,6 +156,7 @@ def huber_fwd(
             beta,
             inv_beta,
             c,
+            partial_scale,
             BLOCK=block,
             L1=beta == 0.0,
             HAS_WEIGHT=weight is not None,

@@ -47,6 +47,8 @@ def cross_entropy_variants():
                           SEGMENTS=16 if split else 1, REVERSE=True, STATS=STATS, PARTS=PARTS,
                           PREDICT=single != split)
         yield _cross_entropy_kernel, runtime, constexprs
+        if dt == "bf16" and constexprs["PREDICT"]:  # fp16 takes its own prediction branch
+            yield _cross_entropy_kernel, {**runtime, "logits_ptr": "*fp16", "grad_ptr": "*fp16"}, constexprs
     for count, weighted, prob, zero_sync in [(1, 0, 0, 0), (1, 1, 0, 1), (1, 0, 1, 0), (0, 0, 0, 1)]:
         yield _prologue_kernel, {"target_ptr": "*fp32" if prob else "*i64", "weight_ptr": "*fp32",
                                  "parts_ptr": "*fp32", "sync_ptr": "*i32", "N": "i32", "V": "i32",
@@ -59,14 +61,15 @@ def elementwise_variants():
         for l1 in (False, True):
             yield _huber_kernel, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}",
                                   "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}", "gy_ptr": f"*{dt}",
-                                  "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32"}, dict(
+                                  "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32",
+                                  "partial_scale": "fp32"}, dict(
                 BLOCK=4096, INTERPRET=False, L1=l1, HAS_WEIGHT=True, REDUCE=reduce,
                 WRITE_GRAD_INPUT=True, WRITE_GRAD_TARGET=True)
         for gamma_int in (2, -1):
             yield _sigmoid_focal_kernel, {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}",
                                           "out_ptr": "*fp32" if reduce else f"*{dt}",
                                           "gx_ptr": f"*{dt}",
-                                          "n": "i64", "k1": "fp32", "k0": "fp32", "gamma": "fp32"}, dict(
+                                          "n": "i64", "k1": "fp32", "k0": "fp32", "gamma": "fp32", "partial_scale": "fp32"}, dict(
                 BLOCK=4096, INTERPRET=False, GAMMA_INT=gamma_int, REDUCE=reduce,
                 WRITE_GRAD_INPUT=True)
     for dt in ("bf16", "fp16"):

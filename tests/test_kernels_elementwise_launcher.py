@@ -450,6 +450,36 @@ def test_sigmoid_focal_deterministic():
 
 
 @pytest.mark.parametrize("kind", ["huber", "sigmoid_focal"])
+def test_unscaled_grad_leaves_the_scale_to_the_loss(kind):
+    """With unscaled_grad (fp16 gradients of a mean: fastloss/autograd.py) the gradient is the one
+    of scale 1 and the reduced loss still takes the scale; without reduce there is nothing to leave
+    out, and asking is an error."""
+    n = 3 * HUBER_BLOCK + 5
+    x, y, _ = huber_inputs(n, 1.0, torch.float32, seed=7)
+    x, y = x.half(), y.half()
+    t = (y > 0).half()
+
+    def launch(scale, unscaled, reduce=True):
+        g = torch.empty_like(x)
+        if kind == "huber":
+            loss = huber_fwd(x, y, None, beta=1.0, mul=1.0, scale=scale, reduce=reduce, grad_input=g,
+                             grad_target=None, unscaled_grad=unscaled)
+        else:
+            loss = sigmoid_focal_fwd(x, t, alpha=0.25, gamma=2.0, scale=scale, reduce=reduce, grad_input=g,
+                                     unscaled_grad=unscaled)
+        return loss, g
+
+    scale = 1.0 / n
+    loss, grad = launch(scale, True)
+    scaled_loss, _ = launch(scale, False)
+    _, unscaled = launch(1.0, False)
+    assert torch.equal(grad, unscaled)
+    torch.testing.assert_close(loss, scaled_loss, rtol=2e-6, atol=0)
+    with pytest.raises(ValueError, match="reduced"):
+        launch(scale, True, reduce=False)
+
+
+@pytest.mark.parametrize("kind", ["huber", "sigmoid_focal"])
 @pytest.mark.parametrize("loss_dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_reduce(kind, loss_dtype):
     """Over several programs and a ragged last block: the sum of the elementwise losses (in fp32,
