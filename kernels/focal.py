@@ -10,7 +10,9 @@ With x the logit and t the (possibly soft) target, in fp32:
     dloss/dx = a_t * q^gamma * [(p - t) - gamma * ce * (2t - 1) * p(1 - p) / q]
 The last form follows from dce/dx = p - t and dq/dx = -p(1 - p)(2t - 1); it folds q^(gamma - 1) into
 q^gamma / q, and p(1 - p) / q <= 1 for t in [0, 1], so it is finite for every gamma >= 0 even on
-saturated logits (q = 0 gives 0 there, the limit of the exact gradient).
+saturated logits (q = 0 gives 0 there, the limit of the exact gradient). A target outside [0, 1]
+can make q negative; q^gamma is taken as 0 there for gamma > 0 (loss and gradient 0), as the
+reference takes it (torchvision's pow gives a sign or NaN there).
 """
 
 from __future__ import annotations
@@ -83,12 +85,15 @@ def _sigmoid_focal_kernel(
     omp = tl.where(pos, er, r)  # 1 - p = sigmoid(-x)
     ce = tl.maximum(x, 0.0) - x * t + atanh_log(e * rcp(2.0 + e, INTERPRET))  # log1p(e), e <= 1: no log
     q = p * (1.0 - t) + omp * t
-    q_safe = tl.maximum(q, _flt_min())  # keeps log2 and 1/q finite where q is 0 (or subnormal)
+    # Keeps log2 and 1/q finite where q is 0 (or subnormal). q < 0 only for targets outside [0, 1],
+    # where the focal factor is 0 (the reference's): its magnitude keeps 1/q from blowing up there.
+    q_safe = tl.maximum(tl.abs(q), _flt_min())
 
     if GAMMA_INT >= 0:
         qg = tl.full(q.shape, 1.0, tl.float32)  # q^0 = 1, including 0^0
+        q_pos = tl.maximum(q, 0.0)
         for _ in tl.static_range(GAMMA_INT):
-            qg = qg * q
+            qg = qg * q_pos
     else:
         # gamma > 0 here, so q == 0 gives 0.
         qg = tl.where(q > 0, exp2(gamma * log2(q_safe, INTERPRET), INTERPRET), 0.0)
@@ -100,8 +105,8 @@ def _sigmoid_focal_kernel(
 
     if WRITE_GRAD_INPUT:
         p_minus_t = p * (1.0 - t) - omp * t  # = p - t, exact for hard labels
-        # p(1-p)/q, in [0, 1] for t in [0, 1]. Where q == 0 it is 0, and it does not matter there:
-        # kq = 0 when gamma > 0, and gamma = 0 multiplies it by 0.
+        # p(1-p)/q, in [0, 1] for t in [0, 1]. Where q <= 0 it does not matter: kq = 0 when
+        # gamma > 0, and gamma = 0 multiplies it by 0.
         h = p * omp * rcp(q_safe, INTERPRET)
         g = kq * (p_minus_t - (t * two_gamma - gamma) * (ce * h))  # gamma (2t - 1) in one FMA
         tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, INTERPRET), mask=mask)

@@ -38,6 +38,7 @@ from .common import (
 # 4096, while fp32 is best at 4096 (bench/NOTES.md).
 BLOCK = ELEMENTWISE_BLOCK
 BLOCK_16BIT = 2 * ELEMENTWISE_BLOCK
+FLT_MAX = torch.finfo(torch.float32).max
 
 
 def block_for(dtype: torch.dtype) -> int:
@@ -133,6 +134,12 @@ def huber_fwd(
     if unscaled_grad and not reduce:
         raise ValueError("huber_fwd: unscaled_grad applies to a reduced loss")
     grad_scale, partial_scale = (1.0, scale) if unscaled_grad else (scale, 1.0)
+    # The kernel takes them in fp32, as torch computes: a delta past fp32's largest is inf there.
+    beta, mul = (math.inf if v > FLT_MAX else v for v in (beta, mul))
+    if 0.0 < beta < 1.0 / FLT_MAX:
+        # 1 / beta would be inf, and 0.5 d^2 * inf NaN at d = 0: L1 instead, which differs only where
+        # |d| < beta, a subnormal difference (torch: 0.5 d^2 / beta and d / beta there).
+        beta = 0.0
     if math.isinf(beta) and mul == beta:
         # Huber's delta = inf: all quadratic (0.5 d^2); mul * scale = inf would turn 0.5 d^2 / beta
         # * mul into 0 * inf. The linear side, which that factor also scales, is never taken.

@@ -916,6 +916,33 @@ def test_smooth_l1(reduction, beta, dtype):
     check("smooth_l1_loss", [x, y], {"reduction": reduction, "beta": beta}, grad_of=(0, 1))
 
 
+@pytest.mark.parametrize("loss, kwargs", [("huber_loss", {"delta": 1e300}), ("huber_loss", {"delta": 1e39}),
+                                          ("smooth_l1_loss", {"beta": 1e-39}), ("smooth_l1_loss", {"beta": 1e-45})],
+                         ids=str)
+def test_huber_thresholds_past_fp32_as_torch(loss, kwargs):
+    """delta and beta reach the kernel in fp32, as torch computes: a delta past fp32's largest is
+    inf there (all quadratic), and a beta whose reciprocal is past it is L1 but for subnormal
+    differences; neither gives 0 * inf (the loss was 0 or NaN, the gradient NaN at d = 0)."""
+    x, y = torch.tensor([0.0, 1.0, 3.0, -2.5], device=DEVICE), torch.zeros(4, device=DEVICE)
+    for reduction in ("none", "sum"):
+        ours = _run(getattr(fastloss, loss), [x, y], (0, 1), {"reduction": reduction, **kwargs}, torch.ones_like,
+                    "triton")
+        theirs = _run(getattr(F, loss), [x, y], (0, 1), {"reduction": reduction, **kwargs}, torch.ones_like)
+        for got, expected in zip(ours, theirs):
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 3.0])
+def test_sigmoid_focal_targets_outside_zero_one_as_the_reference(gamma):
+    """A target a rounding outside [0, 1] (1 + 1e-7 from soft-label arithmetic), or further, can make
+    1 - p_t negative: the focal factor is 0 there, as in the reference, and the gradient finite (it
+    was 1/q for the smallest float: 1e9 to inf)."""
+    x = torch.tensor([20.0, -20.0, 0.3, -2.0, 5.0, 1.0], device=DEVICE)
+    t = torch.tensor([1.0 + 2 ** -23, -1e-7, 1.5, -0.5, 2.0, 0.5], device=DEVICE)
+    out = check("sigmoid_focal_loss", [x, t], {"gamma": gamma, "reduction": "none"})
+    assert all(torch.isfinite(o).all() for o in out)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
