@@ -32,7 +32,11 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _reduction(reduction: str, size_average=None, reduce=None) -> str:
     if size_average is not None or reduce is not None:
-        reduction = _legacy.legacy_get_string(size_average, reduce)
+        if torch.compiler.is_compiling():  # torch's helper does not trace: its rule, without its warning
+            size_average, reduce = size_average is None or size_average, reduce is None or reduce
+            reduction = "mean" if size_average and reduce else "sum" if reduce else "none"
+        else:
+            reduction = _legacy.legacy_get_string(size_average, reduce)
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of 'none', 'mean' or 'sum', got {reduction!r}")
     return reduction
@@ -151,12 +155,13 @@ def _check_same_shape_or_broadcast(fn: str, input: Tensor, target: Tensor) -> bo
     """Torch warns (and broadcasts) when the shapes differ; returns whether they are equal."""
     if target.shape == input.shape:
         return True
-    warnings.warn(
-        f"{fn}: using a target size ({target.size()}) that is different to the input size "
-        f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
-        "Please ensure they have the same size.",
-        stacklevel=4,  # the caller of huber_loss / smooth_l1_loss
-    )
+    if not torch.compiler.is_compiling():  # (a warning does not trace)
+        warnings.warn(
+            f"{fn}: using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
+            "Please ensure they have the same size.",
+            stacklevel=4,  # the caller of huber_loss / smooth_l1_loss
+        )
     torch.broadcast_shapes(input.shape, target.shape)  # raises RuntimeError as torch does
     return False
 

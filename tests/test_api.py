@@ -200,6 +200,27 @@ def test_out_of_range_class_where_no_check_can_branch(monkeypatch):
     torch.testing.assert_close(compiled, expected, equal_nan=True)
     assert torch.compile(fastloss.focal_loss, fullgraph=True, backend="aot_eager")(x, t.clamp(0, 6)).isfinite()
 
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_broadcasting_and_legacy_arguments_compile_with_fullgraph(backend_name):
+    """torch's huber_loss and smooth_l1_loss compile with fullgraph=True for shapes that broadcast
+    (eager warns) and for the legacy size_average / reduce; so do fastloss's: the warning is left out
+    of a compiled graph (a warning does not trace), and the legacy rule is torch's."""
+    x, y = torch.randn(4, 5), torch.randn(5)
+    calls = [
+        lambda m: m.huber_loss(x, y),
+        lambda m: m.smooth_l1_loss(x, x.flip(0), size_average=False),
+        lambda m: m.smooth_l1_loss(x, x.flip(0), reduce=False),
+        lambda m: m.smooth_l1_loss(x, x.flip(0), size_average=True, reduce=True),
+    ]
+    for call in calls:
+        torch._dynamo.reset()
+        with fastloss.use_backend(backend_name), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = torch.compile(lambda: call(fastloss), fullgraph=True, backend="eager")()
+            expected = call(F)
+        torch.testing.assert_close(got, expected)
+
+
 def test_forcing_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
     pytest.importorskip("triton")
     from fastloss.kernels import common
