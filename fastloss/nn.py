@@ -69,6 +69,8 @@ class HuberLoss(_Loss):
     """Drop-in :class:`torch.nn.HuberLoss`; see :func:`fastloss.huber_loss`."""
 
     def __init__(self, reduction: str = "mean", delta: float = 1.0) -> None:
+        if not isinstance(delta, (float, int)):  # as torch's module checks it
+            raise TypeError(f"delta must be a float or int, got: {type(delta)}")
         super().__init__(None, None, reduction)
         self.delta = delta
 

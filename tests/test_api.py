@@ -593,6 +593,18 @@ def test_modules_match_torch(ours, theirs, target):
     torch.testing.assert_close(ours(X, target), theirs(X, target))
 
 
+def test_module_arguments_refused_where_torch_refuses_them():
+    """torch's HuberLoss checks its delta's type when it is built; fastloss's module does the same."""
+    for delta in ("a", None, torch.tensor(1.0), 2, 0.5):
+        try:
+            torch.nn.HuberLoss(delta=delta)
+        except TypeError:
+            with pytest.raises(TypeError, match="delta must be a float or int"):
+                fastloss.nn.HuberLoss(delta=delta)
+        else:
+            assert fastloss.nn.HuberLoss(delta=delta).delta == delta
+
+
 def test_focal_modules():
     fm = fnn.FocalLoss(gamma=0.0, ignore_index=2)
     torch.testing.assert_close(fm(X, T), F.cross_entropy(X, T, ignore_index=2))
