@@ -1,8 +1,9 @@
 """Autograd for the fused kernels, and their registration with ``torch.library``.
 
 Each kernel family is one ``torch.autograd.Function``. Its forward runs one kernel that returns the
-loss *and* the gradient (already multiplied by the reduction's scale), and saves the gradient (a
-cross-entropy ``mean`` launches a small prologue first, which counts the rows on the device). Its
+loss *and* the gradient (already multiplied by the reduction's scale, but for an fp16 gradient: see
+_elementwise_scales and _PREDICTIONS), and saves the gradient (a cross-entropy ``mean`` launches a
+small prologue first, which counts the rows on the device). Its
 backward only multiplies that saved gradient by ``grad_output``, in place and on the device: the
 kernel reads ``grad_output`` itself and returns at once when it is exactly 1.0 — the common
 ``loss.backward()`` — so backward costs one launch, no memory traffic and no host sync. (Cross-entropy
