@@ -17,6 +17,7 @@ import warnings
 import torch
 from torch import Tensor
 from torch.nn import _reduction as _legacy
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 from . import backend, reference
 
@@ -363,6 +364,11 @@ def cross_entropy(
             ``(N, C, d1, ...)`` tensor, a transposed one): that is copied first, the copy takes the
             gradient, and the logits keep their values.
     """
+    # A tensor subclass, a mode or torch.fx's Proxy takes the call over, as in torch's functions.
+    if has_torch_function_variadic(input, target, weight):
+        return handle_torch_function(cross_entropy, (input, target, weight), input, target, weight, size_average,
+                                     ignore_index, reduce, reduction, label_smoothing, z_loss=z_loss,
+                                     softcap=softcap, inplace_backward=inplace_backward)
     reduction = _reduction(reduction, size_average, reduce)
     label_smoothing = _float("cross_entropy", "label_smoothing", label_smoothing)  # its range: with the shapes
     z_loss = _check_range("cross_entropy", "z_loss", z_loss, 0.0)
@@ -388,6 +394,9 @@ def focal_loss(
     counted rows, as weighted cross-entropy does. Shapes and extras are those of
     :func:`cross_entropy`.
     """
+    if has_torch_function_variadic(input, target, weight):
+        return handle_torch_function(focal_loss, (input, target, weight), input, target, gamma, weight,
+                                     ignore_index, reduction, softcap=softcap, inplace_backward=inplace_backward)
     reduction = _reduction(reduction)
     gamma = _check_range("focal_loss", "gamma", gamma, 0.0)
     return _softmax_loss("focal_loss", input, target, weight, ignore_index, reduction,
@@ -437,6 +446,9 @@ def sigmoid_focal_loss(
     differs: every negative alpha disables the weighting (torchvision's releases with torch 2.13
     take only -1, as older ones took any), and a negative gamma raises ValueError.
     """
+    if has_torch_function_variadic(inputs, targets):
+        return handle_torch_function(sigmoid_focal_loss, (inputs, targets), inputs, targets, alpha, gamma,
+                                     reduction)
     alpha = _float("sigmoid_focal_loss", "alpha", alpha)
     if not alpha <= 1.0:  # NaN too
         raise ValueError(f"sigmoid_focal_loss: alpha must be in [0, 1], or negative for no weighting, got {alpha}")
@@ -478,6 +490,8 @@ def huber_loss(
     its own dtype where the two differ (the loss keeps the input's, as torch's; torch's backward
     raises there).
     """
+    if has_torch_function_variadic(input, target, weight):
+        return handle_torch_function(huber_loss, (input, target, weight), input, target, reduction, delta, weight)
     same_shape = _check_pair("huber_loss", input, target, weight)
     if weight is not None and weight.shape != input.shape:
         raise ValueError(f"huber_loss: weight must have the input's shape {list(input.shape)}, got {list(weight.shape)}")
@@ -511,6 +525,9 @@ def smooth_l1_loss(
     beta: float = 1.0,
 ) -> Tensor:
     """Drop-in ``torch.nn.functional.smooth_l1_loss``: Huber loss divided by ``beta``; ``beta=0`` is L1."""
+    if has_torch_function_variadic(input, target):
+        return handle_torch_function(smooth_l1_loss, (input, target), input, target, size_average, reduce,
+                                     reduction, beta)
     if (isinstance(input, Tensor) and isinstance(target, Tensor) and target.is_floating_point()
             and not input.is_floating_point()):
         input = input.to(target.dtype)  # as torch promotes an integer or bool input (huber_loss refuses it)

@@ -593,6 +593,28 @@ def test_modules_match_torch(ours, theirs, target):
     torch.testing.assert_close(ours(X, target), theirs(X, target))
 
 
+def test_tensor_subclasses_and_fx_tracing_take_the_call_over_as_in_torch():
+    """torch's losses let ``__torch_function__`` take a call over: a tensor subclass keeps its type
+    through them, and torch.fx.symbolic_trace records the call as one node. fastloss's do the same
+    (symbolic tracing used to fail on the argument checks, which a Proxy is not a tensor for)."""
+    x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 4])
+
+    class Marked(torch.Tensor):
+        pass
+
+    assert type(F.cross_entropy(x.as_subclass(Marked), t)) is Marked
+    cases = [(fastloss.nn.CrossEntropyLoss(label_smoothing=0.1), (x, t), fastloss.cross_entropy),
+             (fastloss.nn.FocalLoss(gamma=1.0), (x, t), fastloss.focal_loss),
+             (fastloss.nn.SigmoidFocalLoss(), (x, x.sigmoid()), fastloss.sigmoid_focal_loss),
+             (fastloss.nn.HuberLoss(delta=0.5), (x, x.flip(0)), fastloss.huber_loss),
+             (fastloss.nn.SmoothL1Loss(beta=0.5), (x, x.flip(0)), fastloss.smooth_l1_loss)]
+    for module, args, fn in cases:
+        assert type(fn(*[a.as_subclass(Marked) for a in args])) is Marked
+        traced = torch.fx.symbolic_trace(module)
+        assert [n.target for n in traced.graph.nodes if n.op == "call_function"] == [fn]
+        assert torch.equal(traced(*args), module(*args))
+
+
 def test_module_arguments_refused_where_torch_refuses_them():
     """torch's HuberLoss checks its delta's type when it is built; fastloss's module does the same."""
     for delta in ("a", None, torch.tensor(1.0), 2, 0.5):
