@@ -88,13 +88,14 @@ class Case:
     def floor_bytes(self) -> int:
         """Bytes a perfect one-pass kernel must move: read every input once, write every gradient once.
 
-        * ce / focal:     read N·V logits (+ N int64 targets); fwd+bwd also writes the N·V gradient.
+        * ce / focal:     read N·V logits; fwd+bwd also writes the N·V gradient (the issues' 2·N·V·b).
         * sigmoid focal:  read x and t; fwd+bwd also writes grad x.
         * huber / smooth: read input and target; fwd+bwd also writes grad input (and grad target).
-        The scalar loss and O(N) side buffers are negligible and not counted.
+        The scalar loss, the N class indices (8·N bytes, 0.1% of CE fp32 65536×1000's floor and less
+        elsewhere) and O(N) side buffers are not counted.
         """
         e = self.torch_dtype.itemsize
-        read = self.input_bytes
+        read = self.numel * e if self.loss in CLASS_LOSSES else self.input_bytes
         if self.mode == "fwd":
             return read
         written = self.numel * e
