@@ -586,17 +586,19 @@ def test_a_prediction_multiplies_the_gradient_exactly(config, dtype, kind):
             assert torch.equal(grad_p, (grad.float() * p).to(dtype))  # exact: no rounding in between
 
 
+@pytest.mark.parametrize("config", [LaunchConfig(block=1024, num_warps=4), INTERPRETED_SPLITS[0]], ids=_launch_id)
 @pytest.mark.parametrize("prediction, factor", [(0.0, 4.0), (2.0 ** -3, 2.0 ** -3), (2.0 ** 16, 4.0)],
                          ids=["unknown", "below_the_divisor", "past_the_divisor"])
-def test_an_fp16_gradient_is_never_written_past_unscaled(prediction, factor):
+def test_an_fp16_gradient_is_never_written_past_unscaled(prediction, factor, config):
     """fp16 takes a prediction only up to 1 / the mean's scale (here 4 counted rows), and writes the
     gradient unscaled for an unknown one (0): its gradient then never exceeds the unscaled one, so
     no prediction can overflow it. ``predicted`` holds the factor used, which the backward divides out."""
-    logits, target = make(5, 300, torch.float16, ignore=1)
+    logits, target = make(5, 4099, torch.float16, ignore=1)
     predicted = torch.zeros(1, device=DEV)
     grad = torch.empty_like(logits)
-    cross_entropy_fwd(logits, target, None, None, grad, mean=True, reduce=True,
-                      prediction=torch.tensor([prediction], device=DEV), predicted=predicted)
+    with concurrent_programs() if config.segments > 1 else contextlib.nullcontext():
+        cross_entropy_fwd(logits, target, None, None, grad, mean=True, reduce=True, config=config,
+                          prediction=torch.tensor([prediction], device=DEV), predicted=predicted)
     assert predicted.item() == factor
     x = logits.double().requires_grad_()
     F.cross_entropy(x, target, reduction="sum").backward()  # the unscaled gradient
