@@ -47,8 +47,9 @@ def cross_entropy_variants():
                           SEGMENTS=16 if split else 1, REVERSE=True, STATS=STATS, PARTS=PARTS,
                           PREDICT=single != split)
         yield _cross_entropy_kernel, runtime, constexprs
-        if dt == "bf16" and constexprs["PREDICT"]:  # fp16 takes its own prediction branch
-            yield _cross_entropy_kernel, {**runtime, "logits_ptr": "*fp16", "grad_ptr": "*fp16"}, constexprs
+        if dt == "bf16" and constexprs["PREDICT"]:  # fp16 takes its own prediction branch (a mean or not)
+            yield (_cross_entropy_kernel, {**runtime, "logits_ptr": "*fp16", "grad_ptr": "*fp16"},
+                   {**constexprs, "SCALED": bool(weight)})
     for count, weighted, prob, zero_sync in [(1, 0, 0, 0), (1, 1, 0, 1), (1, 0, 1, 0), (0, 0, 0, 1)]:
         yield _prologue_kernel, {"target_ptr": "*fp32" if prob else "*i64", "weight_ptr": "*fp32",
                                  "parts_ptr": "*fp32", "sync_ptr": "*i32", "N": "i32", "V": "i32",
