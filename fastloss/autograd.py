@@ -320,25 +320,21 @@ def _backward_grads(ctx, grad_loss: Tensor, n_other: int) -> tuple[Optional[Tens
     return (*_scaled_grads(ctx, grad_loss), *[None] * n_other)
 
 
-_SECOND_ORDER = (b"fastloss's kernels compute the gradient in the forward pass, so it cannot be differentiated "
-                 b"again (create_graph=True, then a backward through the gradient); for higher-order gradients "
-                 b"use fastloss.use_backend('reference')")
+_SECOND_ORDER = ("fastloss's kernels compute the gradient in the forward pass, so it cannot be differentiated "
+                 "again: backward with create_graph=True is refused; for higher-order gradients use "
+                 "fastloss.use_backend('reference')")
 
 
 def _backward(ctx, grad_loss: Tensor, n_other: int) -> tuple[Optional[Tensor], ...]:
     """The Functions' backward. The gradients are computed in the forward, so they cannot be
-    differentiated again. Under ``create_graph=True`` (grad mode on here) they are returned through
-    a node that raises if a second differentiation reaches it. ``once_differentiable`` does that only
-    when ``grad_loss`` requires grad, which autograd's own ones do not: a second order taken through
-    the model (a gradient penalty, meta-learning) then silently lacked the loss's own term."""
-    if not torch.is_grad_enabled():
-        return _backward_grads(ctx, grad_loss, n_other)
-    with torch.no_grad():
-        grads = _backward_grads(ctx, grad_loss, n_other)
-    live = [g.detach().requires_grad_() for g in grads if g is not None]
-    refused = torch._C._functions.DelayedError(_SECOND_ORDER, len(live))(*live)
-    refused = iter((refused,) if isinstance(refused, Tensor) else refused)
-    return tuple(None if g is None else next(refused) for g in grads)
+    differentiated again, and ``create_graph=True`` (grad mode on here) raises at once. A gradient
+    returned there through a node that raises when a second differentiation reaches it (as
+    ``once_differentiable`` does) is not enough: ``torch.autograd.grad(..., inputs=...)`` prunes the
+    nodes on no path to its inputs, and a penalty on an upstream weight's gradient then silently
+    lacked the loss's own second-order term. (torch.compile traces this with grad mode off.)"""
+    if torch.is_grad_enabled():
+        raise RuntimeError(_SECOND_ORDER)
+    return _backward_grads(ctx, grad_loss, n_other)
 
 
 def _evaluated(*tensors: Tensor) -> tuple[Tensor, ...]:
