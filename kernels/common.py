@@ -241,6 +241,14 @@ def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype, bloc
     return n, n_programs, first.new_empty(first.shape, dtype=loss_dtype or first.dtype)
 
 
+def split_scale(fn: str, scale: float, reduce: bool, unscaled_grad: bool) -> tuple[float, float]:
+    """Elementwise launchers: (the gradient's factor, each reduced partial sum's factor) for a loss
+    multiplied by ``scale``: (scale, 1), or with ``unscaled_grad`` (``reduce`` only) (1, scale)."""
+    if unscaled_grad and not reduce:
+        raise ValueError(f"{fn}: unscaled_grad applies to a reduced loss")
+    return (1.0, scale) if unscaled_grad else (scale, 1.0)
+
+
 def interpreting() -> bool:
     """True when Triton's interpreter runs the kernels: their INTERPRET switch. Its fp32 -> bf16 cast
     truncates (see ``cast_to``) and it cannot run inline PTX (see ``exp2``). ``triton.jit`` reads

@@ -261,7 +261,7 @@ def _cross_entropy_kernel(
     loss_ptr,  # each row's loss, in its dtype (fp32 when the launcher sums the rows)
     sync_ptr,  # SPLIT: int32 [1 + N], zeroed: the ticket counter, then each row's arrival count
     stats_ptr,  # SPLIT: fp32 [N, SEGMENTS, STATS]: each segment's m, t, sa, d, x_y part
-    prediction_ptr,  # PREDICT: fp32, the gradient's extra factor (a power of two; see scale_grad_)
+    prediction_ptr,  # PREDICT: fp32, the gradient's extra factor (a power of two, or 0: unknown; see scale_grad_)
     predicted_ptr,  # PREDICT: fp32, where the program of row 0 copies the factor used, for the backward
     V,
     seg_len,  # SPLIT: columns per segment (a multiple of BLOCK); V otherwise
@@ -461,7 +461,8 @@ def _cross_entropy_kernel(
     # ---- sweep 2: the gradient --------------------------------------------------------------------
     if WRITE_GRAD:
         if PREDICT:
-            # The gradient's every term carries K, A or B: scaled by a power of two, exactly.
+            # The gradient's every term carries K, A or B: scaled by a power of two, exactly (fp16's
+            # cap below need not be one).
             p = tl.load(prediction_ptr)  # 0: unknown (no backward has set it yet)
             if grad_ptr.dtype.element_ty == tl.float16:
                 # fp16 (max 65504): never past the unscaled gradient, so that no prediction can

@@ -37,6 +37,7 @@ from .common import (
     num_warps_for,
     rcp,
     reduce_partials,
+    split_scale,
     store_loss,
 )
 
@@ -137,15 +138,13 @@ def sigmoid_focal_fwd(
     reduce=False: the gradient of the summed loss). With ``unscaled_grad`` (``reduce`` only) the
     gradient leaves ``scale`` out, and the reduced loss takes it once per program.
     """
-    if unscaled_grad and not reduce:
-        raise ValueError("sigmoid_focal_fwd: unscaled_grad applies to a reduced loss")
     n, n_programs, out = elementwise_loss_output(
         "sigmoid_focal_fwd", {"inputs": inputs, "targets": targets, "grad_input": grad_input}, reduce,
         loss_dtype, BLOCK)
     gamma = float(gamma)
     gamma_int = int(gamma) if gamma.is_integer() and 0 <= gamma <= MAX_INT_GAMMA else -1
     alpha, scale = float(alpha), float(scale)
-    grad_scale, partial_scale = (1.0, scale) if unscaled_grad else (scale, 1.0)
+    grad_scale, partial_scale = split_scale("sigmoid_focal_fwd", scale, reduce, unscaled_grad)
     use_alpha = alpha >= 0
     if n > 0:
         launch(

@@ -30,6 +30,7 @@ from .common import (
     load_block_pair,
     num_warps_for,
     reduce_partials,
+    split_scale,
     store_loss,
 )
 
@@ -131,9 +132,7 @@ def huber_fwd(
     """
     block = block_for(input.dtype)
     beta, mul, scale = float(beta), float(mul), float(scale)
-    if unscaled_grad and not reduce:
-        raise ValueError("huber_fwd: unscaled_grad applies to a reduced loss")
-    grad_scale, partial_scale = (1.0, scale) if unscaled_grad else (scale, 1.0)
+    grad_scale, partial_scale = split_scale("huber_fwd", scale, reduce, unscaled_grad)
     # The kernel takes them in fp32, as torch computes: a delta past fp32's largest is inf there.
     beta, mul = (math.inf if v > FLT_MAX else v for v in (beta, mul))
     if 0.0 < beta < 1.0 / FLT_MAX:
