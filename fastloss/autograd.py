@@ -1,14 +1,14 @@
 """Autograd for the fused kernels, and their registration with ``torch.library``.
 
 Each kernel family is one ``torch.autograd.Function``. Its forward runs one kernel that returns the
-loss *and* the gradient (already multiplied by the reduction's scale, but for an fp16 gradient: see
-_elementwise_scales and _PREDICTIONS), and saves the gradient (a cross-entropy ``mean`` launches a
-small prologue first, which counts the rows on the device). Its
+loss *and* the gradient, already multiplied by the reduction's scale (a cross-entropy ``mean``
+launches a small prologue first, which sums its divisor on the device), and saves the gradient. Its
 backward only multiplies that saved gradient by ``grad_output``, in place and on the device: the
 kernel reads ``grad_output`` itself and returns at once when it is exactly 1.0 — the common
-``loss.backward()`` — so backward costs one launch, no memory traffic and no host sync. (Cross-entropy
-and focal loss also return at once when ``grad_output`` is the power of two the previous backward
-saw, which their forward multiplied in: see _PREDICTIONS.)
+``loss.backward()`` — so backward costs one launch, no memory traffic and no host sync. A reduced
+loss's gradient is also written times the power of two that the previous backward's
+``grad_output`` was (a divided or loss-scaled loss), and the backward returns at once when it is
+that again: see _PREDICTIONS.
 
 The launchers are registered as ``torch.library.custom_op``s with fake (meta) implementations, so
 ``torch.compile(fullgraph=True)`` sees opaque, shape-correct nodes. In eager mode the same functions
@@ -94,8 +94,9 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) ->
 
 # The predicted grad_output. A backward with grad_output != 1 (a loss divided for gradient
 # accumulation, or scaled for fp16) must scale the whole saved gradient, a second pass over it. So the
-# kernels write the gradient already multiplied by a prediction of grad_output: the last scalar
-# grad_output that a backward on the same device saw, when it is a power of two (else 1).
+# kernels of a reduced loss (sigmoid focal's in fp16 only: see SigmoidFocal) write the gradient
+# already multiplied by a prediction of grad_output: the last scalar grad_output that a backward on
+# the same device saw, when it is a power of two (else 1).
 # A right prediction leaves the backward nothing to do; a wrong one costs the pass it would have cost
 # anyway. Powers of two multiply exactly, so the gradient is the same bit for bit either way, but for
 # entries below the smallest normal float (times the factor): one rounding there, not two. Each
@@ -104,7 +105,7 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) ->
 # gradient (the kernel caps it at 1 / the mean's scale, and saves the factor it used), so that a
 # wrong prediction cannot overflow them, and are written unscaled while no backward has set one
 # (0, "unknown"; also off the default stream). That keeps a mean's gradient out of fp16's subnormals
-# (6e-8 to 6.1e-5): divided by thousands of rows in the forward, with a loss scaler's factor applied
+# (6e-8 to 6.1e-5): divided by thousands of rows or elements in the forward, with a loss scaler's factor applied
 # only in the backward, most of it was flushed before the factor came.
 # Only on the device's default stream, where training usually runs and no CUDA graph is ever
 # captured. torch.compile's CUDA graphs (mode="reduce-overhead") run their first calls and their
@@ -131,15 +132,15 @@ def _prediction(t: Tensor) -> Optional[Tensor]:
     return pred
 
 
-def _forward_prediction(logits: Tensor, predicted: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def _forward_prediction(input: Tensor, predicted: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """The launcher's ``prediction`` and ``predicted`` for a forward given a ``predicted`` buffer (or
     None): the device's prediction, which the kernel copies into ``predicted``; or, off the default
     stream, none, and ``predicted`` holds 1 (fp16: an "unknown" of the forward's own instead)."""
-    prediction = None if predicted is None else _prediction(logits)
+    prediction = None if predicted is None else _prediction(input)
     if prediction is None:
         if predicted is not None:
-            if logits.dtype == torch.float16:
-                return torch.zeros(1, dtype=torch.float32, device=logits.device), predicted
+            if input.dtype == torch.float16:
+                return torch.zeros(1, dtype=torch.float32, device=input.device), predicted
             predicted.fill_(1.0)
         return None, None
     return prediction, predicted
@@ -191,15 +192,17 @@ def _(logits, target, weight, mean, reduce, loss_dtype, ignore_index, label_smoo
     return _fake_softmax_loss(logits, reduce, loss_dtype)
 
 
-@_op("huber_fwd")
+@_op("huber_fwd", mutates_args=("predicted",))
 def _huber_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, mul: float,
                scale: float, reduce: bool, grad_input: bool, grad_target: bool,
-               loss_dtype: torch.dtype, unscaled_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+               loss_dtype: torch.dtype, predicted: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     gi = torch.empty_like(input) if grad_input else None
     gt = torch.empty_like(target) if grad_target else None
+    prediction, predicted = _forward_prediction(input, predicted)
     with _on(input):
         loss = huber_fwd(input, target, weight, beta=beta, mul=mul, scale=scale, reduce=reduce,
-                         grad_input=gi, grad_target=gt, loss_dtype=loss_dtype, unscaled_grad=unscaled_grad)
+                         grad_input=gi, grad_target=gt, loss_dtype=loss_dtype,
+                         prediction=prediction, predicted=predicted)
     return loss, gi if gi is not None else _no_grad_buffer(input), gt if gt is not None else _no_grad_buffer(input)
 
 
@@ -208,25 +211,26 @@ def _fake_elementwise_loss(input: Tensor, reduce: bool, loss_dtype: torch.dtype)
 
 
 @_huber_fwd.register_fake
-def _(input, target, weight, beta, mul, scale, reduce, grad_input, grad_target, loss_dtype, unscaled_grad):
+def _(input, target, weight, beta, mul, scale, reduce, grad_input, grad_target, loss_dtype, predicted):
     gi = torch.empty_like(input) if grad_input else _no_grad_buffer(input)
     gt = torch.empty_like(target) if grad_target else _no_grad_buffer(input)
     return _fake_elementwise_loss(input, reduce, loss_dtype), gi, gt
 
 
-@_op("sigmoid_focal_fwd")
+@_op("sigmoid_focal_fwd", mutates_args=("predicted",))
 def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, scale: float,
                        reduce: bool, grad_input: bool, loss_dtype: torch.dtype,
-                       unscaled_grad: bool) -> tuple[Tensor, Tensor]:
+                       predicted: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     gi = torch.empty_like(inputs) if grad_input else None
+    prediction, predicted = _forward_prediction(inputs, predicted)
     with _on(inputs):
         loss = sigmoid_focal_fwd(inputs, targets, alpha=alpha, gamma=gamma, scale=scale, reduce=reduce,
-                                 grad_input=gi, loss_dtype=loss_dtype, unscaled_grad=unscaled_grad)
+                                 grad_input=gi, loss_dtype=loss_dtype, prediction=prediction, predicted=predicted)
     return loss, gi if gi is not None else _no_grad_buffer(inputs)
 
 
 @_sigmoid_focal_fwd.register_fake
-def _(inputs, targets, alpha, gamma, scale, reduce, grad_input, loss_dtype, unscaled_grad):
+def _(inputs, targets, alpha, gamma, scale, reduce, grad_input, loss_dtype, predicted):
     return _fake_elementwise_loss(inputs, reduce, loss_dtype), torch.empty_like(inputs) if grad_input else _no_grad_buffer(inputs)
 
 
@@ -250,12 +254,15 @@ def _(grad, grad_output, predicted):
 # --------------------------------------------------------------------------------------------------
 
 
-def _save(ctx, grads: tuple[Tensor, ...], per_element: bool, predicted: Optional[Tensor] = None,
-          left: float = 1.0) -> None:
-    """Saves the gradients (one per input, in order), and ``predicted`` (see _PREDICTIONS); ``left``:
-    a factor the forward left out of them, for the backward to apply (see _elementwise_scales)."""
+def _predicted(t: Tensor, write_grad: bool, reduce: bool) -> Optional[Tensor]:
+    """A forward's ``predicted`` buffer (see _PREDICTIONS): one fp32 value when it writes a gradient
+    that a scalar grad_output will scale, else None."""
+    return t.new_empty(1, dtype=torch.float32) if write_grad and reduce else None
+
+
+def _save(ctx, grads: tuple[Tensor, ...], per_element: bool, predicted: Optional[Tensor] = None) -> None:
+    """Saves the gradients (one per input, in order), and ``predicted`` (see _PREDICTIONS)."""
     ctx.per_element = per_element
-    ctx.left = left
     ctx.n_grads = len(grads)
     ctx.save_for_backward(*grads, *([] if predicted is None else [predicted]))
 
@@ -300,8 +307,6 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
         if logits is None or logits._version != version:
             raise RuntimeError(_BACKWARD_ONCE)
         grads = (logits,)
-    if ctx.left != 1.0:  # in fp32: a 16-bit grad_loss times 1/numel could itself underflow
-        grad_loss = grad_loss.to(torch.float32) * ctx.left
     out: list[Optional[Tensor]] = []
     for i, g in enumerate(grads):
         if not ctx.needs_input_grad[i]:
@@ -357,8 +362,7 @@ class SoftmaxLoss(torch.autograd.Function):
                 z_loss, softcap, gamma, out_dtype):
         write_grad = ctx.needs_input_grad[0]
         args = (target, weight, mean)
-        # the gradient written already times a predicted grad_output (see _PREDICTIONS), when scalar
-        predicted = logits.new_empty(1, dtype=torch.float32) if write_grad and reduce else None
+        predicted = _predicted(logits, write_grad, reduce)
         opts = (reduce, out_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma, predicted)
         if write_grad and inplace:
             loss = _softmax_loss_fwd_inplace(logits, *args, *opts)
@@ -424,16 +428,9 @@ class _Overwritten(torch.autograd.Function):
         )
 
 
-def _elementwise_scales(reduction: str, numel: int, grads: tuple[Optional[Tensor], ...]) -> tuple[float, bool]:
-    """An elementwise loss's ``scale`` (1/numel for a mean), and whether its gradients leave it out
-    for the backward to apply. They do when one is fp16 (smallest normal 6.1e-5): a mean's gradient
-    written divided by numel in the forward lies mostly below it, and a loss scaler's factor (2^16,
-    say) reached it only in the backward, after the entries were flushed. Written unscaled, fp16
-    gradients meet that factor as torch's do: in fp32, before their one rounding. (The backward then
-    always scales, a pass over the gradient that a loss scaler's factor costs anyway.)"""
-    if reduction != "mean":
-        return 1.0, False
-    return 1.0 / numel, any(g is not None and g.dtype == torch.float16 for g in grads)
+def _scale(reduction: str, input: Tensor) -> float:
+    """An elementwise loss's factor: 1 / its element count for a mean, else 1."""
+    return 1.0 / input.numel() if reduction == "mean" else 1.0
 
 
 class Huber(torch.autograd.Function):
@@ -441,12 +438,11 @@ class Huber(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, target, weight, beta, mul, reduction, out_dtype):
-        grads = (input if ctx.needs_input_grad[0] else None, target if ctx.needs_input_grad[1] else None)
-        scale, unscaled = _elementwise_scales(reduction, input.numel(), grads)
-        loss, g_in, g_t = _huber_fwd(
-            input, target, weight, beta, mul, scale, reduction != "none",
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1], out_dtype, unscaled)
-        _save(ctx, (g_in, g_t), per_element=reduction == "none", left=scale if unscaled else 1.0)
+        reduce, (grad_input, grad_target) = reduction != "none", ctx.needs_input_grad[:2]
+        predicted = _predicted(input, grad_input or grad_target, reduce)
+        loss, g_in, g_t = _huber_fwd(input, target, weight, beta, mul, _scale(reduction, input), reduce,
+                                     grad_input, grad_target, out_dtype, predicted)
+        _save(ctx, (g_in, g_t), per_element=not reduce, predicted=predicted)
         return loss
 
     @staticmethod
@@ -467,11 +463,15 @@ class SigmoidFocal(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, inputs, targets, alpha, gamma, reduction, out_dtype):
-        scale, unscaled = _elementwise_scales(reduction, inputs.numel(),
-                                              (inputs if ctx.needs_input_grad[0] else None,))
-        loss, g_in = _sigmoid_focal_fwd(inputs, targets, alpha, gamma, scale, reduction != "none",
-                                        ctx.needs_input_grad[0], out_dtype, unscaled)
-        _save(ctx, (g_in,), per_element=reduction == "none", left=scale if unscaled else 1.0)
+        reduce, grad_input = reduction != "none", ctx.needs_input_grad[0]
+        # Predicted for fp16 only, which needs its capped factor (see _PREDICTIONS). This kernel is
+        # bound by its arithmetic in 16 bits, and the prediction's multiplication adds 1.5 of its
+        # 47.5 instructions per element (bf16, sm_90), while its usual grad_output, 1 / the number of
+        # positive anchors of a summed loss, is no power of two: a prediction would seldom pay.
+        predicted = _predicted(inputs, grad_input and inputs.dtype == torch.float16, reduce)
+        loss, g_in = _sigmoid_focal_fwd(inputs, targets, alpha, gamma, _scale(reduction, inputs), reduce,
+                                        grad_input, out_dtype, predicted)
+        _save(ctx, (g_in,), per_element=not reduce, predicted=predicted)
         return loss
 
     @staticmethod

@@ -211,12 +211,11 @@ def reduce_partials(partials: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 @triton.jit
-def store_loss(out_ptr, offs, mask, loss, partial_scale, REDUCE: tl.constexpr, INTERPRET: tl.constexpr):
+def store_loss(out_ptr, offs, mask, loss, REDUCE: tl.constexpr, INTERPRET: tl.constexpr):
     """Elementwise kernels' loss output: the per-element loss in out_ptr's dtype, or (REDUCE) one
-    fp32 partial sum per program times ``partial_scale``, which the launcher sums
-    (``reduce_partials``; no atomics)."""
+    fp32 partial sum per program, which the launcher sums (``reduce_partials``; no atomics)."""
     if REDUCE:
-        tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0) * partial_scale)
+        tl.store(out_ptr + tl.program_id(0), tl.sum(tl.where(mask, loss, 0.0), axis=0))
     else:
         tl.store(out_ptr + offs, cast_to(loss, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
@@ -241,12 +240,13 @@ def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype, bloc
     return n, n_programs, first.new_empty(first.shape, dtype=loss_dtype or first.dtype)
 
 
-def split_scale(fn: str, scale: float, reduce: bool, unscaled_grad: bool) -> tuple[float, float]:
-    """Elementwise launchers: (the gradient's factor, each reduced partial sum's factor) for a loss
-    multiplied by ``scale``: (scale, 1), or with ``unscaled_grad`` (``reduce`` only) (1, scale)."""
-    if unscaled_grad and not reduce:
-        raise ValueError(f"{fn}: unscaled_grad applies to a reduced loss")
-    return (1.0, scale) if unscaled_grad else (scale, 1.0)
+def check_prediction(fn: str, prediction: Tensor | None, predicted: Tensor | None, reduce: bool,
+                     grads: tuple[Tensor | None, ...]) -> None:
+    """Elementwise launchers: ``prediction`` and ``predicted`` come together, with a reduced loss (a
+    scalar grad_output) and a gradient to write."""
+    if (prediction is None) != (predicted is None) or (
+            prediction is not None and (not reduce or all(g is None for g in grads))):
+        raise ValueError(f"{fn}: prediction and predicted come together, with reduce and a gradient")
 
 
 def interpreting() -> bool:
@@ -357,6 +357,29 @@ def next_prediction(g):
     exponent = (bits >> 23) & 0xFF  # biased; the sign bit must be 0 (bits >= 0)
     pow2 = (bits >= 0) & ((bits & 0x7FFFFF) == 0) & (exponent >= 127 - 24) & (exponent <= 127 + 24)
     return tl.where(pow2, g, 1.0)
+
+
+@triton.jit
+def predicted_factor(prediction_ptr, predicted_ptr, scale, first, grad_ptr):
+    """The factor a forward multiplies its gradient by (not its loss): the prediction of grad_output
+    at prediction_ptr (a power of two, or 0 while unknown: then 1), copied to predicted_ptr by the
+    ``first`` program for the backward (see ``scale_grad_``). ``scale``: what the gradient is
+    already multiplied by (a mean's 1 / its divisor). An fp16 gradient (max 65504) is never written
+    past the unscaled one (scale 1), so that no prediction can overflow it: where scale * p > 1 (a
+    loss scaler's 2^16 over a mean of fewer elements or weights), or p is unknown, it is written
+    unscaled, times 1 / |scale|, and the backward's pass applies the rest. Written times the scale,
+    a mean over thousands put most of it below fp16's smallest normal (6.1e-5) before the scaler's
+    factor came. The cap need not be a power of two. scale = inf (a mean over no weight) keeps p:
+    0 would leave the backward 1/0."""
+    p = tl.load(prediction_ptr)
+    if grad_ptr.dtype.element_ty == tl.float16:
+        mag = tl.abs(scale)
+        unscaled = 1.0 / mag
+        p = tl.where(((mag * p > 1.0) | (p == 0.0)) & (unscaled > 0.0), unscaled, p)
+    p = tl.where(p == 0.0, 1.0, p)
+    if first:
+        tl.store(predicted_ptr, p)
+    return p
 
 
 @triton.jit

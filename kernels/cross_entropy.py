@@ -45,6 +45,7 @@ from .common import (
     log1p,
     log2e,
     next_power_of_2,
+    predicted_factor,
     reduce_partials,
     row_block,
 )
@@ -461,27 +462,12 @@ def _cross_entropy_kernel(
     # ---- sweep 2: the gradient --------------------------------------------------------------------
     if WRITE_GRAD:
         if PREDICT:
-            # The gradient's every term carries K, A or B: scaled by a power of two, exactly (fp16's
-            # cap below need not be one).
-            p = tl.load(prediction_ptr)  # 0: unknown (no backward has set it yet)
-            if grad_ptr.dtype.element_ty == tl.float16:
-                # fp16 (max 65504): never past the unscaled gradient, so that no prediction can
-                # overflow it. Where ce_scale * p > 1 (a loss scaler's 2^16 over a mean of fewer
-                # rows), or p is unknown, the gradient is written unscaled and the backward's pass
-                # applies the rest: written times ce_scale, a mean of thousands of rows put most of
-                # it below fp16's smallest normal (6.1e-5) before the scaler's factor came. The same
-                # p in every program, as ce_scale is (_inverse_of_parts). ce_scale = inf (a mean
-                # over no weight) keeps p: 0 would leave the backward 1/0.
-                mag = tl.abs(ce_scale)
-                unscaled = 1.0 / mag
-                p = tl.where(((mag * p > 1.0) | (p == 0.0)) & (unscaled > 0.0), unscaled, p)
-            p = tl.where(p == 0.0, 1.0, p)
+            # The gradient's every term carries K, A or B: scaled by the prediction, exactly when it
+            # is a power of two. The same factor in every program, as ce_scale is (_inverse_of_parts).
+            p = predicted_factor(prediction_ptr, predicted_ptr, ce_scale, (row == 0) & (seg == 0), grad_ptr)
             K = K * p
             A = A * p
             B = B * p
-            if row == 0:
-                if seg == 0:
-                    tl.store(predicted_ptr, p)
         # A dead row's coefficients give its gradient directly: 0 (ignored) or NaN (out of range).
         # Its lanes read -inf, so e = 0 and e * kp = 0 * kp.
         fill = tl.where(ignored, 0.0, nan)

@@ -27,6 +27,7 @@ from .common import (
     FP_FUSION,
     atanh_log,
     cast_to,
+    check_prediction,
     elementwise_loss_output,
     exp2,
     interpreting,
@@ -35,9 +36,9 @@ from .common import (
     log2,
     log2e,
     num_warps_for,
+    predicted_factor,
     rcp,
     reduce_partials,
-    split_scale,
     store_loss,
 )
 
@@ -61,18 +62,23 @@ def _sigmoid_focal_kernel(
     gx_ptr,
     n,
     k1,  # scale * a_t = k1 * t + k0: k1 = scale (2 alpha - 1), k0 = scale (1 - alpha); without
-    k0,  # alpha (alpha < 0) k1 = 0 and k0 = scale (scale = 1 in both with unscaled_grad)
+    k0,  # alpha (alpha < 0) k1 = 0 and k0 = scale
     gamma,
-    partial_scale,  # REDUCE: each partial sum's factor (scale with unscaled_grad, else 1)
+    scale,  # PREDICT: the mean's scale (1/numel, else 1), to which fp16 caps the prediction
+    prediction_ptr,  # PREDICT: fp32, the gradient's extra factor (see common.predicted_factor)
+    predicted_ptr,  # PREDICT: fp32, where program 0 copies the factor used, for the backward
     BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
     GAMMA_INT: tl.constexpr,  # gamma when it is a small integer, else -1
     REDUCE: tl.constexpr,
     WRITE_GRAD_INPUT: tl.constexpr,
+    PREDICT: tl.constexpr,  # the gradient is multiplied by *prediction_ptr (the loss is not)
 ):
     # Bytes per element: reads the logit and the target; writes the unreduced loss (4 bytes per
     # BLOCK when reduced) and the gradient. The usual training step (reduced, with gradient) reads
     # 2n and writes n elements.
+    if PREDICT:  # the gradient's extra factor (the loss's is 1): one more multiplication per element
+        pg = predicted_factor(prediction_ptr, predicted_ptr, scale, tl.program_id(0) == 0, gx_ptr)
     offs, mask, x, t = load_block_pair(x_ptr, t_ptr, n, BLOCK)
     two_gamma = 2.0 * gamma
 
@@ -102,13 +108,15 @@ def _sigmoid_focal_kernel(
     k = k1 * t + k0  # scale * a_t
     kq = k * qg
     loss = ce * kq
-    store_loss(out_ptr, offs, mask, loss, partial_scale, REDUCE, INTERPRET)
+    store_loss(out_ptr, offs, mask, loss, REDUCE, INTERPRET)
 
     if WRITE_GRAD_INPUT:
         p_minus_t = p * (1.0 - t) - omp * t  # = p - t, exact for hard labels
         # p(1-p)/q, in [0, 1] for t in [0, 1]. Where q <= 0 it does not matter: kq = 0 when
         # gamma > 0, and gamma = 0 multiplies it by 0.
         h = p * omp * rcp(q_safe, INTERPRET)
+        if PREDICT:
+            kq = kq * pg
         g = kq * (p_minus_t - (t * two_gamma - gamma) * (ce * h))  # gamma (2t - 1) in one FMA
         tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
@@ -123,7 +131,8 @@ def sigmoid_focal_fwd(
     reduce: bool,
     grad_input: Tensor | None,
     loss_dtype: torch.dtype | None = None,
-    unscaled_grad: bool = False,
+    prediction: Tensor | None = None,
+    predicted: Tensor | None = None,
 ) -> Tensor:
     """Sigmoid focal loss ``scale * a_t * ce * (1 - p_t)^gamma`` and optionally its gradient.
 
@@ -135,8 +144,8 @@ def sigmoid_focal_fwd(
     ``reduce`` is False, else a 0-dim tensor (``loss_dtype``, by default fp32) holding the sum of the
     scaled losses, summed in fp32 in a fixed order (one partial per program, then ``reduce_partials``).
     grad_input, when given, is overwritten with d(loss)/d(inputs) * scale in its own dtype (for
-    reduce=False: the gradient of the summed loss). With ``unscaled_grad`` (``reduce`` only) the
-    gradient leaves ``scale`` out, and the reduced loss takes it once per program.
+    reduce=False: the gradient of the summed loss). ``prediction`` and ``predicted``: as in
+    ``huber.huber_fwd``.
     """
     n, n_programs, out = elementwise_loss_output(
         "sigmoid_focal_fwd", {"inputs": inputs, "targets": targets, "grad_input": grad_input}, reduce,
@@ -144,7 +153,7 @@ def sigmoid_focal_fwd(
     gamma = float(gamma)
     gamma_int = int(gamma) if gamma.is_integer() and 0 <= gamma <= MAX_INT_GAMMA else -1
     alpha, scale = float(alpha), float(scale)
-    grad_scale, partial_scale = split_scale("sigmoid_focal_fwd", scale, reduce, unscaled_grad)
+    check_prediction("sigmoid_focal_fwd", prediction, predicted, reduce, (grad_input,))
     use_alpha = alpha >= 0
     if n > 0:
         launch(
@@ -155,14 +164,17 @@ def sigmoid_focal_fwd(
             out,
             grad_input if grad_input is not None else inputs,  # placeholder, never touched
             n,
-            (2.0 * alpha - 1.0) * grad_scale if use_alpha else 0.0,
-            (1.0 - alpha) * grad_scale if use_alpha else grad_scale,
+            (2.0 * alpha - 1.0) * scale if use_alpha else 0.0,
+            (1.0 - alpha) * scale if use_alpha else scale,
             gamma,
-            partial_scale,
+            scale,
+            prediction,  # None without PREDICT
+            predicted,
             BLOCK=BLOCK,
             GAMMA_INT=gamma_int,
             REDUCE=bool(reduce),
             WRITE_GRAD_INPUT=grad_input is not None,
+            PREDICT=prediction is not None,
             INTERPRET=interpreting(),
             num_warps=num_warps_for(BLOCK),
             enable_fp_fusion=FP_FUSION,

@@ -6,9 +6,9 @@ With d = input - target (in fp32):
     d smoothl1 / d input = d / beta if |d| < beta else sign(d)   (sign(0) = 0)
 and Huber(d; delta) = delta * smoothl1(d; beta=delta), so one kernel serves all three losses through
 a loss multiplier ``mul``. Loss and gradients are multiplied by ``mul``, the optional per-element
-weight and ``scale`` (1/numel for a mean), so the backward only has to apply grad_output; or, with
-``unscaled_grad``, the gradients are not multiplied by ``scale`` (the backward applies it: fp16
-gradients, see fastloss/autograd.py) and the reduced loss is, once per program.
+weight and ``scale`` (1/numel for a mean), so the backward only has to apply grad_output; a reduced
+loss's gradients also by a prediction of that grad_output (``common.predicted_factor``), which
+leaves the backward nothing to do when it is right.
 """
 
 from __future__ import annotations
@@ -27,10 +27,11 @@ from .common import (
     elementwise_loss_output,
     interpreting,
     launch,
+    check_prediction,
     load_block_pair,
     num_warps_for,
+    predicted_factor,
     reduce_partials,
-    split_scale,
     store_loss,
 )
 
@@ -58,8 +59,10 @@ def _huber_kernel(
     n,
     beta,  # fp32 threshold; unused when L1
     inv_beta,  # 1 / beta, rounded once on the host (unused when L1)
-    c,  # mul * scale, folded on the host (mul alone, with unscaled_grad)
-    partial_scale,  # REDUCE: each partial sum's factor (scale with unscaled_grad, else 1)
+    c,  # mul * scale, folded on the host
+    scale,  # PREDICT: the mean's scale (1/numel, else 1), to which fp16 caps the prediction
+    prediction_ptr,  # PREDICT: fp32, the gradients' extra factor (see common.predicted_factor)
+    predicted_ptr,  # PREDICT: fp32, where program 0 copies the factor used, for the backward
     BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
     L1: tl.constexpr,
@@ -67,10 +70,14 @@ def _huber_kernel(
     REDUCE: tl.constexpr,
     WRITE_GRAD_INPUT: tl.constexpr,
     WRITE_GRAD_TARGET: tl.constexpr,
+    PREDICT: tl.constexpr,  # the gradients are multiplied by *prediction_ptr (the loss is not)
 ):
     # Bytes per element (e = element size): reads 2e (input, target) + e with a weight; writes e for
     # the unreduced loss (4 bytes per BLOCK when reduced) + e per gradient requested. The usual
     # training step (reduced, grad_input only) reads 2n and writes n elements.
+    cg = c  # the gradients' factor
+    if PREDICT:  # times the prediction (the loss's is not)
+        cg = c * predicted_factor(prediction_ptr, predicted_ptr, scale, tl.program_id(0) == 0, gx_ptr)
     offs, mask, x, y = load_block_pair(x_ptr, y_ptr, n, BLOCK)
     d = x - y
     ad = tl.abs(d)
@@ -89,14 +96,18 @@ def _huber_kernel(
         loss = tl.where(quad, (0.5 * ad * ad) * inv_beta, ad - 0.5 * beta)
         grad = tl.where(quad, d * inv_beta, sign)
     if HAS_WEIGHT:
-        w = tl.load(w_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
-        cw = c * w.to(tl.float32)
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+        cw = c * w
+        if PREDICT:  # a multiplication per element; a scalar's without a weight
+            cg = cg * w
+        else:
+            cg = cw
     else:
         cw = c
     loss = loss * cw
-    store_loss(out_ptr, offs, mask, loss, partial_scale, REDUCE, INTERPRET)
+    store_loss(out_ptr, offs, mask, loss, REDUCE, INTERPRET)
     if WRITE_GRAD_INPUT or WRITE_GRAD_TARGET:
-        g = grad * cw
+        g = grad * cg
         if WRITE_GRAD_INPUT:
             tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, INTERPRET), mask=mask)
         if WRITE_GRAD_TARGET:
@@ -115,7 +126,8 @@ def huber_fwd(
     grad_input: Tensor | None,
     grad_target: Tensor | None,
     loss_dtype: torch.dtype | None = None,
-    unscaled_grad: bool = False,
+    prediction: Tensor | None = None,
+    predicted: Tensor | None = None,
 ) -> Tensor:
     """Loss (and optionally gradients) of ``mul * weight * scale * smoothl1(input - target; beta)``.
 
@@ -128,11 +140,17 @@ def huber_fwd(
     scaled losses, summed in fp32 in a fixed order (one partial per program, then ``reduce_partials``).
     grad_input / grad_target, when given, are overwritten with d(loss)/d(input) * scale and its
     negation (for reduce=False this is the gradient of the summed loss, i.e. grad_output = 1
-    everywhere). With ``unscaled_grad`` (``reduce`` only) the gradients leave ``scale`` out.
+    everywhere).
+
+    prediction, predicted (both or neither; ``reduce`` only, with a gradient): one fp32 value each.
+    The gradients are written multiplied by ``prediction`` as well, a power of two (the backward's
+    grad_output foreseen: ``common.scale_grad_``), which is copied to ``predicted`` for the
+    backward. fp16 gradients are multiplied by at most 1 / ``scale`` instead (never more than the
+    unscaled gradient: no overflow), and ``predicted`` holds the factor used.
     """
     block = block_for(input.dtype)
     beta, mul, scale = float(beta), float(mul), float(scale)
-    grad_scale, partial_scale = split_scale("huber_fwd", scale, reduce, unscaled_grad)
+    check_prediction("huber_fwd", prediction, predicted, reduce, (grad_input, grad_target))
     # The kernel takes them in fp32, as torch computes: a delta past fp32's largest is inf there.
     beta, mul = (math.inf if v > FLT_MAX else v for v in (beta, mul))
     if 0.0 < beta < 1.0 / FLT_MAX:
@@ -142,9 +160,9 @@ def huber_fwd(
     if math.isinf(beta) and mul == beta:
         # Huber's delta = inf: all quadratic (0.5 d^2); mul * scale = inf would turn 0.5 d^2 / beta
         # * mul into 0 * inf. The linear side, which that factor also scales, is never taken.
-        inv_beta, c = 1.0, grad_scale
+        inv_beta, c = 1.0, scale
     else:
-        inv_beta, c = 1.0 / beta if beta else 0.0, mul * grad_scale
+        inv_beta, c = 1.0 / beta if beta else 0.0, mul * scale
     n, n_programs, out = elementwise_loss_output(
         "huber_fwd", {"input": input, "target": target, "weight": weight, "grad_input": grad_input,
                       "grad_target": grad_target}, reduce, loss_dtype, block)
@@ -162,7 +180,9 @@ def huber_fwd(
             beta,
             inv_beta,
             c,
-            partial_scale,
+            scale,
+            prediction,  # None without PREDICT
+            predicted,
             BLOCK=block,
             L1=beta == 0.0,
             HAS_WEIGHT=weight is not None,
@@ -170,6 +190,7 @@ def huber_fwd(
             WRITE_GRAD_INPUT=grad_input is not None,
             INTERPRET=interpreting(),
             WRITE_GRAD_TARGET=grad_target is not None,
+            PREDICT=prediction is not None,
             num_warps=num_warps_for(block),
             enable_fp_fusion=FP_FUSION,
         )

@@ -57,9 +57,11 @@ def calls():
                 x, y, w, beta=0.5, mul=0.5, scale=1 / x.numel(), reduce=reduce,
                 grad_input=torch.empty_like(x), grad_target=None))
         out.append(lambda x=x, y=y: huber.huber_fwd(x, y, None, beta=0.0, mul=1.0, scale=1.0, reduce=True,
-                                                    grad_input=None, grad_target=torch.empty_like(y)))
+                                                    grad_input=None, grad_target=torch.empty_like(y),
+                                                    prediction=torch.ones(1), predicted=torch.empty(1)))
         out.append(lambda x=x, y=y: focal.sigmoid_focal_fwd(x, y.sigmoid(), alpha=0.25, gamma=2.0, scale=1.0,
-                                                           reduce=True, grad_input=torch.empty_like(x)))
+                                                           reduce=True, grad_input=torch.empty_like(x),
+                                                           prediction=torch.ones(1), predicted=torch.empty(1)))
     for dtype, n, v, k in [(torch.float32, 16, 17, 0), (torch.float32, 16, 17, 1), (torch.bfloat16, 5, 64, 0)]:
         logits = _offset(torch.randn(n, v + k, dtype=dtype), 0)[:, k:]  # k = 1: rows off 16 bytes
         t, probs, w = torch.randint(0, v, (n,)), torch.softmax(torch.randn(n, v), -1), torch.rand(v)

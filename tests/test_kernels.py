@@ -503,26 +503,35 @@ def test_inplace_backward_on_a_copied_input(layout):
         assert torch.equal(x.detach(), x0)
 
 
-@pytest.mark.parametrize("inplace", [False, True], ids=["out_of_place", "inplace"])
-@pytest.mark.parametrize("loss, dtype, stream", [
-    *[(loss, dtype, "default_stream") for loss in ("cross_entropy", "focal_loss") for dtype in DTYPES],
-    ("cross_entropy", torch.bfloat16, "other_stream"),
-], ids=str)
+@pytest.mark.parametrize("loss, dtype, inplace, stream", [
+    *[(loss, dtype, inplace, "default_stream") for loss in ("cross_entropy", "focal_loss") for dtype in DTYPES
+      for inplace in (False, True)],
+    *[("huber_loss", dtype, False, "default_stream") for dtype in DTYPES],
+    ("sigmoid_focal_loss", torch.float16, False, "default_stream"),  # predicted in fp16 only
+    *[("cross_entropy", torch.bfloat16, inplace, "other_stream") for inplace in (False, True)],
+    ("huber_loss", torch.float16, False, "other_stream"),
+], ids=lambda v: {False: "out_of_place", True: "inplace"}.get(v, str(v)) if isinstance(v, bool) else str(v))
 def test_a_predicted_grad_output_gives_the_same_bits(loss, dtype, inplace, stream, monkeypatch):
     """A backward with grad_output != 1 (a divided loss) scales the saved gradient. After one with a
     power of two, the forwards write the gradient already multiplied by it (fp16 no further than
     unscaled, and only on the device's default stream), so the backward has little or nothing left
-    to do; the loss and the gradient
-    are the same bits as without that prediction, whether it was right or wrong, and whatever the
-    order of forwards and backwards. Off the default stream (CUDA graphs are captured there) nothing
-    is predicted, and no prediction is kept."""
+    to do; the loss and the gradients (Huber's: the input's and the target's) are the same bits as
+    without that prediction, whether it was right or wrong, and whatever the order of forwards and
+    backwards. Off the default stream (CUDA graphs are captured there) nothing is predicted, and no
+    prediction is kept."""
     import fastloss.autograd as fa
 
     if stream == "other_stream":
         monkeypatch.setattr(fa, "_on_default_stream", lambda t: False)
 
-    x0, t = logits(6, 300, dtype=dtype), labels(6, 300, ignore=1)
-    fn = functools.partial(getattr(fastloss, loss), inplace_backward=inplace, reduction="sum")
+    x0 = logits(6, 300, dtype=dtype)
+    if loss in ("cross_entropy", "focal_loss"):
+        t = labels(6, 300, ignore=1)
+        fn = functools.partial(getattr(fastloss, loss), inplace_backward=inplace, reduction="sum")
+    else:
+        t = (x0 + torch.randn_like(x0)) if loss == "huber_loss" else (torch.rand_like(x0, dtype=torch.float32) < 0.3).to(dtype)
+        t.requires_grad_(loss == "huber_loss")
+        fn = functools.partial(getattr(fastloss, loss), reduction="sum")
 
     def forward():
         leaf = x0.clone().requires_grad_()
@@ -533,8 +542,13 @@ def test_a_predicted_grad_output_gives_the_same_bits(loss, dtype, inplace, strea
 
     def backward(state, g):
         leaf, _, out = state
-        (grad,) = torch.autograd.grad(out, leaf, torch.tensor(g, dtype=out.dtype, device=DEVICE))
-        return out.detach(), grad
+        grads = torch.autograd.grad(out, [leaf, t] if t.requires_grad else leaf,
+                                    torch.tensor(g, dtype=out.dtype, device=DEVICE))
+        return out.detach(), torch.cat([grad.flatten() for grad in grads])
+
+    def written_by(state):  # the gradients as the forward wrote them: the logits in place, else the saved ones
+        _, x, out = state
+        return torch.cat([w.detach().flatten().clone() for w in ([x] if inplace else out.grad_fn.saved_tensors[:-1])])
 
     def unpredicted(g):  # the gradient as it is without a prediction
         fa._PREDICTIONS.clear()
@@ -556,21 +570,22 @@ def test_a_predicted_grad_output_gives_the_same_bits(loss, dtype, inplace, strea
     for g in (2.0 ** -3, 2.0 ** -3, 0.3, 2.0 ** 10, 2.0 ** 10, 1.0, 2.0 ** -3):
         used = prediction()
         state = forward()
-        written = state[1].detach().clone()  # in place: the gradient as the forward wrote it
+        written = written_by(state)
         got = backward(state, g)
         expected = unpredicted(g)  # leaves the prediction as got's backward did
         factor = 1.0 if used in (None, 0.0) else used if dtype != torch.float16 else min(used, 1.0)  # a sum's scale: 1
         assert torch.equal(got[0], expected[0]) and same(got[1], expected[1], g / factor), g
+        if factor == g:  # predicted right: the backward had nothing left to do
+            assert torch.equal(got[1], written), g
         scale = torch.tensor(g, dtype=got[0].dtype).float()  # grad_output as the backward reads it
         assert torch.equal(expected[1], (at_one.float() * scale).to(dtype)), g  # one fp32 product, rounded
         if stream == "other_stream":
             assert not fa._PREDICTIONS  # never predicted
         else:
             assert prediction() == (g if g != 0.3 else 1.0)
-            if inplace and factor != 1.0:  # written already times the prediction
+            if factor != 1.0:  # written already times the prediction
                 fa._PREDICTIONS.clear()
-                plain = forward()[1].detach()
-                assert same(written, (plain.float() * factor).to(dtype), 1.0)
+                assert same(written, (written_by(forward()).float() * factor).to(dtype), 1.0)
                 backward(forward(), g)  # the prediction back as it was
     # two forwards, then their backwards in the other order: each backward uses its own forward's
     a, b = forward(), forward()

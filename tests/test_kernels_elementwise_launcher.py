@@ -449,34 +449,49 @@ def test_sigmoid_focal_deterministic():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["huber", "sigmoid_focal"])
-def test_unscaled_grad_leaves_the_scale_to_the_loss(kind):
-    """With unscaled_grad (fp16 gradients of a mean: fastloss/autograd.py) the gradient is the one
-    of scale 1 and the reduced loss still takes the scale; without reduce there is nothing to leave
-    out, and asking is an error."""
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=str)
+@pytest.mark.parametrize("kind", ["huber-weighted", "sigmoid_focal"])
+def test_a_prediction_multiplies_the_gradients_and_not_the_loss(kind, dtype):
+    """Given a prediction p of grad_output (a power of two; 0 while unknown, taken as 1), a reduced
+    loss's gradients are written as at p times the scale, bit for bit, and its loss as without p;
+    ``predicted`` gets the factor used. fp16 takes p no further than the unscaled gradient (scale
+    1): at most 1 / the scale, which it takes for an unknown p too, a power of two or not. A
+    prediction needs a reduced loss and a gradient."""
     n = 3 * HUBER_BLOCK + 5
-    x, y, _ = huber_inputs(n, 1.0, torch.float32, seed=7)
-    x, y = x.half(), y.half()
-    t = (y > 0).half()
+    x, y, w = huber_inputs(n, 1.0, dtype, seed=7, weighted=True)
+    t = (y > 0).to(dtype)
 
-    def launch(scale, unscaled, reduce=True):
-        g = torch.empty_like(x)
-        if kind == "huber":
-            loss = huber_fwd(x, y, None, beta=1.0, mul=1.0, scale=scale, reduce=reduce, grad_input=g,
-                             grad_target=None, unscaled_grad=unscaled)
+    def launch(scale, prediction=None, reduce=True, grad=True):
+        grads = [torch.empty_like(x) if grad else None for _ in range(2 if kind.startswith("huber") else 1)]
+        predicted = None if prediction is None else dev(torch.full((1,), -1.0))
+        opts = dict(scale=scale, reduce=reduce, predicted=predicted,
+                    prediction=None if prediction is None else dev(torch.tensor([prediction])))
+        if kind.startswith("huber"):
+            loss = huber_fwd(x, y, w, beta=1.0, mul=1.0, grad_input=grads[0], grad_target=grads[1], **opts)
         else:
-            loss = sigmoid_focal_fwd(x, t, alpha=0.25, gamma=2.0, scale=scale, reduce=reduce, grad_input=g,
-                                     unscaled_grad=unscaled)
-        return loss, g
+            loss = sigmoid_focal_fwd(x, t, alpha=0.25, gamma=2.0, grad_input=grads[0], **opts)
+        return loss, grads, None if predicted is None else predicted.item()
 
-    scale = 1.0 / n
-    loss, grad = launch(scale, True)
-    scaled_loss, _ = launch(scale, False)
-    _, unscaled = launch(1.0, False)
-    assert torch.equal(grad, unscaled)
-    torch.testing.assert_close(loss, scaled_loss, rtol=2e-6, atol=0)
-    with pytest.raises(ValueError, match="reduced"):
-        launch(scale, True, reduce=False)
+    scale = 2.0 ** -6
+    loss = launch(scale)[0]
+    for p in (0.0, 2.0 ** -3, 2.0 ** 4, 2.0 ** 16):
+        factor = p or 1.0
+        if dtype == torch.float16 and (p == 0.0 or p * scale > 1.0):
+            factor = 1.0 / scale
+        got_loss, got, predicted = launch(scale, p)
+        assert predicted == factor, p
+        assert torch.equal(got_loss, loss), p
+        for g, expected in zip(got, launch(scale * factor)[1]):
+            assert torch.equal(g, expected), p
+    if dtype == torch.float16:  # the mean's scale 1/n: the cap 1/scale is no power of two
+        scale = 1.0 / n
+        _, got, predicted = launch(scale, 2.0 ** 16)
+        assert predicted == torch.tensor(1.0 / torch.tensor(scale).item()).item()
+        for g, unscaled in zip(got, launch(1.0)[1]):
+            torch.testing.assert_close(g, unscaled, rtol=2.0 ** -10, atol=2.0 ** -24)
+    for reduce, grad in ((False, True), (True, False)):
+        with pytest.raises(ValueError, match="prediction and predicted"):
+            launch(scale, 1.0, reduce=reduce, grad=grad)
 
 
 @pytest.mark.parametrize("kind", ["huber", "sigmoid_focal"])
