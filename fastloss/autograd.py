@@ -32,6 +32,7 @@ from torch import Tensor
 # This module is imported on the first call that runs a kernel (functional imports it there), never
 # by `import fastloss`, so triton is imported then too. Imported once here, not in every launch: an
 # import statement costs about a microsecond of host time per call.
+from .backend import fake
 from .kernels.common import scale_grad_
 from .kernels.cross_entropy import cross_entropy_fwd
 from .kernels.focal import sigmoid_focal_fwd
@@ -60,9 +61,10 @@ def _on(t: Tensor):
 class _Op:
     """A launcher registered as the custom op ``fastloss::<name>``.
 
-    Calling it runs the registered op while torch.compile traces, and the function itself in eager
-    mode, bumping the version counters of the tensors it mutates as the op would (so autograd still
-    sees in-place writes).
+    Calling it runs the registered op while torch.compile traces and on fake tensors
+    (``FakeTensorMode``), where the op's fake implementation gives the outputs' shapes and dtypes and
+    no kernel runs; and the function itself in eager mode, bumping the version counters of the
+    tensors it mutates as the op would (so autograd still sees in-place writes).
     """
 
     def __init__(self, name: str, fn, mutates_args: tuple[str, ...]):
@@ -75,7 +77,7 @@ class _Op:
         return self.custom_op.register_fake(fake)
 
     def __call__(self, *args):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or fake(args[0]):
             return getattr(torch.ops.fastloss, self.name)(*args)
         out = self.fn(*args)
         for i in self.mutated:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .backend import transforming
+from .backend import fake, transforming
 
 __all__ = ["cross_entropy", "focal_loss", "sigmoid_focal_loss", "huber_loss", "smooth_l1_loss"]
 
@@ -52,8 +52,9 @@ def _class_rows(input, target, weight, ignore_index, softcap):
     valid = t != ignore_index
     bad = valid & ((t < 0) | (t >= num_classes))
     # torch's CPU behaviour (nll_loss raises IndexError). torch.compile and torch.func cannot branch
-    # on data: there, as in the kernels, such a row's loss is NaN. A meta tensor has no data to check.
-    checked = not (torch.compiler.is_compiling() or transforming() or t.is_meta)
+    # on data: there, as in the kernels, such a row's loss is NaN. A meta tensor has no data to check,
+    # nor has a fake one (FakeTensorMode; the mask is fake there even for a real target).
+    checked = not (torch.compiler.is_compiling() or transforming() or t.is_meta or fake(bad))
     if checked and bad.any():
         raise IndexError(f"Target {t[bad][0].item()} is out of bounds.")
     t = torch.where(valid if checked else valid & ~bad, t, 0)  # in range; ignored rows are masked below

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 import fastloss
 import fastloss.nn as fnn
@@ -115,10 +116,12 @@ def test_auto_on_cpu_runs_reference(monkeypatch):
 
 
 # torch.func: (ours, torch's) with the target they take; sigmoid focal is checked against its reference
+# (also used by the fake tensor test)
 TRANSFORMED = {
-    "cross_entropy": (lambda x, t: fastloss.cross_entropy(x, t, weight=torch.arange(1.0, 8.0, device=x.device),
+    "cross_entropy": (lambda x, t: fastloss.cross_entropy(x, t, weight=torch.arange(1.0, 8.0, device=x.device,
+                                                                                    dtype=x.dtype),
                                                           ignore_index=2, label_smoothing=0.1),
-                      lambda x, t: F.cross_entropy(x, t, weight=torch.arange(1.0, 8.0, device=x.device),
+                      lambda x, t: F.cross_entropy(x, t, weight=torch.arange(1.0, 8.0, device=x.device, dtype=x.dtype),
                                                    ignore_index=2, label_smoothing=0.1), "class"),
     "focal_loss": (lambda x, t: fastloss.focal_loss(x, t, gamma=0.0), F.cross_entropy, "class"),
     "huber_loss": (fastloss.huber_loss, F.huber_loss, "real"),
@@ -806,6 +809,58 @@ def test_meta_tensors_give_meta_results(backend_name):
     with fastloss.use_backend(backend_name):
         fastloss.cross_entropy(x, classes, label_smoothing=0.1).backward()
     assert x.grad.is_meta and x.grad.shape == x.shape
+
+
+# The modules, as TRANSFORMED has the functions: built inside FakeTensorMode (as a memory estimator
+# builds a model), so that the class weights are fake tensors too
+FAKE_MODULES = {
+    "CrossEntropyLoss": (lambda x, t: fnn.CrossEntropyLoss(weight=torch.rand(7, device=x.device, dtype=x.dtype),
+                                                           label_smoothing=0.1)(x, t),
+                         lambda x, t: torch.nn.CrossEntropyLoss(weight=torch.rand(7, device=x.device, dtype=x.dtype),
+                                                                label_smoothing=0.1)(x, t), "class"),
+    "FocalLoss": (lambda x, t: fnn.FocalLoss(reduction="none")(x, t),
+                  lambda x, t: torch.nn.CrossEntropyLoss(reduction="none")(x, t), "class"),
+    "SigmoidFocalLoss": (lambda x, t: fnn.SigmoidFocalLoss()(x, t),
+                         lambda x, t: torch.nn.BCEWithLogitsLoss(reduction="none")(x, t), "real"),
+    "HuberLoss": (lambda x, t: fnn.HuberLoss(delta=0.5)(x, t),
+                  lambda x, t: torch.nn.HuberLoss(delta=0.5)(x, t), "real"),
+    "SmoothL1Loss": (lambda x, t: fnn.SmoothL1Loss(reduction="sum")(x, t),
+                     lambda x, t: torch.nn.SmoothL1Loss(reduction="sum")(x, t), "real"),
+}
+# (backend, device): the kernels' path on fake CUDA tensors is auto's on a GPU
+FAKE_BACKENDS = [pytest.param(b, d, id=f"{b}-{d}") for b, d in
+                 [("reference", "cpu"), ("triton", _device("triton").type), ("auto", "cuda")]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend_name, device", FAKE_BACKENDS)
+@pytest.mark.parametrize("name", [*TRANSFORMED, *FAKE_MODULES])
+def test_fake_tensors_give_torchs_shapes_and_dtypes(name, backend_name, device, dtype):
+    """Under FakeTensorMode (shapes and dtypes, no values: memory estimators and shape propagation
+    use it outside torch.compile too) every loss gives what torch's gives: a fake result of its
+    device, shape and dtype, and a fake gradient of its gradient's. No check reads a value (the class
+    range, as for meta tensors) and no kernel runs: on the kernels' path the ops' fake
+    implementations give the outputs. (A CPU-only build of torch aborts the process on autograd
+    through a fake CUDA tensor, its own losses' too, so there only the forward is checked.)"""
+    if backend_name == "triton":
+        pytest.importorskip("triton")
+    ours, theirs, kind = {**TRANSFORMED, **FAKE_MODULES}[name]
+    grad = device != "cuda" or torch.cuda.is_available()
+    with FakeTensorMode():
+        x = torch.randn(4, 7, 3, device=device, dtype=dtype, requires_grad=grad)
+        t = (torch.randint(0, 7, (4, 3), device=device) if kind == "class"
+             else torch.rand(4, 7, 3, device=device, dtype=dtype))
+        expected = theirs(x, t)
+        with fastloss.use_backend(backend_name):
+            got = ours(x, t)
+        assert is_fake(got)
+        assert (got.device, got.shape, got.dtype) == (expected.device, expected.shape, expected.dtype)
+        if grad:
+            (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+            got.sum().backward()
+            assert is_fake(x.grad)
+            assert (x.grad.device, x.grad.shape, x.grad.dtype) == (expected_grad.device, expected_grad.shape,
+                                                                    expected_grad.dtype)
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
