@@ -1125,7 +1125,7 @@ def test_cuda_graph_capture():
 
 
 @gpu
-@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss", "huber_loss"])
 def test_torch_compile_with_cuda_graphs(loss):
     """mode="reduce-overhead": torch.compile's CUDA graphs warm up and capture on a stream of their
     own, whose allocations go to a private memory pool that torch.compile checks for leaks (a
@@ -1135,14 +1135,14 @@ def test_torch_compile_with_cuda_graphs(loss):
     torch._dynamo.reset()
     fn = getattr(fastloss, loss)
     compiled = torch.compile(lambda x, t: fn(x, t) / 4, mode="reduce-overhead")
-    t = labels(256, 5000, ignore=8)
+    t = logits(256, 5000) if loss == "huber_loss" else labels(256, 5000, ignore=8)
+    ref_fn = {"cross_entropy": F.cross_entropy, "focal_loss": reference.focal_loss, "huber_loss": F.huber_loss}[loss]
     for _ in range(4):
         x = logits(256, 5000).requires_grad_()
         got = compiled(x, t)
         got.backward()
         got = got.detach().clone()  # the graph's output is overwritten by its next replay
         x_ref = x.detach().clone().requires_grad_()
-        ref_fn = F.cross_entropy if loss == "cross_entropy" else reference.focal_loss
         expected = ref_fn(x_ref, t) / 4
         expected.backward()
         torch.testing.assert_close(got, expected.detach())
