@@ -115,7 +115,11 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) ->
 # pool: a prediction kept from there would be a leak that torch.compile's pool check raises on, and
 # one first allocated inside a capture holds its 1 only once that graph replays. Off the default
 # stream, the forward multiplies by 1, and the backward's pass scales as it would without this.
-_PREDICTIONS: dict[torch.device, Tensor] = {}
+# One prediction per device and kind of loss (a kernel family: SOFTMAX, HUBER, SIGMOID_FOCAL), so that
+# a model's auxiliary loss with a factor of its own (weighted 0.1) does not spoil its main loss's
+# (divided by 8), whichever backward runs last.
+_PREDICTIONS: dict[tuple[torch.device, str], Tensor] = {}
+SOFTMAX, HUBER, SIGMOID_FOCAL = "softmax", "huber", "sigmoid_focal"
 
 
 def _on_default_stream(t: Tensor) -> bool:
@@ -123,22 +127,25 @@ def _on_default_stream(t: Tensor) -> bool:
     return not t.is_cuda or torch._C._cuda_getCurrentRawStream(t.get_device()) == 0
 
 
-def _prediction(t: Tensor) -> Optional[Tensor]:
-    """The prediction for kernels launched on ``t``'s device (one fp32 value), or None off its
-    default stream."""
+def _prediction(t: Tensor, family: str) -> Optional[Tensor]:
+    """The prediction for ``family``'s kernels launched on ``t``'s device (one fp32 value), or None
+    off its default stream."""
     if not _on_default_stream(t):
         return None
-    pred = _PREDICTIONS.get(t.device)
+    key = (t.device, family)
+    pred = _PREDICTIONS.get(key)
     if pred is None:  # 0 until a backward sets it: "unknown", which the kernels take as 1 (fp16: see above)
-        pred = _PREDICTIONS.setdefault(t.device, torch.zeros(1, dtype=torch.float32, device=t.device))
+        pred = _PREDICTIONS.setdefault(key, torch.zeros(1, dtype=torch.float32, device=t.device))
     return pred
 
 
-def _forward_prediction(input: Tensor, predicted: Optional[Tensor]) -> tuple[Optional[Tensor], Optional[Tensor]]:
+def _forward_prediction(input: Tensor, predicted: Optional[Tensor],
+                        family: str) -> tuple[Optional[Tensor], Optional[Tensor]]:
     """The launcher's ``prediction`` and ``predicted`` for a forward given a ``predicted`` buffer (or
-    None): the device's prediction, which the kernel copies into ``predicted``; or, off the default
-    stream, none, and ``predicted`` holds 1 (fp16: an "unknown" of the forward's own instead)."""
-    prediction = None if predicted is None else _prediction(input)
+    None): the prediction of its device and family, which the kernel copies into ``predicted``; or,
+    off the default stream, none, and ``predicted`` holds 1 (fp16: an "unknown" of the forward's own
+    instead)."""
+    prediction = None if predicted is None else _prediction(input, family)
     if prediction is None:
         if predicted is not None:
             if input.dtype == torch.float16:
@@ -159,7 +166,7 @@ def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], 
                       z_loss: float, softcap: Optional[float], gamma: Optional[float],
                       predicted: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
-    prediction, predicted = _forward_prediction(logits, predicted)
+    prediction, predicted = _forward_prediction(logits, predicted, SOFTMAX)
     with _on(logits):
         loss = cross_entropy_fwd(logits, target, weight, None, grad, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
@@ -180,7 +187,7 @@ def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[T
                               reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,
                               z_loss: float, softcap: Optional[float], gamma: Optional[float],
                               predicted: Optional[Tensor]) -> Tensor:
-    prediction, predicted = _forward_prediction(logits, predicted)
+    prediction, predicted = _forward_prediction(logits, predicted, SOFTMAX)
     with _on(logits):
         return cross_entropy_fwd(logits, target, weight, None, logits, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
@@ -200,7 +207,7 @@ def _huber_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: fl
                loss_dtype: torch.dtype, predicted: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     gi = torch.empty_like(input) if grad_input else None
     gt = torch.empty_like(target) if grad_target else None
-    prediction, predicted = _forward_prediction(input, predicted)
+    prediction, predicted = _forward_prediction(input, predicted, HUBER)
     with _on(input):
         loss = huber_fwd(input, target, weight, beta=beta, mul=mul, scale=scale, reduce=reduce,
                          grad_input=gi, grad_target=gt, loss_dtype=loss_dtype,
@@ -224,7 +231,7 @@ def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, alpha: float, gamma: flo
                        reduce: bool, grad_input: bool, loss_dtype: torch.dtype,
                        predicted: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     gi = torch.empty_like(inputs) if grad_input else None
-    prediction, predicted = _forward_prediction(inputs, predicted)
+    prediction, predicted = _forward_prediction(inputs, predicted, SIGMOID_FOCAL)
     with _on(inputs):
         loss = sigmoid_focal_fwd(inputs, targets, alpha=alpha, gamma=gamma, scale=scale, reduce=reduce,
                                  grad_input=gi, loss_dtype=loss_dtype, prediction=prediction, predicted=predicted)
@@ -237,9 +244,10 @@ def _(inputs, targets, alpha, gamma, scale, reduce, grad_input, loss_dtype, pred
 
 
 @_op("scale_grad_", mutates_args=("grad",))
-def _scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Optional[Tensor]) -> None:
-    """grad *= grad_output; ``predicted``: what its forward multiplied grad by (see _PREDICTIONS)."""
-    prediction = None if predicted is None else _prediction(grad)
+def _scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Optional[Tensor], family: str) -> None:
+    """grad *= grad_output; ``predicted``: what its forward, of ``family``, multiplied grad by (see
+    _PREDICTIONS)."""
+    prediction = None if predicted is None else _prediction(grad, family)
     if predicted is not None and prediction is None:  # off the default stream: the next one goes nowhere
         prediction = torch.empty_like(predicted)
     with _on(grad):
@@ -247,7 +255,7 @@ def _scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Optional[Tensor])
 
 
 @_scale_grad_.register_fake
-def _(grad, grad_output, predicted):
+def _(grad, grad_output, predicted, family):
     return None
 
 
@@ -262,8 +270,10 @@ def _predicted(t: Tensor, write_grad: bool, reduce: bool) -> Optional[Tensor]:
     return t.new_empty(1, dtype=torch.float32) if write_grad and reduce else None
 
 
-def _save(ctx, grads: tuple[Tensor, ...], per_element: bool, predicted: Optional[Tensor] = None) -> None:
-    """Saves the gradients (one per input, in order), and ``predicted`` (see _PREDICTIONS)."""
+def _save(ctx, family: str, grads: tuple[Tensor, ...], per_element: bool, predicted: Optional[Tensor] = None) -> None:
+    """Saves the gradients (one per input, in order) of a loss of ``family``, and ``predicted`` (see
+    _PREDICTIONS)."""
+    ctx.family = family
     ctx.per_element = per_element
     ctx.n_grads = len(grads)
     ctx.save_for_backward(*grads, *([] if predicted is None else [predicted]))
@@ -275,9 +285,9 @@ def _save_overwritten(ctx, logits: Tensor, predicted: Optional[Tensor]) -> None:
     later write; so the expected version is kept and checked by :func:`_scaled_grads`. (A compiled
     graph cannot branch on a version: it saves the logits as they are, and is not marked.)"""
     if torch.compiler.is_compiling():
-        _save(ctx, (logits,), per_element=False, predicted=predicted)
+        _save(ctx, SOFTMAX, (logits,), per_element=False, predicted=predicted)
         return
-    _save(ctx, (), per_element=False, predicted=predicted)
+    _save(ctx, SOFTMAX, (), per_element=False, predicted=predicted)
     ctx.overwritten = (logits, logits._version + 1)
 
 
@@ -316,7 +326,7 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
         elif ctx.per_element:
             out.append((g * grad_loss).to(g.dtype))
         else:
-            _scale_grad_(g, grad_loss, predicted)
+            _scale_grad_(g, grad_loss, predicted, ctx.family)
             out.append(g)
     return out
 
@@ -371,7 +381,7 @@ class SoftmaxLoss(torch.autograd.Function):
             _save_overwritten(ctx, logits, predicted)
         else:
             loss, grad = _softmax_loss_fwd(logits, *args, write_grad, *opts)
-            _save(ctx, (grad,), per_element=False, predicted=predicted)
+            _save(ctx, SOFTMAX, (grad,), per_element=False, predicted=predicted)
         return loss
 
     @staticmethod
@@ -444,7 +454,7 @@ class Huber(torch.autograd.Function):
         predicted = _predicted(input, grad_input or grad_target, reduce)
         loss, g_in, g_t = _huber_fwd(input, target, weight, beta, mul, _scale(reduction, input), reduce,
                                      grad_input, grad_target, out_dtype, predicted)
-        _save(ctx, (g_in, g_t), per_element=not reduce, predicted=predicted)
+        _save(ctx, HUBER, (g_in, g_t), per_element=not reduce, predicted=predicted)
         return loss
 
     @staticmethod
@@ -473,7 +483,7 @@ class SigmoidFocal(torch.autograd.Function):
         predicted = _predicted(inputs, grad_input and inputs.dtype == torch.float16, reduce)
         loss, g_in = _sigmoid_focal_fwd(inputs, targets, alpha, gamma, _scale(reduction, inputs), reduce,
                                         grad_input, out_dtype, predicted)
-        _save(ctx, (g_in,), per_element=not reduce, predicted=predicted)
+        _save(ctx, SIGMOID_FOCAL, (g_in,), per_element=not reduce, predicted=predicted)
         return loss
 
     @staticmethod

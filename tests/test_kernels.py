@@ -593,6 +593,30 @@ def test_a_predicted_grad_output_gives_the_same_bits(loss, dtype, inplace, strea
     assert same(backward(a, 2.0 ** -3)[1], unpredicted(2.0 ** -3)[1], 1.0)
 
 
+def test_each_kind_of_loss_keeps_its_own_prediction():
+    """A model's losses of different kinds with factors of their own: the main loss divided by 8 for
+    gradient accumulation, an auxiliary one weighted 0.1 / 8 (no power of two). The auxiliary loss's
+    backward, which runs last here (it was computed first), must not spoil the cross-entropy's
+    prediction: from the second step on, its forward writes the gradient already times 1/8 and its
+    backward has nothing left to do."""
+    import fastloss.autograd as fa
+
+    x0, t, y0, z = logits(6, 300), labels(6, 300), logits(64), logits(64)
+    fa._PREDICTIONS.clear()
+    for step in range(3):
+        x, y = x0.clone().requires_grad_(), y0.clone().requires_grad_()
+        with fastloss.use_backend("triton"):
+            aux = fastloss.huber_loss(y, z)
+            main = fastloss.cross_entropy(x, t)
+        written = main.grad_fn.saved_tensors[0].clone()
+        (main / 8 + aux * (0.1 / 8)).backward()
+        x_ref = x0.clone().requires_grad_()
+        (F.cross_entropy(x_ref, t) / 8).backward()
+        torch.testing.assert_close(x.grad, x_ref.grad)
+        if step:
+            assert torch.equal(x.grad, written), step
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_a_predicted_grad_output_and_subnormal_gradients(dtype):
     """Where the gradient holds values below the smallest normal float (probabilities under 1e-38:
