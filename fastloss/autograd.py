@@ -98,7 +98,7 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) ->
 # accumulation, or scaled for fp16) must scale the whole saved gradient, a second pass over it. So the
 # kernels of a reduced loss (sigmoid focal's in fp16 only: see SigmoidFocal) write the gradient
 # already multiplied by a prediction of grad_output: the last scalar grad_output that a backward on
-# the same device saw, when it is a power of two (else 1).
+# the same device saw, when it is a power of two (else 0, "unknown": 1, but for fp16 below).
 # A right prediction leaves the backward nothing to do; a wrong one costs the pass it would have cost
 # anyway. Powers of two multiply exactly, so the gradient is the same bit for bit either way, but for
 # entries below the smallest normal float (times the factor): one rounding there, not two. Each
@@ -106,9 +106,10 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) ->
 # does not matter. fp16 gradients (max 65504) take the prediction only as far as the unscaled
 # gradient (the kernel caps it at 1 / the mean's scale, and saves the factor it used), so that a
 # wrong prediction cannot overflow them, and are written unscaled while no backward has set one
-# (0, "unknown"; also off the default stream). That keeps a mean's gradient out of fp16's subnormals
-# (6e-8 to 6.1e-5): divided by thousands of rows or elements in the forward, with a loss scaler's factor applied
-# only in the backward, most of it was flushed before the factor came.
+# (0, "unknown"; also off the default stream, and after a grad_output no power of two). That keeps a
+# mean's gradient out of fp16's subnormals (6e-8 to 6.1e-5): divided by thousands of rows or
+# elements in the forward, with a loss scaler's factor applied only in the backward, most of it was
+# flushed before the factor came.
 # Only on the device's default stream, where training usually runs and no CUDA graph is ever
 # captured. torch.compile's CUDA graphs (mode="reduce-overhead") run their first calls and their
 # capture on a stream of their own, and what is allocated there goes to the graphs' private memory

@@ -352,11 +352,15 @@ def _scale_block(grad_ptr, offs, n_elements, n_cols, row_stride, s, go_ptr, PER_
 def next_prediction(g):
     """What a forward should multiply its gradient by, given the latest scalar grad_output g (see
     ``scale_grad_``): g itself when it is a power of two in [2^-24, 2^24] (multiplying by it is exact
-    in every float format fastloss writes, barring values below the smallest normal), else 1."""
+    in every float format fastloss writes, barring values below the smallest normal), else 0,
+    "unknown" (see ``predicted_factor``): 1, but for fp16, which then writes its gradient unscaled.
+    A 1 there wrote an fp16 mean's gradient divided by its element count, mostly below fp16's
+    smallest normal, whenever a loss of the same kind with a factor of its own (an auxiliary loss
+    weighted 0.4 under a loss scaler) had run its backward last."""
     bits = g.to(tl.int32, bitcast=True)
     exponent = (bits >> 23) & 0xFF  # biased; the sign bit must be 0 (bits >= 0)
     pow2 = (bits >= 0) & ((bits & 0x7FFFFF) == 0) & (exponent >= 127 - 24) & (exponent <= 127 + 24)
-    return tl.where(pow2, g, 1.0)
+    return tl.where(pow2, g, 0.0)
 
 
 @triton.jit

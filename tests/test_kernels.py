@@ -582,7 +582,7 @@ def test_a_predicted_grad_output_gives_the_same_bits(loss, dtype, inplace, strea
         if stream == "other_stream":
             assert not fa._PREDICTIONS  # never predicted
         else:
-            assert prediction() == (g if g != 0.3 else 1.0)
+            assert prediction() == (g if g != 0.3 else 0.0)
             if factor != 1.0:  # written already times the prediction
                 fa._PREDICTIONS.clear()
                 assert same(written, (written_by(forward()).float() * factor).to(dtype), 1.0)
@@ -643,9 +643,10 @@ def test_a_predicted_grad_output_and_subnormal_gradients(dtype):
     assert (twice[differ].abs() <= torch.finfo(torch.float32).tiny).all()
 
 
+@pytest.mark.parametrize("before", [None, 0.3], ids=["first", "after_0.3"])
 @pytest.mark.parametrize("scale", [2.0 ** 16, 2.0 ** 12], ids=["scale_2^16", "scale_2^12"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss", "huber_loss", "sigmoid_focal_loss"])
-def test_fp16_gradients_of_a_mean_meet_a_loss_scale_before_rounding(loss, scale):
+def test_fp16_gradients_of_a_mean_meet_a_loss_scale_before_rounding(loss, scale, before):
     """fp16 training multiplies the loss by a loss scaler's factor (2^16, say) before backward,
     because the gradient of a mean over many elements lies mostly below fp16's smallest normal
     (6.1e-5) until it is multiplied by it. Torch multiplies in fp32 and rounds once. fastloss's fp16
@@ -655,7 +656,10 @@ def test_fp16_gradients_of_a_mean_meet_a_loss_scale_before_rounding(loss, scale)
     met the factor only in the backward, their small entries flushed first. The softmax losses' mean
     divides by the class weights of the counted rows, so a row of weight 1 among rows of 4096 shows
     it on a few rows. Two steps: the first with nothing predicted, the second with the factor
-    predicted (scale 2^12 stays below the divisor there, so the forward writes it exactly)."""
+    predicted (scale 2^12 stays below the divisor there, so the forward writes it exactly). Also
+    after a backward of the same loss with a grad_output ``before`` that is no power of two (0.3,
+    as an auxiliary loss weighted 0.4 under the same scaler gives): predicted 1, it wrote a mean's
+    gradient divided by the element count, flushed before the factor came."""
     import fastloss.autograd as fa
 
     if loss in ("cross_entropy", "focal_loss"):
@@ -686,6 +690,9 @@ def test_fp16_gradients_of_a_mean_meet_a_loss_scale_before_rounding(loss, scale)
             base = _run(TORCH_BASELINE[loss], [x, t], (0,), kwargs, lambda l: torch.full_like(l, scale))[1]
         assert ((base.double() - truth).abs() <= limit).all()
     fa._PREDICTIONS.clear()
+    if before is not None:
+        with torch.autocast(DEVICE.type, dtype=torch.float16):
+            _run(getattr(fastloss, loss), [x, t], (0,), kwargs, lambda l: torch.full_like(l, before), "triton")
     for step in range(2):
         got = fp16_step("triton")
         assert got.dtype == torch.float16

@@ -805,13 +805,13 @@ def test_scale_grad_per_row(dtype):
 def test_scale_grad_with_a_prediction(dtype):
     """A gradient stored times its predicted grad_output p ends as the one stored without a
     prediction and scaled by grad_output, bit for bit; the next prediction is grad_output when it is
-    a power of two in [2^-24, 2^24], else 1."""
+    a power of two in [2^-24, 2^24], else 0 (unknown)."""
     r = torch.randn(5, 1000, device=DEV).to(dtype)
     inf, nan = float("inf"), float("nan")
-    for p, g, following in [(2 ** -3, 2 ** -3, 2 ** -3), (2 ** -3, 0.3, 1.0), (1.0, 2 ** 16, 2 ** 16),
-                            (4.0, -0.5, 1.0), (1.0, 2 ** -24, 2 ** -24), (2 ** -2, 2 ** 24, 2 ** 24),
-                            (1.0, 2 ** -25, 1.0), (1.0, 2 ** 25, 1.0), (1.0, 0.0, 1.0), (1.0, -0.0, 1.0),
-                            (1.0, 0.75, 1.0), (1.0, inf, 1.0), (2.0, nan, 1.0)]:
+    for p, g, following in [(2 ** -3, 2 ** -3, 2 ** -3), (2 ** -3, 0.3, 0.0), (1.0, 2 ** 16, 2 ** 16),
+                            (4.0, -0.5, 0.0), (1.0, 2 ** -24, 2 ** -24), (2 ** -2, 2 ** 24, 2 ** 24),
+                            (1.0, 2 ** -25, 0.0), (1.0, 2 ** 25, 0.0), (1.0, 0.0, 0.0), (1.0, -0.0, 0.0),
+                            (1.0, 0.75, 0.0), (1.0, inf, 0.0), (2.0, nan, 0.0), (2.0, 1.0, 1.0)]:
         expected = scale_grad_(r.clone(), torch.tensor(g, device=DEV))
         stored = (r.float() * p).to(dtype)
         prediction = torch.full((1,), 7.0, device=DEV)
