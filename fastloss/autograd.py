@@ -106,10 +106,11 @@ def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) ->
 # does not matter. fp16 gradients (max 65504) take the prediction only as far as the unscaled
 # gradient (the kernel caps it at 1 / the mean's scale, and saves the factor it used), so that a
 # wrong prediction cannot overflow them, and are written unscaled while no backward has set one
-# (0, "unknown"; also off the default stream, and after a grad_output no power of two). That keeps a
-# mean's gradient out of fp16's subnormals (6e-8 to 6.1e-5): divided by thousands of rows or
-# elements in the forward, with a loss scaler's factor applied only in the backward, most of it was
-# flushed before the factor came.
+# (0, "unknown"; also off the default stream, and after a grad_output no power of two) or when the
+# prediction is below 1. That keeps a mean's gradient out of fp16's subnormals (6e-8 to 6.1e-5):
+# divided by thousands of rows or elements in the forward, with a loss scaler's factor applied only
+# in the backward, most of it was flushed before the factor came; and so did a gradient written
+# times a prediction below the grad_output that came (2^-24 predicted, then 1: all of it).
 # Only on the device's default stream, where training usually runs and no CUDA graph is ever
 # captured. torch.compile's CUDA graphs (mode="reduce-overhead") run their first calls and their
 # capture on a stream of their own, and what is allocated there goes to the graphs' private memory

@@ -373,13 +373,16 @@ def predicted_factor(prediction_ptr, predicted_ptr, scale, first, grad_ptr):
     loss scaler's 2^16 over a mean of fewer elements or weights), or p is unknown, it is written
     unscaled, times 1 / |scale|, and the backward's pass applies the rest. Written times the scale,
     a mean over thousands put most of it below fp16's smallest normal (6.1e-5) before the scaler's
-    factor came. The cap need not be a power of two. scale = inf (a mean over no weight) keeps p:
-    0 would leave the backward 1/0."""
+    factor came. Nor is it written times a p below 1 (a divided loss): should the grad_output that
+    comes be larger (2^-24 predicted, then 1, or a loss scaler's 2^16), the gradient written that
+    much smaller would lose its small entries, or all of it, to fp16's subnormals before the
+    backward multiplied it back; it is written unscaled there too. The cap need not be a power of
+    two. scale = inf (a mean over no weight) keeps p: 0 would leave the backward 1/0."""
     p = tl.load(prediction_ptr)
     if grad_ptr.dtype.element_ty == tl.float16:
         mag = tl.abs(scale)
         unscaled = 1.0 / mag
-        p = tl.where(((mag * p > 1.0) | (p == 0.0)) & (unscaled > 0.0), unscaled, p)
+        p = tl.where(((mag * p > 1.0) | (p < 1.0)) & (unscaled > 0.0), unscaled, p)
     p = tl.where(p == 0.0, 1.0, p)
     if first:
         tl.store(predicted_ptr, p)

@@ -514,7 +514,7 @@ def test_inplace_backward_on_a_copied_input(layout):
 def test_a_predicted_grad_output_gives_the_same_bits(loss, dtype, inplace, stream, monkeypatch):
     """A backward with grad_output != 1 (a divided loss) scales the saved gradient. After one with a
     power of two, the forwards write the gradient already multiplied by it (fp16 no further than
-    unscaled, and only on the device's default stream), so the backward has little or nothing left
+    unscaled, nor below 1, and only on the device's default stream), so the backward has little or nothing left
     to do; the loss and the gradients (Huber's: the input's and the target's) are the same bits as
     without that prediction, whether it was right or wrong, and whatever the order of forwards and
     backwards. Off the default stream (CUDA graphs are captured there) nothing is predicted, and no
@@ -573,7 +573,8 @@ def test_a_predicted_grad_output_gives_the_same_bits(loss, dtype, inplace, strea
         written = written_by(state)
         got = backward(state, g)
         expected = unpredicted(g)  # leaves the prediction as got's backward did
-        factor = 1.0 if used in (None, 0.0) else used if dtype != torch.float16 else min(used, 1.0)  # a sum's scale: 1
+        # fp16: no further than unscaled (a sum's scale: 1), nor below 1: unscaled
+        factor = 1.0 if used in (None, 0.0) or dtype == torch.float16 else used
         assert torch.equal(got[0], expected[0]) and same(got[1], expected[1], g / factor), g
         if factor == g:  # predicted right: the backward had nothing left to do
             assert torch.equal(got[1], written), g
@@ -643,7 +644,7 @@ def test_a_predicted_grad_output_and_subnormal_gradients(dtype):
     assert (twice[differ].abs() <= torch.finfo(torch.float32).tiny).all()
 
 
-@pytest.mark.parametrize("before", [None, 0.3], ids=["first", "after_0.3"])
+@pytest.mark.parametrize("before", [None, 2.0 ** -24, 0.3], ids=["first", "after_2^-24", "after_0.3"])
 @pytest.mark.parametrize("scale", [2.0 ** 16, 2.0 ** 12], ids=["scale_2^16", "scale_2^12"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss", "huber_loss", "sigmoid_focal_loss"])
 def test_fp16_gradients_of_a_mean_meet_a_loss_scale_before_rounding(loss, scale, before):
@@ -657,9 +658,11 @@ def test_fp16_gradients_of_a_mean_meet_a_loss_scale_before_rounding(loss, scale,
     divides by the class weights of the counted rows, so a row of weight 1 among rows of 4096 shows
     it on a few rows. Two steps: the first with nothing predicted, the second with the factor
     predicted (scale 2^12 stays below the divisor there, so the forward writes it exactly). Also
-    after a backward of the same loss with a grad_output ``before`` that is no power of two (0.3,
-    as an auxiliary loss weighted 0.4 under the same scaler gives): predicted 1, it wrote a mean's
-    gradient divided by the element count, flushed before the factor came."""
+    after a backward of the same loss with a grad_output ``before`` the factor: a smaller power of
+    two (a prediction below the factor wrote the gradient that much smaller, into fp16's subnormals
+    or to 0, before the backward multiplied it back), or none (0.3, as an auxiliary loss weighted
+    0.4 under the same scaler gives: predicted 1, it wrote a mean's gradient divided by the element
+    count, flushed before the factor came)."""
     import fastloss.autograd as fa
 
     if loss in ("cross_entropy", "focal_loss"):

@@ -587,12 +587,14 @@ def test_a_prediction_multiplies_the_gradient_exactly(config, dtype, kind):
 
 
 @pytest.mark.parametrize("config", [LaunchConfig(block=1024, num_warps=4), INTERPRETED_SPLITS[0]], ids=_launch_id)
-@pytest.mark.parametrize("prediction, factor", [(0.0, 4.0), (2.0 ** -3, 2.0 ** -3), (2.0 ** 16, 4.0)],
-                         ids=["unknown", "below_the_divisor", "past_the_divisor"])
+@pytest.mark.parametrize("prediction, factor", [(0.0, 4.0), (2.0 ** -3, 4.0), (1.0, 1.0), (2.0, 2.0), (2.0 ** 16, 4.0)],
+                         ids=["unknown", "below_1", "1", "below_the_divisor", "past_the_divisor"])
 def test_an_fp16_gradient_is_never_written_past_unscaled(prediction, factor, config):
     """fp16 takes a prediction only up to 1 / the mean's scale (here 4 counted rows), and writes the
     gradient unscaled for an unknown one (0): its gradient then never exceeds the unscaled one, so
-    no prediction can overflow it. ``predicted`` holds the factor used, which the backward divides out."""
+    no prediction can overflow it. Nor below 1 (unscaled there too), so that a grad_output larger
+    than predicted finds no entries lost to fp16's subnormals. ``predicted`` holds the factor used,
+    which the backward divides out."""
     logits, target = make(5, 4099, torch.float16, ignore=1)
     predicted = torch.zeros(1, device=DEV)
     grad = torch.empty_like(logits)

@@ -455,8 +455,8 @@ def test_a_prediction_multiplies_the_gradients_and_not_the_loss(kind, dtype):
     """Given a prediction p of grad_output (a power of two; 0 while unknown, taken as 1), a reduced
     loss's gradients are written as at p times the scale, bit for bit, and its loss as without p;
     ``predicted`` gets the factor used. fp16 takes p no further than the unscaled gradient (scale
-    1): at most 1 / the scale, which it takes for an unknown p too, a power of two or not. A
-    prediction needs a reduced loss and a gradient."""
+    1): at most 1 / the scale, which it takes for an unknown p too, a power of two or not, and for
+    a p below 1. A prediction needs a reduced loss and a gradient."""
     n = 3 * HUBER_BLOCK + 5
     x, y, w = huber_inputs(n, 1.0, dtype, seed=7, weighted=True)
     t = (y > 0).to(dtype)
@@ -476,7 +476,7 @@ def test_a_prediction_multiplies_the_gradients_and_not_the_loss(kind, dtype):
     loss = launch(scale)[0]
     for p in (0.0, 2.0 ** -3, 2.0 ** 4, 2.0 ** 16):
         factor = p or 1.0
-        if dtype == torch.float16 and (p == 0.0 or p * scale > 1.0):
+        if dtype == torch.float16 and (p < 1.0 or p * scale > 1.0):
             factor = 1.0 / scale
         got_loss, got, predicted = launch(scale, p)
         assert predicted == factor, p
