@@ -188,7 +188,7 @@ def main(argv=None) -> int:
                          aligned=("logits_stride", "grad_stride", "V", "seg_len"))
         report(f"cross-entropy {name}", c, per_thread, chunk_per_thread)
     out = {"out_ptr": "*fp32" if args.reduce else f"*{dt}"}
-    predict = {"scale": "fp32", "prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}  # used with reduce
+    predict = {"prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}  # used with reduce
     ew = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}", **out, "gx_ptr": f"*{dt}",
           "gy_ptr": f"*{dt}", "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32", **predict}
     for block, warps in [(4096, 8), (8192, 8), (16384, 16)]:
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         report(f"huber BLOCK={block} warps={warps}", c, block // (32 * warps))
         c = compile_sm90(_sigmoid_focal_kernel,
                          {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}", **out, "gx_ptr": f"*{dt}", "n": "i64",
-                          "k1": "fp32", "k0": "fp32", "gamma": "fp32", **predict},
+                          "k1": "fp32", "k0": "fp32", "gamma": "fp32", "scale": "fp32", **predict},
                          dict(BLOCK=block, INTERPRET=False, GAMMA_INT=2, REDUCE=args.reduce,
                               WRITE_GRAD_INPUT=True, PREDICT=args.reduce), warps, aligned=("n",))
         report(f"sigmoid focal BLOCK={block} warps={warps}", c, block // (32 * warps))

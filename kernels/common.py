@@ -377,12 +377,16 @@ def predicted_factor(prediction_ptr, predicted_ptr, scale, first, grad_ptr):
     comes be larger (2^-24 predicted, then 1, or a loss scaler's 2^16), the gradient written that
     much smaller would lose its small entries, or all of it, to fp16's subnormals before the
     backward multiplied it back; it is written unscaled there too. The cap need not be a power of
-    two. scale = inf (a mean over no weight) keeps p: 0 would leave the backward 1/0."""
+    two. scale = inf (a mean over no weight) keeps p: 0 would leave the backward 1/0; so does
+    scale = 0 (a Huber delta below fp32's range): inf would make the gradient 0 * inf.
+    What is "unscaled" is the caller's to say through ``scale``: a gradient at most ~1 per element
+    once divided by it (the caller folds in its factors that can pass that: Huber's delta, the
+    z-loss's own mean), so that fp16 holds it."""
     p = tl.load(prediction_ptr)
     if grad_ptr.dtype.element_ty == tl.float16:
         mag = tl.abs(scale)
         unscaled = 1.0 / mag
-        p = tl.where(((mag * p > 1.0) | (p < 1.0)) & (unscaled > 0.0), unscaled, p)
+        p = tl.where(((mag * p > 1.0) | (p < 1.0)) & (unscaled > 0.0) & (mag > 0.0), unscaled, p)
     p = tl.where(p == 0.0, 1.0, p)
     if first:
         tl.store(predicted_ptr, p)

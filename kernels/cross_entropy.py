@@ -464,7 +464,13 @@ def _cross_entropy_kernel(
         if PREDICT:
             # The gradient's every term carries K, A or B: scaled by the prediction, exactly when it
             # is a power of two. The same factor in every program, as ce_scale is (_inverse_of_parts).
-            p = predicted_factor(prediction_ptr, predicted_ptr, ce_scale, (row == 0) & (seg == 0), grad_ptr)
+            # fp16 caps p at 1 / the larger scale: the z-loss term's own (1 / the counted rows)
+            # exceeds ce_scale (1 / their class weights) where the weights exceed 1, and capped at
+            # 1 / ce_scale, 2 z lse p_c times the mean weight overflowed fp16 (z 0.1, lse 200, 4096)
+            cap_scale = ce_scale
+            if ZLOSS:
+                cap_scale = tl.maximum(tl.abs(ce_scale), tl.abs(z_scale))
+            p = predicted_factor(prediction_ptr, predicted_ptr, cap_scale, (row == 0) & (seg == 0), grad_ptr)
             K = K * p
             A = A * p
             B = B * p
@@ -600,7 +606,7 @@ def cross_entropy_fwd(
     prediction, predicted (both or neither, with ``grad``): one fp32 value each. The gradient is
     written multiplied by ``prediction``, a power of two (the backward's grad_output foreseen, see
     ``common.scale_grad_``), which is copied to ``predicted`` for the backward. An fp16 gradient is
-    multiplied by at most 1 / |ce_scale| instead (never more than unscaled: no overflow), and
+    multiplied by at most 1 / max(|ce_scale|, |z_scale|) instead (never more than unscaled: no overflow), and
     ``predicted`` holds the factor used.
     config: launch parameters (``launch_config(logits, grad is not None)`` when None); for tuning.
 

@@ -59,8 +59,7 @@ def _huber_kernel(
     n,
     beta,  # fp32 threshold; unused when L1
     inv_beta,  # 1 / beta, rounded once on the host (unused when L1)
-    c,  # mul * scale, folded on the host
-    scale,  # PREDICT: the mean's scale (1/numel, else 1), to which fp16 caps the prediction
+    c,  # mul * scale, folded on the host; PREDICT: fp16 caps the prediction at 1 / c
     prediction_ptr,  # PREDICT: fp32, the gradients' extra factor (see common.predicted_factor)
     predicted_ptr,  # PREDICT: fp32, where program 0 copies the factor used, for the backward
     BLOCK: tl.constexpr,
@@ -77,7 +76,10 @@ def _huber_kernel(
     # training step (reduced, grad_input only) reads 2n and writes n elements.
     cg = c  # the gradients' factor
     if PREDICT:  # times the prediction (the loss's is not)
-        cg = c * predicted_factor(prediction_ptr, predicted_ptr, scale, tl.program_id(0) == 0, gx_ptr)
+        # capped for fp16 at 1 / c, not 1 / the mean's scale: the gradient written then is at most the
+        # weight per element (|d / beta| <= 1 where it is quadratic), where Huber's unscaled gradient
+        # reaches delta times the weight (2000 x 100 overflowed fp16, for a finite mean's gradient)
+        cg = c * predicted_factor(prediction_ptr, predicted_ptr, c, tl.program_id(0) == 0, gx_ptr)
     offs, mask, x, y = load_block_pair(x_ptr, y_ptr, n, BLOCK)
     d = x - y
     ad = tl.abs(d)
@@ -145,8 +147,9 @@ def huber_fwd(
     prediction, predicted (both or neither; ``reduce`` only, with a gradient): one fp32 value each.
     The gradients are written multiplied by ``prediction`` as well, a power of two (the backward's
     grad_output foreseen: ``common.scale_grad_``), which is copied to ``predicted`` for the
-    backward. fp16 gradients are multiplied by at most 1 / ``scale`` instead (never more than the
-    unscaled gradient: no overflow), and ``predicted`` holds the factor used.
+    backward. fp16 gradients are multiplied by at most 1 / (``mul * scale``) instead (at most the
+    weight per element: no overflow without a weight past fp16's range), and ``predicted`` holds
+    the factor used.
     """
     block = block_for(input.dtype)
     beta, mul, scale = float(beta), float(mul), float(scale)
@@ -180,7 +183,6 @@ def huber_fwd(
             beta,
             inv_beta,
             c,
-            scale,
             prediction,  # None without PREDICT
             predicted,
             BLOCK=block,

@@ -60,7 +60,7 @@ def cross_entropy_variants():
 def elementwise_variants():
     # reduced: with a prediction (fp16 takes its own branch of it); unreduced: without
     for dt, reduce in [("bf16", False), ("fp32", False), ("bf16", True), ("fp32", True), ("fp16", True)]:
-        predict = {"scale": "fp32", "prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}
+        predict = {"prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}
         for l1 in (False, True):
             yield _huber_kernel, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}",
                                   "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}", "gy_ptr": f"*{dt}",
@@ -70,7 +70,8 @@ def elementwise_variants():
         for gamma_int in (2, -1):
             yield _sigmoid_focal_kernel, {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}",
                                           "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}",
-                                          "n": "i64", "k1": "fp32", "k0": "fp32", "gamma": "fp32", **predict}, dict(
+                                          "n": "i64", "k1": "fp32", "k0": "fp32", "gamma": "fp32", "scale": "fp32",
+                                          **predict}, dict(
                 BLOCK=4096, INTERPRET=False, GAMMA_INT=gamma_int, REDUCE=reduce,
                 WRITE_GRAD_INPUT=True, PREDICT=reduce)
     for dt in ("bf16", "fp16"):

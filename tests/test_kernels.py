@@ -702,6 +702,35 @@ def test_fp16_gradients_of_a_mean_meet_a_loss_scale_before_rounding(loss, scale,
         assert ((got.double() - truth).abs() <= limit).all(), (step, ((got.double() - truth).abs() / limit).max())
 
 
+@pytest.mark.parametrize("case", ["huber_delta", "huber_weight", "cross_entropy_z_loss"])
+def test_fp16_gradients_written_unscaled_stay_finite(case):
+    """An fp16 mean's gradient is written unscaled while its factor is unknown (as the sum's
+    gradient), and the backward multiplies by the mean's scale. The cap, 1 / the mean's scale, keeps
+    it finite only where the sum's gradient is at most ~1 per element: Huber's is up to delta (times
+    the weight), and the z-loss term, divided by the counted rows rather than by the class weights,
+    up to 2 z lse times the mean class weight. Written unscaled, those overflowed to inf, and the
+    backward kept the inf, where the mean's gradient (torch's) is finite."""
+    import fastloss.autograd as fa
+
+    if case.startswith("huber"):
+        x = logits(2, 4096, dtype=torch.float16, scale=1.0) + 40000.0
+        t = -x if case == "huber_delta" else x - 1000.0
+        kwargs = {"delta": 1e6} if case == "huber_delta" else {"delta": 2000.0, "weight": torch.full_like(x, 100.0)}
+        loss = "huber_loss"
+    else:
+        x, t = logits(8, 64, dtype=torch.float16) + 200.0, labels(8, 64)
+        kwargs = {"weight": torch.full((64,), 4096.0, device=DEVICE, dtype=torch.float16), "z_loss": 0.1}
+        loss = "cross_entropy"
+    wide_kwargs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    truth = _run(getattr(reference, loss), [x.double(), t.double() if t.is_floating_point() else t], (0,),
+                 wide_kwargs, torch.ones_like)[1]
+    fa._PREDICTIONS.clear()
+    with torch.autocast(DEVICE.type, dtype=torch.float16):
+        got = _run(getattr(fastloss, loss), [x, t], (0,), kwargs, torch.ones_like, "triton")[1]
+    assert got.dtype == torch.float16 and torch.isfinite(truth).all()
+    assert ((got.double() - truth).abs() <= 2.0 ** -10 * truth.abs() + 2.0 ** -24).all(), case
+
+
 def test_inplace_backward_never_silently_wrong():
     t = labels(4, 12)
     leaf = logits(4, 12).requires_grad_()
