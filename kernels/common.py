@@ -242,8 +242,8 @@ def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype, bloc
 
 def check_prediction(fn: str, prediction: Tensor | None, predicted: Tensor | None, reduce: bool,
                      grads: tuple[Tensor | None, ...]) -> None:
-    """Elementwise launchers: ``prediction`` and ``predicted`` come together, with a reduced loss (a
-    scalar grad_output) and a gradient to write."""
+    """Launchers: ``prediction`` and ``predicted`` come together, with a reduced loss (a scalar
+    grad_output) and a gradient to write."""
     if (prediction is None) != (predicted is None) or (
             prediction is not None and (not reduce or all(g is None for g in grads))):
         raise ValueError(f"{fn}: prediction and predicted come together, with reduce and a gradient")

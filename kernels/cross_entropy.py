@@ -38,6 +38,7 @@ from .common import (
     MAX_ROW_BLOCK,
     cast_to,
     cdiv,
+    check_prediction,
     exp2,
     expm1,
     interpreting,
@@ -603,7 +604,7 @@ def cross_entropy_fwd(
     grad: None (forward only), an (N, V) tensor of logits.dtype with stride(1) == 1, or ``logits``
     itself (the gradient overwrites the logits row by row).
 
-    prediction, predicted (both or neither, with ``grad``): one fp32 value each. The gradient is
+    prediction, predicted (both or neither; ``reduce`` only, with ``grad``): one fp32 value each. The gradient is
     written multiplied by ``prediction``, a power of two (the backward's grad_output foreseen, see
     ``common.scale_grad_``), which is copied to ``predicted`` for the backward. An fp16 gradient is
     multiplied by at most 1 / max(|ce_scale|, |z_scale|) instead (never more than unscaled: no overflow), and
@@ -644,8 +645,7 @@ def cross_entropy_fwd(
         raise ValueError("cross_entropy_fwd: grad must be (N, V) with stride(1) == 1")
     if weight is not None and (weight.shape != (n_cols,) or not weight.is_contiguous()):
         raise ValueError(f"cross_entropy_fwd: weight must be a contiguous ({n_cols},) tensor")
-    if (prediction is None) != (predicted is None) or (prediction is not None and grad is None):
-        raise ValueError("cross_entropy_fwd: prediction and predicted come together, with grad")
+    check_prediction("cross_entropy_fwd", prediction, predicted, reduce, (grad,))
     if divisors is not None and (mean or divisors.dtype != torch.float32 or divisors.numel() not in (1, 2)
                                  or not divisors.is_contiguous()):
         raise ValueError("cross_entropy_fwd: divisors must be a contiguous fp32 tensor of 1 or 2 values, or None "

@@ -24,10 +24,10 @@ from .common import (
     ELEMENTWISE_BLOCK,
     FP_FUSION,
     cast_to,
+    check_prediction,
     elementwise_loss_output,
     interpreting,
     launch,
-    check_prediction,
     load_block_pair,
     num_warps_for,
     predicted_factor,
@@ -100,10 +100,7 @@ def _huber_kernel(
     if HAS_WEIGHT:
         w = tl.load(w_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
         cw = c * w
-        if PREDICT:  # a multiplication per element; a scalar's without a weight
-            cg = cg * w
-        else:
-            cg = cw
+        cg = cg * w  # without PREDICT the same product as cw; with it, one more per element
     else:
         cw = c
     loss = loss * cw
