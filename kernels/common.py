@@ -249,12 +249,17 @@ def check_prediction(fn: str, prediction: Tensor | None, predicted: Tensor | Non
         raise ValueError(f"{fn}: prediction and predicted come together, with reduce and a gradient")
 
 
+# ``triton.jit`` reads TRITON_INTERPRET once, when a kernel is defined, and makes an interpreted kernel
+# then; asking a kernel rather than the variable keeps this right for every spelling Triton accepts.
+# Asked once, here: torch.compile traces ``interpreting()``, and where a GPU makes Dynamo wrap a
+# JITFunction as a Triton kernel, it cannot trace an isinstance of one.
+_INTERPRETING = isinstance(_sum_kernel, InterpretedFunction)
+
+
 def interpreting() -> bool:
     """True when Triton's interpreter runs the kernels: their INTERPRET switch. Its fp32 -> bf16 cast
-    truncates (see ``cast_to``) and it cannot run inline PTX (see ``exp2``). ``triton.jit`` reads
-    TRITON_INTERPRET once, when a kernel is defined, and makes an interpreted kernel then; asking the
-    kernels rather than the variable keeps this right for every spelling Triton accepts."""
-    return isinstance(_sum_kernel, InterpretedFunction)
+    truncates (see ``cast_to``) and it cannot run inline PTX (see ``exp2``)."""
+    return _INTERPRETING
 
 
 # --------------------------------------------------------------------------------------------------

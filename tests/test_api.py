@@ -208,7 +208,8 @@ def test_broadcasting_and_legacy_arguments_compile_with_fullgraph(backend_name):
     """torch's huber_loss and smooth_l1_loss compile with fullgraph=True for shapes that broadcast
     (eager warns) and for the legacy size_average / reduce; so do fastloss's: the warning is left out
     of a compiled graph (a warning does not trace), and the legacy rule is torch's."""
-    x, y = torch.randn(4, 5), torch.randn(5)
+    device = _device(backend_name)
+    x, y = torch.randn(4, 5, device=device), torch.randn(5, device=device)
     calls = [
         lambda m: m.huber_loss(x, y),
         lambda m: m.smooth_l1_loss(x, x.flip(0), size_average=False),
