@@ -80,7 +80,10 @@ def check(name, tensors, kwargs, grad_of=(0,), grad_output=_random_grad_output):
     wide = [t.double() if t.is_floating_point() else t for t in tensors]
     wide_kwargs = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                    for k, v in kwargs.items()}
-    truth = _run(getattr(reference, name), wide, grad_of, wide_kwargs, lambda l: grad_output(l).double())
+    # The truth takes the grad_output fastloss received, in its dtype (an fp16 1.2576 is 1.2578: 1.4e-4
+    # off, half of fp16's rounding), so that only the kernel's error is measured.
+    given = grad_output(ours[0])
+    truth = _run(getattr(reference, name), wide, grad_of, wide_kwargs, lambda l: given.double())
     for got, exp in zip(ours, truth):
         assert got.shape == exp.shape and got.dtype == dtype
     if dtype == torch.float32:
@@ -688,10 +691,16 @@ def test_fp16_gradients_of_a_mean_meet_a_loss_scale_before_rounding(loss, scale,
             return _run(getattr(fastloss, loss), [x, t], (0,), kwargs, lambda l: torch.full_like(l, scale),
                         backend)[1]
 
-    if loss in TORCH_BASELINE:  # the limit is torch's own accuracy
+    torch_ratio = None
+    if loss in TORCH_BASELINE:
+        # fastloss may be no worse than torch. Torch's CPU kernels meet the limit. Its CUDA
+        # cross-entropy under autocast does not (an H100, torch 2.11: entries 0.7 ulp off, where one
+        # rounding gives at most 0.5), and there the limit widens to torch's worst ratio to it.
         with torch.autocast(DEVICE.type, dtype=torch.float16):
             base = _run(TORCH_BASELINE[loss], [x, t], (0,), kwargs, lambda l: torch.full_like(l, scale))[1]
-        assert ((base.double() - truth).abs() <= limit).all()
+        torch_ratio = ((base.double() - truth).abs() / limit).max().item()
+        assert CUDA or torch_ratio <= 1.0, torch_ratio
+        limit = limit * max(1.0, torch_ratio)
     fa._PREDICTIONS.clear()
     if before is not None:
         with torch.autocast(DEVICE.type, dtype=torch.float16):
@@ -699,7 +708,8 @@ def test_fp16_gradients_of_a_mean_meet_a_loss_scale_before_rounding(loss, scale,
     for step in range(2):
         got = fp16_step("triton")
         assert got.dtype == torch.float16
-        assert ((got.double() - truth).abs() <= limit).all(), (step, ((got.double() - truth).abs() / limit).max())
+        assert ((got.double() - truth).abs() <= limit).all(), (step, ((got.double() - truth).abs() / limit).max(),
+                                                                torch_ratio)
 
 
 @pytest.mark.parametrize("case", ["huber_delta", "huber_weight", "cross_entropy_z_loss"])
