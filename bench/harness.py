@@ -9,6 +9,7 @@ provider. The order for each provider is: accuracy check (which is also the warm
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import statistics
 import time
@@ -70,6 +71,64 @@ def _cuda_event_bench(fn, warmup_ms: float, rep_ms: float) -> Timing:
         e.record()
     torch.cuda.synchronize()
     return _summary([s.elapsed_time(e) for s, e in events])
+
+
+@functools.cache
+def _sleep_cycles_per_ms(device: torch.device) -> float:
+    """GPU clock cycles of ``torch.cuda._sleep`` per ms (timed twice: the first lets the clock ramp up)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = 1_000_000
+    for _ in range(2):
+        torch.cuda.synchronize(device)
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        torch.cuda.synchronize(device)
+    return cycles / max(start.elapsed_time(end), 1e-3)
+
+
+def host_and_device_ms(fn: Callable[[], object], device: torch.device, quick: bool = False) -> tuple[float, float] | None:
+    """(host ms, device ms) of ``fn()``, medians; None off CUDA.
+
+    ``bench_ms`` times a step as a user runs it, so where the host takes longer to issue a step than the
+    GPU to run it, it measures the host. This separates the two:
+
+    * host ms: the time to issue one step while the GPU sleeps, so that nothing the host waits for is
+      the GPU's doing (a step that synchronizes shows the sleep instead);
+    * device ms: the step queued behind a GPU sleep longer than its host time, with L2 flushed first:
+      its kernels run back to back, with no gap where the GPU waits for the host.
+
+    A step whose median ``bench_ms`` is well above its device ms waited for its host.
+    """
+    if device.type != "cuda":
+        return None
+    reps = 5 if quick else 20
+    per_ms = _sleep_cycles_per_ms(device)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    first_ms = (time.perf_counter() - t0) * 1e3
+    torch.cuda.synchronize(device)
+    host = []
+    torch.cuda._sleep(int(per_ms * max(20.0, 2 * reps * first_ms)))  # longer than the reps' issue times together
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        host.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize(device)
+    host_ms = statistics.median(host)
+    cache = torch.empty(256 * 2**20, dtype=torch.int8, device=device)  # as do_bench: larger than L2
+    sleep = int(per_ms * max(1.0, 3 * max(host)))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        torch.cuda.synchronize(device)
+        cache.zero_()
+        torch.cuda._sleep(sleep)
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return host_ms, statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def wall_bench(fn, budget_s: float, min_reps: int = 3, max_reps: int = 200) -> Timing:
@@ -359,6 +418,7 @@ def _run_provider(case, provider, input_sets, ref, device, quick, row, status) -
     step = make_step(provider.fn, input_sets, case.mode)
     status(f"{case.label} · {name}: timing")
     timing = bench_ms(step, device, quick)
+    split = host_and_device_ms(step, device, quick)
     status(f"{case.label} · {name}: peak memory")
     peak = peak_extra_bytes(step, input_sets, device)
     row.update(
@@ -366,6 +426,8 @@ def _run_provider(case, provider, input_sets, ref, device, quick, row, status) -
         ms=timing.ms,
         ms_p20=timing.lo,
         ms_p80=timing.hi,
+        host_ms=None if split is None else split[0],
+        device_ms=None if split is None else split[1],
         gbps=row["bytes"] / (timing.ms * 1e-3) / 1e9,
         pct_floor=row["floor_ms"] / timing.ms * 100,
         peak_extra_mib=None if peak is None else peak / 2**20,

@@ -17,7 +17,7 @@ import torch
 META_COLUMNS = ["device", "device_type", "torch", "triton", "python", "date", "copy_gbps"]
 ROW_COLUMNS = [
     "case", "loss", "dtype", "shape", "mode", "target_grad", "loss_div", "sweep", "provider", "status", "check",
-    "loss_err", "grad_err", "ms", "ms_p20", "ms_p80", "bytes", "floor_ms", "gbps", "pct_floor",
+    "loss_err", "grad_err", "ms", "ms_p20", "ms_p80", "host_ms", "device_ms", "bytes", "floor_ms", "gbps", "pct_floor",
     "vs_torch", "vs_compile", "peak_extra_mib", "peak_x_input", "goal_pct", "note",
 ]  # fmt: skip
 COLUMNS = META_COLUMNS + ROW_COLUMNS
@@ -159,12 +159,15 @@ def format_case(rows: list[dict], copy_gbps: float) -> str:
         f"({first['bytes'] / 1e9:.3g} GB at {copy_gbps:.0f} GB/s){goal}"
     )
     with_compile = any(r["provider"] == "compile" for r in rows)
-    header = ["provider", "median ms", "GB/s", "% floor", "× torch"] + ["× compile"] * with_compile
-    header += ["peak extra (× input)", "check"]
+    split = any(r.get("device_ms") is not None for r in rows)  # host_and_device_ms: on CUDA
+    header = ["provider", "median ms"] + ["host ms", "GPU ms"] * split + ["GB/s", "% floor", "× torch"]
+    header += ["× compile"] * with_compile + ["peak extra (× input)", "check"]
     lines, notes = [], []
     for r in rows:
         if r.get("status") == "ok":
-            line = [r["provider"], _num(r["ms"], ".4f"), _gbps(r["gbps"]), _num(r["pct_floor"], ".1f", "%")]
+            line = [r["provider"], _num(r["ms"], ".4f")]
+            line += [_num(r.get("host_ms"), ".4f"), _num(r.get("device_ms"), ".4f")] * split
+            line += [_gbps(r["gbps"]), _num(r["pct_floor"], ".1f", "%")]
             line += [_num(r.get("vs_torch"), ".2f", "×")]
             line += [_num(r.get("vs_compile"), ".2f", "×")] * with_compile
             lines.append(line + [_memory_cell(r), _check_cell(r)])
@@ -212,8 +215,10 @@ def target_rows(rows: list[dict]) -> list[dict]:
         if fl is None or fl.get("goal_pct") is None:
             continue
         reached = fl.get("pct_floor") if fl.get("status") == "ok" else None
+        gpu = fl.get("device_ms") if fl.get("status") == "ok" else None
         out.append({
             "case": case, "goal_pct": fl["goal_pct"], "reached_pct": reached,
+            "gpu_pct": gpu and fl["floor_ms"] / gpu * 100,  # the GPU's time alone (host_and_device_ms)
             "gap_pt": None if reached is None else reached - fl["goal_pct"],
             "met": reached is not None and reached >= fl["goal_pct"],
             "status": fl.get("status"),
@@ -232,10 +237,10 @@ def format_targets(rows: list[dict]) -> str:
         else:
             verdict = "✓ met" if t["met"] else "✗ short"
             reached, gap = f"{t['reached_pct']:.1f}%", f"{t['gap_pt']:+.1f} pt"
-        lines.append([t["case"], f"≥ {t['goal_pct']:.0f}%", reached, gap, verdict])
+        lines.append([t["case"], f"≥ {t['goal_pct']:.0f}%", reached, gap, verdict, _num(t["gpu_pct"], ".1f", "%")])
     met = sum(t["met"] for t in targets)
     title = f"Issue targets for fastloss (share of the floor): {met}/{len(targets)} met"
-    return title + "\n" + _table(["case", "target", "fastloss", "gap", ""], lines)
+    return title + "\n" + _table(["case", "target", "fastloss", "gap", "", "GPU alone"], lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,16 +266,20 @@ def _markdown(recs: list[dict], plots: list[str]) -> str:
     out += [
         "",
         "% floor = (bytes that must move ÷ copy bandwidth) ÷ measured time. "
-        "× torch / × compile = speed-up over torch eager / torch.compile (> 1 is faster).",
+        "× torch / × compile = speed-up over torch eager / torch.compile (> 1 is faster). "
+        "host ms = the time to issue one step; GPU ms = the step's time on the GPU alone (queued behind a "
+        "GPU sleep, so that it never waits for the host): where median ms is well above GPU ms, the step "
+        "waited for its host.",
         "",
-        "| case | provider | median ms | GB/s | % floor | × torch | × compile | peak extra | check | note |",
-        "|---|---|--:|--:|--:|--:|--:|--:|---|---|",
+        "| case | provider | median ms | host ms | GPU ms | GB/s | % floor | × torch | × compile | peak extra | check | note |",
+        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|---|---|",
     ]
     for r in recs:
         ok = r["status"] == "ok"
         cells = [
             r["case"], r["provider"],
             _num(r["ms"], ".4f") if ok else r["status"],
+            _num(r.get("host_ms"), ".4f"), _num(r.get("device_ms"), ".4f"),
             _gbps(r["gbps"]), _num(r["pct_floor"], ".1f", "%"),
             _num(r["vs_torch"], ".2f", "×"), _num(r["vs_compile"], ".2f", "×"),
             _memory_cell(r), _check_cell(r), (r["note"] or "").replace("|", "/"),
@@ -278,11 +287,13 @@ def _markdown(recs: list[dict], plots: list[str]) -> str:
         out.append("| " + " | ".join(cells) + " |")
     targets = target_rows(recs)
     if targets:
-        out += ["", "## Issue targets (fastloss)", "", "| case | target | reached | gap |", "|---|--:|--:|--:|"]
+        out += ["", "## Issue targets (fastloss)", "",
+                "GPU alone: the share of the floor in the GPU's time alone (GPU ms), without the host's waits.", "",
+                "| case | target | reached | gap | GPU alone |", "|---|--:|--:|--:|--:|"]
         for t in targets:
             reached = "—" if t["reached_pct"] is None else f"{t['reached_pct']:.1f}%"
             gap = "—" if t["gap_pt"] is None else f"{t['gap_pt']:+.1f} pt {'✓' if t['met'] else '✗'}"
-            out.append(f"| {t['case']} | ≥ {t['goal_pct']:.0f}% | {reached} | {gap} |")
+            out.append(f"| {t['case']} | ≥ {t['goal_pct']:.0f}% | {reached} | {gap} | {_num(t['gpu_pct'], '.1f', '%')} |")
     if plots:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(out) + "\n"

@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -117,7 +118,7 @@ def test_quick_run_writes_sane_results(tmp_path, capsys):
         # GB/s and % of floor are the same bytes over the measured time and over the copy bandwidth.
         assert r["gbps"] == pytest.approx(r["bytes"] / (r["ms"] * 1e-3) / 1e9)
         assert r["pct_floor"] == pytest.approx(100 * r["gbps"] / r["copy_gbps"])
-        assert r["peak_extra_mib"] is None  # no CUDA: n/a
+        assert r["peak_extra_mib"] is None and r["host_ms"] is None and r["device_ms"] is None  # no CUDA: n/a
         if r["provider"] == "torch":
             assert r["vs_torch"] == 1.0
 
@@ -307,6 +308,22 @@ def test_copy_bandwidth_counts_the_read_and_the_write(monkeypatch):
     monkeypatch.setattr(harness, "bench_ms", lambda fn, device, quick=False: harness.Timing(1.0, 0.9, 1.1))
     bandwidth, timing = harness.copy_bandwidth(CPU, 1 << 20, quick=True)
     assert timing.ms == 1.0 and bandwidth == 2 * 2**20 / 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times a GPU")
+def test_the_gpus_time_alone_leaves_out_the_hosts():
+    """A step whose host spends 5 ms before a short kernel: the benchmark's median is the host's time,
+    the GPU's time alone is the kernel's, and the host's time is the sleep."""
+    cuda = torch.device("cuda")
+    x = torch.randn(1 << 20, device=cuda)
+
+    def step():
+        time.sleep(0.005)
+        x.mul_(1.0001)
+
+    host_ms, device_ms = harness.host_and_device_ms(step, cuda, quick=True)
+    assert host_ms >= 5.0 and device_ms < 1.0
+    assert harness.bench_ms(step, cuda, quick=True).ms >= 4.0
 
 
 def test_relative_error_is_the_worst_difference_over_the_largest_reference(monkeypatch):
