@@ -341,3 +341,38 @@ def save(directory: str, rows: list[dict], meta: dict, merge: bool = False, plot
         f.write(_markdown(recs, [os.path.basename(p) for p in pngs]))
     paths.append(path)
     return paths + pngs
+
+
+def _gib(row: dict | None) -> str:
+    if row is None or row.get("peak_extra_mib") is None:
+        return "—"
+    gib = row["peak_extra_mib"] / 1024
+    return f"{gib:.2f}" if gib < 1 else f"{gib:.1f}"
+
+
+def readme_table(recs: list[dict]) -> str:
+    """The README's results table from a run's records: one line per headline case (no sweep points)
+    that fastloss ran, ranked by fastloss's share of the floor; a target met in bold; the share of the
+    GPU's time alone too when the run measured it."""
+    by_case = {c: p for c, p in _by_case([r for r in recs if not r.get("sweep")]).items()
+               if p.get("fastloss", {}).get("status") == "ok"}
+    alone = any(p["fastloss"].get("device_ms") for p in by_case.values())
+    header = ["case", "fastloss"] + ["fastloss, GPU alone"] * alone
+    header += ["torch", "torch.compile", "× torch", "× compile", "peak extra GiB (fastloss / torch)"]
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "--:|" * (len(header) - 1)]
+    for case, p in sorted(by_case.items(), key=lambda item: -item[1]["fastloss"]["pct_floor"]):
+        fl = p["fastloss"]
+        met = fl.get("goal_pct") is not None and fl["pct_floor"] >= fl["goal_pct"]
+        share = f"{fl['pct_floor']:.1f}%"
+        cells = [case, f"{'**' + share + '**' if met else share} {fl['ms']:.2f} ms"]
+        if alone:
+            cells.append(_num(fl.get("device_ms") and fl["floor_ms"] / fl["device_ms"] * 100, ".1f", "%"))
+        cells += [_pct_cell(p.get("torch")), _pct_cell(p.get("compile")),
+                  _num(fl.get("vs_torch"), ".2f", "×"), _num(fl.get("vs_compile"), ".2f", "×"),
+                  f"{_gib(fl)} / {_gib(p.get('torch'))}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m bench.report DIR: the README's table from DIR's results.json
+    print(readme_table(load(sys.argv[1] if len(sys.argv) > 1 else "bench/results")))

@@ -471,6 +471,19 @@ def test_save_with_merge_keeps_the_other_records_and_replaces_the_measured_ones(
     assert [(r["case"], r["ms"]) for r in report.load(str(tmp_path))] == [("c", 5.0)]
 
 
+def test_readme_table_ranks_the_headline_by_fastloss_and_bolds_a_met_target():
+    def rec(case, provider, pct, goal=None, sweep=False, **kw):
+        return dict(case=case, provider=provider, status="ok", pct_floor=pct, ms=1.0, floor_ms=pct / 100,
+                    goal_pct=goal, sweep=sweep, peak_extra_mib=512.0, **kw)
+
+    recs = [rec("slow", "fastloss", 40.0, goal=90.0), rec("slow", "torch", 20.0),
+            rec("fast", "fastloss", 95.0, goal=90.0, device_ms=0.5), rec("fast", "torch", 30.0),
+            rec("point", "fastloss", 99.0, sweep=True)]
+    lines = report.readme_table(recs).splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| fast | **95.0%** 1.00 ms | 190.0% |")
+    assert lines[3].startswith("| slow | 40.0% 1.00 ms | — | 20.0% |") and "0.50 / 0.50" in lines[3]
+
+
 def test_progress_prints_only_milestones_when_not_on_a_terminal():
     stream = io.StringIO()
     progress = report.Progress(4, stream=stream, width=4)
