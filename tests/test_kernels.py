@@ -694,8 +694,8 @@ def test_fp16_gradients_of_a_mean_meet_a_loss_scale_before_rounding(loss, scale,
     torch_ratio = None
     if loss in TORCH_BASELINE:
         # fastloss may be no worse than torch. Torch's CPU kernels meet the limit. Its CUDA
-        # cross-entropy under autocast does not (an H100, torch 2.11: entries 0.7 ulp off, where one
-        # rounding gives at most 0.5), and there the limit widens to torch's worst ratio to it.
+        # cross-entropy under autocast does not (an H100, torch 2.11: it rounds more than once), and
+        # there the limit widens to torch's worst ratio to it.
         with torch.autocast(DEVICE.type, dtype=torch.float16):
             base = _run(TORCH_BASELINE[loss], [x, t], (0,), kwargs, lambda l: torch.full_like(l, scale))[1]
         torch_ratio = ((base.double() - truth).abs() / limit).max().item()
