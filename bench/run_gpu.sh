@@ -8,7 +8,8 @@
 #      eager) for the plots, both into OUT/results (the bench saves after every case);
 #   3. the end-to-end training comparison, the host path of one step (python -m bench.host), and
 #      what fastloss's direct launches of compiled kernels save a step (bench.host --direct-ab);
-#   4. OUT/results.tgz, which unpacks into bench/results/ to commit.
+#   4. OUT/results.tgz, which unpacks into bench/results/ to commit (gpu_tests.txt: the tests' summary
+#      and their failures' assertions).
 # Usage: bash bench/run_gpu.sh [OUT]
 set -uo pipefail
 out=${1:-bench-out}
@@ -24,7 +25,17 @@ $py -c "import xdist" 2>/dev/null && parallel="-n 8"
 large="large or 2_31 or 2_pow_31 or cuda_graph"
 timeout "${TESTS_S:-140}" $py -m pytest tests -q -p no:cacheprovider $parallel -k "not ($large)" >"$out/tests.log" 2>&1
 timeout "${LARGE_S:-60}" $py -m pytest tests -q -p no:cacheprovider ${parallel:+-n 3} -k "$large" >>"$out/tests.log" 2>&1
-grep -E "passed|failed|^FAILED|^ERROR" "$out/tests.log"
+mkdir -p "$out/results"
+{ cat "$out/device.txt"
+  echo
+  echo "python -m pytest tests at full size, in two runs (the full-size tests 3 at a time), at $(git rev-parse --short HEAD 2>/dev/null) ($(date +%F)):"
+  grep -E "passed|failed|^FAILED|^ERROR" "$out/tests.log"
+  if grep -q "^FAILED\|^ERROR" "$out/tests.log"; then  # what each failure asserted, for the notes
+    echo; echo "assertions (the first 60 lines):"
+    grep -E "^E  |^_{3,} test" "$out/tests.log" | cut -c1-400 | head -60
+  fi
+} >"$out/results/gpu_tests.txt"
+cat "$out/results/gpu_tests.txt"
 
 timeout "${BENCH_S:-180}" $py -m bench --shapes headline --save "$out/results" >"$out/bench.log" 2>&1
 tail -24 "$out/bench.log"
