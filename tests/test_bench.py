@@ -322,7 +322,7 @@ def test_the_gpus_time_alone_leaves_out_the_hosts():
         x.mul_(1.0001)
 
     host_ms, device_ms = harness.host_and_device_ms(step, cuda, quick=True)
-    assert host_ms >= 5.0 and device_ms < 1.0
+    assert host_ms >= 4.5 and device_ms < 1.0
     assert harness.bench_ms(step, cuda, quick=True).ms >= 4.0
 
 
