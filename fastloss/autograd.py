@@ -245,19 +245,20 @@ def _(inputs, targets, alpha, gamma, scale, reduce, grad_input, loss_dtype, pred
     return _fake_elementwise_loss(inputs, reduce, loss_dtype), torch.empty_like(inputs) if grad_input else _no_grad_buffer(inputs)
 
 
-@_op("scale_grad_", mutates_args=("grad",))
-def _scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Optional[Tensor], family: str) -> None:
-    """grad *= grad_output; ``predicted``: what its forward, of ``family``, multiplied grad by (see
-    _PREDICTIONS)."""
+@_op("scale_grad_", mutates_args=("grad", "other"))
+def _scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Optional[Tensor], family: str,
+                 other: Optional[Tensor]) -> None:
+    """grad *= grad_output, and other *= grad_output when given, in one launch; ``predicted``: what
+    their forward, of ``family``, multiplied them by (see _PREDICTIONS)."""
     prediction = None if predicted is None else _prediction(grad, family)
     if predicted is not None and prediction is None:  # off the default stream: the next one goes nowhere
         prediction = torch.empty_like(predicted)
     with _on(grad):
-        scale_grad_(grad, grad_output, predicted, prediction)
+        scale_grad_(grad, grad_output, predicted, prediction, other)
 
 
 @_scale_grad_.register_fake
-def _(grad, grad_output, predicted, family):
+def _(grad, grad_output, predicted, family, other):
     return None
 
 
@@ -328,8 +329,10 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
         elif ctx.per_element:
             out.append((g * grad_loss).to(g.dtype))
         else:
-            _scale_grad_(g, grad_loss, predicted, ctx.family)
             out.append(g)
+    scaled = [g for g in out if g is not None] if not ctx.per_element else []
+    if scaled:  # one gradient, or Huber's two (input's and target's): one launch
+        _scale_grad_(scaled[0], grad_loss, predicted, ctx.family, scaled[1] if len(scaled) > 1 else None)
     return out
 
 

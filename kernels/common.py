@@ -401,6 +401,7 @@ def predicted_factor(prediction_ptr, predicted_ptr, scale, first, grad_ptr):
 @triton.jit
 def _scale_grad_kernel(
     grad_ptr,
+    other_ptr,  # PAIR: a second gradient of grad's size and dtype, scaled alike (Huber's target's)
     go_ptr,
     predicted_ptr,  # PREDICTED: what the forward already multiplied grad by (a power of two)
     prediction_ptr,  # PREDICTED: the next forwards' prediction, updated from this grad_output
@@ -410,11 +411,12 @@ def _scale_grad_kernel(
     PER_ROW: tl.constexpr,
     STRIDED: tl.constexpr,
     PREDICTED: tl.constexpr,
+    PAIR: tl.constexpr,  # scalar grad_output only
     INTERPRET: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     # Flat index over the logical (rows, n_cols) view; int64 so > 2^31 elements work. Reads N*V
-    # (+ R per-row factors) and writes N*V.
+    # (+ R per-row factors) and writes N*V (twice that with PAIR).
     start = tl.program_id(0).to(tl.int64) * BLOCK
     if PER_ROW:
         # One grad_output value per row (reduction='none'): one block per program.
@@ -436,6 +438,9 @@ def _scale_grad_kernel(
             for base in range(start, n_elements, step):
                 _scale_block(grad_ptr, base + tl.arange(0, BLOCK), n_elements, n_cols, row_stride, s, go_ptr,
                              PER_ROW, STRIDED, INTERPRET)
+                if PAIR:
+                    _scale_block(other_ptr, base + tl.arange(0, BLOCK), n_elements, n_cols, row_stride, s,
+                                 go_ptr, PER_ROW, STRIDED, INTERPRET)
 
 
 # Programs of the scalar scale_grad_ launch: a grid of 65536 programs that all exit at once still
@@ -444,8 +449,11 @@ SCALE_GRAD_PROGRAMS = 1024
 
 
 def scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Tensor | None = None,
-                prediction: Tensor | None = None) -> Tensor:
+                prediction: Tensor | None = None, other: Tensor | None = None) -> Tensor:
     """In place grad *= grad_output, on the device, no host sync; returns grad.
+
+    other: None, or a second contiguous gradient like grad (contiguous too), scaled in the same launch
+    (scalar grad_output only): Huber's gradients for input and target.
 
     predicted, prediction (both or neither; scalar grad_output only): one fp32 value each. grad was
     written already multiplied by ``predicted``, a power of two, so grad *= grad_output / predicted
@@ -478,6 +486,9 @@ def scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Tensor | None = No
     per_row = n_go > 1
     if (predicted is None) != (prediction is None) or (predicted is not None and per_row):
         raise ValueError("scale_grad_: predicted and prediction come together, with a scalar grad_output")
+    if other is not None and (per_row or strided or not other.is_contiguous() or other.shape != grad.shape
+                              or other.dtype != grad.dtype):
+        raise ValueError("scale_grad_: other must be a contiguous gradient like grad, with a scalar grad_output")
     # A per-row grad_output may come from an expand (stride 0) or another view: O(R) copy at most.
     go = grad_output.reshape(-1).contiguous() if per_row else grad_output  # a scalar: read at its address
     n_blocks = cdiv(n, ELEMENTWISE_BLOCK)
@@ -485,6 +496,7 @@ def scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Tensor | None = No
         _scale_grad_kernel,
         n_blocks if per_row else min(n_blocks, SCALE_GRAD_PROGRAMS),
         grad,
+        other,  # None without PAIR
         go,
         predicted,  # None without PREDICTED (cheaper to launch than a placeholder tensor)
         prediction,
@@ -494,6 +506,7 @@ def scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Tensor | None = No
         PER_ROW=per_row,
         STRIDED=strided,
         PREDICTED=predicted is not None,
+        PAIR=other is not None,
         INTERPRET=interpreting(),
         BLOCK=ELEMENTWISE_BLOCK,
         num_warps=8,

@@ -76,13 +76,13 @@ def elementwise_variants():
                 WRITE_GRAD_INPUT=True, PREDICT=reduce)
     for dt in ("bf16", "fp16"):
         yield _sum_kernel, {"x_ptr": "*fp32", "out_ptr": f"*{dt}", "n": "i32"}, dict(INTERPRET=False, BLOCK=4096)
-    for per_row, strided, predicted in itertools.product([False, True], repeat=3):
-        if per_row and predicted:
+    for per_row, strided, predicted, pair in itertools.product([False, True], repeat=4):
+        if per_row and predicted or pair and (per_row or strided):
             continue
-        yield _scale_grad_kernel, {"grad_ptr": "*bf16", "go_ptr": "*fp32", "predicted_ptr": "*fp32",
-                                   "prediction_ptr": "*fp32", "n_elements": "i64",
+        yield _scale_grad_kernel, {"grad_ptr": "*bf16", "other_ptr": "*bf16", "go_ptr": "*fp32",
+                                   "predicted_ptr": "*fp32", "prediction_ptr": "*fp32", "n_elements": "i64",
                                    "n_cols": "i64", "row_stride": "i64"}, dict(
-            PER_ROW=per_row, STRIDED=strided, PREDICTED=predicted, INTERPRET=False, BLOCK=4096)
+            PER_ROW=per_row, STRIDED=strided, PREDICTED=predicted, PAIR=pair, INTERPRET=False, BLOCK=4096)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ def calls():
             lambda g=grad: common.scale_grad_(g, torch.rand(64)),
             lambda g=grad: common.scale_grad_(g, torch.full((1,), 2.0), torch.ones(1), torch.ones(1)),
         ]
+    out.append(lambda g=torch.randn(64, 40): common.scale_grad_(g, torch.full((1,), 0.5), other=torch.randn(64, 40)))
     return out
 
 

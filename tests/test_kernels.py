@@ -997,6 +997,20 @@ def test_huber_weight_and_input_only(reduction):
     check("huber_loss", [x, y], {"reduction": reduction}, grad_of=(1,))
 
 
+def test_huber_scales_both_gradients_in_one_launch(monkeypatch):
+    """The backward of a reduced Huber loss whose input and target both take a gradient scales the two
+    in one launch (each launch is host time that a short step waits for), both right."""
+    import fastloss.kernels.common as common
+
+    scales = []
+    launch = common.launch
+    monkeypatch.setattr(common, "launch", lambda kernel, *args, **kwargs: (
+        scales.append(kernel) if kernel is common._scale_grad_kernel else None, launch(kernel, *args, **kwargs))[-1])
+    x, y = logits(3, 41), logits(3, 41)
+    check("huber_loss", [x, y], {}, grad_of=(0, 1))
+    assert len(scales) == 1
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("beta", [0.0, 0.5, 2.0, math.inf])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

@@ -822,6 +822,25 @@ def test_scale_grad_with_a_prediction(dtype):
         assert prediction.item() == following, (g, prediction.item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_grad_scales_a_second_gradient_in_the_same_launch(dtype):
+    """Huber's gradients for input and target: one launch scales both alike, prediction included."""
+    a0, b0 = torch.randn(3, 4099, device=DEV).to(dtype), torch.randn(3, 4099, device=DEV).to(dtype)
+    for g, p in [(0.3, None), (2.0 ** -3, 2.0 ** -3), (-0.5, 4.0)]:
+        a, b = a0.clone(), b0.clone()
+        predicted = None if p is None else torch.tensor([p], device=DEV)
+        prediction = None if p is None else torch.zeros(1, device=DEV)
+        scale_grad_(a, torch.tensor(g, device=DEV), predicted, prediction, other=b)
+        assert torch.equal(a, (a0.float() * (g / (p or 1.0))).to(dtype))
+        assert torch.equal(b, (b0.float() * (g / (p or 1.0))).to(dtype))
+        if p is not None:
+            assert prediction.item() == (g if g == 2.0 ** -3 else 0.0)
+    for other, go in [(torch.randn(4099, 3, device=DEV).to(dtype).t(), torch.tensor(2.0, device=DEV)), (b0.float() if dtype != torch.float32 else b0.half(),
+                      torch.tensor(2.0, device=DEV)), (b0, torch.randn(3, device=DEV))]:
+        with pytest.raises(ValueError, match="other must be"):
+            scale_grad_(a0.clone(), go, other=other)
+
+
 def test_scale_grad_strided():
     buf = torch.randn(4, 20, device=DEV)
     b0 = buf.clone()
