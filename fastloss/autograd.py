@@ -273,24 +273,27 @@ def _predicted(t: Tensor, write_grad: bool, reduce: bool) -> Optional[Tensor]:
     return t.new_empty(1, dtype=torch.float32) if write_grad and reduce else None
 
 
-def _save(ctx, family: str, grads: tuple[Tensor, ...], per_element: bool, predicted: Optional[Tensor] = None) -> None:
-    """Saves the gradients (one per input, in order) of a loss of ``family``, and ``predicted`` (see
-    _PREDICTIONS)."""
+def _save(ctx, family: str, grads: tuple[Tensor, ...], per_element: bool, predicted: Optional[Tensor] = None,
+          rows: Optional[tuple[Tensor, int]] = None) -> None:
+    """Saves the gradients (one per input, in order) of a loss of ``family``, ``predicted`` (see
+    _PREDICTIONS), and ``rows``: a per-row loss's class-index target and ignore_index, whose ignored
+    rows take no grad_output (see _scaled_grads)."""
     ctx.family = family
     ctx.per_element = per_element
     ctx.n_grads = len(grads)
-    ctx.save_for_backward(*grads, *([] if predicted is None else [predicted]))
+    ctx.ignore_index = None if rows is None else rows[1]
+    ctx.save_for_backward(*grads, *([] if predicted is None else [predicted]), *([] if rows is None else [rows[0]]))
 
 
-def _save_overwritten(ctx, logits: Tensor, predicted: Optional[Tensor]) -> None:
+def _save_overwritten(ctx, logits: Tensor, predicted: Optional[Tensor], rows: Optional[tuple[Tensor, int]]) -> None:
     """Saves logits that hold their own gradient. In eager mode :class:`_Overwritten` marks them
     dirty right after the forward, one more version, which ``save_for_backward`` would take for a
     later write; so the expected version is kept and checked by :func:`_scaled_grads`. (A compiled
     graph cannot branch on a version: it saves the logits as they are, and is not marked.)"""
     if torch.compiler.is_compiling():
-        _save(ctx, SOFTMAX, (logits,), per_element=False, predicted=predicted)
+        _save(ctx, SOFTMAX, (logits,), per_element=False, predicted=predicted, rows=rows)
         return
-    _save(ctx, SOFTMAX, (), per_element=False, predicted=predicted)
+    _save(ctx, SOFTMAX, (), per_element=False, predicted=predicted, rows=rows)
     ctx.overwritten = (logits, logits._version + 1)
 
 
@@ -315,6 +318,11 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
         saved = ctx.saved_tensors
     except RuntimeError as err:
         raise RuntimeError(_BACKWARD_ONCE) from err
+    if ctx.ignore_index is not None:
+        # torch gives an ignored row a zero gradient whatever its grad_output: 0 * NaN or 0 * inf
+        # (a nansum of per-row losses divided by per-row counts of 0 sends NaN back) must stay 0
+        saved, target = saved[:-1], saved[-1]
+        grad_loss = torch.where(target != ctx.ignore_index, grad_loss, 0)
     grads, predicted = saved[:ctx.n_grads], (saved[ctx.n_grads] if len(saved) > ctx.n_grads else None)
     if hasattr(ctx, "overwritten"):
         logits, version = ctx.overwritten
@@ -380,13 +388,14 @@ class SoftmaxLoss(torch.autograd.Function):
         write_grad = ctx.needs_input_grad[0]
         args = (target, weight, mean)
         predicted = _predicted(logits, write_grad, reduce)
+        rows = None if reduce or target.is_floating_point() else (target, ignore_index)
         opts = (reduce, out_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma, predicted)
         if write_grad and inplace:
             loss = _softmax_loss_fwd_inplace(logits, *args, *opts)
-            _save_overwritten(ctx, logits, predicted)
+            _save_overwritten(ctx, logits, predicted, rows)
         else:
             loss, grad = _softmax_loss_fwd(logits, *args, write_grad, *opts)
-            _save(ctx, SOFTMAX, (grad,), per_element=False, predicted=predicted)
+            _save(ctx, SOFTMAX, (grad,), per_element=False, predicted=predicted, rows=rows)
         return loss
 
     @staticmethod

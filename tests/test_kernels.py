@@ -342,6 +342,29 @@ def test_ignored_row_has_a_zero_gradient_whatever_its_logits(loss):
     assert torch.isfinite(out) and not x.grad[1].any() and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
+def test_ignored_row_has_a_zero_gradient_whatever_its_grad_output(loss, inplace):
+    """With reduction='none', torch gives an ignored row a zero gradient whatever grad_output holds
+    there: per-row losses divided by per-row token counts (0 on padding rows, so 0/0) and summed
+    with nansum send NaN back to exactly those rows. 0 * NaN must not make them NaN."""
+    x = logits(4, 9)
+    t = torch.tensor([0, -100, 5, -100], device=DEVICE)
+    go = torch.tensor([0.5, float("nan"), 2.0, float("inf")], device=DEVICE)
+    h = x.clone().requires_grad_()
+    with fastloss.use_backend("triton"):
+        out = getattr(fastloss, loss)(h * 1, t, reduction="none", inplace_backward=inplace)
+    out.backward(go)
+    expected = x.clone().requires_grad_()
+    getattr(reference, loss)(expected, t, reduction="none").backward(go)
+    assert not h.grad[[1, 3]].any()
+    torch.testing.assert_close(h.grad, expected.grad)
+    if loss == "cross_entropy":  # the reference is torch's own here
+        expected = x.clone().requires_grad_()
+        F.cross_entropy(expected, t, reduction="none").backward(go)
+        torch.testing.assert_close(h.grad, expected.grad)
+
+
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
 def test_focal_target_logit_of_minus_inf(gamma):
     """A target whose own logit is -inf (p_y = 0): the loss is inf, and the gradient is the limit
