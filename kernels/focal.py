@@ -3,7 +3,7 @@ elementwise pass.
 
 With x the logit and t the (possibly soft) target, in fp32:
     p   = sigmoid(x)
-    ce  = max(x, 0) - x*t + log1p(exp(-|x|))          (BCE with logits)
+    ce  = max(x, 0) - x*t + log1p(exp(-|x|))          (BCE with logits; x*(1-t) where x >= 0)
     q   = 1 - p_t = p*(1 - t) + (1 - p)*t              (1 - p taken as sigmoid(-x): no cancellation)
     a_t = alpha*t + (1 - alpha)*(1 - t)                (1 when alpha < 0)
     loss = a_t * ce * q^gamma
@@ -90,7 +90,8 @@ def _sigmoid_focal_kernel(
     er = e * r
     p = tl.where(pos, r, er)  # sigmoid(x)
     omp = tl.where(pos, er, r)  # 1 - p = sigmoid(-x)
-    ce = tl.maximum(x, 0.0) - x * t + atanh_log(e * rcp(2.0 + e, INTERPRET))  # log1p(e), e <= 1: no log
+    # max(x, 0) - x t as x (1 - t) or -x t: no cancellation where x > 0 and t is near 1 (it lost ulp(x))
+    ce = x * tl.where(pos, 1.0 - t, -t) + atanh_log(e * rcp(2.0 + e, INTERPRET))  # log1p(e), e <= 1: no log
     q = p * (1.0 - t) + omp * t
     # Keeps log2 and 1/q finite where q is 0 (or subnormal). q < 0 only for targets outside [0, 1],
     # where the focal factor is 0 (the reference's): its magnitude keeps 1/q from blowing up there.

@@ -1069,6 +1069,20 @@ def test_sigmoid_focal_targets_outside_zero_one_as_the_reference(gamma):
     assert all(torch.isfinite(o).all() for o in out)
 
 
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_sigmoid_focal_soft_targets_near_one_without_cancellation(gamma):
+    """A soft target near 1 with a confident positive logit: the BCE term x (1 - t) + log1p(e^-x) is
+    small, and computed as max(x, 0) - x t it lost x t's rounding (ulp(x), not ulp(x (1 - t))): 4.6%
+    at x = 18, t = 1 - 1e-6, where torch's BCE-with-logits (and torchvision's loss) is exact in fp32.
+    Compared relatively, as check's atol of 1e-6 hid it."""
+    x = torch.tensor([18.0, 18.0, 10.0, 5.0, 3.0], device=DEVICE)
+    t = torch.tensor([1 - 1e-6, 0.999, 0.99, 0.9, 0.95], device=DEVICE)
+    ours = _run(fastloss.sigmoid_focal_loss, [x, t], (0,), {"gamma": gamma}, torch.ones_like, "triton")
+    truth = _run(reference.sigmoid_focal_loss, [x.double(), t.double()], (0,), {"gamma": gamma}, torch.ones_like)
+    for got, exp in zip(ours, truth):  # the loss, and with gamma > 0 the gradient, which takes the BCE term
+        torch.testing.assert_close(got.double(), exp, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
