@@ -24,6 +24,11 @@ from . import backend, reference
 _REDUCTIONS = ("none", "mean", "sum")
 # What the kernels read and write; float64 (and anything else) runs the reference everywhere.
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Huber's kernel computes the quadratic side as 0.5 d^2 / delta, times delta: past this delta the
+# middle term of a small difference falls into fp32's subnormals (1e-5 lost 4% at delta 1e30, 1e-20
+# a gradient of 0) where torch's 0.5 d^2 and d stay exact, so a larger finite delta takes the
+# reference path. Up to it the loss of a difference is exact while 0.5 d^2 >= 2^-106 (~1.2e-32).
+_HUBER_KERNEL_MAX_DELTA = 2.0 ** 20
 
 
 # --------------------------------------------------------------------------------------------------
@@ -489,7 +494,9 @@ def huber_loss(
     """Drop-in ``torch.nn.functional.huber_loss``: quadratic below ``delta``, linear above.
 
     ``weight`` (optional) has the input's shape and multiplies each element's loss; ``mean`` then
-    averages over all elements, as torch does. Gradients flow to ``input`` and ``target``, each in
+    averages over all elements, as torch does. A finite ``delta`` above 2^20 runs the plain-PyTorch
+    reference, not the kernel, which would lose small differences' digits there (``delta=inf`` takes
+    the kernel: the loss is 0.5 d^2 throughout). Gradients flow to ``input`` and ``target``, each in
     its own dtype where the two differ (the loss keeps the input's, as torch's; torch's backward
     raises there).
     """
@@ -509,7 +516,7 @@ def huber_loss(
     # dtype, promoted with the weight's (not the target's).
     out_dtype = _loss_dtype(input, weight)
     if (not _elementwise_ready(same_shape, input, target, weight, out_dtype)
-            or (weight is not None and weight.requires_grad)):
+            or (weight is not None and weight.requires_grad) or _HUBER_KERNEL_MAX_DELTA < delta < math.inf):
         if out_dtype != input.dtype:
             input, target, weight = _upcast(input, target, weight)
         return reference.huber_loss(input, target, reduction, delta, weight)

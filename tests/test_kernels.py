@@ -1048,12 +1048,30 @@ def test_smooth_l1(reduction, beta, dtype):
 def test_huber_thresholds_past_fp32_as_torch(loss, kwargs):
     """delta and beta reach the kernel in fp32, as torch computes: a delta past fp32's largest is
     inf there (all quadratic), and a beta whose reciprocal is past it is L1 but for subnormal
-    differences; neither gives 0 * inf (the loss was 0 or NaN, the gradient NaN at d = 0)."""
+    differences; neither gives 0 * inf (the loss was 0 or NaN, the gradient NaN at d = 0). (Huber's
+    finite deltas here now take the reference path, past 2^20: see the next test.)"""
     x, y = torch.tensor([0.0, 1.0, 3.0, -2.5], device=DEVICE), torch.zeros(4, device=DEVICE)
     for reduction in ("none", "sum"):
         ours = _run(getattr(fastloss, loss), [x, y], (0, 1), {"reduction": reduction, **kwargs}, torch.ones_like,
                     "triton")
         theirs = _run(getattr(F, loss), [x, y], (0, 1), {"reduction": reduction, **kwargs}, torch.ones_like)
+        for got, expected in zip(ours, theirs):
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("weight", [False, True])
+@pytest.mark.parametrize("delta", [2.0 ** 21, 1e30, 1e38])
+def test_huber_large_delta_small_differences_as_torch(delta, weight):
+    """A large finite delta (1e30 for "no linear part"): the kernel's 0.5 d^2 / delta and d / delta,
+    before the multiplication by delta, fell into fp32's subnormals and lost their digits (1e-5 gave
+    a loss 4% off, 1e-20 a gradient of 0), where torch's 0.5 d^2 and d are exact. A finite delta
+    past 2^20 takes the reference path."""
+    x = torch.tensor([1e-20, 1e-10, 1e-5, 1e-3, 0.5, -3.0], device=DEVICE)
+    y = torch.zeros(6, device=DEVICE)
+    kwargs = {"delta": delta, **({"weight": torch.full((6,), 0.5, device=DEVICE)} if weight else {})}
+    for reduction in ("none", "sum"):
+        ours = _run(fastloss.huber_loss, [x, y], (0, 1), {"reduction": reduction, **kwargs}, torch.ones_like, "triton")
+        theirs = _run(F.huber_loss, [x, y], (0, 1), {"reduction": reduction, **kwargs}, torch.ones_like)
         for got, expected in zip(ours, theirs):
             torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
 
