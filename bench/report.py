@@ -207,6 +207,11 @@ def format_summary(rows: list[dict]) -> str:
     return "Share of the floor (copy bandwidth), higher is better\n" + _table(header, lines)
 
 
+def _gpu_pct(row: dict) -> float | None:
+    """The share of the floor in the GPU's time alone (``device_ms``, host_and_device_ms), if measured."""
+    return row["floor_ms"] / row["device_ms"] * 100 if row.get("status") == "ok" and row.get("device_ms") else None
+
+
 def target_rows(rows: list[dict]) -> list[dict]:
     """One entry per case with an issue target: the target, what fastloss reached, the gap."""
     out = []
@@ -215,10 +220,8 @@ def target_rows(rows: list[dict]) -> list[dict]:
         if fl is None or fl.get("goal_pct") is None:
             continue
         reached = fl.get("pct_floor") if fl.get("status") == "ok" else None
-        gpu = fl.get("device_ms") if fl.get("status") == "ok" else None
         out.append({
-            "case": case, "goal_pct": fl["goal_pct"], "reached_pct": reached,
-            "gpu_pct": gpu and fl["floor_ms"] / gpu * 100,  # the GPU's time alone (host_and_device_ms)
+            "case": case, "goal_pct": fl["goal_pct"], "reached_pct": reached, "gpu_pct": _gpu_pct(fl),
             "gap_pt": None if reached is None else reached - fl["goal_pct"],
             "met": reached is not None and reached >= fl["goal_pct"],
             "status": fl.get("status"),
@@ -366,7 +369,7 @@ def readme_table(recs: list[dict]) -> str:
         share = f"{fl['pct_floor']:.1f}%"
         cells = [case, f"{'**' + share + '**' if met else share} {fl['ms']:.2f} ms"]
         if alone:
-            cells.append(_num(fl.get("device_ms") and fl["floor_ms"] / fl["device_ms"] * 100, ".1f", "%"))
+            cells.append(_num(_gpu_pct(fl), ".1f", "%"))
         cells += [_pct_cell(p.get("torch")), _pct_cell(p.get("compile")),
                   _num(fl.get("vs_torch"), ".2f", "×"), _num(fl.get("vs_compile"), ".2f", "×"),
                   f"{_gib(fl)} / {_gib(p.get('torch'))}"]

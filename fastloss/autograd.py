@@ -331,16 +331,17 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
             raise RuntimeError(_BACKWARD_ONCE)
         grads = (logits,)
     out: list[Optional[Tensor]] = []
+    in_place: list[Tensor] = []  # one gradient, or Huber's two (input's and target's): one launch
     for i, g in enumerate(grads):
         if not ctx.needs_input_grad[i]:
             out.append(None)
         elif ctx.per_element:
             out.append((g * grad_loss).to(g.dtype))
         else:
+            in_place.append(g)
             out.append(g)
-    scaled = [g for g in out if g is not None] if not ctx.per_element else []
-    if scaled:  # one gradient, or Huber's two (input's and target's): one launch
-        _scale_grad_(scaled[0], grad_loss, predicted, ctx.family, scaled[1] if len(scaled) > 1 else None)
+    if in_place:
+        _scale_grad_(in_place[0], grad_loss, predicted, ctx.family, in_place[1] if len(in_place) > 1 else None)
     return out
 
 
