@@ -835,8 +835,10 @@ def test_scale_grad_scales_a_second_gradient_in_the_same_launch(dtype):
         assert torch.equal(b, (b0.float() * (g / (p or 1.0))).to(dtype))
         if p is not None:
             assert prediction.item() == (g if g == 2.0 ** -3 else 0.0)
-    for other, go in [(torch.randn(4099, 3, device=DEV).to(dtype).t(), torch.tensor(2.0, device=DEV)), (b0.float() if dtype != torch.float32 else b0.half(),
-                      torch.tensor(2.0, device=DEV)), (b0, torch.randn(3, device=DEV))]:
+    two = torch.tensor(2.0, device=DEV)
+    for other, go in [(torch.randn(4099, 3, device=DEV).to(dtype).t(), two),  # not contiguous
+                      (b0.float() if dtype != torch.float32 else b0.half(), two),  # another dtype
+                      (b0, torch.randn(3, device=DEV))]:  # a grad_output per row
         with pytest.raises(ValueError, match="other must be"):
             scale_grad_(a0.clone(), go, other=other)
 
