@@ -365,6 +365,43 @@ def test_ignored_row_has_a_zero_gradient_whatever_its_grad_output(loss, inplace)
         torch.testing.assert_close(h.grad, expected.grad)
 
 
+@pytest.mark.parametrize("go", [float("nan"), float("inf")])
+def test_a_non_finite_scalar_grad_output(go):
+    """A NaN or infinite scalar grad_output: the reference (the CPU path) gives torch's gradient, an
+    ignored row's 0 included. The kernels' backward scales the whole saved gradient, so there the
+    ignored rows are NaN too (0 * NaN), as the README says; every counted row is non-finite in both.
+    Keeping zeros at 0 in the scale would match torch's ignored rows but not its rows whose class
+    weight is 0 (torch's -0 * NaN is NaN there)."""
+    x = logits(4, 9)
+    t = torch.tensor([0, -100, 5, 2], device=DEVICE)
+    expected = x.clone().requires_grad_()
+    F.cross_entropy(expected, t).backward(torch.tensor(go, device=DEVICE))
+    ref = x.clone().requires_grad_()
+    reference.cross_entropy(ref, t).backward(torch.tensor(go, device=DEVICE))
+    torch.testing.assert_close(ref.grad, expected.grad, equal_nan=True)
+    assert not expected.grad[1].any()
+    h = x.clone().requires_grad_()
+    with fastloss.use_backend("triton"):
+        fastloss.cross_entropy(h, t).backward(torch.tensor(go, device=DEVICE))
+    counted = torch.tensor([0, 2, 3], device=DEVICE)
+    assert not torch.isfinite(h.grad[counted]).any() and not torch.isfinite(expected.grad[counted]).any()
+    assert h.grad[1].isnan().all()
+
+
+def test_class_weights_that_sum_to_zero():
+    """Negative class weights summing to exactly 0 over the counted rows: torch's mean is the weighted
+    sum over 0, +inf or -inf, and so is the reference's. The kernels divide each row's term by the sum
+    before adding them, +inf and -inf, so their mean is NaN (the README says so)."""
+    x = logits(4, 3)
+    t = torch.tensor([0, 1, 0, 1], device=DEVICE)
+    w = torch.tensor([1.0, -1.0, 5.0], device=DEVICE)
+    expected = F.cross_entropy(x, t, weight=w)
+    assert expected.isinf()
+    assert reference.cross_entropy(x, t, weight=w) == expected
+    with fastloss.use_backend("triton"):
+        assert fastloss.cross_entropy(x, t, weight=w).isnan()
+
+
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
 def test_focal_target_logit_of_minus_inf(gamma):
     """A target whose own logit is -inf (p_y = 0): the loss is inf, and the gradient is the limit
