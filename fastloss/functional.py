@@ -157,14 +157,16 @@ def _check_range(fn: str, name: str, value, low: float, high: float | None = Non
     return value
 
 
-def _check_same_shape_or_broadcast(fn: str, input: Tensor, target: Tensor) -> bool:
-    """Torch warns (and broadcasts) when the shapes differ; returns whether they are equal."""
+def _check_same_shape_or_broadcast(input: Tensor, target: Tensor) -> bool:
+    """Torch warns (and broadcasts) when the shapes differ; returns whether they are equal. The
+    warning is torch's word for word, so that a filter written for torch's (``warnings.filterwarnings(
+    "ignore", message="Using a target size")``, which matches from the start) takes it too."""
     if target.shape == input.shape:
         return True
     if not torch.compiler.is_compiling():  # (a warning does not trace)
         warnings.warn(
-            f"{fn}: using a target size ({target.size()}) that is different to the input size "
-            f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
+            f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
+            "This will likely lead to incorrect results due to broadcasting. "
             "Please ensure they have the same size.",
             stacklevel=4,  # the caller of huber_loss / smooth_l1_loss
         )
@@ -426,7 +428,7 @@ def _check_pair(fn: str, input: Tensor, target: Tensor, weight: Tensor | None) -
     if weight is not None:
         _check_tensor("weight", weight, floating=False)
     _check_devices(fn, ("input", input), ("target", target), ("weight", weight))
-    return _check_same_shape_or_broadcast(fn, input, target)
+    return _check_same_shape_or_broadcast(input, target)
 
 
 def _elementwise_ready(same_shape: bool, input: Tensor, target: Tensor, weight: Tensor | None,

@@ -550,15 +550,23 @@ def test_broadcast_warns_like_torch(loss, shapes, reduction, backend_name):
     def run(fn):
         gen = torch.Generator().manual_seed(7)
         x, y = (torch.randn(shape, generator=gen).to(device).requires_grad_() for shape in shapes)
-        with pytest.warns(UserWarning, match="target size"):
+        with pytest.warns(UserWarning, match="target size") as record:
             out = fn(x, y, **kwargs)
         out.backward(torch.randn(out.shape, generator=gen).to(device))
-        return out, x.grad, y.grad
+        return out, x.grad, y.grad, [str(w.message) for w in record]
 
     with fastloss.use_backend(backend_name):
-        got = run(getattr(fastloss, loss))
-    for ours, torchs in zip(got, run(getattr(F, loss))):
+        *got, messages = run(getattr(fastloss, loss))
+    *expected, torch_messages = run(getattr(F, loss))
+    for ours, torchs in zip(got, expected):
         torch.testing.assert_close(ours, torchs)
+    # torch's words, so that a filter written for torch's warning (it matches from the start) takes it
+    assert messages == torch_messages
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warnings.filterwarnings("ignore", message="Using a target size")
+        with fastloss.use_backend(backend_name):
+            getattr(fastloss, loss)(*(torch.randn(shape).to(device) for shape in shapes), **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
