@@ -422,13 +422,26 @@ def _check_pair(fn: str, input: Tensor, target: Tensor, weight: Tensor | None) -
     """Huber's and SmoothL1's tensor checks, before their other arguments' as in torch (whose
     broadcast comes before the reduction is read); returns whether input and target have one shape.
     (An integer or bool target, or an integer weight, is allowed, as torch allows it: the reference
-    takes it.)"""
-    _check_tensor("input", input)
+    takes it.) The input's dtype is checked last, by ``_check_float_input``, as torch's kernel checks it."""
+    _check_tensor("input", input, floating=False)
     _check_tensor("target", target, floating=False)
     if weight is not None:
         _check_tensor("weight", weight, floating=False)
     _check_devices(fn, ("input", input), ("target", target), ("weight", weight))
     return _check_same_shape_or_broadcast(input, target)
+
+
+def _check_float_input(fn: str, input: Tensor, target: Tensor) -> None:
+    """An integer or bool input, refused as torch's kernels refuse it, after the reduction and
+    delta or beta: RuntimeError where the input and target's promoted dtype cannot be written in the
+    input's (Huber's result keeps the input's dtype: a float target), else NotImplementedError."""
+    if input.is_floating_point():
+        return
+    promoted = torch.promote_types(input.dtype, target.dtype)
+    if not torch.can_cast(promoted, input.dtype):
+        raise RuntimeError(f"{fn}: result type {promoted} can't be cast to the desired output type {input.dtype} "
+                           "(input must be a floating-point tensor)")
+    raise NotImplementedError(f"{fn}: input must be a floating-point tensor, got dtype {input.dtype}")
 
 
 def _elementwise_ready(same_shape: bool, input: Tensor, target: Tensor, weight: Tensor | None,
@@ -512,6 +525,7 @@ def huber_loss(
     if weight is None:
         reduction = _reduction(reduction)
     delta = _check_range("huber_loss", "delta", delta, 0.0, low_inclusive=False, exc=RuntimeError)
+    _check_float_input("huber_loss", input, target)
     if weight is not None:
         reduction = _reduction(reduction)
     # The kernel gives no gradient for weight; the reference does. torch's result has the input's
@@ -546,6 +560,7 @@ def smooth_l1_loss(
     same_shape = _check_pair("smooth_l1_loss", input, target, None)
     reduction = _reduction(reduction, size_average, reduce)
     beta = _check_range("smooth_l1_loss", "beta", beta, 0.0, exc=RuntimeError)
+    _check_float_input("smooth_l1_loss", input, target)
     out_dtype = _loss_dtype(input, target)
     if not _elementwise_ready(same_shape, input, target, None, out_dtype):
         if out_dtype != input.dtype:

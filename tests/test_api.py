@@ -363,6 +363,20 @@ BAD_CALLS = [
      lambda m: m.huber_loss(X, Y, reduction="max", delta=-1.0, weight=torch.ones(4, 5)), "delta"),
     ("smooth_l1_broadcast_before_reduction", lambda m: m.smooth_l1_loss(X, torch.randn(3), reduction=""), ""),
     ("smooth_l1_reduction_before_beta", lambda m: m.smooth_l1_loss(X, Y, reduction="", beta=-1.0), "reduction"),
+    # an integer or bool input: torch's kernel refuses it after the shapes, the reduction and delta or
+    # beta; RuntimeError where Huber's result (the input's dtype) cannot hold the promoted dtype
+    ("huber_int_input_float_target", lambda m: m.huber_loss(X.long(), Y), "input"),
+    ("huber_bool_input_int_target", lambda m: m.huber_loss(X > 0, Y.long()), "input"),
+    ("huber_int_input_bool_target", lambda m: m.huber_loss(X.long(), Y > 0), "input"),
+    ("huber_int_input_weighted", lambda m: m.huber_loss(X.long(), Y, weight=torch.ones(4, 5)), "input"),
+    ("smooth_l1_int_input_int_target", lambda m: m.smooth_l1_loss(X.long(), Y.long()), "input"),
+    ("huber_broadcast_before_int_input", lambda m: m.huber_loss(X.long(), torch.randn(3)), ""),
+    ("huber_reduction_before_int_input", lambda m: m.huber_loss(X.long(), Y, reduction="max"), "reduction"),
+    ("huber_delta_before_int_input", lambda m: m.huber_loss(X.long(), Y.long(), delta=-1.0), "delta"),
+    ("huber_weighted_int_input_before_reduction",
+     lambda m: m.huber_loss(X.long(), Y, reduction="max", weight=torch.ones(4, 5)), "input"),
+    ("smooth_l1_reduction_before_int_input", lambda m: m.smooth_l1_loss(X.long(), Y.long(), reduction=""), "reduction"),
+    ("smooth_l1_beta_before_int_input", lambda m: m.smooth_l1_loss(X > 0, Y > 0, beta=-1.0), "beta"),
     ("device", lambda m: m.cross_entropy(X, T.to("meta")), "device"),
     ("huber_device", lambda m: m.huber_loss(X, Y.to("meta")), "device"),
 ]
