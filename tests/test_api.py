@@ -741,6 +741,24 @@ def test_gradients_of_mixed_dtypes(dtypes, loss, reduction, backend_name):
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("target_dtype", [torch.int64, torch.bool], ids=str)
+def test_huber_of_an_integer_target_has_a_backward(target_dtype, backend_name):
+    """torch's huber_loss takes an integer or bool target forward and its backward raises ("Found
+    dtype Long but expected Float", torch 2.13); here the input's gradient is the float target's."""
+    if backend_name == "triton":
+        pytest.importorskip("triton")
+    device = _device(backend_name)
+    y = (3 * Y).round().to(device, target_dtype)
+    grads = []
+    for target in (y, y.float()):
+        x = X.to(device, copy=True).requires_grad_()
+        with fastloss.use_backend(backend_name):
+            fastloss.huber_loss(x, target, reduction="sum", delta=0.5).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(*grads, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_no_classes_where_every_row_is_ignored(reduction, backend_name):
     """C = 0 is a degenerate input: a counted row raises IndexError (BAD_CALLS), and where every row
