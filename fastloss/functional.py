@@ -467,7 +467,7 @@ def sigmoid_focal_loss(
     Checked in torchvision's order, with its exception types: alpha (ValueError above 1 or NaN), the
     targets' shape (ValueError) and dtype (RuntimeError), then the reduction. Where torchvision
     differs: every negative alpha disables the weighting (torchvision's releases with torch 2.13
-    take only -1, as older ones took any), and a negative gamma raises ValueError.
+    take only -1, as older ones took any), and a negative or NaN gamma raises ValueError.
     """
     if has_torch_function_variadic(inputs, targets):
         return handle_torch_function(sigmoid_focal_loss, (inputs, targets), inputs, targets, alpha, gamma,

@@ -444,6 +444,7 @@ FASTLOSS_ONLY_BAD_CALLS = [
     (lambda: fastloss.sigmoid_focal_loss(X, torch.rand(4, 4)), ValueError, "targets"),
     (lambda: fastloss.sigmoid_focal_loss(X, torch.rand(4, 1)), ValueError, "targets"),  # no broadcast
     (lambda: fastloss.sigmoid_focal_loss(X, Y, gamma=-1.0), ValueError, "gamma"),
+    (lambda: fastloss.sigmoid_focal_loss(X, Y, gamma=math.nan), ValueError, "gamma"),  # torchvision: NaN loss
     (lambda: fastloss.sigmoid_focal_loss(X, Y, reduction="avg"), ValueError, "reduction"),
     (lambda: fastloss.sigmoid_focal_loss(X, "y"), TypeError, "targets"),
     (lambda: fastloss.sigmoid_focal_loss(X, Y.long()), RuntimeError, "targets"),  # as torchvision
