@@ -431,17 +431,21 @@ def _check_pair(fn: str, input: Tensor, target: Tensor, weight: Tensor | None) -
     return _check_same_shape_or_broadcast(input, target)
 
 
-def _check_float_input(fn: str, input: Tensor, target: Tensor) -> None:
-    """An integer or bool input, refused as torch's kernels refuse it, after the reduction and
-    delta or beta: RuntimeError where the input and target's promoted dtype cannot be written in the
-    input's (Huber's result keeps the input's dtype: a float target), else NotImplementedError."""
-    if input.is_floating_point():
-        return
+def _check_float_input(fn: str, input: Tensor, target: Tensor, keeps_input_dtype: bool) -> None:
+    """The input and target's dtypes, refused as torch's kernels refuse them, after the reduction and
+    delta or beta. Their promoted dtype is what torch computes in: where the result keeps the input's
+    dtype (Huber) and that cannot hold it (an integer input with a float target, a complex target),
+    RuntimeError; else, where it is not a float (integers, bool, complex), NotImplementedError. (The
+    reference would cast a complex tensor to a float one, silently dropping its imaginary part.)"""
+    if input.is_floating_point() and target.is_floating_point():
+        return  # the usual case first
     promoted = torch.promote_types(input.dtype, target.dtype)
-    if not torch.can_cast(promoted, input.dtype):
+    if keeps_input_dtype and not torch.can_cast(promoted, input.dtype):
         raise RuntimeError(f"{fn}: result type {promoted} can't be cast to the desired output type {input.dtype} "
-                           "(input must be a floating-point tensor)")
-    raise NotImplementedError(f"{fn}: input must be a floating-point tensor, got dtype {input.dtype}")
+                           "(input and target must be floating-point tensors, or the target an integer one)")
+    if not promoted.is_floating_point:
+        raise NotImplementedError(f"{fn}: input and target must be floating-point tensors (or one of them an "
+                                  f"integer one), got dtypes {input.dtype} and {target.dtype}")
 
 
 def _elementwise_ready(same_shape: bool, input: Tensor, target: Tensor, weight: Tensor | None,
@@ -525,7 +529,7 @@ def huber_loss(
     if weight is None:
         reduction = _reduction(reduction)
     delta = _check_range("huber_loss", "delta", delta, 0.0, low_inclusive=False, exc=RuntimeError)
-    _check_float_input("huber_loss", input, target)
+    _check_float_input("huber_loss", input, target, keeps_input_dtype=True)
     if weight is not None:
         reduction = _reduction(reduction)
     # The kernel gives no gradient for weight; the reference does. torch's result has the input's
@@ -555,12 +559,12 @@ def smooth_l1_loss(
         return handle_torch_function(smooth_l1_loss, (input, target), input, target, size_average, reduce,
                                      reduction, beta)
     if (isinstance(input, Tensor) and isinstance(target, Tensor) and target.is_floating_point()
-            and not input.is_floating_point()):
+            and not input.is_floating_point() and not input.is_complex()):
         input = input.to(target.dtype)  # as torch promotes an integer or bool input (huber_loss refuses it)
     same_shape = _check_pair("smooth_l1_loss", input, target, None)
     reduction = _reduction(reduction, size_average, reduce)
     beta = _check_range("smooth_l1_loss", "beta", beta, 0.0, exc=RuntimeError)
-    _check_float_input("smooth_l1_loss", input, target)
+    _check_float_input("smooth_l1_loss", input, target, keeps_input_dtype=False)
     out_dtype = _loss_dtype(input, target)
     if not _elementwise_ready(same_shape, input, target, None, out_dtype):
         if out_dtype != input.dtype:

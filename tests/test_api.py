@@ -377,6 +377,11 @@ BAD_CALLS = [
      lambda m: m.huber_loss(X.long(), Y, reduction="max", weight=torch.ones(4, 5)), "input"),
     ("smooth_l1_reduction_before_int_input", lambda m: m.smooth_l1_loss(X.long(), Y.long(), reduction=""), "reduction"),
     ("smooth_l1_beta_before_int_input", lambda m: m.smooth_l1_loss(X > 0, Y > 0, beta=-1.0), "beta"),
+    # a complex input or target (the reference would drop its imaginary part)
+    ("huber_complex_target", lambda m: m.huber_loss(X, Y.to(torch.complex64)), "complex"),
+    ("huber_complex_input", lambda m: m.huber_loss(X.to(torch.complex64), Y), "complex"),
+    ("smooth_l1_complex_target", lambda m: m.smooth_l1_loss(X, Y.to(torch.complex64)), "complex"),
+    ("smooth_l1_complex_input", lambda m: m.smooth_l1_loss(X.to(torch.complex64), Y), "complex"),
     ("device", lambda m: m.cross_entropy(X, T.to("meta")), "device"),
     ("huber_device", lambda m: m.huber_loss(X, Y.to("meta")), "device"),
 ]
