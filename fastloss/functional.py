@@ -431,19 +431,25 @@ def _check_pair(fn: str, input: Tensor, target: Tensor, weight: Tensor | None) -
     return _check_same_shape_or_broadcast(input, target)
 
 
+def _dtype_kind(dtype: torch.dtype) -> int:
+    """bool < integer < float < complex: torch's promotion and casting categories."""
+    return 3 if dtype.is_complex else 2 if dtype.is_floating_point else 0 if dtype == torch.bool else 1
+
+
 def _check_float_input(fn: str, input: Tensor, target: Tensor, keeps_input_dtype: bool) -> None:
     """The input and target's dtypes, refused as torch's kernels refuse them, after the reduction and
     delta or beta. Their promoted dtype is what torch computes in: where the result keeps the input's
     dtype (Huber) and that cannot hold it (an integer input with a float target, a complex target),
     RuntimeError; else, where it is not a float (integers, bool, complex), NotImplementedError. (The
-    reference would cast a complex tensor to a float one, silently dropping its imaginary part.)"""
+    reference would cast a complex tensor to a float one, silently dropping its imaginary part.)
+    In categories, not with torch.promote_types and torch.can_cast, which torch.compile cannot trace."""
     if input.is_floating_point() and target.is_floating_point():
         return  # the usual case first
-    promoted = torch.promote_types(input.dtype, target.dtype)
-    if keeps_input_dtype and not torch.can_cast(promoted, input.dtype):
-        raise RuntimeError(f"{fn}: result type {promoted} can't be cast to the desired output type {input.dtype} "
+    kind_in, kind_t = _dtype_kind(input.dtype), _dtype_kind(target.dtype)
+    if keeps_input_dtype and kind_t > kind_in:
+        raise RuntimeError(f"{fn}: result type {target.dtype} can't be cast to the desired output type {input.dtype} "
                            "(input and target must be floating-point tensors, or the target an integer one)")
-    if not promoted.is_floating_point:
+    if max(kind_in, kind_t) != 2:
         raise NotImplementedError(f"{fn}: input and target must be floating-point tensors (or one of them an "
                                   f"integer one), got dtypes {input.dtype} and {target.dtype}")
 

@@ -206,8 +206,8 @@ def test_out_of_range_class_where_no_check_can_branch(monkeypatch):
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
 def test_broadcasting_and_legacy_arguments_compile_with_fullgraph(backend_name):
     """torch's huber_loss and smooth_l1_loss compile with fullgraph=True for shapes that broadcast
-    (eager warns) and for the legacy size_average / reduce; so do fastloss's: the warning is left out
-    of a compiled graph (a warning does not trace), and the legacy rule is torch's."""
+    (eager warns), for the legacy size_average / reduce and for integer targets; so do fastloss's: the
+    warning is left out of a compiled graph (a warning does not trace), and the legacy rule is torch's."""
     device = _device(backend_name)
     x, y = torch.randn(4, 5, device=device), torch.randn(5, device=device)
     calls = [
@@ -215,6 +215,10 @@ def test_broadcasting_and_legacy_arguments_compile_with_fullgraph(backend_name):
         lambda m: m.smooth_l1_loss(x, x.flip(0), size_average=False),
         lambda m: m.smooth_l1_loss(x, x.flip(0), reduce=False),
         lambda m: m.smooth_l1_loss(x, x.flip(0), size_average=True, reduce=True),
+        # integer, bool and integer-input targets: their dtype checks trace too
+        lambda m: m.huber_loss(x, (3 * x).long()),
+        lambda m: m.huber_loss(x, x > 0, reduction="sum"),
+        lambda m: m.smooth_l1_loss((3 * x).long(), x),
     ]
     for call in calls:
         torch._dynamo.reset()
