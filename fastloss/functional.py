@@ -36,13 +36,21 @@ _HUBER_KERNEL_MAX_DELTA = 2.0 ** 20
 # --------------------------------------------------------------------------------------------------
 
 
-def _reduction(reduction: str, size_average=None, reduce=None) -> str:
+def _reduction(reduction: str, size_average=None, reduce=None, deprecated_mean: bool = True) -> str:
+    """The reduction as torch reads it: the legacy ``size_average``/``reduce`` win when given, and
+    ``"elementwise_mean"`` is ``"mean"``, with torch's deprecation warning (``deprecated_mean``:
+    torchvision's sigmoid focal loss refuses it)."""
     if size_average is not None or reduce is not None:
         if torch.compiler.is_compiling():  # torch's helper does not trace: its rule, without its warning
             size_average, reduce = size_average is None or size_average, reduce is None or reduce
             reduction = "mean" if size_average and reduce else "sum" if reduce else "none"
         else:
             reduction = _legacy.legacy_get_string(size_average, reduce)
+    if deprecated_mean and reduction == "elementwise_mean":
+        if not torch.compiler.is_compiling():  # (a warning does not trace)
+            warnings.warn("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.",
+                          stacklevel=3)
+        reduction = "mean"
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of 'none', 'mean' or 'sum', got {reduction!r}")
     return reduction
@@ -496,7 +504,7 @@ def sigmoid_focal_loss(
         raise RuntimeError(f"sigmoid_focal_loss: targets must be a floating-point tensor, got dtype {targets.dtype}")
     _check_devices("sigmoid_focal_loss", ("inputs", inputs), ("targets", targets))
     gamma = _check_range("sigmoid_focal_loss", "gamma", gamma, 0.0)
-    reduction = _reduction(reduction)
+    reduction = _reduction(reduction, deprecated_mean=False)  # torchvision's: none, mean or sum
     out_dtype = _loss_dtype(inputs, targets)
     if (inputs.numel() == 0 or inputs.dtype not in _KERNEL_DTYPES or targets.requires_grad
             or out_dtype not in (inputs.dtype, torch.float32) or not backend.use_triton(inputs)):

@@ -613,6 +613,29 @@ def test_legacy_positional_arguments():
     torch.testing.assert_close(m(X, Y), torch.nn.SmoothL1Loss(None, False)(X, Y))
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_elementwise_mean_is_mean_with_torchs_warning(backend_name):
+    """torch still takes reduction='elementwise_mean' for 'mean', with a deprecation warning;
+    torchvision's sigmoid focal loss refuses it."""
+    if backend_name == "triton":
+        pytest.importorskip("triton")
+    x, y, t = (v.to(_device(backend_name)) for v in (X, Y, T))
+    calls = [("cross_entropy", (x, t)), ("huber_loss", (x, y)), ("smooth_l1_loss", (x, y))]
+    with fastloss.use_backend(backend_name):
+        for name, args in calls:
+            with pytest.warns(UserWarning, match="elementwise_mean"):
+                ours = getattr(fastloss, name)(*args, reduction="elementwise_mean")
+            torch.testing.assert_close(ours, getattr(F, name)(*args, reduction="mean"))
+        with pytest.warns(UserWarning, match="elementwise_mean"):
+            ours = fnn.CrossEntropyLoss(reduction="elementwise_mean")(x, t)
+        torch.testing.assert_close(ours, F.cross_entropy(x, t))
+        with pytest.warns(UserWarning, match="elementwise_mean"):
+            torch.testing.assert_close(fastloss.focal_loss(x, t, 0.0, reduction="elementwise_mean"),
+                                       F.cross_entropy(x, t))
+        with pytest.raises(ValueError, match="reduction"):
+            fastloss.sigmoid_focal_loss(x, y.sigmoid(), reduction="elementwise_mean")
+
+
 MODULES = [
     (fnn.CrossEntropyLoss(weight=torch.rand(5), ignore_index=1, label_smoothing=0.1),
      torch.nn.CrossEntropyLoss(weight=torch.rand(5), ignore_index=1, label_smoothing=0.1), T),
