@@ -112,6 +112,7 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     # term (0) of each row, or their sum: the loss is NaN for every reduction, even over no rows.
     # (Probability targets have no elements for it to reach: there it changes nothing.)
     eps_c = eps / c if c else float("inf")  # used only where eps > 0
+    smooth_mean = None  # class indices, mean: the smoothing term's, added apart as torch adds it
     out_dtype = input.dtype  # (class indices: torch requires the weight's dtype to be the input's)
     if target.shape == input.shape:  # class probabilities: torch promotes the three dtypes
         others = (target,) if weight is None else (target, weight)
@@ -130,10 +131,15 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
     else:  # class indices
         x, logp, logp_y, w_y, valid, w = _class_rows(input, target, weight, ignore_index, softcap)
         loss = torch.where(valid, -logp_y * w_y, 0)
-        if eps > 0:
-            smooth = -(logp if w is None else logp * w).sum(-1)
-            loss = (1 - eps) * loss + eps_c * torch.where(valid, smooth, 0)
         denom = w_y.sum()
+        if eps > 0:
+            smooth = eps_c * torch.where(valid, -(logp if w is None else logp * w).sum(-1), 0)
+            if reduction == "mean":
+                # torch divides each term's sum by the denominator: where the counted rows weigh 0,
+                # the first is 0 / 0 and the loss NaN, not the smoothing term's inf
+                loss, smooth_mean = (1 - eps) * loss, smooth.sum() / denom
+            else:
+                loss = (1 - eps) * loss + smooth
         shape = target.shape
 
     z_mean = None
@@ -144,6 +150,8 @@ def cross_entropy(input, target, weight=None, ignore_index=-100, reduction="mean
         else:
             loss = loss + z
     out = _reduce(loss, reduction, denom, shape, x.dtype)
+    if smooth_mean is not None:
+        out = out + smooth_mean
     if z_mean is not None:  # (not 0.0 otherwise: that would turn torch's -0.0 into 0.0)
         out = out + z_mean
     if not c and eps > 0 and reduction == "sum" and target.shape != input.shape:

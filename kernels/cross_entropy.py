@@ -445,13 +445,15 @@ def _cross_entropy_kernel(
             K = ce_scale * w_y * f
         else:
             # (1 - eps) w_y (lse - x_y) + eps/V sum_c w_c (lse - x_c)
-            ce = (1.0 - eps) * w_y * -l
             K = ce_scale * (1.0 - eps) * w_y
             if SMOOTH:
-                ce += eps_over_v * (sa * log_s - d)
+                # each term times the mean's scale apart, as torch divides each term's sum: a counted
+                # row of weight 0 under a scale of 1/0 (every counted row weighs 0) is NaN, not inf
                 A = ce_scale * eps_over_v * sa
                 B = ce_scale * eps_over_v
-            loss = ce_scale * ce
+                loss = K * -l + B * (sa * log_s - d)
+            else:
+                loss = ce_scale * ((1.0 - eps) * w_y * -l)
     if ZLOSS:
         loss += z_scale * z_coef * lse * lse
         A += z_scale * 2.0 * z_coef * lse

@@ -823,6 +823,30 @@ def test_no_classes_where_every_row_is_ignored(reduction, backend_name):
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("shape", [(3, 5), (5,), (2, 5, 3)], ids=str)
+def test_label_smoothed_mean_over_rows_of_weight_0_is_nan_as_in_torch(shape, backend_name):
+    """Where every counted row's class weighs 0, the mean's denominator is 0: torch divides the
+    class term's sum (0) and the smoothing term's sum by it apart, and the loss is NaN (0/0), not the
+    smoothing term's inf; its gradient is NaN in both. With some weight counted it is torch's value."""
+    device = _device(backend_name)
+    x = torch.randn(shape, device=device)
+    t = torch.zeros(shape[:1] + shape[2:] if len(shape) > 1 else (), dtype=torch.long, device=device)
+    weight = torch.rand(5, device=device) + 0.5
+    for w0 in (0.0, 0.5):
+        weight[0] = w0
+        expected = F.cross_entropy(x, t, weight=weight, label_smoothing=0.2)
+        xg = x.clone().requires_grad_()
+        with fastloss.use_backend(backend_name):
+            out = fastloss.cross_entropy(xg, t, weight=weight, label_smoothing=0.2)
+        torch.testing.assert_close(out, expected, equal_nan=True)
+        out.backward()
+        x_torch = x.clone().requires_grad_()
+        F.cross_entropy(x_torch, t, weight=weight, label_smoothing=0.2).backward()
+        torch.testing.assert_close(xg.grad, x_torch.grad, equal_nan=True)
+    assert out.isfinite() and expected.isfinite()  # (the weighted case, last)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", [(3, 0), (2, 0, 0, 3), (0, 0), (0,)], ids=str)
 def test_no_classes_with_label_smoothing_is_nan_as_in_torch(shape, reduction, backend_name):
