@@ -365,8 +365,8 @@ def cross_entropy(
     class stride); a 2-D input with a padded row stride is read in place, and any other class stride
     is copied.
 
-    ``label_smoothing`` outside [0, 1] raises RuntimeError. (torch raises only above 1; a negative
-    value it ignores for class indices and applies to probabilities.)
+    ``label_smoothing`` outside [0, 1], or NaN, raises RuntimeError. (torch raises only above 1; a
+    negative or NaN value it takes and ignores, for class indices and probabilities alike.)
 
     Extras (keyword-only):
         z_loss: adds ``z_loss * logsumexp(logits)**2`` for each counted row, not class-weighted;

@@ -446,6 +446,8 @@ def test_bad_arguments_raise_like_torch(case, backend_name, launches):
 FASTLOSS_ONLY_BAD_CALLS = [
     (lambda: fastloss.cross_entropy(X, T, z_loss=-1.0), ValueError, "z_loss"),
     (lambda: fastloss.cross_entropy(X, T, label_smoothing=-0.1), RuntimeError, "label_smoothing"),  # torch ignores it
+    (lambda: fastloss.cross_entropy(X, torch.rand(4, 5), label_smoothing=-0.1), RuntimeError, "label_smoothing"),
+    (lambda: fastloss.cross_entropy(X, T, label_smoothing=math.nan), RuntimeError, "label_smoothing"),  # and this
     (lambda: fastloss.cross_entropy(X, T, softcap=0.0), ValueError, "softcap"),
     (lambda: fastloss.focal_loss(X, T, gamma=-0.5), ValueError, "gamma"),
     (lambda: fastloss.focal_loss(X, torch.rand(4, 5)), RuntimeError, "class indices"),
@@ -548,6 +550,14 @@ def test_float_arguments_parsed_as_torch_parses_them(value, backend_name):
             if expected is None:
                 with fastloss.use_backend(backend_name):
                     torch.testing.assert_close(call(fastloss), call(F))
+
+
+def test_torch_ignores_a_negative_or_nan_label_smoothing():
+    """What the README says of torch, where fastloss raises (FASTLOSS_ONLY_BAD_CALLS): it takes a
+    negative or NaN label_smoothing and smooths nothing, for class indices and probabilities alike."""
+    for target in (T, torch.rand(4, 5)):
+        for eps in (-0.1, math.nan):
+            assert torch.equal(F.cross_entropy(X, target, label_smoothing=eps), F.cross_entropy(X, target))
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
