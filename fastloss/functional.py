@@ -191,8 +191,10 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
                         label_smoothing, class_targets_only: bool = False) -> tuple[bool, float]:
     """Checks arguments in torch's cross_entropy's order; returns whether the targets are class
     indices, and ``label_smoothing`` as a float."""
-    _check_tensor("input", input)
+    _check_tensor("input", input, floating=False)
     _check_tensor("target", target, floating=False)
+    if weight is not None:  # torch's argument parser: before any other check
+        _check_tensor("weight", weight, floating=False)
     dim = input.dim()
     class_targets = not target.is_floating_point()
     # torch takes a target of the input's shape for probabilities, and checks these first; it checks
@@ -208,6 +210,10 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
             raise RuntimeError(f"{fn}: ignore_index is not supported for floating point target")
     if dim == 0:  # torch: IndexError at the class dimension
         raise IndexError(f"{fn}: input must have at least 1 dimension (the classes), got a 0-d tensor")
+    # torch's log_softmax refuses an integer input here for class indices (after label_smoothing's
+    # range, before the targets' checks), and after the weight's check for probabilities
+    if not probabilities:
+        _check_tensor("input", input)
     if dim >= 2 and target.shape != input.shape:
         # torch takes any other target for class indices, and checks its batch size first (0 when 0-d)
         batch = target.shape[0] if target.dim() else 0
@@ -240,7 +246,6 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
                 f"got {list(target.shape)}"
             )
     if weight is not None:
-        _check_tensor("weight", weight, floating=False)
         n_classes = reference.n_classes(input)
         if weight.dim() != 1 or weight.shape[0] != n_classes:
             raise RuntimeError(
@@ -251,6 +256,7 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
         if class_targets and _autocast(weight.dtype, device) != _autocast(input.dtype, device):
             raise RuntimeError(f"{fn}: expected weight of the input's dtype {input.dtype}, got {weight.dtype}")
     if probabilities:
+        _check_tensor("input", input)
         label_smoothing = _check_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0, exc=RuntimeError)
     _check_devices(fn, ("input", input), ("target", target), ("weight", weight))
     return class_targets, label_smoothing

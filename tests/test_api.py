@@ -322,6 +322,17 @@ BAD_CALLS = [
     # 156 is -100 as a uint8: the ignore_index it is compared with must not wrap to it
     ("out_of_range_uint8", lambda m: m.cross_entropy(X, torch.tensor([0, 1, 2, 156], dtype=torch.uint8)), "156"),
     ("int_input", lambda m: m.cross_entropy(X.long(), T), "input"),
+    # an integer input fails at torch's log_softmax: after label_smoothing's range and a 0-d input for
+    # class indices, after the target's dtype, ignore_index and the weight for probabilities
+    ("int_input_after_label_smoothing", lambda m: m.cross_entropy(X.long(), T, label_smoothing=1.5), "label_smoothing"),
+    ("int_input_after_0d", lambda m: m.cross_entropy(torch.tensor(1), T), "dimension"),
+    ("int_input_before_batch", lambda m: m.cross_entropy(X.long(), T[:3]), "input"),
+    ("int_input_after_probability_dtype", lambda m: m.cross_entropy(X.long(), T[:, None].expand(4, 5)), "floating point"),
+    ("int_input_after_probability_ignore_index", lambda m: m.cross_entropy(X.long(), Y, ignore_index=0), "ignore_index"),
+    ("int_input_after_probability_weight", lambda m: m.cross_entropy(X.long(), Y, weight=torch.ones(3)), "weight"),
+    ("int_input_before_probability_label_smoothing",
+     lambda m: m.cross_entropy(X.long(), Y, label_smoothing=1.5), "input"),
+    ("weight_type_first", lambda m: m.cross_entropy(X, T, weight=[1.0] * 5, label_smoothing=1.5), "weight"),
     # a 0-d input fails at the class dimension (IndexError), unless a 0-d integer target is refused first
     ("input_0d", lambda m: m.cross_entropy(torch.randn(()), T), "dimension"),
     ("input_0d_probabilities", lambda m: m.cross_entropy(torch.randn(()), torch.rand(())), "dimension"),
