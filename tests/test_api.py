@@ -1014,3 +1014,27 @@ def test_autocast_takes_a_float_weight_of_any_precision():
             ours = fastloss.cross_entropy(x, T, weight=w)
             assert ours.dtype == expected.dtype == torch.float32
             torch.testing.assert_close(ours, expected, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_class_weight_that_requires_grad_gets_its_gradient(reduction, backend_name):
+    """torch's cross_entropy refuses a class weight that requires grad with class indices (its
+    nll_loss is not differentiable there); fastloss takes the reference and differentiates it, as
+    torch does for probability targets: the loss is sum_i w_yi l_i, over sum_i w_yi for the mean."""
+    device = _device(backend_name)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 5, generator=gen).to(device)
+    t = torch.tensor([0, 4, 2, 2, -100, 1], device=device)
+    w = (torch.rand(5, generator=gen) + 0.5).to(device).requires_grad_()
+    go = torch.randn(() if reduction != "none" else (6,), generator=gen).to(device)
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        F.cross_entropy(x, t, weight=w)
+    with fastloss.use_backend(backend_name):
+        fastloss.cross_entropy(x, t, weight=w, reduction=reduction).backward(go)
+    w64 = w.detach().double().requires_grad_()
+    counted = t != -100
+    terms = torch.where(counted, w64[t.clamp(min=0)] * F.cross_entropy(x.double(), t, reduction="none"), 0)
+    expected = {"none": terms, "sum": terms.sum(), "mean": terms.sum() / w64[t[counted]].sum()}[reduction]
+    expected.backward(go.double())
+    torch.testing.assert_close(w.grad, w64.grad.float())
