@@ -56,7 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save", metavar="DIR", help="write results.json/.csv/.md and PNG plots into DIR")
     p.add_argument("--merge", action="store_true", help="with --save: keep DIR's other records (run in pieces)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not args.list and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available (torch " + torch.__version__ + ")")
+    return args
 
 
 def _providers(args, device: torch.device) -> tuple[list[str], list[str]]:

@@ -258,6 +258,8 @@ def main(argv=None) -> int:
     p.add_argument("--save", metavar="DIR", help="write train.json and train.png into DIR")
     p.add_argument("--threads", type=int, default=1, help="CPU only: torch threads (default 1; 0 keeps torch's)")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available (torch " + torch.__version__ + ")")
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

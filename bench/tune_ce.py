@@ -154,6 +154,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="also profile whole fastloss.cross_entropy steps (forward + backward)")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU: CUDA is not available (torch " + torch.__version__ + ")")
 
     from triton.testing import do_bench
 

@@ -562,3 +562,19 @@ def test_train_curves_with_a_nan_do_not_agree(monkeypatch):
     monkeypatch.setattr(train, "train", lambda cfg, name, *a: {"losses": curves[name]})
     result = train.run(train.CONFIGS["cpu"], CPU, verbose=False)
     assert result["max_rel_diff"] == 0.0 and not result["agree"]
+
+
+def test_gpu_only_options_fail_with_a_message_without_cuda(monkeypatch, capsys):
+    """Asked for CUDA where there is none, each entry point stops before any work with a usage error
+    (exit status 2), not a traceback; --list still lists the CUDA cases."""
+    from bench import tune_ce
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for main, argv in ((bench_main.main, ["--device", "cuda"]), (train.main, ["--device", "cuda"]),
+                       (tune_ce.main, [])):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+    assert bench_main.main(["--device", "cuda", "--list"]) == 0
+    assert "8192×128256" in capsys.readouterr().out
