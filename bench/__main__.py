@@ -14,6 +14,7 @@ from . import harness, report
 from .cases import DTYPES, LOSSES, MODES, PROVIDERS, SHAPE_SETS, make_provider, select_cases
 
 CPU_PROVIDERS = ("fastloss", "torch")
+CE_ONLY = ("liger", "cce")  # providers of cross-entropy alone
 
 
 def _choices(allowed):
@@ -66,7 +67,7 @@ def _providers(args, device: torch.device) -> tuple[list[str], list[str]]:
     """(provider names to run, notes about the ones left out)."""
     names = list(args.providers or (PROVIDERS if device.type == "cuda" else CPU_PROVIDERS))
     notes = []
-    for name in ("liger", "cce"):
+    for name in CE_ONLY:
         if name in names:
             why = make_provider("ce", name, device)
             if isinstance(why, str):
@@ -85,6 +86,11 @@ def main(argv=None) -> int:
         device, quick=args.quick, losses=args.losses, modes=args.modes, dtypes=args.dtypes, shapes=args.shapes
     )
     names, notes = _providers(args, device)
+    if not names:  # every provider asked for is unavailable here
+        print(f"python -m bench: error: no provider to run ({'; '.join(notes)})", file=sys.stderr)
+        return 2
+    # liger and cce have only a cross-entropy: a case that none of the providers runs is left out
+    cases = [c for c in cases if c.loss == "ce" or any(name not in CE_ONLY for name in names)]
     if args.list:
         print("\n".join(c.label for c in cases))
         return 0
@@ -123,7 +129,7 @@ def main(argv=None) -> int:
         providers = {
             name: make_provider(case.loss, name, device)
             for name in names
-            if name not in ("liger", "cce") or case.loss == "ce"
+            if name not in CE_ONLY or case.loss == "ce"
         }
         case_rows = harness.run_case(case, providers, device, bandwidth, quick=args.quick, status=progress.status)
         progress.advance()

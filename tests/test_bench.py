@@ -578,3 +578,22 @@ def test_gpu_only_options_fail_with_a_message_without_cuda(monkeypatch, capsys):
         assert "CUDA is not available" in capsys.readouterr().err
     assert bench_main.main(["--device", "cuda", "--list"]) == 0
     assert "8192×128256" in capsys.readouterr().out
+
+
+def test_providers_of_cross_entropy_alone_run_only_its_cases(monkeypatch, capsys):
+    """--providers liger (or cce): unavailable, the run stops before any work; available, the cases of
+    the other losses, which it has not, are left out instead of failing the report."""
+    args = ["--quick", "--device", "cpu", "--dtypes", "fp32", "--modes", "fwd", "--copy-mib", "16"]
+    assert bench_main.main(args + ["--providers", "liger"]) == 2
+    captured = capsys.readouterr()
+    assert "no provider to run (liger: skipped" in captured.err and "copy bandwidth" not in captured.out
+
+    real = bench_main.make_provider
+    monkeypatch.setattr(bench_main, "make_provider", lambda loss, name, device: (
+        cases.Provider(name, cases.TORCH_FNS[loss]) if name == "liger" and loss == "ce" else real(loss, name, device)))
+    assert bench_main.main(args + ["--providers", "liger", "--losses", "ce,huber", "--list"]) == 0
+    listed = capsys.readouterr().out.split("\n")
+    assert listed[0].startswith("ce ") and not any("huber" in line for line in listed)
+    assert bench_main.main(args + ["--providers", "liger", "--losses", "ce,huber"]) == 0
+    printed = capsys.readouterr().out
+    assert "▸ ce fp32" in printed and "huber" not in printed
