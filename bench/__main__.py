@@ -97,6 +97,9 @@ def main(argv=None) -> int:
     if not cases:
         print("no case matches the selection", file=sys.stderr)
         return 2
+    if args.save and (why := report.unwritable(args.save)):
+        print(f"python -m bench: error: --save: {why}", file=sys.stderr)
+        return 2
 
     print(f"fastloss benchmark on {device.type}: {len(cases)} cases × providers {', '.join(names)}")
     if device.type == "cpu":

@@ -9,6 +9,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 
 import torch
@@ -300,6 +301,18 @@ def _markdown(recs: list[dict], plots: list[str]) -> str:
     if plots:
         out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     return "\n".join(out) + "\n"
+
+
+def unwritable(directory: str) -> str | None:
+    """None if ``directory`` exists (it is created if not) and takes a new file, else the reason why not:
+    checked before a run, so that --save fails before the measurements, not after them."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        return f"cannot write into {directory!r}: {exc.strerror or exc}"
+    return None
 
 
 def load(directory: str) -> list[dict]:

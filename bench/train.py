@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import fastloss
 
-from .report import Progress, run_meta
+from .report import Progress, run_meta, unwritable
 
 LOSS_FNS = {"torch": F.cross_entropy, "fastloss": fastloss.cross_entropy}
 TIMING_WARMUP_STEPS = 3  # not counted in tokens/s (allocator warm-up, kernel compilation)
@@ -260,6 +260,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available (torch " + torch.__version__ + ")")
+
+    if args.save and (why := unwritable(args.save)):
+        p.error(f"--save: {why}")
 
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -597,3 +597,23 @@ def test_providers_of_cross_entropy_alone_run_only_its_cases(monkeypatch, capsys
     assert bench_main.main(args + ["--providers", "liger", "--losses", "ce,huber"]) == 0
     printed = capsys.readouterr().out
     assert "▸ ce fp32" in printed and "huber" not in printed
+
+
+def test_a_save_folder_that_cannot_be_written_fails_before_the_run(tmp_path, capsys):
+    """--save into a path that is a file (or under one): python -m bench and bench.train stop before
+    measuring anything, with exit status 2, where they failed with a traceback after the first case
+    (after the whole training)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for where in (blocker, blocker / "sub"):
+        args = ["--quick", "--device", "cpu", "--losses", "huber", "--dtypes", "fp32", "--copy-mib", "16"]
+        assert bench_main.main(args + ["--save", str(where)]) == 2
+        captured = capsys.readouterr()
+        assert "error: --save: cannot write into" in captured.err and "copy bandwidth" not in captured.out
+        with pytest.raises(SystemExit) as exc:
+            train.main(["--config", "cpu", "--save", str(where)])
+        assert exc.value.code == 2
+        captured = capsys.readouterr()
+        assert "--save: cannot write into" in captured.err and "TinyLM" not in captured.out
+    assert report.unwritable(str(tmp_path / "new" / "folder")) is None  # created
+    assert (tmp_path / "new" / "folder").is_dir() and not any((tmp_path / "new" / "folder").iterdir())
