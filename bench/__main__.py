@@ -28,6 +28,19 @@ def _choices(allowed):
     return parse
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--losses", type=_choices(LOSSES), default=LOSSES, help="default: all")
@@ -38,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"default: all on CUDA (liger/cce when importable), {','.join(CPU_PROVIDERS)} on CPU",
     )
     p.add_argument("--modes", type=_choices(MODES), default=MODES, help="fwdbwd (forward+backward), fwd (forward only)")
-    p.add_argument("--dtypes", type=_choices(tuple(DTYPES)), default=tuple(DTYPES))
+    p.add_argument("--dtypes", type=_choices(tuple(DTYPES)), default=tuple(DTYPES), help="default: all")
     p.add_argument(
         "--shapes",
         choices=SHAPE_SETS,
@@ -49,15 +62,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument(
         "--threads",
-        type=int,
+        type=_int_at_least(0),
         default=1,
         help="CPU only: torch threads while timing (default 1: steady on small shared machines; 0 keeps torch's)",
     )
-    p.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth tensor size (default 2048 CUDA, 256 CPU)")
+    p.add_argument(
+        "--copy-mib", type=_int_at_least(1), default=None, help="copy-bandwidth tensor size (default 2048 CUDA, 256 CPU)"
+    )
     p.add_argument("--save", metavar="DIR", help="write results.json/.csv/.md and PNG plots into DIR")
     p.add_argument("--merge", action="store_true", help="with --save: keep DIR's other records (run in pieces)")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     args = p.parse_args(argv)
+    if args.merge and not args.save:
+        p.error("--merge needs --save DIR (the folder whose records it keeps)")
     if args.device == "cuda" and not args.list and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available (torch " + torch.__version__ + ")")
     return args

@@ -556,6 +556,18 @@ def test_command_line_refuses_an_empty_or_unknown_selection(capsys):
     assert bench_main.parse_args(["--losses", " ce , huber "]).losses == ("ce", "huber")
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--copy-mib", "0"], "expected an integer >= 1, got 0"),
+    (["--copy-mib", "-1"], "expected an integer >= 1, got -1"),
+    (["--threads", "-1"], "expected an integer >= 0, got -1"),
+    (["--merge"], "--merge needs --save DIR"),
+])  # fmt: skip
+def test_command_line_refuses_a_size_below_one_and_merge_without_save(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench_main.parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_train_curves_with_a_nan_do_not_agree(monkeypatch):
     """A NaN step anywhere on a curve is disagreement, even where max() of the differences skips it."""
     curves = {"torch": [3.0, 2.0, 1.0], "fastloss": [3.0, float("nan"), 1.0]}
