@@ -390,5 +390,22 @@ def readme_table(recs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m bench.report DIR: the README's table from DIR's results.json
-    print(readme_table(load(sys.argv[1] if len(sys.argv) > 1 else "bench/results")))
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.report",
+                                description="Print the README's results table from a python -m bench --save folder.")
+    p.add_argument("dir", nargs="?", default="bench/results",
+                   help="the folder holding results.json (default: bench/results)")
+    args = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.dir, "results.json")):
+        p.error(f"no results.json in {args.dir!r} (write one with python -m bench --save DIR)")
+    recs = load(args.dir)
+    if not any(r.get("provider") == "fastloss" and r.get("status") == "ok" and not r.get("sweep") for r in recs):
+        p.error(f"{os.path.join(args.dir, 'results.json')} has no headline case that fastloss ran")
+    print(readme_table(recs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

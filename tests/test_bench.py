@@ -629,3 +629,23 @@ def test_a_save_folder_that_cannot_be_written_fails_before_the_run(tmp_path, cap
         assert "--save: cannot write into" in captured.err and "TinyLM" not in captured.out
     assert report.unwritable(str(tmp_path / "new" / "folder")) is None  # created
     assert (tmp_path / "new" / "folder").is_dir() and not any((tmp_path / "new" / "folder").iterdir())
+
+
+def test_report_prints_the_readme_table_and_refuses_a_folder_without_results(tmp_path, capsys):
+    """python -m bench.report DIR: the table of DIR's results.json; --help, a folder with no results.json
+    and one with nothing fastloss ran are usage errors (exit status 2), not an empty table."""
+    with pytest.raises(SystemExit) as exc:
+        report.main(["--help"])
+    assert exc.value.code == 0 and "results.json" in capsys.readouterr().out
+    for recs in (None, []):
+        if recs is not None:
+            (tmp_path / "results.json").write_text(json.dumps(recs))
+        with pytest.raises(SystemExit) as exc:
+            report.main([str(tmp_path)])
+        assert exc.value.code == 2 and "python -m bench.report: error:" in capsys.readouterr().err
+    meta = report.run_meta(CPU, 1e10)
+    rows = [{"case": "huber fp32 2^20 fwd+bwd", "provider": "fastloss", "status": "ok", "sweep": False,
+             "pct_floor": 50.0, "ms": 1.0, "goal_pct": None}]
+    report.save(str(tmp_path), rows, meta, plots=False)
+    assert report.main([str(tmp_path)]) == 0
+    assert "| huber fp32 2^20 fwd+bwd | 50.0% 1.00 ms |" in capsys.readouterr().out
