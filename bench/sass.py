@@ -165,7 +165,8 @@ def _cross_entropy_variants(dtype: str):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sass", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtype", default="bf16")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                        help="the logits' (and elementwise inputs') dtype (default: bf16)")
     parser.add_argument("--reduce", action="store_true",
                         help="compile the elementwise kernels' reduced-loss variants (one partial per program)")
     args = parser.parse_args(argv)

@@ -649,3 +649,12 @@ def test_report_prints_the_readme_table_and_refuses_a_folder_without_results(tmp
     report.save(str(tmp_path), rows, meta, plots=False)
     assert report.main([str(tmp_path)]) == 0
     assert "| huber fp32 2^20 fwd+bwd | 50.0% 1.00 ms |" in capsys.readouterr().out
+
+
+def test_sass_refuses_a_dtype_the_kernels_do_not_read(capsys):
+    from bench import sass
+
+    for bad in ("float16", "fp64"):
+        with pytest.raises(SystemExit) as exc:
+            sass.main(["--dtype", bad])
+        assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
