@@ -282,9 +282,19 @@ def direct_ab(inputs, fn, reps: int, blocks: int = 30) -> dict:
     return dict(triton_us=min(medians[False]), direct_us=min(medians[True]), gain_us=q2, gain_q1=q1, gain_q3=q3)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n\n")[0])
-    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--reps", type=_positive_int, default=200, help="steps timed per measurement (default 200)")
     p.add_argument("--cases", default="", help="comma-separated substrings of case names (default: all)")
     p.add_argument("--launch-path", action="store_true",
                    help="on a CPU: launches through Triton's own launch path (kernels compiled for sm_90 with "
@@ -322,7 +332,12 @@ def run(device: torch.device, args) -> list[str]:
     else:
         cases = steps(device, vocab=64, n=80 * 64, rows=16)
     wanted = [w for w in args.cases.split(",") if w]
-    cases = {name: case for name, case in cases.items() if not wanted or any(w in name for w in wanted)}
+    chosen = {name: case for name, case in cases.items() if not wanted or any(w in name for w in wanted)}
+    if not chosen:
+        print(f"python -m bench.host: error: no case matches --cases {args.cases!r} (the cases: {', '.join(cases)})",
+              file=sys.stderr)
+        raise SystemExit(2)
+    cases = chosen
     where = "issue time" if device.type == "cuda" else "launches stubbed" if args.stub else "driver call stubbed"
     if args.direct_ab:
         print(f"{'case':20} {'triton µs':>9} {'direct µs':>9}  paired gain µs: median (quartiles)  (host time of a step, "

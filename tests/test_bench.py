@@ -245,6 +245,19 @@ def test_host_main_prints_fastloss_beside_torch(capsys):
         assert host_us > 0 and torch_us > 0
 
 
+def test_host_refuses_no_reps_and_a_selection_of_no_case(capsys):
+    """--reps 0 (a traceback in the timing's summary before) and --cases matching nothing (an empty
+    table, exit status 0 before) are usage errors."""
+    pytest.importorskip("triton")
+    with pytest.raises(SystemExit) as exc:
+        host.main(["--reps", "0"])
+    assert exc.value.code == 2 and "expected a positive integer, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        host.main(["--reps", "1", "--cases", "nothing like it"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "no case matches --cases 'nothing like it'" in err and "huber fp32" in err
+
+
 def test_host_part_costs():
     """bench.host's parts, each timed on its own: on a CPU the aten ops and autograd (the Triton
     launches and the device context are timed on CUDA only)."""
