@@ -106,6 +106,11 @@ def main(argv=None) -> int:
     p.add_argument("--host", action="store_true", help="also run python -m bench.host")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per benchmark run")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
+    for tree in args.trees:  # all of them before the first, slow, install
+        if not (Path(tree) / "pyproject.toml").is_file() or not (Path(tree) / "bench").is_dir():
+            p.error(f"{tree!r} is not a source tree of fastloss (no pyproject.toml and bench/ in it)")
 
     out = Path(args.out).resolve()
     raw = out / "ab"

@@ -288,6 +288,21 @@ def test_ab_names_and_table(tmp_path, monkeypatch):
     assert lines[2].split()[-2:] == ["—", "—"]
 
 
+def test_ab_checks_every_tree_before_installing_any(tmp_path, monkeypatch, capsys):
+    """A tree that is no source tree of fastloss (a typo, a folder not made yet) and --rounds below 1 are
+    usage errors before anything is installed or written (the first tree was installed before)."""
+    monkeypatch.setattr(ab, "prepare", lambda *a: pytest.fail("installed a tree"))
+    tree = tmp_path / "old"
+    (tree / "bench").mkdir(parents=True)
+    (tree / "pyproject.toml").write_text("")
+    for argv, message in (([str(tree), str(tmp_path / "missing")], "is not a source tree of fastloss"),
+                          ([str(tree), "--rounds", "0"], "--rounds must be at least 1")):
+        with pytest.raises(SystemExit) as exc:
+            ab.main([str(tmp_path / "out"), *argv])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("n_cols", [32768, 128256, 262144])
 def test_tune_ce_tries_segments_held_in_registers(n_cols):
     """bench.tune_ce's joint candidates: each holds its whole segment in registers (the kernel's SINGLE
