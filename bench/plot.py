@@ -6,7 +6,10 @@ is the measured copy bandwidth (100% of the floor), and the right axis reads as 
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import sys
 import warnings
 
 MIN_POINTS = 3
@@ -78,3 +81,27 @@ def plot_sweeps(records: list[dict], directory: str) -> list[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.plot",
+                                description="Redraw the V-sweep plots of a python -m bench --save folder into it.")
+    p.add_argument("dir", help="the folder holding results.json (the PNGs are written beside it)")
+    args = p.parse_args(argv)
+    path = os.path.join(args.dir, "results.json")
+    if not os.path.isfile(path):
+        p.error(f"no results.json in {args.dir!r} (write one with python -m bench --save DIR)")
+    with open(path) as f:
+        records = json.load(f)
+    if not sweep_groups(records):
+        p.error(f"{path} has no V sweep of {MIN_POINTS} or more points to plot (python -m bench --shapes sweep)")
+    paths = plot_sweeps(records, args.dir)
+    if not paths:
+        print("python -m bench.plot: error: matplotlib is not installed", file=sys.stderr)
+        return 1
+    print("wrote " + ", ".join(paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -686,3 +686,24 @@ def test_sass_refuses_a_dtype_the_kernels_do_not_read(capsys):
         with pytest.raises(SystemExit) as exc:
             sass.main(["--dtype", bad])
         assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_plot_redraws_a_saved_sweep_and_refuses_a_folder_without_one(tmp_path, capsys):
+    """python -m bench.plot DIR: the V-sweep PNGs of DIR's results.json (it printed nothing and did
+    nothing before); no results.json, or no sweep in it, is a usage error."""
+    with pytest.raises(SystemExit) as exc:
+        plot.main([str(tmp_path)])
+    assert exc.value.code == 2 and "no results.json" in capsys.readouterr().err
+    meta = report.run_meta(CPU, 1e10)
+    rows = [{"case": f"ce fp32 256×{v} fwd+bwd", "loss": "ce", "dtype": "fp32", "shape": f"256×{v}", "mode": "fwdbwd",
+             "loss_div": 1, "sweep": True, "provider": "fastloss", "status": "ok", "gbps": 5.0} for v in (1024, 2048)]
+    report.save(str(tmp_path), rows, meta, plots=False)
+    with pytest.raises(SystemExit) as exc:
+        plot.main([str(tmp_path)])
+    assert exc.value.code == 2 and "no V sweep" in capsys.readouterr().err
+    if not HAVE_MATPLOTLIB:
+        return
+    rows.append(dict(rows[0], case="ce fp32 256×4096 fwd+bwd", shape="256×4096"))
+    report.save(str(tmp_path), rows, meta, plots=False)
+    assert plot.main([str(tmp_path)]) == 0
+    assert (tmp_path / "ce_fp32_fwdbwd_N256.png").read_bytes()[:4] == b"\x89PNG"
