@@ -254,10 +254,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=("auto", "gpu", "cpu"), default="auto", help="auto: gpu on CUDA, else cpu")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    p.add_argument("--steps", type=int, default=None, help="override the config's number of steps")
+    p.add_argument("--steps", type=int, default=None, help="override the config's number of steps (at least 2)")
     p.add_argument("--save", metavar="DIR", help="write train.json and train.png into DIR")
     p.add_argument("--threads", type=int, default=1, help="CPU only: torch threads (default 1; 0 keeps torch's)")
     args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 2:  # the first step is not timed
+        p.error(f"--steps must be at least 2, got {args.steps}")
+    if args.threads < 0:
+        p.error(f"--threads must be 0 (torch's) or more, got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available (torch " + torch.__version__ + ")")
 
@@ -270,7 +274,7 @@ def main(argv=None) -> int:
         device = torch.device(args.device)
     cfg = CONFIGS[args.config if args.config != "auto" else ("gpu" if device.type == "cuda" else "cpu")]
     if args.steps is not None:
-        cfg = dataclasses.replace(cfg, steps=max(2, args.steps))
+        cfg = dataclasses.replace(cfg, steps=args.steps)
     if device.type == "cpu" and args.threads > 0:
         torch.set_num_threads(args.threads)
 

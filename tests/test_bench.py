@@ -159,6 +159,15 @@ def test_train_cpu_curves_agree(tmp_path):
         assert (tmp_path / "train.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("argv, message", [(["--steps", "1"], "--steps must be at least 2, got 1"),
+                                           (["--threads", "-1"], "--threads must be 0 (torch's) or more")])
+def test_train_refuses_fewer_than_two_steps_and_negative_threads(argv, message, capsys):
+    """--steps 0 or 1 ran 2 steps, silently; a negative --threads was taken as 0."""
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_train_compare_measures_the_gap():
     gap = train.compare([1.0, 2.0, 3.0], [1.0, 2.1, 3.0])
     assert gap["max_abs_diff"] == pytest.approx(0.1) and gap["max_rel_diff"] == pytest.approx(0.1 / 2.1)
