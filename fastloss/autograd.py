@@ -410,20 +410,7 @@ def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], mean:
     """Runs :class:`SoftmaxLoss` on 2-D logits; returns the loss as ``out_dtype``, summed when
     ``reduce``, and divided by the mean's denominators (computed on the device) when ``mean``."""
     (logits,) = _evaluated(logits)
-    inplace = inplace and logits.requires_grad
-    if inplace and (logits.is_leaf or (logits._base is not None and logits._base.is_leaf)):
-        raise RuntimeError(
-            "inplace_backward=True overwrites the logits with their gradient, which a leaf tensor "
-            "that requires grad (or a view of one) does not allow: pass logits computed by the "
-            "model, or set inplace_backward=False"
-        )
-    if inplace and logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]:
-        raise RuntimeError(  # as torch refuses an in-place write to such a tensor
-            "inplace_backward=True overwrites the logits with their gradient, but their rows share memory "
-            f"(shape {list(logits.shape)}, strides {list(logits.stride())}: an expanded tensor, say), so "
-            "one row's gradient would overwrite another's logits: pass logits with rows of their own, or "
-            "set inplace_backward=False"
-        )
+    inplace = inplace and logits.requires_grad  # (refused logits: functional._check_inplace)
     loss = SoftmaxLoss.apply(logits, target, weight, mean, reduce, inplace, ignore_index,
                              label_smoothing, z_loss, softcap, gamma, out_dtype)
     if inplace and not torch.compiler.is_compiling():

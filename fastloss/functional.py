@@ -298,11 +298,35 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     return input, target
 
 
+def _check_inplace(input: Tensor) -> None:
+    """What ``inplace_backward=True`` refuses, on every backend (the reference overwrites nothing, but
+    code that runs on a CPU should not start raising on a GPU): logits that a backward needs and that
+    cannot hold their gradient. Under no_grad nothing is written, so nothing is refused."""
+    if not (input.requires_grad and torch.is_grad_enabled()):
+        return
+    if input.is_leaf or (input._base is not None and input._base.is_leaf):
+        raise RuntimeError(
+            "inplace_backward=True overwrites the logits with their gradient, which a leaf tensor "
+            "that requires grad (or a view of one) does not allow: pass logits computed by the "
+            "model, or set inplace_backward=False"
+        )
+    # (N, C) logits with unit class stride are overwritten where they are; others are copied first
+    if input.dim() == 2 and input.stride(1) == 1 and input.shape[0] > 1 and input.stride(0) < input.shape[1]:
+        raise RuntimeError(  # as torch refuses an in-place write to such a tensor
+            "inplace_backward=True overwrites the logits with their gradient, but their rows share memory "
+            f"(shape {list(input.shape)}, strides {list(input.stride())}: an expanded tensor, say), so "
+            "one row's gradient would overwrite another's logits: pass logits with rows of their own, or "
+            "set inplace_backward=False"
+        )
+
+
 def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label_smoothing,
                   z_loss, softcap, gamma, inplace_backward) -> Tensor:
     ignore_index = _int(fn, "ignore_index", ignore_index)
     class_targets, label_smoothing = _check_softmax_args(fn, input, target, weight, ignore_index, label_smoothing,
                                                          class_targets_only=gamma is not None)
+    if inplace_backward:
+        _check_inplace(input)
     if class_targets and input.dim() == 1 and target.dim() == 1:  # a (C,) input's one-element target
         target = target.reshape(())
     if softcap is not None:
@@ -383,10 +407,11 @@ def cross_entropy(
             saving one ``N×C`` allocation. The logits are destroyed: backward raises if another
             autograd node saved them before the loss, and in eager mode also if they are written
             to after it or they (or the tensor they view) are used again after it. Leaf logits (or
-            views of them), and logits whose rows share memory, are refused. The reference backend
-            ignores it, and so does an input whose classes are strided in memory (a contiguous
-            ``(N, C, d1, ...)`` tensor, a transposed one): that is copied first, the copy takes the
-            gradient, and the logits keep their values.
+            views of them), and logits whose rows share memory, are refused, on every backend. The
+            reference backend then overwrites nothing, and neither does the kernel for an input
+            whose classes are strided in memory (a contiguous ``(N, C, d1, ...)`` tensor, a
+            transposed one): that is copied first, the copy takes the gradient, and the logits keep
+            their values.
     """
     # A tensor subclass, a mode or torch.fx's Proxy takes the call over, as in torch's functions.
     if has_torch_function_variadic(input, target, weight):

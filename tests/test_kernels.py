@@ -801,30 +801,42 @@ def test_fp16_gradients_written_unscaled_stay_finite(case):
     assert ((got.double() - truth).abs() <= 2.0 ** -10 * truth.abs() + 2.0 ** -24).all(), case
 
 
-def test_inplace_backward_never_silently_wrong():
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
+def test_inplace_backward_refuses_logits_that_cannot_hold_their_gradient(loss, backend_name):
+    """Refused before anything runs, on either backend: the reference overwrites nothing, but code
+    that runs on a CPU must not start raising on a GPU."""
+    fn = getattr(fastloss, loss)
     t = labels(4, 12)
     leaf = logits(4, 12).requires_grad_()
     before = leaf.detach().clone()
-    with fastloss.use_backend("triton"):
-        # a leaf (or a view of one) cannot be overwritten: refused before the kernel runs
-        with pytest.raises(RuntimeError, match="leaf"):
-            fastloss.cross_entropy(leaf, t, inplace_backward=True)
-        with pytest.raises(RuntimeError, match="leaf"):
-            fastloss.cross_entropy(leaf[:, :10], t.clamp(max=9), inplace_backward=True)
+    with fastloss.use_backend(backend_name):
+        # a leaf (or a view of one) cannot be overwritten
+        for x, y in ((leaf, t), (leaf[:, :10], t.clamp(max=9)), (leaf[0], t[0]), (leaf.unsqueeze(-1), t[:, None])):
+            with pytest.raises(RuntimeError, match="leaf"):
+                fn(x, y, inplace_backward=True)
         assert torch.equal(leaf.detach(), before)  # untouched
         # without grad mode nothing is written, so a leaf is fine there (an evaluation loop that
         # reuses the training criterion)
         with torch.no_grad():
-            expected = fastloss.cross_entropy(leaf, t)
-            assert torch.equal(fastloss.cross_entropy(leaf, t, inplace_backward=True), expected)
+            expected = fn(leaf, t)
+            assert torch.equal(fn(leaf, t, inplace_backward=True), expected)
         assert torch.equal(leaf.detach(), before)
         # rows that share memory (an expanded row) cannot each hold their gradient: refused too
         row = leaf[:1] * 2.0
         for shared in (row.expand(4, 12), torch.as_strided(leaf * 2.0, (4, 8), (1, 1))):
             kept = shared.detach().clone()
             with pytest.raises(RuntimeError, match="rows share memory"):
-                fastloss.cross_entropy(shared, t.clamp(max=7), inplace_backward=True)
+                fn(shared, t.clamp(max=7), inplace_backward=True)
             assert torch.equal(shared.detach(), kept)
+        # a transposed tensor is copied (its classes are strided), so its rows are its own
+        fn((leaf * 2.0).t().contiguous().t(), t, inplace_backward=True).backward()
+
+
+def test_inplace_backward_never_silently_wrong():
+    t = labels(4, 12)
+    leaf = logits(4, 12).requires_grad_()
+    with fastloss.use_backend("triton"):
         # another node (x * x) saved the logits: backward raises instead of using the overwritten values
         x = leaf * 2.0
         other = (x * x).sum()
