@@ -203,10 +203,19 @@ def _(logits, target, weight, mean, reduce, loss_dtype, ignore_index, label_smoo
     return _fake_softmax_loss(logits, reduce, loss_dtype)
 
 
+def _scale(mean: bool, input: Tensor) -> float:
+    """An elementwise loss's factor: 1 / its element count for a mean, else 1. Computed inside the
+    ops, not passed to them: a float argument of a custom op is a constant of the compiled graph, so
+    under torch.compile 1 / numel would be specialized to each size (a recompilation for every batch
+    size, until the recompile limit fails a fullgraph=True compile), where the op's flag is not."""
+    return 1.0 / input.numel() if mean else 1.0
+
+
 @_op("huber_fwd", mutates_args=("predicted",))
 def _huber_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, mul: float,
-               scale: float, reduce: bool, grad_input: bool, grad_target: bool,
+               mean: bool, reduce: bool, grad_input: bool, grad_target: bool,
                loss_dtype: torch.dtype, predicted: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    scale = _scale(mean, input)
     gi = torch.empty_like(input) if grad_input else None
     gt = torch.empty_like(target) if grad_target else None
     prediction, predicted = _forward_prediction(input, predicted, HUBER)
@@ -222,16 +231,17 @@ def _fake_elementwise_loss(input: Tensor, reduce: bool, loss_dtype: torch.dtype)
 
 
 @_huber_fwd.register_fake
-def _(input, target, weight, beta, mul, scale, reduce, grad_input, grad_target, loss_dtype, predicted):
+def _(input, target, weight, beta, mul, mean, reduce, grad_input, grad_target, loss_dtype, predicted):
     gi = torch.empty_like(input) if grad_input else _no_grad_buffer(input)
     gt = torch.empty_like(target) if grad_target else _no_grad_buffer(input)
     return _fake_elementwise_loss(input, reduce, loss_dtype), gi, gt
 
 
 @_op("sigmoid_focal_fwd", mutates_args=("predicted",))
-def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, scale: float,
+def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, mean: bool,
                        reduce: bool, grad_input: bool, loss_dtype: torch.dtype,
                        predicted: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    scale = _scale(mean, inputs)
     gi = torch.empty_like(inputs) if grad_input else None
     prediction, predicted = _forward_prediction(inputs, predicted, SIGMOID_FOCAL)
     with _on(inputs):
@@ -241,7 +251,7 @@ def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, alpha: float, gamma: flo
 
 
 @_sigmoid_focal_fwd.register_fake
-def _(inputs, targets, alpha, gamma, scale, reduce, grad_input, loss_dtype, predicted):
+def _(inputs, targets, alpha, gamma, mean, reduce, grad_input, loss_dtype, predicted):
     return _fake_elementwise_loss(inputs, reduce, loss_dtype), torch.empty_like(inputs) if grad_input else _no_grad_buffer(inputs)
 
 
@@ -442,11 +452,6 @@ class _Overwritten(torch.autograd.Function):
         )
 
 
-def _scale(reduction: str, input: Tensor) -> float:
-    """An elementwise loss's factor: 1 / its element count for a mean, else 1."""
-    return 1.0 / input.numel() if reduction == "mean" else 1.0
-
-
 class Huber(torch.autograd.Function):
     """Huber, SmoothL1 and L1: one elementwise kernel, gradients for input and target."""
 
@@ -454,7 +459,7 @@ class Huber(torch.autograd.Function):
     def forward(ctx, input, target, weight, beta, mul, reduction, out_dtype):
         reduce, (grad_input, grad_target) = reduction != "none", ctx.needs_input_grad[:2]
         predicted = _predicted(input, grad_input or grad_target, reduce)
-        loss, g_in, g_t = _huber_fwd(input, target, weight, beta, mul, _scale(reduction, input), reduce,
+        loss, g_in, g_t = _huber_fwd(input, target, weight, beta, mul, reduction == "mean", reduce,
                                      grad_input, grad_target, out_dtype, predicted)
         _save(ctx, HUBER, (g_in, g_t), per_element=not reduce, predicted=predicted)
         return loss
@@ -483,7 +488,7 @@ class SigmoidFocal(torch.autograd.Function):
         # 47.5 instructions per element (bf16, sm_90), while its usual grad_output, 1 / the number of
         # positive anchors of a summed loss, is no power of two: a prediction would seldom pay.
         predicted = _predicted(inputs, grad_input and inputs.dtype == torch.float16, reduce)
-        loss, g_in = _sigmoid_focal_fwd(inputs, targets, alpha, gamma, _scale(reduction, inputs), reduce,
+        loss, g_in = _sigmoid_focal_fwd(inputs, targets, alpha, gamma, reduction == "mean", reduce,
                                         grad_input, out_dtype, predicted)
         _save(ctx, SIGMOID_FOCAL, (g_in,), per_element=not reduce, predicted=predicted)
         return loss

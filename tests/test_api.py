@@ -229,6 +229,42 @@ def test_broadcasting_and_legacy_arguments_compile_with_fullgraph(backend_name):
         torch.testing.assert_close(got, expected)
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("loss", ["huber_loss", "smooth_l1_loss", "sigmoid_focal_loss"])
+def test_a_mean_compiles_once_for_every_batch_size(loss, backend_name):
+    """A mean divides by the element count: inside the kernels' op it is no constant of the graph,
+    so a compiled loss takes every batch size with one dynamic graph, as torch's does (1 / numel as
+    the op's float argument was specialized to each size, recompiling until the recompile limit
+    failed the fullgraph=True compile), and torch.export takes a dynamic batch dimension."""
+    import torch._dynamo.testing
+
+    device = _device(backend_name)
+    fn = lambda x, t: getattr(fastloss, loss)(x, t, reduction="mean")  # noqa: E731
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    frames = []
+    with fastloss.use_backend(backend_name):
+        for n in range(2, 14):  # more sizes than the recompile limit (8)
+            x = torch.randn(n, 3, device=device, requires_grad=True)
+            t = torch.rand(n, 3, device=device)
+            got = compiled(x, t)
+            got.backward()
+            torch.testing.assert_close(got, fn(x.detach(), t))
+            frames.append(counter.frame_count)
+        assert frames[-1] == frames[2], frames  # a static graph, then one dynamic one
+        batch = torch.export.Dim("batch")
+
+        class Model(torch.nn.Module):
+            def forward(self, x, t):
+                return fn(x, t)
+
+        exported = torch.export.export(Model(), (torch.randn(4, 3, device=device), torch.rand(4, 3, device=device)),
+                                       dynamic_shapes=({0: batch}, {0: batch}))
+        x, t = torch.randn(7, 3, device=device), torch.rand(7, 3, device=device)
+        torch.testing.assert_close(exported.module()(x, t), fn(x, t))
+
+
 def test_forcing_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
     pytest.importorskip("triton")
     from fastloss.kernels import common
