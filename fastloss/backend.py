@@ -25,7 +25,10 @@ BACKENDS = ("auto", "triton", "reference")
 # The use_backend() stack. A plain list rather than a ContextVar, so that torch.compile can trace
 # through backend selection; it is process-wide, not per thread.
 _overrides: list[str] = []
-_triton_found: list[bool] = []
+# Whether triton is installed: looked up once here (a fraction of a millisecond; triton is not
+# imported). Not on the first call: a first call traced by torch.compile would fill a cache, and its
+# guard on the empty cache would then fail, compiling the caller's whole graph a second time.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
 
 
 def _check(name: str) -> str:
@@ -52,9 +55,7 @@ def use_backend(name: str):
 
 
 def triton_available() -> bool:
-    if not _triton_found:
-        _triton_found.append(importlib.util.find_spec("triton") is not None)
-    return _triton_found[0]
+    return _TRITON_FOUND
 
 
 def interpreter_enabled() -> bool:

@@ -265,6 +265,28 @@ def test_a_mean_compiles_once_for_every_batch_size(loss, backend_name):
         torch.testing.assert_close(exported.module()(x, t), fn(x, t))
 
 
+def test_the_first_call_of_a_process_compiles_once():
+    """A loss first called inside a compiled function compiles it once: backend selection leaves no
+    state for the trace to fill (the first traced lookup of triton used to fill a cache, and the
+    guard on its empty state then failed on the next call, compiling the whole graph again). A fresh
+    process, where nothing has selected a backend yet."""
+    pytest.importorskip("triton")
+    code = ("import torch, torch._dynamo.testing, fastloss\n"
+            "device = 'cuda' if torch.cuda.is_available() else 'cpu'\n"
+            "counter = torch._dynamo.testing.CompileCounterWithBackend('eager')\n"
+            "f = torch.compile(lambda x, t: fastloss.huber_loss(x, t), fullgraph=True, backend=counter)\n"
+            "x, t = torch.randn(4, 3, device=device), torch.randn(4, 3, device=device)\n"
+            "with fastloss.use_backend('triton'):\n"
+            "    for _ in range(3):\n"
+            "        f(x, t)\n"
+            "print(counter.frame_count)\n")
+    env = {**os.environ} if torch.cuda.is_available() else {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "1"
+
+
 def test_forcing_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
     pytest.importorskip("triton")
     from fastloss.kernels import common
