@@ -69,10 +69,10 @@ def interpreter_enabled() -> bool:
 
 def transforming() -> bool:
     """Whether a torch.func transform (vmap, grad, jacrev, ...) runs this call: the kernels'
-    autograd.Functions cannot be transformed, and no check may branch on a tensor's values. (False
-    while torch.compile traces, which cannot call this; torch itself asks the same question before
-    every autograd.Function.)"""
-    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    autograd.Functions cannot be transformed, and no check may branch on a tensor's values. (torch
+    itself asks the same question before every autograd.Function; torch.compile traces it, so a
+    compiled ``vmap(grad(loss))`` takes the reference too.)"""
+    return torch._C._are_functorch_transforms_active()
 
 
 def forward_mode() -> bool:

@@ -1,5 +1,6 @@
 """The public API: signatures, the backend switch, bad arguments, modules and legacy arguments."""
 
+import importlib.util
 import inspect
 import math
 import os
@@ -182,6 +183,27 @@ def test_forcing_triton_under_a_torch_func_transform_is_an_error():
     pytest.importorskip("triton")
     with fastloss.use_backend("triton"), pytest.raises(RuntimeError, match="torch.func"):
         torch.func.grad(fastloss.huber_loss)(torch.randn(4), torch.randn(4))
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "huber_loss", "sigmoid_focal_loss"])
+def test_compiled_torch_func_transforms_run_the_reference(name, monkeypatch):
+    """A compiled vmap(grad(loss)) (per-sample gradients under torch.compile) sees the transform as
+    eager mode does: auto takes the reference there, on CUDA too (the kernels' ops failed inside the
+    transform), and forcing triton raises the same error as in eager mode."""
+    monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    ours, theirs, kind = TRANSFORMED[name]
+    device = _device("triton")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 7, generator=g).to(device)
+    t = (torch.randint(0, 7, (4, 3), generator=g) if kind == "class" else torch.rand(4, 3, 7, generator=g)).to(device)
+    per_sample = lambda fn: torch.func.vmap(torch.func.grad(fn))  # noqa: E731
+    torch._dynamo.reset()
+    got = torch.compile(per_sample(ours), fullgraph=True, backend="aot_eager")(x, t)
+    torch.testing.assert_close(got, per_sample(theirs)(x, t))
+    if importlib.util.find_spec("triton") is not None:
+        torch._dynamo.reset()
+        with fastloss.use_backend("triton"), pytest.raises(RuntimeError, match="torch.func transform"):
+            torch.compile(per_sample(ours), fullgraph=True, backend="aot_eager")(x, t)
 
 
 def test_out_of_range_class_where_no_check_can_branch(monkeypatch):
