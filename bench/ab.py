@@ -124,23 +124,31 @@ def main(argv=None) -> int:
     for flag in ("losses", "dtypes"):
         if getattr(args, flag):
             bench_args += [f"--{flag}", getattr(args, flag)]
-    columns, extra = {}, []
+    columns, extra, failed = {}, [], []
     start = time.monotonic()
     for r in range(1, args.rounds + 1):
         for name in names:
             site, run = setup[name]
             save = raw / name / f"round{r}"
             print(f"[{time.monotonic() - start:5.0f} s] round {r}: {name}", flush=True)
-            _python(bench_args + ["--save", str(save)], run, site, raw / name / f"bench{r}.log", args.timeout)
+            status = _python(bench_args + ["--save", str(save)], run, site, raw / name / f"bench{r}.log", args.timeout)
+            if status != 0:  # its missing rows show as dashes: say why, in ab.txt and in the exit status
+                failed.append(f"{name}, round {r}: python -m bench exited with status {status} "
+                              f"(ab/{name}/bench{r}.log, in ab.tgz)")
+                print(f"  {failed[-1]}", flush=True)
             columns[f"{name} {r}"] = shares(report.load(str(save)))
             for flag, tool in ((args.kernel, ["-m", "bench.tune_ce", "--rounds", "0", "--elementwise", "--cases",
                                                args.kernel]), (args.host, ["-m", "bench.host"])):
                 if flag:
                     log = raw / name / f"{tool[1].split('.')[1]}{r}.log"
-                    _python(tool, run, site, log, args.timeout)
+                    status = _python(tool, run, site, log, args.timeout)
+                    if status != 0:
+                        failed.append(f"{name}, round {r}: python {' '.join(tool)} exited with status {status}")
                     extra.append(f"== {name}, round {r}: python {' '.join(tool)}\n{log.read_text().strip()}")
 
     text = f"share of the floor, fastloss, {' '.join(bench_args[1:])}\n\n{table(columns)}\n"
+    if failed:
+        text += "\nfailed runs:\n" + "\n".join(f"  {line}" for line in failed) + "\n"
     if extra:
         text += "\n" + "\n\n".join(extra) + "\n"
     (out / "ab.txt").write_text(text)
@@ -151,7 +159,7 @@ def main(argv=None) -> int:
         tar.add(raw, arcname="ab")
     shutil.rmtree(raw)
     print(text)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -312,6 +312,27 @@ def test_ab_checks_every_tree_before_installing_any(tmp_path, monkeypatch, capsy
     assert not (tmp_path / "out").exists()
 
 
+def test_ab_reports_a_failed_run(tmp_path, monkeypatch, capsys):
+    """A benchmark run that fails (or times out) is named in ab.txt and makes the exit status 1: its
+    cases would otherwise show only as dashes, like a case that failed its check."""
+    tree = tmp_path / "old"
+    (tree / "bench").mkdir(parents=True)
+    (tree / "pyproject.toml").write_text("")
+    monkeypatch.setattr(ab, "prepare", lambda t, raw: (raw / "site", raw / "run"))
+
+    def python(args, workdir, site, log, timeout):  # the first round of the first tree times out
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("")
+        return 124 if "/old/round1" in " ".join(args) else 0
+
+    monkeypatch.setattr(ab, "_python", python)
+    assert ab.main([str(tmp_path / "out"), str(tree), str(tree)]) == 1
+    text = (tmp_path / "out" / "ab.txt").read_text()
+    assert "failed runs:" in text and "round 1: python -m bench exited with status 124" in text
+    assert text.count("exited with status") == 1
+    assert "status 124" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("n_cols", [32768, 128256, 262144])
 def test_tune_ce_tries_segments_held_in_registers(n_cols):
     """bench.tune_ce's joint candidates: each holds its whole segment in registers (the kernel's SINGLE
