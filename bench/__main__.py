@@ -28,19 +28,6 @@ def _choices(allowed):
     return parse
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-
-    return parse
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     p.add_argument("--losses", type=_choices(LOSSES), default=LOSSES, help="default: all")
@@ -62,12 +49,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     p.add_argument(
         "--threads",
-        type=_int_at_least(0),
+        type=report.int_at_least(0),
         default=1,
         help="CPU only: torch threads while timing (default 1: steady on small shared machines; 0 keeps torch's)",
     )
     p.add_argument(
-        "--copy-mib", type=_int_at_least(1), default=None, help="copy-bandwidth tensor size (default 2048 CUDA, 256 CPU)"
+        "--copy-mib", type=report.int_at_least(1), default=None, help="copy-bandwidth tensor size (default 2048 CUDA, 256 CPU)"
     )
     p.add_argument("--save", metavar="DIR", help="write results.json/.csv/.md and PNG plots into DIR")
     p.add_argument("--merge", action="store_true", help="with --save: keep DIR's other records (run in pieces)")

@@ -63,7 +63,7 @@ import fastloss.backend as backend
 import fastloss.functional as functional
 
 from . import cases as bench_cases
-from . import harness
+from . import harness, report
 
 # Aten ops that only allocate memory or change metadata: no kernel launch on a GPU.
 NO_LAUNCH = ("empty", "empty_like", "empty_strided", "new_empty", "promote_types", "view", "_unsafe_view", "reshape", "alias", "detach",
@@ -282,19 +282,9 @@ def direct_ab(inputs, fn, reps: int, blocks: int = 30) -> dict:
     return dict(triton_us=min(medians[False]), direct_us=min(medians[True]), gain_us=q2, gain_q1=q1, gain_q3=q3)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.host", description=__doc__.split("\n\n")[0])
-    p.add_argument("--reps", type=_positive_int, default=200, help="steps timed per measurement (default 200)")
+    p.add_argument("--reps", type=report.int_at_least(1), default=200, help="steps timed per measurement (default 200)")
     p.add_argument("--cases", default="", help="comma-separated substrings of case names (default: all)")
     p.add_argument("--launch-path", action="store_true",
                    help="on a CPU: launches through Triton's own launch path (kernels compiled for sm_90 with "

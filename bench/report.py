@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime
 import json
+import argparse
 import os
 import platform
 import shutil
@@ -303,6 +304,20 @@ def _markdown(recs: list[dict], plots: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def int_at_least(low: int):
+    """An argparse ``type``: an integer no smaller than ``low``, else a usage error that says so."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
 def unwritable(directory: str) -> str | None:
     """None if ``directory`` exists (it is created if not) and takes a new file, else the reason why not:
     checked before a run, so that --save fails before the measurements, not after them."""
@@ -391,8 +406,6 @@ def readme_table(recs: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    import argparse
-
     p = argparse.ArgumentParser(prog="python -m bench.report",
                                 description="Print the README's results table from a python -m bench --save folder.")
     p.add_argument("dir", nargs="?", default="bench/results",

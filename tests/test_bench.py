@@ -260,7 +260,7 @@ def test_host_refuses_no_reps_and_a_selection_of_no_case(capsys):
     pytest.importorskip("triton")
     with pytest.raises(SystemExit) as exc:
         host.main(["--reps", "0"])
-    assert exc.value.code == 2 and "expected a positive integer, got 0" in capsys.readouterr().err
+    assert exc.value.code == 2 and "expected an integer >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         host.main(["--reps", "1", "--cases", "nothing like it"])
     err = capsys.readouterr().err
