@@ -26,6 +26,8 @@ CASES = [  # (name, dtype, N, V, write_grad)
     ("bf16 V=32768", torch.bfloat16, 8192, 32768, True),
     ("bf16 V=128256", torch.bfloat16, 8192, 128256, True),
     ("bf16 V=262144", torch.bfloat16, 8192, 262144, True),
+    # past the cap of 32 segments a row (an H100): longer segments swept in chunks, as many bytes
+    ("bf16 N=4096 V=524288", torch.bfloat16, 4096, 524288, True),
     ("fp32 V=128256", torch.float32, 8192, 128256, True),
     ("fp32 N=65536 V=1000", torch.float32, 65536, 1000, True),
     ("bf16 V=128256 fwd", torch.bfloat16, 8192, 128256, False),
