@@ -28,7 +28,7 @@ timeout "${LARGE_S:-60}" $py -m pytest tests -q -p no:cacheprovider ${parallel:+
 mkdir -p "$out/results"
 { cat "$out/device.txt"
   echo
-  echo "python -m pytest tests at full size, in two runs (the full-size tests 3 at a time), at $(git rev-parse --short HEAD 2>/dev/null) ($(date +%F)):"
+  echo "python -m pytest tests at full size, in two runs (the full-size tests 3 at a time), at $(git describe --always --dirty 2>/dev/null) ($(date +%F)):"
   grep -E "passed|failed|^FAILED|^ERROR" "$out/tests.log"
   if grep -q "^FAILED\|^ERROR" "$out/tests.log"; then  # what each failure asserted, for the notes
     echo; echo "assertions (the first 60 lines):"

@@ -67,11 +67,12 @@ SPLIT_COLS = {2: (8192, 2048, 4), 4: (16384, 16384, 8)}
 # gives a row at most as many segments as the GPU has SMs, and at most MAX_SEGMENTS (the tuner found
 # no gain beyond); longer rows get longer segments, swept in chunks.
 MAX_SEGMENTS = 32
-# A 16-bit row cut into this many segments or more runs 2 warps a program, not 4: twice as many
-# programs fit on an SM, and so twice as many rows are read at once. The tuner on an H100, bf16
-# N = 8192 (bench/NOTES.md, section 19): at V = 262144 (32 segments) 79.5% and 80.9% of the floor
-# with 2 warps against 77.0% and 72.9% with 4 in two runs; at V = 128256 (16 segments) 2 warps
-# were 0.6% slower, at V = 32768 slower still.
+# A 16-bit row cut into this many segments or more runs 2 warps a program, not 4. Measured, not
+# explained (bench/NOTES.md, section 19): the tuner on an H100, bf16 N = 8192, at V = 262144 (32
+# segments) 79.5-80.9% of the floor with 2 warps against 72.9-77.0% with 4 in three runs, and past
+# the cap (N = 4096, V = 524288) 72.7% against 70.4%; at V = 128256 (16 segments) 2 warps were
+# 0.6% slower, at V = 32768 slower still. (Not more programs an SM: with 2 warps the compiler gives
+# a thread 128 registers, not 56, and an SM holds 8 programs, not 9.)
 FEW_WARPS_SEGMENTS = 32
 
 STATS = 8  # floats per segment in the SPLIT statistics buffer (5 used; 32-byte records)
