@@ -29,6 +29,22 @@ _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # a gradient of 0) where torch's 0.5 d^2 and d stay exact, so a larger finite delta takes the
 # reference path. Up to it the loss of a difference is exact while 0.5 d^2 >= 2^-106 (~1.2e-32).
 _HUBER_KERNEL_MAX_DELTA = 2.0 ** 20
+# A tensor of another layout than strided (sparse, mkldnn, jagged) raises what torch's loss raises for
+# it (torch 2.13 on CPU; see ``_check_devices``): NotImplementedError for the layouts that the op meeting
+# it has no kernel for (these, per loss, for its input, target and weight), else RuntimeError, from one
+# of torch's checks. Where torch computes the loss, the loss takes the tensor densified instead.
+_COO, _COO_CSR = (torch.sparse_coo,), (torch.sparse_coo, torch.sparse_csr)
+_ALL_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc,
+                torch._mkldnn, torch.jagged)
+# log_softmax, for a COO, CSR or CSC input; nll_loss, for a COO target of (C,) or (N, C) logits, a COO
+# weight, and an mkldnn one with class indices (torch computes with a COO target of probabilities)
+_CE_NO_KERNEL = (_COO_CSR + (torch.sparse_csc,), _COO, (torch.sparse_coo, torch._mkldnn))
+_CE_SPATIAL_NO_KERNEL = (_CE_NO_KERNEL[0], (), _CE_NO_KERNEL[2])
+_CE_PROBABILITIES_NO_KERNEL = (_CE_NO_KERNEL[0], (), _COO)
+_SIGMOID_FOCAL_NO_KERNEL = ((torch.sparse_coo, torch._mkldnn, torch.jagged),)  # the inputs' sigmoid (mkldnn: BCE)
+# huber_loss, for any input and target; mean, for a COO or CSR weight (its other reductions compute with one)
+_HUBER_NO_KERNEL = (_ALL_LAYOUTS, _ALL_LAYOUTS, _COO_CSR)
+_SMOOTH_L1_NO_KERNEL = ((torch.sparse_coo, torch.jagged),) * 2  # with beta = 0, l1_loss's: none (see there)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -93,11 +109,18 @@ def _upcast(*tensors: Tensor | None) -> list[Tensor | None]:
             for t in tensors]
 
 
-def _check_devices(fn: str, *named: tuple[str, Tensor | None]) -> None:
-    """All given tensors on the first one's device (``None`` entries skipped; the first is given)."""
+def _check_devices(fn: str, *named: tuple[str, Tensor | None], no_kernel: tuple = ()) -> None:
+    """All given tensors strided (dense) and on the first one's device (``None`` entries skipped; the
+    first is given). One of another layout raises as torch's loss raises for it: NotImplementedError
+    where its layout is in its entry of ``no_kernel`` (a tuple of layouts per tensor, in order), else
+    RuntimeError."""
     (first_name, first), device = named[0], named[0][1].device
-    for name, t in named[1:]:
-        if t is not None and t.device != device:
+    for name, t in named if first.layout is not torch.strided else named[1:]:  # (the first: its layout only)
+        if t is not None and (t.layout is not torch.strided or t.device != device):
+            if t.layout is not torch.strided:
+                i = [n for n, _ in named].index(name)
+                exc = NotImplementedError if i < len(no_kernel) and t.layout in no_kernel[i] else RuntimeError
+                raise exc(f"{fn}: expected strided (dense) tensors, but {name} has layout {t.layout}")
             raise RuntimeError(
                 f"{fn}: expected all tensors on one device, but {first_name} is on {first.device} "
                 f"and {name} is on {t.device}"
@@ -188,9 +211,9 @@ def _check_same_shape_or_broadcast(input: Tensor, target: Tensor) -> bool:
 
 
 def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int,
-                        label_smoothing, class_targets_only: bool = False) -> tuple[bool, float]:
-    """Checks arguments in torch's cross_entropy's order; returns whether the targets are class
-    indices, and ``label_smoothing`` as a float."""
+                        label_smoothing, class_targets_only: bool = False) -> tuple[Tensor, bool, float]:
+    """Checks arguments in torch's cross_entropy's order; returns the target (dense), whether it holds
+    class indices, and ``label_smoothing`` as a float."""
     _check_tensor("input", input, floating=False)
     _check_tensor("target", target, floating=False)
     if weight is not None:  # torch's argument parser: before any other check
@@ -258,8 +281,12 @@ def _check_softmax_args(fn: str, input: Tensor, target: Tensor, weight: Tensor |
     if probabilities:
         _check_tensor("input", input)
         label_smoothing = _check_range(fn, "label_smoothing", label_smoothing, 0.0, 1.0, exc=RuntimeError)
-    _check_devices(fn, ("input", input), ("target", target), ("weight", weight))
-    return class_targets, label_smoothing
+        if target.layout is torch.sparse_coo and label_smoothing == 0.0:
+            target = target.to_dense()  # torch computes with it (with label smoothing: RuntimeError)
+    _check_devices(fn, ("input", input), ("target", target), ("weight", weight),
+                   no_kernel=_CE_NO_KERNEL if class_targets and dim <= 2 else
+                   _CE_SPATIAL_NO_KERNEL if class_targets else _CE_PROBABILITIES_NO_KERNEL)
+    return target, class_targets, label_smoothing
 
 
 def _check_class_range(target: Tensor, n_classes: int, ignore_index: int) -> None:
@@ -323,8 +350,8 @@ def _check_inplace(input: Tensor) -> None:
 def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label_smoothing,
                   z_loss, softcap, gamma, inplace_backward) -> Tensor:
     ignore_index = _int(fn, "ignore_index", ignore_index)
-    class_targets, label_smoothing = _check_softmax_args(fn, input, target, weight, ignore_index, label_smoothing,
-                                                         class_targets_only=gamma is not None)
+    target, class_targets, label_smoothing = _check_softmax_args(fn, input, target, weight, ignore_index,
+                                                                 label_smoothing, class_targets_only=gamma is not None)
     if inplace_backward:
         _check_inplace(input)
     if class_targets and input.dim() == 1 and target.dim() == 1:  # a (C,) input's one-element target
@@ -461,12 +488,12 @@ def _check_pair(fn: str, input: Tensor, target: Tensor, weight: Tensor | None) -
     """Huber's and SmoothL1's tensor checks, before their other arguments' as in torch (whose
     broadcast comes before the reduction is read); returns whether input and target have one shape.
     (An integer or bool target, or an integer weight, is allowed, as torch allows it: the reference
-    takes it.) The input's dtype is checked last, by ``_check_float_input``, as torch's kernel checks it."""
+    takes it.) Their devices and layouts are checked after the reduction (``_check_devices``), and the
+    input's dtype last (``_check_float_input``), as torch's kernel checks them."""
     _check_tensor("input", input, floating=False)
     _check_tensor("target", target, floating=False)
     if weight is not None:
         _check_tensor("weight", weight, floating=False)
-    _check_devices(fn, ("input", input), ("target", target), ("weight", weight))
     return _check_same_shape_or_broadcast(input, target)
 
 
@@ -533,7 +560,7 @@ def sigmoid_focal_loss(
         )
     if not targets.is_floating_point():  # torchvision fails with a RuntimeError here
         raise RuntimeError(f"sigmoid_focal_loss: targets must be a floating-point tensor, got dtype {targets.dtype}")
-    _check_devices("sigmoid_focal_loss", ("inputs", inputs), ("targets", targets))
+    _check_devices("sigmoid_focal_loss", ("inputs", inputs), ("targets", targets), no_kernel=_SIGMOID_FOCAL_NO_KERNEL)
     gamma = _check_range("sigmoid_focal_loss", "gamma", gamma, 0.0)
     reduction = _reduction(reduction, deprecated_mean=False)  # torchvision's: none, mean or sum
     out_dtype = _loss_dtype(inputs, targets)
@@ -573,6 +600,10 @@ def huber_loss(
     # applies after an unreduced call
     if weight is None:
         reduction = _reduction(reduction)
+    elif weight.layout is not torch.strided and weight.layout in _COO_CSR and reduction != "mean":
+        weight = weight.to_dense()  # torch multiplies its loss by it, and sums that
+    _check_devices("huber_loss", ("input", input), ("target", target), ("weight", weight),
+                   no_kernel=_HUBER_NO_KERNEL)
     delta = _check_range("huber_loss", "delta", delta, 0.0, low_inclusive=False, exc=RuntimeError)
     _check_float_input("huber_loss", input, target, keeps_input_dtype=True)
     if weight is not None:
@@ -608,6 +639,17 @@ def smooth_l1_loss(
         input = input.to(target.dtype)  # as torch promotes an integer or bool input (huber_loss refuses it)
     same_shape = _check_pair("smooth_l1_loss", input, target, None)
     reduction = _reduction(reduction, size_average, reduce)
+    no_kernel = _SMOOTH_L1_NO_KERNEL
+    if (input.layout is not torch.strided or target.layout is not torch.strided) and beta == 0.0:
+        # torch's beta = 0 is its l1_loss, input - target: it computes with a COO target, and with two
+        # jagged tensors (torch's own l1_loss here: the reference's reshape cannot take them), and
+        # refuses other layouts with RuntimeError
+        if input.layout is torch.jagged and target.layout is torch.jagged:
+            return torch.nn.functional.l1_loss(input, target, reduction=reduction)
+        if target.layout is torch.sparse_coo and input.layout is torch.strided:
+            target = target.to_dense()
+        no_kernel = ()
+    _check_devices("smooth_l1_loss", ("input", input), ("target", target), no_kernel=no_kernel)
     beta = _check_range("smooth_l1_loss", "beta", beta, 0.0, exc=RuntimeError)
     _check_float_input("smooth_l1_loss", input, target, keeps_input_dtype=False)
     out_dtype = _loss_dtype(input, target)

@@ -1,5 +1,6 @@
 """The public API: signatures, the backend switch, bad arguments, modules and legacy arguments."""
 
+import contextlib
 import importlib.util
 import inspect
 import math
@@ -479,6 +480,10 @@ BAD_CALLS = [
     ("smooth_l1_complex_input", lambda m: m.smooth_l1_loss(X.to(torch.complex64), Y), "complex"),
     ("device", lambda m: m.cross_entropy(X, T.to("meta")), "device"),
     ("huber_device", lambda m: m.huber_loss(X, Y.to("meta")), "device"),
+    # torch's kernel meets the devices (and layouts) after the reduction and the weight's shape are read
+    ("huber_reduction_before_device", lambda m: m.huber_loss(X, Y.to("meta"), reduction="max"), "reduction"),
+    ("huber_weight_before_device", lambda m: m.huber_loss(X, Y.to("meta"), weight=torch.ones(5)), "weight"),
+    ("smooth_l1_reduction_before_layout", lambda m: m.smooth_l1_loss(X, Y.to_sparse(), reduction=""), "reduction"),
 ]
 
 
@@ -658,6 +663,137 @@ def test_bad_arguments_of_extras(call, exc, pattern, backend_name, launches):
         call()
     assert type(raised.value) is exc  # not a subclass: torchvision's own type
     assert not launches  # raised before any kernel launch
+
+
+# --------------------------------------------------------------------------------------------------
+# tensors of another layout than strided (sparse, mkldnn, jagged): torch's exception, or torch's value
+# --------------------------------------------------------------------------------------------------
+
+
+def _torchvision_sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, reduction="none"):
+    """torchvision.ops.sigmoid_focal_loss where torchvision is installed, else its body (alpha >= 0)."""
+    if importlib.util.find_spec("torchvision") is not None:
+        import torchvision
+
+        return torchvision.ops.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
+    p = torch.sigmoid(inputs)
+    loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
+    loss = loss * (1 - (p * targets + (1 - p) * (1 - targets))) ** gamma
+    loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
+
+
+# torch's counterparts under fastloss's names; focal loss has none: cross-entropy stands for it
+TORCH = types.SimpleNamespace(
+    cross_entropy=F.cross_entropy, huber_loss=F.huber_loss, smooth_l1_loss=F.smooth_l1_loss,
+    focal_loss=lambda input, target, weight=None: F.cross_entropy(input, target, weight),
+    sigmoid_focal_loss=_torchvision_sigmoid_focal_loss,
+    nn=types.SimpleNamespace(
+        CrossEntropyLoss=torch.nn.CrossEntropyLoss, HuberLoss=torch.nn.HuberLoss, SmoothL1Loss=torch.nn.SmoothL1Loss,
+        FocalLoss=lambda weight=None: torch.nn.CrossEntropyLoss(weight),
+        SigmoidFocalLoss=lambda: _torchvision_sigmoid_focal_loss),
+)
+
+_Q = torch.softmax(torch.randn(4, 5, generator=torch.Generator().manual_seed(5)), -1)
+_Q = torch.where(_Q > 0.2, _Q, 0.0)  # class probabilities, some of them 0
+_X3, _T3 = torch.randn(4, 5, 3), torch.tensor([[0, 1, 2], [3, 4, 0], [1, 1, 1], [2, 0, 4]])
+_W, _EW = torch.rand(5) + 0.5, torch.rand(4, 5)
+# id: (the call, on fastloss or TORCH, of input, target and weight; those three tensors, None if not taken)
+LAYOUT_CASES = {
+    "cross_entropy": (lambda m, x, t, w: m.cross_entropy(x, t, w), (X, T, _W)),
+    "cross_entropy_spatial": (lambda m, x, t, w: m.cross_entropy(x, t, w), (_X3, _T3, _W)),
+    "cross_entropy_probabilities": (lambda m, x, t, w: m.cross_entropy(x, t, w), (X, _Q, _W)),
+    "cross_entropy_probabilities_none": (lambda m, x, t, w: m.cross_entropy(x, t, w, reduction="none"), (X, _Q, _W)),
+    "cross_entropy_probabilities_smoothed": (lambda m, x, t, w: m.cross_entropy(x, t, label_smoothing=0.1),
+                                             (X, _Q, None)),
+    "focal_loss": (lambda m, x, t, w: m.focal_loss(x, t, weight=w), (X, T, _W)),
+    "sigmoid_focal_loss": (lambda m, x, t, w: m.sigmoid_focal_loss(x, t, reduction="mean"), (X, _Q, None)),
+    "huber_loss": (lambda m, x, t, w: m.huber_loss(x, t, weight=w), (X, Y, _EW)),
+    "huber_loss_none": (lambda m, x, t, w: m.huber_loss(x, t, "none", weight=w), (X, Y, _EW)),
+    "huber_loss_sum": (lambda m, x, t, w: m.huber_loss(x, t, "sum", weight=w), (X, Y, _EW)),
+    "smooth_l1_loss": (lambda m, x, t, w: m.smooth_l1_loss(x, t), (X, Y, None)),
+    "smooth_l1_loss_beta_0": (lambda m, x, t, w: m.smooth_l1_loss(x, t, beta=0.0), (X, Y, None)),
+    "CrossEntropyLoss": (lambda m, x, t, w: m.nn.CrossEntropyLoss(w)(x, t), (X, T, _W)),
+    "FocalLoss": (lambda m, x, t, w: m.nn.FocalLoss(weight=w)(x, t), (X, T, _W)),
+    "SigmoidFocalLoss": (lambda m, x, t, w: m.nn.SigmoidFocalLoss()(x, t), (X, _Q, None)),
+    "HuberLoss": (lambda m, x, t, w: m.nn.HuberLoss(delta=0.5)(x, t), (X, Y, None)),
+    "SmoothL1Loss": (lambda m, x, t, w: m.nn.SmoothL1Loss(beta=0.0)(x, t), (X, Y, None)),
+}
+# layout: (makes a tensor of it, whether a tensor can be made so); jagged: below
+LAYOUTS = {
+    "coo": (lambda t: t.to_sparse(), lambda t: True),
+    "csr": (lambda t: t.to_sparse_csr(), lambda t: t.dim() == 2),
+    "csc": (lambda t: t.to_sparse_csc(), lambda t: t.dim() == 2),
+    "bsr": (lambda t: t.to_sparse_bsr((2, 1)), lambda t: t.dim() == 2),
+    "bsc": (lambda t: t.to_sparse_bsc((2, 1)), lambda t: t.dim() == 2),
+    "mkldnn": (lambda t: t.to_mkldnn(), lambda t: t.is_floating_point() and torch.backends.mkldnn.is_available()),
+}
+# and jagged: every argument of the input's shape at once, with one ragged structure (one alone has
+# another shape than the others: a shape error)
+LAYOUT_PARAMS = [
+    *(pytest.param(case, arg, layout, id=f"{case}-{('input', 'target', 'weight')[arg]}-{layout}")
+      for case, (_, tensors) in LAYOUT_CASES.items() for arg, t in enumerate(tensors) if t is not None
+      for layout, (_, applies) in LAYOUTS.items() if applies(t)),
+    *(pytest.param(case, None, "jagged", id=f"{case}-jagged") for case in LAYOUT_CASES),
+]
+
+
+def _with_layout(tensors, arg, layout, device):
+    """The tensors on the device, the one at ``arg`` of the layout (jagged: every one of the input's
+    shape, as rows of one jagged tensor each, of one ragged structure)."""
+    tensors = [None if t is None else t.to(device) for t in tensors]
+    if layout != "jagged":
+        return [LAYOUTS[layout][0](t) if i == arg else t for i, t in enumerate(tensors)]
+    rows, columns = tensors[0].shape[:2]
+    offsets = torch.arange(0, rows * columns + 1, columns, device=device)
+    return [torch.nested.nested_tensor_from_jagged(t.flatten(0, 1), offsets)
+            if t is not None and t.shape == tensors[0].shape else t for t in tensors]
+
+
+def _outcome(call):
+    """What a call returns, or raises: (value, None) or (None, exception)."""
+    try:
+        return call(), None
+    except Exception as exc:  # noqa: BLE001 - the type is what is compared
+        return None, exc
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("case, arg, layout", LAYOUT_PARAMS)
+def test_other_layouts_raise_or_compute_as_torch(case, arg, layout, backend_name, monkeypatch):
+    """One argument of a loss or module of another layout than strided: fastloss raises the exception
+    type torch raises for the same call on CPU, before any kernel launch or reference computation;
+    where torch computes the loss, fastloss computes the same value (dense, where torch's reduction
+    'none' returns a sparse tensor)."""
+    if backend_name == "triton":
+        pytest.importorskip("triton")
+    call, tensors = LAYOUT_CASES[case]
+    device = _device(backend_name)
+    if layout == "mkldnn" and device.type != "cpu":
+        pytest.skip("mkldnn tensors are CPU tensors")
+    computed = []  # the reference implementations that ran
+    for name in ("cross_entropy", "focal_loss", "sigmoid_focal_loss", "huber_loss", "smooth_l1_loss"):
+        monkeypatch.setattr(reference, name, lambda *a, _name=name, _ref=getattr(reference, name), **k:
+                            computed.append(_name) or _ref(*a, **k))
+    launched = host.triton_launches(stub=False) if importlib.util.find_spec("triton") else contextlib.nullcontext({})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (sparse CSR support "in beta state", and other layouts')
+        theirs, ours = _with_layout(tensors, arg, layout, "cpu"), _with_layout(tensors, arg, layout, device)
+        expected, expected_exc = _outcome(lambda: call(TORCH, *theirs))
+        with fastloss.use_backend(backend_name), launched as launches:
+            got, exc = _outcome(lambda: call(fastloss, *ours))
+    if expected_exc is not None:
+        assert type(exc) is type(expected_exc), f"torch raised {expected_exc!r}, fastloss raised {exc!r}"
+        assert not launches and not computed  # raised before any kernel launch or reference computation
+        if layout != "jagged":  # (a jagged input's ragged classes fail a shape check first, as in torch)
+            assert ("input", "target", "weight")[arg] in str(exc) and str(ours[arg].layout) in str(exc)
+        return
+    assert exc is None, f"torch returned {expected!r}, fastloss raised {exc!r}"
+    if expected.layout is torch.jagged:  # as torch's: its L1 loss of two jagged tensors, unreduced
+        assert got.layout is torch.jagged
+        got, expected = got.values(), expected.values()
+    assert got.layout is torch.strided
+    torch.testing.assert_close(got.cpu(), expected.to_dense() if expected.layout is not torch.strided else expected)
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
