@@ -115,12 +115,13 @@ def _check_devices(fn: str, *named: tuple[str, Tensor | None], no_kernel: tuple 
     where its layout is in its entry of ``no_kernel`` (a tuple of layouts per tensor, in order), else
     RuntimeError."""
     (first_name, first), device = named[0], named[0][1].device
-    for name, t in named if first.layout is not torch.strided else named[1:]:  # (the first: its layout only)
-        if t is not None and (t.layout is not torch.strided or t.device != device):
-            if t.layout is not torch.strided:
-                i = [n for n, _ in named].index(name)
-                exc = NotImplementedError if i < len(no_kernel) and t.layout in no_kernel[i] else RuntimeError
-                raise exc(f"{fn}: expected strided (dense) tensors, but {name} has layout {t.layout}")
+    for i, (name, t) in enumerate(named):
+        if t is None:
+            continue
+        if t.layout is not torch.strided:
+            exc = NotImplementedError if i < len(no_kernel) and t.layout in no_kernel[i] else RuntimeError
+            raise exc(f"{fn}: expected strided (dense) tensors, but {name} has layout {t.layout}")
+        if i and t.device != device:
             raise RuntimeError(
                 f"{fn}: expected all tensors on one device, but {first_name} is on {first.device} "
                 f"and {name} is on {t.device}"
@@ -600,7 +601,7 @@ def huber_loss(
     # applies after an unreduced call
     if weight is None:
         reduction = _reduction(reduction)
-    elif weight.layout is not torch.strided and weight.layout in _COO_CSR and reduction != "mean":
+    elif weight.layout in _COO_CSR and reduction != "mean":
         weight = weight.to_dense()  # torch multiplies its loss by it, and sums that
     _check_devices("huber_loss", ("input", input), ("target", target), ("weight", weight),
                    no_kernel=_HUBER_NO_KERNEL)
