@@ -231,13 +231,14 @@ def torch_focal(x, target, gamma=GAMMA):
     return (-((1 - logp_y.exp()) ** gamma) * logp_y).mean()
 
 
-def torch_sigmoid_focal(x, t, alpha=ALPHA, gamma=GAMMA):
-    """torchvision.ops.sigmoid_focal_loss's formula in eager torch, mean reduction."""
+def torch_sigmoid_focal(x, t, alpha=ALPHA, gamma=GAMMA, reduction="mean"):
+    """torchvision.ops.sigmoid_focal_loss's formula in eager torch (alpha >= 0)."""
     p = torch.sigmoid(x)
     bce = F.binary_cross_entropy_with_logits(x, t, reduction="none")
     p_t = p * t + (1 - p) * (1 - t)
     alpha_t = alpha * t + (1 - alpha) * (1 - t)
-    return (alpha_t * bce * (1 - p_t) ** gamma).mean()
+    loss = alpha_t * bce * (1 - p_t) ** gamma
+    return {"none": lambda: loss, "mean": loss.mean, "sum": loss.sum}[reduction]()
 
 
 TORCH_FNS = {

@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode, is_fake
 
 import fastloss
 import fastloss.nn as fnn
+from bench import cases as bench_cases
 from bench import host
 from fastloss import backend, reference
 
@@ -676,11 +677,7 @@ def _torchvision_sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2.0, redu
         import torchvision
 
         return torchvision.ops.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
-    p = torch.sigmoid(inputs)
-    loss = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    loss = loss * (1 - (p * targets + (1 - p) * (1 - targets))) ** gamma
-    loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return {"none": loss, "mean": loss.mean(), "sum": loss.sum()}[reduction]
+    return bench_cases.torch_sigmoid_focal(inputs, targets, alpha, gamma, reduction)
 
 
 # torch's counterparts under fastloss's names; focal loss has none: cross-entropy stands for it
