@@ -150,14 +150,16 @@ def _cross_entropy_variants(dtype: str):
              (f"{dtype} V=128256, focal", 128256, {"FOCAL": True}),
              (f"{dtype} V=128256, forward only", 128256, {"WRITE_GRAD": False})]
     for name, v, extra in cases:
-        cfg = _default_config(v, size, MAX_SEGMENTS if extra.get("WRITE_GRAD", True) else 0)  # an H100's
+        write_grad = extra.get("WRITE_GRAD", True)
+        cfg = _default_config(v, size, MAX_SEGMENTS if write_grad else 0, write_grad)  # an H100's
         segments = max(cfg.segments, 1)
         seg_len = cdiv(cdiv(v, segments), cfg.block) * cfg.block if cfg.segments else v
         single = seg_len <= cfg.block
         threads = 32 * cfg.num_warps
         # the headline's mean loss predicts grad_output when it writes a gradient (autograd._PREDICTIONS)
         constexprs = dict(plain, BLOCK=cfg.block, SINGLE=single, SPLIT=cfg.segments > 0, SEGMENTS=segments,
-                          REVERSE=cfg.reverse, PREDICT=extra.get("WRITE_GRAD", True), **extra)
+                          REVERSE=cfg.reverse, STAGES=cfg.stages, STAGES2=cfg.stages2,
+                          PREDICT=extra.get("WRITE_GRAD", True), **extra)
         label = (f"{name}: BLOCK={cfg.block} warps={cfg.num_warps} "
                  + (f"segments={segments} of {seg_len}" if cfg.segments else "one row per program"))
         yield label, constexprs, cfg.num_warps, cdiv(min(seg_len, v), threads), None if single else cfg.block // threads

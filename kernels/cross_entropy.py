@@ -74,6 +74,8 @@ MAX_SEGMENTS = 32
 # 0.6% slower, at V = 32768 slower still. (Not more programs an SM: with 2 warps the compiler gives
 # a thread 128 registers, not 56, and an SM holds 8 programs, not 9.)
 FEW_WARPS_SEGMENTS = 32
+# A row (not split) of this many chunks or more has its first sweep pipelined: see _default_config.
+PIPELINE_MIN_CHUNKS = 4
 
 STATS = 8  # floats per segment in the SPLIT statistics buffer (5 used; 32-byte records)
 # The mean's denominators are summed in at most PARTS parts, by as many programs of the prologue
@@ -297,6 +299,8 @@ def _cross_entropy_kernel(
     PREDICT: tl.constexpr,  # the gradient is multiplied by *prediction_ptr (the loss is not)
     SEGMENTS: tl.constexpr,
     REVERSE: tl.constexpr,  # sweep 2 walks the chunks last to first: the most recently read first
+    STAGES: tl.constexpr,  # 0: sweep 1 loads the next chunk by hand; else Triton pipelines its loads
+    STAGES2: tl.constexpr,  # the same for sweep 2
     STATS: tl.constexpr,  # module constants, passed rather than read as globals (see common.log2e)
     PARTS: tl.constexpr,
 ):
@@ -378,17 +382,28 @@ def _cross_entropy_kernel(
             xy = tl.where(cols == y, x, 0.0)
     else:
         POLICY1: tl.constexpr = "evict_last" if WRITE_GRAD else "evict_first"  # kept in L2 for sweep 2
-        # The next chunk's load is issued before this one is folded in (two in flight).
-        xn, an = _load_chunk(x_row, t_row, weight_ptr, cols, hi, v_live, cap, inv_cap, eps, eps_over_v,
-                             SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1)
-        for start in range(0, hi - lo, BLOCK):
-            c = start + cols
-            xc, ac = xn, an
-            xn, an = _load_chunk(x_row, t_row, weight_ptr, c + BLOCK, hi, v_live, cap, inv_cap, eps,
-                                 eps_over_v, SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1)
-            m, t, sa, d = _lane_update(xc, ac, c < hi, m, t, sa, d, NEED_A, INTERPRET)
-            if CAPTURE_XY:
-                xy = tl.where(c == y, xc, xy)
+        if STAGES:
+            # Triton's software pipeliner keeps STAGES - 1 chunks in flight (asynchronous copies
+            # through shared memory)
+            for start in tl.range(0, hi - lo, BLOCK, num_stages=STAGES):
+                c = start + cols
+                xc, ac = _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
+                                     SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1)
+                m, t, sa, d = _lane_update(xc, ac, c < hi, m, t, sa, d, NEED_A, INTERPRET)
+                if CAPTURE_XY:
+                    xy = tl.where(c == y, xc, xy)
+        else:
+            # The next chunk's load is issued before this one is folded in (two in flight).
+            xn, an = _load_chunk(x_row, t_row, weight_ptr, cols, hi, v_live, cap, inv_cap, eps, eps_over_v,
+                                 SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1)
+            for start in range(0, hi - lo, BLOCK):
+                c = start + cols
+                xc, ac = xn, an
+                xn, an = _load_chunk(x_row, t_row, weight_ptr, c + BLOCK, hi, v_live, cap, inv_cap, eps,
+                                     eps_over_v, SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1)
+                m, t, sa, d = _lane_update(xc, ac, c < hi, m, t, sa, d, NEED_A, INTERPRET)
+                if CAPTURE_XY:
+                    xy = tl.where(c == y, xc, xy)
     m, t, sa, d = _combine(m, t, sa, d, NEED_A, INTERPRET)
     if CAPTURE_XY:
         x_y = tl.sum(xy, axis=0)  # 0 when y is outside [lo, hi) (another segment's)
@@ -503,16 +518,21 @@ def _cross_entropy_kernel(
             n_chunks = tl.cdiv(hi - lo, BLOCK)
             first = (n_chunks - 1 if REVERSE else 0) * BLOCK + cols
             step = -BLOCK if REVERSE else BLOCK
-            xn, an = _load_chunk(x_row, t_row, weight_ptr, first, hi, v_live, cap, inv_cap, eps, eps_over_v,
-                                 SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
-            for i in range(0, n_chunks):
+            if not STAGES2:
+                xn, an = _load_chunk(x_row, t_row, weight_ptr, first, hi, v_live, cap, inv_cap, eps, eps_over_v,
+                                     SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
+            for i in tl.range(0, n_chunks, num_stages=STAGES2):
                 c = first + i * step
-                # In place (grad is the logits): a chunk is read before it is overwritten, and the
-                # prefetched next chunk is another one, not yet written.
-                xc, ac = xn, an
-                cn = c + tl.where(i + 1 < n_chunks, step, hi + BLOCK)  # after the last: past hi
-                xn, an = _load_chunk(x_row, t_row, weight_ptr, cn, hi, v_live, cap, inv_cap, eps,
-                                     eps_over_v, SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
+                if STAGES2:
+                    xc, ac = _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
+                                         SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
+                else:
+                    # In place (grad is the logits): a chunk is read before it is overwritten, and the
+                    # prefetched next chunk is another one, not yet written.
+                    xc, ac = xn, an
+                    cn = c + tl.where(i + 1 < n_chunks, step, hi + BLOCK)  # after the last: past hi
+                    xn, an = _load_chunk(x_row, t_row, weight_ptr, cn, hi, v_live, cap, inv_cap, eps,
+                                         eps_over_v, SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
                 g = _chunk_grad(xc, ac, ref, ref2, kp, A, B, inv_cap, PROB, REST, SOFTCAP, PRECISE, INTERPRET)
                 # First out of L2: the gradient is not read again, and other programs' segments, kept
                 # there by sweep 1, are still to be read (bf16 8192 x 128256 on an H100: DRAM read
@@ -538,14 +558,18 @@ def _cross_entropy_kernel(
 class LaunchConfig:
     """How the kernel is launched: ``block`` (the chunk, in columns: a row, or a segment, no longer
     than it is read once and kept in registers), warps, ``segments`` (0: one program per row; else
-    a power of two: that many programs share each row, see SPLIT in the kernel), and whether sweep 2
-    walks the chunks in reverse. Chunked sweeps always load the next chunk before using the current
-    one: that was faster or equal in every case tuned on the H100 (bench/NOTES.md)."""
+    a power of two: that many programs share each row, see SPLIT in the kernel), whether sweep 2
+    walks the chunks in reverse, and how chunked sweeps keep loads in flight: ``stages`` (sweep 1)
+    and ``stages2`` (sweep 2) 0 load the next chunk by hand before using the current one, n >= 2
+    let Triton's software pipeliner keep n - 1 chunks in flight (asynchronous copies into shared
+    memory)."""
 
     block: int
     num_warps: int
     segments: int = 0
     reverse: bool = True
+    stages: int = 0
+    stages2: int = 0
 
 
 def launch_config(logits: Tensor, write_grad: bool) -> LaunchConfig:
@@ -554,7 +578,8 @@ def launch_config(logits: Tensor, write_grad: bool) -> LaunchConfig:
     SPLIT_COLS[dtype] columns (at most ``max_segments`` of them); other rows run one per program in
     chunks of up to MAX_ROW_BLOCK."""
     split = write_grad and logits.is_cuda
-    return _default_config(logits.shape[1], logits.element_size(), _max_segments(logits.get_device()) if split else 0)
+    segments_cap = _max_segments(logits.get_device()) if split else 0
+    return _default_config(logits.shape[1], logits.element_size(), segments_cap, write_grad)
 
 
 def max_segments(sm_count: int) -> int:
@@ -569,20 +594,33 @@ def _max_segments(device_index: int) -> int:
 
 
 @functools.lru_cache(maxsize=1024)  # a step's host time counts (bench/NOTES.md): computed once per shape
-def _default_config(n_cols: int, element_size: int, segments_cap: int) -> LaunchConfig:
-    """``segments_cap``: at most this many segments a row (``max_segments``); 0 splits no row."""
+def _default_config(n_cols: int, element_size: int, segments_cap: int, write_grad: bool = True) -> LaunchConfig:
+    """``segments_cap``: at most this many segments a row (``max_segments``); 0 splits no row.
+
+    Sweep 1 is pipelined by Triton (``stages``) where that measured faster, kernel alone on an H100
+    (bench/NOTES.md, section 20): 16-bit segments of 4 warps, 3 stages (+2 to 3% at V = 32768 to
+    128256); of 2 warps, 4 stages and sweep 2 in 3 (+3.4% at V = 262144), past the segments' cap 4
+    and sweep 2 by hand (+5.5%; sweep 2 in 3 there: -9%); rows of PIPELINE_MIN_CHUNKS chunks or
+    more, forward only (+1.5 to 3%) or 16-bit with a gradient (+5% at V = 8192). Not fp32 rows with
+    a gradient (5% slower at V = 8192), nor rows of 2 chunks (2% slower)."""
     if segments_cap and n_cols >= SPLIT_MIN_COLS:
         seg_cols, block, warps = SPLIT_COLS[element_size]
         segments = next_power_of_2(cdiv(n_cols, seg_cols))
-        if segments > segments_cap:  # longer segments, swept in chunks
+        past_cap = segments > segments_cap
+        if past_cap:  # longer segments, swept in chunks
             segments = segments_cap
             if block > MAX_ROW_BLOCK:
                 block, warps = MAX_ROW_BLOCK, 4
-        if element_size == 2 and segments >= FEW_WARPS_SEGMENTS:
-            warps = 2
-        return LaunchConfig(block=block, num_warps=warps, segments=segments)
+        stages = stages2 = 0
+        if element_size == 2:
+            if segments >= FEW_WARPS_SEGMENTS:
+                warps, stages, stages2 = 2, 4, (0 if past_cap else 3)
+            else:
+                stages = 3
+        return LaunchConfig(block=block, num_warps=warps, segments=segments, stages=stages, stages2=stages2)
     block = row_block(n_cols)
-    return LaunchConfig(block=block, num_warps=max(1, min(16, block // 256)))
+    pipelined = cdiv(n_cols, block) >= PIPELINE_MIN_CHUNKS and (element_size == 2 or not write_grad)
+    return LaunchConfig(block=block, num_warps=max(1, min(16, block // 256)), stages=3 if pipelined else 0)
 
 
 def cross_entropy_fwd(
@@ -746,6 +784,8 @@ def cross_entropy_fwd(
         PREDICT=prediction is not None,
         SEGMENTS=segments,
         REVERSE=cfg.reverse,
+        STAGES=cfg.stages,
+        STAGES2=cfg.stages2,
         STATS=STATS,
         PARTS=PARTS,
         num_warps=cfg.num_warps,

@@ -500,14 +500,16 @@ def test_inplace_and_strided(v):
 # minute and a half more.
 CONFIGS = [LaunchConfig(block=1024, num_warps=4), LaunchConfig(block=1024, num_warps=4, reverse=False),
            LaunchConfig(block=1024, num_warps=4, segments=1), LaunchConfig(block=8192, num_warps=8, segments=1),
-           LaunchConfig(block=1024, num_warps=4, segments=1, reverse=False)]
+           LaunchConfig(block=1024, num_warps=4, segments=1, reverse=False),
+           LaunchConfig(block=1024, num_warps=4, stages=3, stages2=3)]
 INTERPRETED_SPLITS = [LaunchConfig(block=1024, num_warps=4, segments=2),
                       LaunchConfig(block=1024, num_warps=4, segments=4),
                       LaunchConfig(block=4096, num_warps=8, segments=2)]
 SPLIT_CONFIGS = [*INTERPRETED_SPLITS, LaunchConfig(block=1024, num_warps=4, segments=8),
                  LaunchConfig(block=512, num_warps=2, segments=16),
                  LaunchConfig(block=2048, num_warps=4, segments=4, reverse=False),
-                 LaunchConfig(block=2048, num_warps=4, segments=4)]
+                 LaunchConfig(block=2048, num_warps=4, segments=4),
+                 LaunchConfig(block=2048, num_warps=4, segments=4, stages=3, stages2=2)]
 LAUNCHES = [(c, v) for c in CONFIGS + SPLIT_CONFIGS for v in (4099, 20000)
             if DEV.type == "cuda" or (c.segments <= 1 and (v == 4099 or c.block > 4099))
             or (c in INTERPRETED_SPLITS and v == 4099)]
@@ -515,7 +517,7 @@ LAUNCHES = [(c, v) for c in CONFIGS + SPLIT_CONFIGS for v in (4099, 20000)
 
 def _launch_id(value):
     if isinstance(value, LaunchConfig):
-        return f"b{value.block}w{value.num_warps}s{value.segments}r{int(value.reverse)}"
+        return f"b{value.block}w{value.num_warps}s{value.segments}r{int(value.reverse)}p{value.stages}{value.stages2}"
     return str(value)
 
 
