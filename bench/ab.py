@@ -99,15 +99,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="output folder (created)")
     p.add_argument("trees", nargs="+", help="source trees: '.' for this checkout, or folders of other revisions")
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=report.int_at_least(1), default=2)
     p.add_argument("--losses", default="", help="passed to python -m bench")
     p.add_argument("--dtypes", default="", help="passed to python -m bench")
     p.add_argument("--kernel", default="", metavar="CASES", help="also time these tune_ce cases kernel alone")
     p.add_argument("--host", action="store_true", help="also run python -m bench.host")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per benchmark run")
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error(f"--rounds must be at least 1, got {args.rounds}")
     for tree in args.trees:  # all of them before the first, slow, install
         if not (Path(tree) / "pyproject.toml").is_file() or not (Path(tree) / "bench").is_dir():
             p.error(f"{tree!r} is not a source tree of fastloss (no pyproject.toml and bench/ in it)")

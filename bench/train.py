@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import fastloss
 
-from .report import Progress, run_meta, unwritable
+from .report import Progress, int_at_least, run_meta, unwritable
 
 LOSS_FNS = {"torch": F.cross_entropy, "fastloss": fastloss.cross_entropy}
 TIMING_WARMUP_STEPS = 3  # not counted in tokens/s (allocator warm-up, kernel compilation)
@@ -254,14 +254,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", choices=("auto", "gpu", "cpu"), default="auto", help="auto: gpu on CUDA, else cpu")
     p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
-    p.add_argument("--steps", type=int, default=None, help="override the config's number of steps (at least 2)")
+    p.add_argument("--steps", type=int_at_least(2), default=None,
+                   help="override the config's number of steps (at least 2: the first is not timed)")
     p.add_argument("--save", metavar="DIR", help="write train.json and train.png into DIR")
-    p.add_argument("--threads", type=int, default=1, help="CPU only: torch threads (default 1; 0 keeps torch's)")
+    p.add_argument("--threads", type=int_at_least(0), default=1,
+                   help="CPU only: torch threads (default 1; 0 keeps torch's)")
     args = p.parse_args(argv)
-    if args.steps is not None and args.steps < 2:  # the first step is not timed
-        p.error(f"--steps must be at least 2, got {args.steps}")
-    if args.threads < 0:
-        p.error(f"--threads must be 0 (torch's) or more, got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available (torch " + torch.__version__ + ")")
 

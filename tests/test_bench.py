@@ -159,8 +159,8 @@ def test_train_cpu_curves_agree(tmp_path):
         assert (tmp_path / "train.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("argv, message", [(["--steps", "1"], "--steps must be at least 2, got 1"),
-                                           (["--threads", "-1"], "--threads must be 0 (torch's) or more")])
+@pytest.mark.parametrize("argv, message", [(["--steps", "1"], "--steps: expected an integer >= 2, got 1"),
+                                           (["--threads", "-1"], "--threads: expected an integer >= 0, got -1")])
 def test_train_refuses_fewer_than_two_steps_and_negative_threads(argv, message, capsys):
     """--steps 0 or 1 ran 2 steps, silently; a negative --threads was taken as 0."""
     with pytest.raises(SystemExit) as exc:
@@ -305,7 +305,7 @@ def test_ab_checks_every_tree_before_installing_any(tmp_path, monkeypatch, capsy
     (tree / "bench").mkdir(parents=True)
     (tree / "pyproject.toml").write_text("")
     for argv, message in (([str(tree), str(tmp_path / "missing")], "is not a source tree of fastloss"),
-                          ([str(tree), "--rounds", "0"], "--rounds must be at least 1")):
+                          ([str(tree), "--rounds", "0"], "--rounds: expected an integer >= 1, got 0")):
         with pytest.raises(SystemExit) as exc:
             ab.main([str(tmp_path / "out"), *argv])
         assert exc.value.code == 2 and message in capsys.readouterr().err
