@@ -63,7 +63,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.merge and not args.save:
         p.error("--merge needs --save DIR (the folder whose records it keeps)")
     if args.device == "cuda" and not args.list and not torch.cuda.is_available():
-        p.error("--device cuda: CUDA is not available (torch " + torch.__version__ + ")")
+        p.error(report.no_cuda("--device cuda"))
     return args
 
 

@@ -304,6 +304,11 @@ def _markdown(recs: list[dict], plots: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def no_cuda(what: str) -> str:
+    """The usage error of a tool asked for CUDA (``what``: the option, or the tool) where there is none."""
+    return f"{what}: CUDA is not available (torch {torch.__version__})"
+
+
 def int_at_least(low: int):
     """An argparse ``type``: an integer no smaller than ``low``, else a usage error that says so."""
     def parse(text: str) -> int:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import fastloss
 
-from .report import Progress, int_at_least, run_meta, unwritable
+from .report import Progress, int_at_least, no_cuda, run_meta, unwritable
 
 LOSS_FNS = {"torch": F.cross_entropy, "fastloss": fastloss.cross_entropy}
 TIMING_WARMUP_STEPS = 3  # not counted in tokens/s (allocator warm-up, kernel compilation)
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
                    help="CPU only: torch threads (default 1; 0 keeps torch's)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: CUDA is not available (torch " + torch.__version__ + ")")
+        p.error(no_cuda("--device cuda"))
 
     if args.save and (why := unwritable(args.save)):
         p.error(f"--save: {why}")

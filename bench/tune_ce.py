@@ -21,6 +21,7 @@ import time
 import torch
 
 from .harness import copy_bandwidth
+from .report import no_cuda
 
 CASES = [  # (name, dtype, N, V, write_grad)
     ("bf16 V=32768", torch.bfloat16, 8192, 32768, True),
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
                         help="also profile whole fastloss.cross_entropy steps (forward + backward)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
-        parser.error("needs a CUDA GPU: CUDA is not available (torch " + torch.__version__ + ")")
+        parser.error(no_cuda("needs a CUDA GPU"))
 
     from triton.testing import do_bench
 
