@@ -140,7 +140,7 @@ def _cross_entropy_variants(dtype: str):
     """(name, constexprs, warps, values per thread, values per thread per chunk or None) for the
     default launches of the benchmark's headline shapes, as ``cross_entropy_fwd`` derives them."""
     from fastloss.kernels.common import cdiv
-    from fastloss.kernels.cross_entropy import MAX_SEGMENTS, PARTS, STATS, _default_config
+    from fastloss.kernels.cross_entropy import MAX_SEGMENTS, PARTS, STATS, _default_config, spin_sleep_ptx
 
     plain = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, PROB=False, FOCAL=False,
                  WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, STATS=STATS, PARTS=PARTS)
@@ -158,7 +158,8 @@ def _cross_entropy_variants(dtype: str):
         threads = 32 * cfg.num_warps
         # the headline's mean loss predicts grad_output when it writes a gradient (autograd._PREDICTIONS)
         constexprs = dict(plain, BLOCK=cfg.block, SINGLE=single, SPLIT=cfg.segments > 0, SEGMENTS=segments,
-                          REVERSE=cfg.reverse, STAGES=cfg.stages, STAGES2=cfg.stages2,
+                          REVERSE=cfg.reverse, STAGES=cfg.stages, STAGES2=cfg.stages2, SLEEP=cfg.sleep_ns > 0,
+                          SPIN_SLEEP=spin_sleep_ptx(cfg.sleep_ns),
                           PREDICT=extra.get("WRITE_GRAD", True), **extra)
         label = (f"{name}: BLOCK={cfg.block} warps={cfg.num_warps} "
                  + (f"segments={segments} of {seg_len}" if cfg.segments else "one row per program"))

@@ -2,7 +2,8 @@
 
 For each headline shape it times the launcher alone (no autograd, preallocated gradient) with the
 default ``launch_config`` and then does a coordinate search over ``LaunchConfig``'s fields
-(segments per row, chunk, warps, reverse sweep 2, Triton's pipelining of either sweep), two rounds, and with a gradient also tries the
+(segments per row, chunk, warps, reverse sweep 2, Triton's pipelining of either sweep, the split
+rows' sleep between polls), two rounds, and with a gradient also tries the
 launches that hold a whole segment in registers (``in_registers``). Every configuration is first
 checked against the default one's loss and gradient, with the gradient buffer poisoned with NaN
 so that an unwritten element fails. Times are medians of ``triton.testing.do_bench`` (L2 flushed
@@ -41,7 +42,8 @@ def candidates(field: str, n_cols: int, write_grad: bool) -> list:
         return [0, 1, 2, 4, 8, 16, 32] if write_grad else [0]
     if field == "block":
         return sorted({b for b in (1024, 2048, 4096, 8192, 16384, 32768) if b <= pow2} | ({pow2} if pow2 <= 32768 else set()))
-    return {"num_warps": [1, 2, 4, 8, 16], "reverse": [False, True], "stages": [0, 2, 3, 4], "stages2": [0, 2, 3]}[field]
+    return {"num_warps": [1, 2, 4, 8, 16], "reverse": [False, True], "stages": [0, 2, 3, 4], "stages2": [0, 2, 3],
+            "sleep_ns": [0, 128, 512, 2000]}[field]
 
 
 def in_registers(n_cols: int) -> list:
@@ -212,7 +214,7 @@ def main(argv=None) -> int:
         best, best_ms = default, measure(default)
         default_ms = best_ms
         for _ in range(args.rounds):
-            for field in ("segments", "block", "num_warps", "reverse", "stages", "stages2"):
+            for field in ("segments", "block", "num_warps", "reverse", "stages", "stages2", "sleep_ns"):
                 for value in candidates(field, n_cols, write_grad):
                     if time.monotonic() > deadline:
                         break

@@ -74,6 +74,11 @@ MAX_SEGMENTS = 32
 # 0.6% slower, at V = 32768 slower still. (Not more programs an SM: with 2 warps the compiler gives
 # a thread 128 registers, not 56, and an SM holds 8 programs, not 9.)
 FEW_WARPS_SEGMENTS = 32
+# A program waiting for its row's other segments sleeps this many nanoseconds between two polls
+# (PTX nanosleep), leaving the SM's issue slots to the programs that work: kernel alone on an H100, bf16
+# V = 128256 86.3 -> 87.6% of the floor, 262144 82.6 -> 83.2%, V = 32768 and fp32 +0.2%; 2000 ns
+# slower (bench/NOTES.md, section 20).
+SPIN_SLEEP_NS = 512
 # A row (not split) of this many chunks or more has its first sweep pipelined: see _default_config.
 PIPELINE_MIN_CHUNKS = 4
 
@@ -301,6 +306,8 @@ def _cross_entropy_kernel(
     REVERSE: tl.constexpr,  # sweep 2 walks the chunks last to first: the most recently read first
     STAGES: tl.constexpr,  # 0: sweep 1 loads the next chunk by hand; else Triton pipelines its loads
     STAGES2: tl.constexpr,  # the same for sweep 2
+    SLEEP: tl.constexpr,  # SPLIT: run SPIN_SLEEP, a PTX nanosleep, between two polls of the row's arrivals
+    SPIN_SLEEP: tl.constexpr,
     STATS: tl.constexpr,  # module constants, passed rather than read as globals (see common.log2e)
     PARTS: tl.constexpr,
 ):
@@ -420,6 +427,10 @@ def _cross_entropy_kernel(
         count = sync_ptr + 1 + row
         arrived = tl.atomic_add(count, 1, sem="release") + 1
         while arrived < SEGMENTS:
+            if SLEEP:
+                if not INTERPRET:
+                    arrived = tl.inline_asm_elementwise(SPIN_SLEEP, "=r,r", [arrived], dtype=tl.int32,
+                                                        is_pure=False, pack=1)
             arrived = tl.atomic_add(count, 0, sem="acquire")
         k = tl.arange(0, SEGMENTS)
         all_stats = stats_ptr + (row * SEGMENTS + k) * STATS
@@ -562,7 +573,8 @@ class LaunchConfig:
     walks the chunks in reverse, and how chunked sweeps keep loads in flight: ``stages`` (sweep 1)
     and ``stages2`` (sweep 2) 0 load the next chunk by hand before using the current one, n >= 2
     let Triton's software pipeliner keep n - 1 chunks in flight (asynchronous copies into shared
-    memory)."""
+    memory). ``sleep_ns``: a split launch's wait for its row's other segments sleeps this long between
+    two polls (0: it polls without pause)."""
 
     block: int
     num_warps: int
@@ -570,6 +582,12 @@ class LaunchConfig:
     reverse: bool = True
     stages: int = 0
     stages2: int = 0
+    sleep_ns: int = SPIN_SLEEP_NS
+
+
+def spin_sleep_ptx(ns: int) -> str:
+    """The kernel's SPIN_SLEEP for ``sleep_ns`` = ns: sleep, then pass the arrivals' count through."""
+    return f"nanosleep.u32 {ns}; mov.b32 $0, $1;" if ns else ""
 
 
 def launch_config(logits: Tensor, write_grad: bool) -> LaunchConfig:
@@ -786,6 +804,8 @@ def cross_entropy_fwd(
         REVERSE=cfg.reverse,
         STAGES=cfg.stages,
         STAGES2=cfg.stages2,
+        SLEEP=cfg.sleep_ns > 0,
+        SPIN_SLEEP=spin_sleep_ptx(cfg.sleep_ns),
         STATS=STATS,
         PARTS=PARTS,
         num_warps=cfg.num_warps,

@@ -509,7 +509,8 @@ SPLIT_CONFIGS = [*INTERPRETED_SPLITS, LaunchConfig(block=1024, num_warps=4, segm
                  LaunchConfig(block=512, num_warps=2, segments=16),
                  LaunchConfig(block=2048, num_warps=4, segments=4, reverse=False),
                  LaunchConfig(block=2048, num_warps=4, segments=4),
-                 LaunchConfig(block=2048, num_warps=4, segments=4, stages=3, stages2=2)]
+                 LaunchConfig(block=2048, num_warps=4, segments=4, stages=3, stages2=2),
+                 LaunchConfig(block=2048, num_warps=4, segments=4, sleep_ns=0)]
 LAUNCHES = [(c, v) for c in CONFIGS + SPLIT_CONFIGS for v in (4099, 20000)
             if DEV.type == "cuda" or (c.segments <= 1 and (v == 4099 or c.block > 4099))
             or (c in INTERPRETED_SPLITS and v == 4099)]
@@ -517,7 +518,7 @@ LAUNCHES = [(c, v) for c in CONFIGS + SPLIT_CONFIGS for v in (4099, 20000)
 
 def _launch_id(value):
     if isinstance(value, LaunchConfig):
-        return f"b{value.block}w{value.num_warps}s{value.segments}r{int(value.reverse)}p{value.stages}{value.stages2}"
+        return f"b{value.block}w{value.num_warps}s{value.segments}r{int(value.reverse)}p{value.stages}{value.stages2}z{value.sleep_ns}"
     return str(value)
 
 
