@@ -29,17 +29,19 @@ from triton.compiler import ASTSource
 TARGET = GPUTarget("cuda", 90, 32)
 
 
-def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, aligned: tuple[str, ...] = ()):
+def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, aligned: tuple[str, ...] = (),
+                 maxnreg: int | None = None):
     """Compiles ``kernel`` as a launch would: pointers and the integer arguments named in ``aligned``
     are known to be multiples of 16 (Triton specializes arguments that are), which is what lets
-    it vectorize loads and stores. Fused multiply-adds as the launches ask for them."""
+    it vectorize loads and stores. Fused multiply-adds, and the register cap (``maxnreg``), as the
+    launches ask for them."""
     from fastloss.kernels.common import FP_FUSION
 
     sig = {**signature, **{name: "constexpr" for name in constexprs}}
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
              if name in aligned or str(signature.get(name, "")).startswith("*")}
     return triton.compile(ASTSource(kernel, sig, constexprs, attrs), target=TARGET,
-                          options={"num_warps": num_warps, "enable_fp_fusion": FP_FUSION})
+                          options={"num_warps": num_warps, "enable_fp_fusion": FP_FUSION, "maxnreg": maxnreg})
 
 
 def _nvidia_tool(name: str, compiled, *args: str) -> str:
@@ -177,7 +179,7 @@ def main(argv=None) -> int:
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile")
 
     from fastloss.kernels.cross_entropy import _cross_entropy_kernel
-    from fastloss.kernels.focal import _sigmoid_focal_kernel
+    from fastloss.kernels.focal import MAXNREG_16BIT, _sigmoid_focal_kernel
     from fastloss.kernels.huber import _huber_kernel
 
     dt = args.dtype
@@ -205,7 +207,8 @@ def main(argv=None) -> int:
                          {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}", **out, "gx_ptr": f"*{dt}", "n": "i64",
                           "k1": "fp32", "k0": "fp32", "gamma": "fp32", "scale": "fp32", **predict},
                          dict(BLOCK=block, INTERPRET=False, GAMMA_INT=2, REDUCE=args.reduce,
-                              WRITE_GRAD_INPUT=True, PREDICT=args.reduce), warps, aligned=("n",))
+                              WRITE_GRAD_INPUT=True, PREDICT=args.reduce), warps, aligned=("n",),
+                         maxnreg=None if dt == "fp32" else MAXNREG_16BIT)
         report(f"sigmoid focal BLOCK={block} warps={warps}", c, block // (32 * warps))
     return 0
 
