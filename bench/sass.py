@@ -142,7 +142,7 @@ def _cross_entropy_variants(dtype: str):
     """(name, constexprs, warps, values per thread, values per thread per chunk or None) for the
     default launches of the benchmark's headline shapes, as ``cross_entropy_fwd`` derives them."""
     from fastloss.kernels.common import cdiv
-    from fastloss.kernels.cross_entropy import MAX_SEGMENTS, PARTS, STATS, _default_config, spin_sleep_ptx
+    from fastloss.kernels.cross_entropy import MAX_SEGMENTS, PARTS, STATS, _default_config
 
     plain = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, PROB=False, FOCAL=False,
                  WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, STATS=STATS, PARTS=PARTS)
@@ -160,9 +160,7 @@ def _cross_entropy_variants(dtype: str):
         threads = 32 * cfg.num_warps
         # the headline's mean loss predicts grad_output when it writes a gradient (autograd._PREDICTIONS)
         constexprs = dict(plain, BLOCK=cfg.block, SINGLE=single, SPLIT=cfg.segments > 0, SEGMENTS=segments,
-                          REVERSE=cfg.reverse, STAGES=cfg.stages, STAGES2=cfg.stages2, SLEEP=cfg.sleep_ns > 0,
-                          SPIN_SLEEP=spin_sleep_ptx(cfg.sleep_ns),
-                          PREDICT=extra.get("WRITE_GRAD", True), **extra)
+                          **cfg.kernel_constexprs, PREDICT=write_grad, **extra)
         label = (f"{name}: BLOCK={cfg.block} warps={cfg.num_warps} "
                  + (f"segments={segments} of {seg_len}" if cfg.segments else "one row per program"))
         yield label, constexprs, cfg.num_warps, cdiv(min(seg_len, v), threads), None if single else cfg.block // threads

@@ -306,8 +306,7 @@ def _cross_entropy_kernel(
     REVERSE: tl.constexpr,  # sweep 2 walks the chunks last to first: the most recently read first
     STAGES: tl.constexpr,  # 0: sweep 1 loads the next chunk by hand; else Triton pipelines its loads
     STAGES2: tl.constexpr,  # the same for sweep 2
-    SLEEP: tl.constexpr,  # SPLIT: run SPIN_SLEEP, a PTX nanosleep, between two polls of the row's arrivals
-    SPIN_SLEEP: tl.constexpr,
+    SPIN_SLEEP: tl.constexpr,  # SPLIT: PTX run between two polls of the row's arrivals (a nanosleep), or None
     STATS: tl.constexpr,  # module constants, passed rather than read as globals (see common.log2e)
     PARTS: tl.constexpr,
 ):
@@ -427,7 +426,7 @@ def _cross_entropy_kernel(
         count = sync_ptr + 1 + row
         arrived = tl.atomic_add(count, 1, sem="release") + 1
         while arrived < SEGMENTS:
-            if SLEEP:
+            if SPIN_SLEEP is not None:
                 if not INTERPRET:
                     arrived = tl.inline_asm_elementwise(SPIN_SLEEP, "=r,r", [arrived], dtype=tl.int32,
                                                         is_pure=False, pack=1)
@@ -584,10 +583,13 @@ class LaunchConfig:
     stages2: int = 0
     sleep_ns: int = SPIN_SLEEP_NS
 
-
-def spin_sleep_ptx(ns: int) -> str:
-    """The kernel's SPIN_SLEEP for ``sleep_ns`` = ns: sleep, then pass the arrivals' count through."""
-    return f"nanosleep.u32 {ns}; mov.b32 $0, $1;" if ns else ""
+    @functools.cached_property
+    def kernel_constexprs(self) -> dict:
+        """The kernel's constexpr arguments that this launch decides beyond its block (computed once
+        per configuration: a launch's host time counts). SPIN_SLEEP sleeps, then passes the arrivals'
+        count through."""
+        return dict(REVERSE=self.reverse, STAGES=self.stages, STAGES2=self.stages2,
+                    SPIN_SLEEP=f"nanosleep.u32 {self.sleep_ns}; mov.b32 $0, $1;" if self.sleep_ns else None)
 
 
 def launch_config(logits: Tensor, write_grad: bool) -> LaunchConfig:
@@ -801,11 +803,7 @@ def cross_entropy_fwd(
         SPLIT=split,
         PREDICT=prediction is not None,
         SEGMENTS=segments,
-        REVERSE=cfg.reverse,
-        STAGES=cfg.stages,
-        STAGES2=cfg.stages2,
-        SLEEP=cfg.sleep_ns > 0,
-        SPIN_SLEEP=spin_sleep_ptx(cfg.sleep_ns),
+        **cfg.kernel_constexprs,
         STATS=STATS,
         PARTS=PARTS,
         num_warps=cfg.num_warps,

@@ -14,8 +14,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastloss.kernels.common import FP_FUSION, _scale_grad_kernel, _sum_kernel
-from fastloss.kernels.cross_entropy import (PARTS, SPIN_SLEEP_NS, STATS, _cross_entropy_kernel, _prologue_kernel,
-                                           spin_sleep_ptx)
+from fastloss.kernels.cross_entropy import PARTS, STATS, LaunchConfig, _cross_entropy_kernel, _prologue_kernel
 from fastloss.kernels.focal import _sigmoid_focal_kernel
 from fastloss.kernels.huber import _huber_kernel
 
@@ -41,16 +40,16 @@ def cross_entropy_variants():
                    "V": "i32", "ignore_index": "i64", "eps": "fp32",
                    "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32", "gamma": "fp32", "sync_ptr": "*i32",
                    "stats_ptr": "*fp32", "seg_len": "i32", "prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}
+        # chunked sweeps pipelined by Triton (a split one: both sweeps), a split launch's wait asleep
+        # between polls (the default sleep_ns)
+        launch = LaunchConfig(block=8192 if split else 1024 if single else 4096, num_warps=8,
+                              stages=0 if single else 4 if split else 3, stages2=4 if split and not single else 0,
+                              **({} if split else {"sleep_ns": 0}))
         constexprs = dict(HAS_WEIGHT=bool(weight), SMOOTH=bool(smooth), ZLOSS=bool(z), SOFTCAP=bool(cap),
                           PROB=bool(prob), FOCAL=bool(focal), WRITE_GRAD=True, NEED_A=bool(prob or smooth),
                           REST=bool(prob or smooth or z), INTERPRET=False, SCALED=True,
-                          BLOCK=8192 if split else 1024 if single else 4096, SINGLE=single, SPLIT=split,
-                          SEGMENTS=16 if split else 1, REVERSE=True, STATS=STATS, PARTS=PARTS,
-                          PREDICT=single != split,
-                          # chunked sweeps pipelined by Triton (a split one: both sweeps), a split
-                          # launch's wait asleep between polls
-                          STAGES=0 if single else 4 if split else 3, STAGES2=4 if split and not single else 0,
-                          SLEEP=split, SPIN_SLEEP=spin_sleep_ptx(SPIN_SLEEP_NS if split else 0))
+                          BLOCK=launch.block, SINGLE=single, SPLIT=split, SEGMENTS=16 if split else 1,
+                          STATS=STATS, PARTS=PARTS, PREDICT=single != split, **launch.kernel_constexprs)
         yield _cross_entropy_kernel, runtime, constexprs
         if dt == "bf16" and constexprs["PREDICT"]:  # fp16 takes its own prediction branch (a mean or not)
             yield (_cross_entropy_kernel, {**runtime, "logits_ptr": "*fp16", "grad_ptr": "*fp16"},
