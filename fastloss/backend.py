@@ -7,6 +7,9 @@
   Under a torch.func transform or forward-mode AD, the reference too.)
 * ``triton``: always the Triton kernels. On CPU tensors this needs Triton's interpreter
   (``TRITON_INTERPRET=1``); that is how the kernels are tested on machines without a GPU.
+  Meta tensors, and tensor subclasses that implement their ops in Python (DTensor; see
+  ``dispatches_in_python``), have no memory for a kernel to read: they take the reference under
+  either backend.
 * ``reference``: always the plain-PyTorch reference implementation.
 """
 
@@ -90,14 +93,39 @@ def fake(tensor: torch.Tensor) -> bool:
     return type(tensor) is not torch.Tensor and is_fake(tensor)
 
 
-def use_triton(tensor: torch.Tensor) -> bool:
-    """Whether a call on ``tensor`` runs the Triton kernels; raises if ``triton`` is forced but cannot run."""
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def dispatches_in_python(*tensors: torch.Tensor | None) -> bool:
+    """Whether any of ``tensors`` is a subclass whose ops run through its own ``__torch_dispatch__``
+    (DTensor, or any subclass that implements its ops in Python), fake tensors aside (see ``fake``).
+    A kernel would read such a tensor's memory (a DTensor has none of its own: "invalid python
+    storage") instead of asking it; the reference, made of torch ops, gives what torch gives, the
+    DTensor result of a DTensor or torch's error for one mixed with plain tensors. Plain tensors and
+    parameters pass on their type alone (~0.1 us a tensor). While torch.compile traces, where the
+    dispatch keys cannot be asked, the traceable subclasses (``__tensor_flatten__``: DTensor among
+    them) are the ones that count, the only ones it can trace."""
+    for t in tensors:
+        cls = type(t)
+        if cls in _PLAIN or not isinstance(t, torch.Tensor):  # None too
+            continue
+        if hasattr(cls, "__tensor_flatten__"):  # a traceable wrapper subclass (asked of its class, which
+            return True  # Dynamo can answer: of a traced tensor, it answers no)
+        if (not torch.compiler.is_compiling() and torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python)
+                and not is_fake(t)):
+            return True
+    return False
+
+
+def use_triton(tensor: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """Whether a call on ``tensor`` (the input, whose device decides) and ``others`` (its target,
+    weight...) runs the Triton kernels; raises if ``triton`` is forced but cannot run."""
     name = current()
     if name == "reference":
         return False
     if name == "auto":
         return (tensor.is_cuda and torch.version.hip is None and not transforming() and not forward_mode()
-                and triton_available())
+                and triton_available() and not dispatches_in_python(tensor, *others))
     if not triton_available():
         raise RuntimeError("FASTLOSS_BACKEND=triton, but the triton package is not installed")
     if transforming():
@@ -110,8 +138,8 @@ def use_triton(tensor: torch.Tensor) -> bool:
     if tensor.is_cuda and torch.version.hip is not None:
         raise RuntimeError("FASTLOSS_BACKEND=triton on a ROCm GPU: fastloss's kernels are written for NVIDIA GPUs "
                            "(they use PTX); use the 'auto' or 'reference' backend")
-    if tensor.is_meta:  # no data for a kernel to read: the reference gives torch's meta result
-        return False
+    if tensor.is_meta or dispatches_in_python(tensor, *others):
+        return False  # no data for a kernel to read: the reference gives torch's meta result, or the subclass's
     if not tensor.is_cuda and not interpreter_enabled():
         raise RuntimeError(
             f"FASTLOSS_BACKEND=triton on a {tensor.device.type} tensor needs Triton's interpreter: "

@@ -365,7 +365,7 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
     out_dtype = _loss_dtype(input) if class_targets else _loss_dtype(input, target, weight)
     # Gradients for probability targets and class weights only exist in the reference (torch has
     # none for the weights; the kernels would silently give none).
-    if (not backend.use_triton(input) or input.dtype not in _KERNEL_DTYPES or input.numel() == 0
+    if (not backend.use_triton(input, target, weight) or input.dtype not in _KERNEL_DTYPES or input.numel() == 0
             or out_dtype not in (input.dtype, torch.float32)
             or target.requires_grad or (weight is not None and weight.requires_grad)):
         if out_dtype != input.dtype:
@@ -526,7 +526,7 @@ def _elementwise_ready(same_shape: bool, input: Tensor, target: Tensor, weight: 
     """Whether the Triton path can take these checked tensors as they are."""
     return (same_shape and input.dtype == target.dtype and input.dtype in _KERNEL_DTYPES
             and (weight is None or weight.is_floating_point())
-            and out_dtype in (input.dtype, torch.float32) and input.numel() > 0 and backend.use_triton(input))
+            and out_dtype in (input.dtype, torch.float32) and input.numel() > 0 and backend.use_triton(input, target, weight))
 
 
 def sigmoid_focal_loss(
@@ -566,7 +566,7 @@ def sigmoid_focal_loss(
     reduction = _reduction(reduction, deprecated_mean=False)  # torchvision's: none, mean or sum
     out_dtype = _loss_dtype(inputs, targets)
     if (inputs.numel() == 0 or inputs.dtype not in _KERNEL_DTYPES or targets.requires_grad
-            or out_dtype not in (inputs.dtype, torch.float32) or not backend.use_triton(inputs)):
+            or out_dtype not in (inputs.dtype, torch.float32) or not backend.use_triton(inputs, targets)):
         if out_dtype != inputs.dtype:
             inputs, targets = _upcast(inputs, targets)
         return reference.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)

@@ -1195,6 +1195,81 @@ def test_fake_tensors_give_torchs_shapes_and_dtypes(name, backend_name, device, 
                                                                     expected_grad.dtype)
 
 
+@pytest.fixture(scope="module")
+def mesh():
+    """A device mesh of one process (a store in memory, no network), for DTensors: on a GPU's, so
+    that auto would take them to the kernels there, were they not routed to the reference."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed for DTensors")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cuda" if cuda else "cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+# TRANSFORMED's losses, but a class weight, a plain tensor, cannot meet a DTensor
+DTENSOR_LOSSES = {**TRANSFORMED, "cross_entropy": (
+    lambda x, t: fastloss.cross_entropy(x, t, ignore_index=2, label_smoothing=0.1),
+    lambda x, t: F.cross_entropy(x, t, ignore_index=2, label_smoothing=0.1), "class")}
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "triton"])
+@pytest.mark.parametrize("name", DTENSOR_LOSSES)
+def test_dtensors_take_the_reference_and_give_torchs_results(name, backend_name, mesh):
+    """A DTensor (tensor parallelism's logits, say) has no memory of its own for a kernel to read:
+    the kernels' path raised "invalid python storage". Like every subclass that implements its ops
+    in Python, it takes the reference, whose torch ops give torch's DTensor result and gradient, and
+    torch's error (RuntimeError: "got mixed torch.Tensor and DTensor") beside a plain tensor."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+
+    if backend_name == "triton":
+        pytest.importorskip("triton")
+    ours, theirs, kind = DTENSOR_LOSSES[name]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 7, 3, generator=g)
+    t = torch.randint(0, 7, (4, 3), generator=g) if kind == "class" else torch.rand(4, 7, 3, generator=g)
+    dx, dt = (distribute_tensor(v.to(mesh.device_type), mesh, [Replicate()]) for v in (x, t))
+    dx.requires_grad_()
+    expected = theirs(dx, dt)
+    (expected_grad,) = torch.autograd.grad(expected, dx)
+    with fastloss.use_backend(backend_name):
+        got = ours(dx, dt)
+        (got_grad,) = torch.autograd.grad(got, dx)
+        for plain in ({"target": dt.full_tensor()}, {"input": dx.detach().full_tensor()}):
+            args = (plain.get("input", dx), plain.get("target", dt))
+            with pytest.raises(RuntimeError, match="mixed torch.Tensor and DTensor"):
+                ours(*args)
+    assert type(got) is type(expected) and type(got_grad) is type(expected_grad)
+    torch.testing.assert_close(got.full_tensor(), expected.full_tensor())
+    torch.testing.assert_close(got_grad.full_tensor(), expected_grad.full_tensor())
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "triton"])
+def test_dtensors_compile_with_fullgraph(backend_name, mesh):
+    """While torch.compile traces, a DTensor is told by its class (Dynamo answers no to asking a
+    traced tensor for ``__tensor_flatten__``): it took the kernels' path and failed to trace."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    if backend_name == "triton":
+        pytest.importorskip("triton")
+    x, t = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    dx, dt = (distribute_tensor(v.to(mesh.device_type), mesh, [Shard(0)]) for v in (x, t))
+    dx.requires_grad_()
+    with fastloss.use_backend(backend_name):
+        got = torch.compile(fastloss.cross_entropy, fullgraph=True, backend="aot_eager")(dx, dt)
+        (grad,) = torch.autograd.grad(got, dx)
+    xg = x.requires_grad_()
+    expected = F.cross_entropy(xg, t)
+    expected.backward()
+    torch.testing.assert_close(got.full_tensor().cpu(), expected)
+    torch.testing.assert_close(grad.full_tensor().cpu(), xg.grad)
+
+
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_unbatched_input_takes_a_one_element_target(reduction, backend_name):
