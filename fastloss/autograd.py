@@ -310,6 +310,10 @@ def _save_overwritten(ctx, logits: Tensor, predicted: Optional[Tensor], rows: Op
 _BACKWARD_ONCE = ("fastloss computes the gradient in the forward pass and scales it in place in the "
                   "backward, so backward can run only once through a fastloss loss, and the saved "
                   "gradient must not be modified in between; recompute the loss to differentiate it again")
+_WRITTEN_OVER = ("inplace_backward=True left the gradient in the logits, and they were written to after the "
+                 "loss, so it is lost: by an in-place op, or by torch.utils.checkpoint recomputing a loss whose "
+                 "logits are the checkpointed function's input (compute them inside that function); recompute "
+                 "the loss, or set inplace_backward=False")
 
 
 def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
@@ -322,12 +326,15 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
 
     Scaling in place consumes the saved gradient, so a second backward through the same loss
     (``retain_graph=True``) raises instead of returning a gradient scaled twice; so does a saved
-    gradient modified after the forward (in-place logits written to by the caller).
+    gradient modified after the forward (in-place logits written to by the caller, or by a
+    checkpoint's recomputation).
     """
     try:
         saved = ctx.saved_tensors
     except RuntimeError as err:
-        raise RuntimeError(_BACKWARD_ONCE) from err
+        # torch.utils.checkpoint's recomputation checks the in-place logits' version itself
+        written_over = hasattr(ctx, "overwritten") and "modified by an inplace operation" in str(err)
+        raise RuntimeError(_WRITTEN_OVER if written_over else _BACKWARD_ONCE) from err
     if ctx.ignore_index is not None:
         # torch gives an ignored row a zero gradient whatever its grad_output: 0 * NaN or 0 * inf
         # (a nansum of per-row losses divided by per-row counts of 0 sends NaN back) must stay 0
@@ -337,8 +344,10 @@ def _scaled_grads(ctx, grad_loss: Tensor) -> list[Optional[Tensor]]:
     if hasattr(ctx, "overwritten"):
         logits, version = ctx.overwritten
         ctx.overwritten = (None, None)  # let go of the logits, as saved tensors are after a backward
-        if logits is None or logits._version != version:
+        if logits is None:
             raise RuntimeError(_BACKWARD_ONCE)
+        if logits._version != version:
+            raise RuntimeError(_WRITTEN_OVER)
         grads = (logits,)
     out: list[Optional[Tensor]] = []
     in_place: list[Tensor] = []  # one gradient, or Huber's two (input's and target's): one launch

@@ -19,6 +19,7 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import fastloss
 from bench import host
@@ -881,7 +882,7 @@ def test_inplace_backward_buffer_written_after_the_loss_raises():
         loss = fastloss.cross_entropy(x, t, inplace_backward=True)
         with torch.no_grad():
             x.zero_()
-        with pytest.raises(RuntimeError, match="only once"):
+        with pytest.raises(RuntimeError, match="written to after the loss"):
             loss.backward()
         x = leaf * 2.0
         loss = fastloss.cross_entropy(x, t, inplace_backward=True)
@@ -891,6 +892,41 @@ def test_inplace_backward_buffer_written_after_the_loss_raises():
         assert overwritten() is None  # the loss, still alive, holds the logits' memory no longer
         with pytest.raises(RuntimeError, match="only once"):
             loss.backward()
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("loss, inplace", [("cross_entropy", False), ("cross_entropy", True), ("focal_loss", True),
+                                           ("huber_loss", False), ("sigmoid_focal_loss", False)])
+def test_activation_checkpointing(loss, inplace, reentrant):
+    """torch.utils.checkpoint around a model's head and its loss (the memory-saving pattern of
+    large-vocabulary training) recomputes the forward, kernel and all, in the backward: the
+    gradients are the reference's. Where the in-place loss's logits are the checkpointed function's
+    input, the recomputation reads them holding the gradient: that raises, naming the cause."""
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(6, 8, generator=gen).to(DEVICE)
+    w = torch.randn(13, 8, generator=gen).to(DEVICE)
+    t = labels(6, 13, ignore=1) if loss in ("cross_entropy", "focal_loss") else torch.rand(6, 13, device=DEVICE)
+    kwargs = {"inplace_backward": True} if inplace else {}
+    if loss == "sigmoid_focal_loss":
+        kwargs["reduction"] = "mean"
+
+    def head(h, w):
+        return getattr(fastloss, loss)(h @ w.t(), t, **kwargs)
+
+    results = {}
+    for name in ("reference", "triton"):
+        leaves = [h.clone().requires_grad_(), w.clone().requires_grad_()]
+        with fastloss.use_backend(name):
+            out = head(*leaves) if name == "reference" else checkpoint(head, *leaves, use_reentrant=reentrant)
+            out.backward()
+        results[name] = [out.detach(), *(leaf.grad for leaf in leaves)]
+    torch.testing.assert_close(results["triton"], results["reference"], rtol=1e-5, atol=1e-6)
+    if inplace and not reentrant:  # (reentrant checkpoints take a leaf copy of their inputs: refused)
+        x = (h.clone().requires_grad_() @ w.t())
+        with fastloss.use_backend("triton"):
+            out = checkpoint(lambda x: getattr(fastloss, loss)(x, t, **kwargs), x, use_reentrant=False)
+            with pytest.raises(RuntimeError, match="torch.utils.checkpoint recomputing"):
+                out.backward()
 
 
 @pytest.mark.parametrize("loss, target", [("cross_entropy", "labels"), ("cross_entropy", "probs"),
