@@ -307,8 +307,9 @@ def _check_class_range(target: Tensor, n_classes: int, ignore_index: int) -> Non
 def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """Views the input as (rows, classes) with unit class stride, and the target to match.
 
-    ``(N, C, d1, ...)`` inputs move the class dimension last, which costs one copy: the kernel
-    needs the classes of a row contiguous. A 2-D input with a row stride is used as it is.
+    ``(N, C, d1, ...)`` inputs move the class dimension last, which costs one copy (none where the
+    classes are already innermost in memory: ``channels_last``): the kernel needs the classes of a
+    row contiguous. A 2-D input with a row stride is used as it is.
     """
     if input.dim() == 1:
         input, target = input.unsqueeze(0), target.unsqueeze(0)

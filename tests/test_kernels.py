@@ -232,6 +232,23 @@ def test_cross_entropy_spatial_inputs(shape, reduction):
     check("cross_entropy", [x, torch.rand_like(x)], {"reduction": reduction})
 
 
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
+def test_channels_last_logits_are_read_where_they_are(loss, monkeypatch):
+    """(N, C, H, W) logits in channels_last hold each position's classes together: the kernel reads
+    them in place (no copy to move the classes last), and the gradient has their layout."""
+    import fastloss.autograd as autograd
+
+    x = logits(2, 7, 3, 4).contiguous(memory_format=torch.channels_last)
+    t = torch.randint(0, 7, (2, 3, 4), device=DEVICE)
+    views = []  # whether the kernel's (rows, classes) are a view of the logits given (a leaf copy of x)
+    launched = autograd.softmax_loss
+    monkeypatch.setattr(autograd, "softmax_loss", lambda rows, *args: views.append(
+        rows._base is not None and rows.data_ptr() == rows._base.data_ptr()) or launched(rows, *args))
+    _, grad = check(loss, [x, t], {})
+    assert views == [True]
+    assert grad.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss", "huber_loss", "sigmoid_focal_loss"])
 def test_grad_output_of_exactly_one_and_second_backward(loss, reduction):
