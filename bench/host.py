@@ -128,12 +128,10 @@ def triton_launches(stub: bool):
     interpreter's), or calls the compiled kernel (``CompiledKernel[grid](...)``, fastloss's later
     launches, see ``common.launch``); both are counted, and each span is what Triton does."""
     import triton.compiler.compiler as compiler
-    import triton.runtime.interpreter as interpreter
-    import triton.runtime.jit as jit
 
     count = _Launches()
-    classes = [c for c in (jit.JITFunction, getattr(interpreter, "InterpretedFunction", None)) if c is not None]
-    saved = {c: c.run for c in classes}
+    entries = launch_entry_points()
+    saved = {entry: getattr(*entry) for entry in entries}
     saved_getitem = compiler.CompiledKernel.__getitem__
 
     def timed(name, fn, *args, **kwargs):
@@ -152,15 +150,28 @@ def triton_launches(stub: bool):
         runner = saved_getitem(self, grid)
         return lambda *args, **kwargs: timed(self.name, runner, *args, **kwargs)
 
-    for c in classes:
-        c.run = wrap(saved[c])
+    for (cls, name), original in saved.items():
+        setattr(cls, name, wrap(original))
     compiler.CompiledKernel.__getitem__ = getitem
     try:
         yield count
     finally:
-        for c, run in saved.items():
-            c.run = run
+        for (cls, name), original in saved.items():
+            setattr(cls, name, original)
         compiler.CompiledKernel.__getitem__ = saved_getitem
+
+
+def launch_entry_points() -> list[tuple[type, str]]:
+    """(class, method) of every Triton launch through Triton's own path, whose ``self`` has the
+    kernel's ``__name__`` or its ``fn``, and which takes the launch options by name:
+    ``JITFunction.run``, and the interpreter's ``InterpretedFunction.run`` (Triton 3.6 and later) or
+    ``GridExecutor.__call__`` (``kernel[grid]`` of an interpreted kernel before 3.6)."""
+    import triton.runtime.interpreter as interpreter
+    import triton.runtime.jit as jit
+
+    interpreted = interpreter.InterpretedFunction
+    return [(jit.JITFunction, "run"),
+            (interpreted, "run") if hasattr(interpreted, "run") else (interpreter.GridExecutor, "__call__")]
 
 
 def torch_fn(name: str):

@@ -109,8 +109,9 @@ def dispatches_in_python(*tensors: torch.Tensor | None) -> bool:
         cls = type(t)
         if cls in _PLAIN or not isinstance(t, torch.Tensor):  # None too
             continue
-        if hasattr(cls, "__tensor_flatten__"):  # a traceable wrapper subclass (asked of its class, which
-            return True  # Dynamo can answer: of a traced tensor, it answers no)
+        # a traceable wrapper subclass, asked of the class: Dynamo answers no of a traced tensor
+        if hasattr(cls, "__tensor_flatten__"):
+            return True
         if (not torch.compiler.is_compiling() and torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python)
                 and not is_fake(t)):
             return True

@@ -527,7 +527,8 @@ def _elementwise_ready(same_shape: bool, input: Tensor, target: Tensor, weight: 
     """Whether the Triton path can take these checked tensors as they are."""
     return (same_shape and input.dtype == target.dtype and input.dtype in _KERNEL_DTYPES
             and (weight is None or weight.is_floating_point())
-            and out_dtype in (input.dtype, torch.float32) and input.numel() > 0 and backend.use_triton(input, target, weight))
+            and out_dtype in (input.dtype, torch.float32) and input.numel() > 0
+            and backend.use_triton(input, target, weight))
 
 
 def sigmoid_focal_loss(

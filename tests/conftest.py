@@ -4,14 +4,17 @@ Without CUDA the Triton kernels run under Triton's interpreter on CPU tensors: T
 be set before triton is first imported, so it is set here. With CUDA the same tests run natively at
 full size.
 
-Checked on torch 2.13 + triton 3.9 and on torch 2.11 + triton 3.6. Triton 3.6's interpreter fails on
-loops with a runtime bound when NumPy >= 2.3 is installed ("only 0-dimensional arrays can be
-converted to Python scalars"): use numpy < 2.3 with it.
+Checked on torch 2.13 + triton 3.9 and on torch 2.11 + triton 3.6; on a CPU also with triton 3.2 to
+3.8. The interpreters of triton 3.6 and older fail on loops with a runtime bound when NumPy >= 2.3 is
+installed ("only 0-dimensional arrays can be converted to Python scalars"): the run stops at once
+with that advice instead (``pytest_configure``).
 """
 
 import os
+import re
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,22 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+def _release(package: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(p) for p in re.findall(r"\d+", metadata.version(package))[:2])
+    except metadata.PackageNotFoundError:
+        return ()
+
+
+def pytest_configure(config):
+    triton, numpy = _release("triton"), _release("numpy")
+    if not CUDA and triton and triton < (3, 7) and numpy >= (2, 3):
+        raise pytest.UsageError(
+            f"Triton {metadata.version('triton')}'s interpreter, which runs the kernel tests on a machine without a "
+            f"GPU, fails with NumPy >= 2.3 (NumPy {metadata.version('numpy')} is installed): "
+            "pip install 'numpy<2.3', or a Triton of 3.7 or later")
 
 
 def pytest_report_header(config):

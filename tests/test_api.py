@@ -348,19 +348,17 @@ def test_every_launch_asks_for_fused_multiply_adds(monkeypatch):
     """Triton's default for fused multiply-adds is changing (3.9 warns that 3.10 turns it off): every
     launch asks for them, as the kernels' instruction counts and roundings assume."""
     pytest.importorskip("triton")
-    from triton.runtime import interpreter, jit
-
     from fastloss.kernels import common
 
     # on a GPU, launches of a variant already compiled skip Triton's launch path (common.launch):
     # forget them, so that each variant's first launch here goes through it again
     monkeypatch.setattr(common, "_COMPILED", {})
     asked = {}
-    for cls in (jit.JITFunction, interpreter.InterpretedFunction):
-        def run(self, *args, _real=cls.run, **kwargs):
+    for cls, name in host.launch_entry_points():
+        def run(self, *args, _real=getattr(cls, name), **kwargs):
             asked[getattr(self, "__name__", None) or self.fn.__name__] = kwargs.get("enable_fp_fusion")
             return _real(self, *args, **kwargs)
-        monkeypatch.setattr(cls, "run", run)
+        monkeypatch.setattr(cls, name, run)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     logits = torch.randn(4, 9, dtype=torch.bfloat16, device=device, requires_grad=True)
     x, y = torch.randn(2, 40, device=device, requires_grad=True), torch.rand(2, 40, device=device)

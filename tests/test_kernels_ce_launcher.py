@@ -139,7 +139,8 @@ def concurrent_programs():
     loads read memory afresh.) The interpreter's first call of a device function adds names to the
     module's globals while another call may be reading them, so those two steps take a lock. A
     program that fails, or a launch still waiting after WAIT_S seconds, ends the launch's waits with
-    an error instead of a hang. It depends on interpreter internals, the same in Triton 3.6 to 3.9.
+    an error instead of a hang. It depends on interpreter internals, the same in Triton 3.2 to 3.9
+    (but for the pre-run hooks and the restored patch, which came in 3.6).
     """
     if DEV.type == "cuda":
         yield
@@ -157,7 +158,7 @@ def concurrent_programs():
         spec = inspect.getfullargspec(self.fn)
         kwargs = {k: v for k, v in kwargs.items() if k in spec.args or k in spec.kwonlyargs}
         args_hst, kwargs_hst = self._init_args_hst(args_dev, kwargs)
-        for hook in self.pre_run_hooks:
+        for hook in getattr(self, "pre_run_hooks", ()):  # (none before Triton 3.6)
             hook(*args_hst, **kwargs_hst)
         scope = interp._patch_lang(self.fn)
         try:
@@ -186,7 +187,8 @@ def concurrent_programs():
             if errors:
                 raise errors[0]
         finally:
-            scope.restore()
+            if scope is not None:  # (before Triton 3.6 the patch stays)
+                scope.restore()
         self._restore_args_dev(args_dev, args_hst, kwargs, kwargs_hst)
 
     def atomic_rmw(self, *args, _rmw=builder.create_atomic_rmw, **kwargs):
