@@ -188,14 +188,18 @@ class _NoLaunchDriver:
     """Stands in for Triton's CUDA driver on a machine without a GPU (``--launch-path``): kernels
     compile for an H100 (sm_90) with Triton's own ptxas, and a launch runs all of Triton's launch path
     up to the driver call, which does nothing. It implements what Triton's launch path asks of a
-    driver (checked with triton 3.6 and 3.9), nothing more."""
+    driver (checked with triton 3.2 to 3.9), nothing more."""
 
     def __init__(self):
         from triton.backends.compiler import GPUTarget
 
+        from fastloss.kernels.common import TRITON_RELEASE
+
         self.target = GPUTarget("cuda", 90, 32)
+        # module, function, registers, spills and (since Triton 3.4) the most threads a block
+        binary = (1, 1, 0, 0, 1024)[:5 if TRITON_RELEASE >= (3, 4) else 4]
         self.utils = types.SimpleNamespace(
-            load_binary=lambda name, kernel, shared, device: (1, 1, 0, 0, 1024),  # module, function, regs...
+            load_binary=lambda name, kernel, shared, device: binary,
             get_device_properties=lambda device: {"max_shared_mem": 232448, "multiprocessor_count": 132,
                                                   "max_num_regs": 65536, "warpSize": 32})
 

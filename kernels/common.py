@@ -271,7 +271,8 @@ def interpreting() -> bool:
 # ``_specialization`` was checked against (3.6 to 3.9: tests/launch_check.py checks the installed
 # one); other releases launch through Triton's own path.
 _DIRECT_RELEASES = ((3, 6), (3, 7), (3, 8), (3, 9))
-_DIRECT = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2]) in _DIRECT_RELEASES
+TRITON_RELEASE = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])  # (3, 9), say
+_DIRECT = TRITON_RELEASE in _DIRECT_RELEASES
 # Compiled variants by (kernel, device, the runtime arguments' specialization, the constexpr arguments
 # and launch options), with the kernel's constexpr parameter names: everything Triton's own cache key
 # holds, so there are at most as many entries as compiled variants.

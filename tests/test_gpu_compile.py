@@ -6,18 +6,13 @@ TRITON_INTERPRET (under the interpreter ``@triton.jit`` gives interpreted functi
   (launch_check.py).
 """
 
-import re
-
 import pytest
 
 
-def _triton_release() -> tuple[int, ...]:
-    triton = pytest.importorskip("triton")
-    return tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
-
-
 def test_kernels_compile_for_sm90(fresh_process):
-    if _triton_release() < (3, 4):
+    from fastloss.kernels import common
+
+    if common.TRITON_RELEASE < (3, 4):
         pytest.skip("gpu_compile_check.py gives Triton's compiler signatures in the form of Triton 3.4 and later")
     assert "compiled" in fresh_process("tests/gpu_compile_check.py")
 
