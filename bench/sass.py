@@ -27,6 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 TARGET = GPUTarget("cuda", 90, 32)
+ELEMENT_SIZE = {"bf16": 2, "fp16": 2, "fp32": 4}  # bytes, by --dtype
 
 
 def compile_sm90(kernel, signature: dict, constexprs: dict, num_warps: int, aligned: tuple[str, ...] = (),
@@ -146,7 +147,7 @@ def _cross_entropy_variants(dtype: str):
 
     plain = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, PROB=False, FOCAL=False,
                  WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, STATS=STATS, PARTS=PARTS)
-    size = 4 if dtype == "fp32" else 2
+    size = ELEMENT_SIZE[dtype]
     cases = [(f"{dtype} V=32768", 32768, {}), (f"{dtype} V=128256", 128256, {}),
              (f"{dtype} V=262144", 262144, {}), (f"{dtype} V=1000", 1000, {}),
              (f"{dtype} V=128256, focal", 128256, {"FOCAL": True}),
@@ -168,7 +169,7 @@ def _cross_entropy_variants(dtype: str):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sass", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+    parser.add_argument("--dtype", choices=tuple(ELEMENT_SIZE), default="bf16",
                         help="the logits' (and elementwise inputs') dtype (default: bf16)")
     parser.add_argument("--reduce", action="store_true",
                         help="compile the elementwise kernels' reduced-loss variants (one partial per program)")
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
         parser.error("unset TRITON_INTERPRET: the interpreter cannot compile")
 
     from fastloss.kernels.cross_entropy import _cross_entropy_kernel
-    from fastloss.kernels.focal import MAXNREG_16BIT, _sigmoid_focal_kernel
+    from fastloss.kernels.focal import _sigmoid_focal_kernel, maxnreg
     from fastloss.kernels.huber import _huber_kernel
 
     dt = args.dtype
@@ -206,7 +207,7 @@ def main(argv=None) -> int:
                           "k1": "fp32", "k0": "fp32", "gamma": "fp32", "scale": "fp32", **predict},
                          dict(BLOCK=block, INTERPRET=False, GAMMA_INT=2, REDUCE=args.reduce,
                               WRITE_GRAD_INPUT=True, PREDICT=args.reduce), warps, aligned=("n",),
-                         maxnreg=None if dt == "fp32" else MAXNREG_16BIT)
+                         maxnreg=maxnreg(ELEMENT_SIZE[dt]))
         report(f"sigmoid focal BLOCK={block} warps={warps}", c, block // (32 * warps))
     return 0
 

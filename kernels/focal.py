@@ -48,6 +48,12 @@ BLOCK = ELEMENTWISE_BLOCK
 # floor, the same bits (bench/results/ab_sigmoid_focal_maxnreg.txt). fp32's 40 ran slower (94.4 ->
 # 87.0%), and 32 slower in both, so fp32 keeps the compiler's choice.
 MAXNREG_16BIT = 40
+
+
+def maxnreg(element_size: int) -> int | None:
+    """The launch's register cap for inputs of ``element_size`` bytes (None: the compiler's choice)."""
+    return MAXNREG_16BIT if element_size == 2 else None
+
 # gamma in {0, 1, ..., MAX_INT_GAMMA} is computed by repeated multiplication (exact, no log/exp);
 # other values through exp2(gamma * log2(q)).
 MAX_INT_GAMMA = 4
@@ -183,7 +189,7 @@ def sigmoid_focal_fwd(
             PREDICT=prediction is not None,
             INTERPRET=interpreting(),
             num_warps=num_warps_for(BLOCK),
-            maxnreg=MAXNREG_16BIT if inputs.element_size() == 2 else None,
+            maxnreg=maxnreg(inputs.element_size()),
             enable_fp_fusion=FP_FUSION,
         )
     return reduce_partials(out, loss_dtype or torch.float32) if reduce else out
