@@ -286,11 +286,14 @@ def focal_ref64(x, t, alpha, gamma, reduction, stable=False):
     x = x.detach().double().requires_grad_()
     t = t.double()
     if stable:
-        # Branches without cancellation; the clamps keep the unused branch (and its gradient)
-        # finite, and x == 0 gets the smooth derivative 1/2 - t.
-        ce = torch.where(x >= 0,
-                         x * (1 - t) + torch.log1p(torch.exp(-x.clamp(min=0))),
-                         -x * t + torch.log1p(torch.exp(x.clamp(max=0))))
+        # Branches without cancellation. Each branch's exponent is x where that branch is taken, else
+        # 0, which keeps the other branch (and its gradient) finite, and gives x == 0 the smooth
+        # derivative 1/2 - t. (Not x.clamp(min=0): the gradient of a clamp at its bound is 1 in torch
+        # 2.13 and 0 in 2.14, which made this oracle's derivative at 0 1 - t there.)
+        pos = x >= 0
+        ce = torch.where(pos,
+                         x * (1 - t) + torch.log1p(torch.exp(-torch.where(pos, x, 0.0))),
+                         -x * t + torch.log1p(torch.exp(torch.where(pos, 0.0, x))))
         q = torch.sigmoid(x) * (1 - t) + torch.sigmoid(-x) * t
     else:
         p = torch.sigmoid(x)
