@@ -385,9 +385,9 @@ def predicted_factor(prediction_ptr, predicted_ptr, scale, first, grad_ptr):
     backward multiplied it back; it is written unscaled there too. The cap need not be a power of
     two. scale = inf (a mean over no weight) keeps p: 0 would leave the backward 1/0; so does
     scale = 0 (a Huber delta below fp32's range): inf would make the gradient 0 * inf.
-    What is "unscaled" is the caller's to say through ``scale``: a gradient at most ~1 per element
-    once divided by it (the caller folds in its factors that can pass that: Huber's delta, the
-    z-loss's own mean), so that fp16 holds it."""
+    What is "unscaled" is the caller's to say through ``scale``: a gradient that fp16 holds once
+    divided by it (~1 per element for the softmax losses, the z-loss's own mean folded in; Huber's
+    summed loss's, bounded by its launcher: huber.FP16_UNSCALED_MAX)."""
     p = tl.load(prediction_ptr)
     if grad_ptr.dtype.element_ty == tl.float16:
         mag = tl.abs(scale)

@@ -41,6 +41,17 @@ from .common import (
 BLOCK = ELEMENTWISE_BLOCK
 BLOCK_16BIT = 2 * ELEMENTWISE_BLOCK
 FLT_MAX = torch.finfo(torch.float32).max
+# An fp16 gradient of a reduced loss is written "unscaled" while its grad_output is unknown (see
+# common.predicted_factor): as the gradient of the summed loss, torch's (Huber: clamp(d, -delta,
+# delta) times the weight; SmoothL1 and L1: at most 1 times the weight), and divided only by what
+# keeps it inside fp16: its bound, min(mul, FP16_MAX_DIFF) (two fp16 values differ by less than
+# 2^17), divided by FP16_UNSCALED_MAX, or FP16_UNSCALED_MAX_WEIGHTED with a weight (whose size the
+# launcher cannot know: weights up to 4096 are held). Divided by delta, as it was, a Huber gradient
+# with a large delta lost its small entries to fp16's subnormals before the backward multiplied
+# them back (delta 2^20: 0.0244 -> 0).
+FP16_MAX_DIFF = 2.0**17
+FP16_UNSCALED_MAX = 2.0**15
+FP16_UNSCALED_MAX_WEIGHTED = 16.0
 
 
 def block_for(dtype: torch.dtype) -> int:
@@ -59,12 +70,14 @@ def _huber_kernel(
     n,
     beta,  # fp32 threshold; unused when L1
     inv_beta,  # 1 / beta, rounded once on the host (unused when L1)
-    c,  # mul * scale, folded on the host; PREDICT: fp16 caps the prediction at 1 / c
+    c,  # mul * scale, folded on the host
+    cap_c,  # PREDICT: fp16 takes the prediction only up to 1 / cap_c (its "unscaled" gradient: huber_fwd)
     prediction_ptr,  # PREDICT: fp32, the gradients' extra factor (see common.predicted_factor)
     predicted_ptr,  # PREDICT: fp32, where program 0 copies the factor used, for the backward
     BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
     L1: tl.constexpr,
+    INF_DELTA: tl.constexpr,  # Huber's delta = inf: the linear side's slope is inf (see huber_fwd)
     HAS_WEIGHT: tl.constexpr,
     REDUCE: tl.constexpr,
     WRITE_GRAD_INPUT: tl.constexpr,
@@ -76,16 +89,18 @@ def _huber_kernel(
     # training step (reduced, grad_input only) reads 2n and writes n elements.
     cg = c  # the gradients' factor
     if PREDICT:  # times the prediction (the loss's is not)
-        # capped for fp16 at 1 / c, not 1 / the mean's scale: the gradient written then is at most the
-        # weight per element (|d / beta| <= 1 where it is quadratic), where Huber's unscaled gradient
-        # reaches delta times the weight (2000 x 100 overflowed fp16, for a finite mean's gradient)
-        cg = c * predicted_factor(prediction_ptr, predicted_ptr, c, tl.program_id(0) == 0, gx_ptr)
+        cg = c * predicted_factor(prediction_ptr, predicted_ptr, cap_c, tl.program_id(0) == 0, gx_ptr)
     offs, mask, x, y = load_block_pair(x_ptr, y_ptr, n, BLOCK)
     d = x - y
     ad = tl.abs(d)
-    # sign(d), 0 where d is 0. Where d is NaN: 0 for L1, whose gradient is torch's sign(d); NaN for
-    # Huber and SmoothL1, whose linear branch a NaN takes, as torch's gradient has it.
-    sign = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0 if L1 else d))
+    # The linear side's gradient before c: sign(d), 0 where d is 0 (times inf for INF_DELTA). Where d
+    # is NaN: 0 for L1, whose gradient is torch's sign(d); NaN for Huber and SmoothL1, whose linear
+    # branch a NaN takes, as torch's gradient has it.
+    if INF_DELTA:
+        slope = float("inf")
+    else:
+        slope = 1.0
+    sign = tl.where(d > 0, slope, tl.where(d < 0, -slope, 0.0 if L1 else d))
     if L1:
         loss = ad
         grad = sign
@@ -144,9 +159,8 @@ def huber_fwd(
     prediction, predicted (both or neither; ``reduce`` only, with a gradient): one fp32 value each.
     The gradients are written multiplied by ``prediction`` as well, a power of two (the backward's
     grad_output foreseen: ``common.scale_grad_``), which is copied to ``predicted`` for the
-    backward. fp16 gradients are multiplied by at most 1 / (``mul * scale``) instead (at most the
-    weight per element: no overflow without a weight past fp16's range), and ``predicted`` holds
-    the factor used.
+    backward. fp16 gradients are multiplied by at most their "unscaled" factor instead (see
+    FP16_UNSCALED_MAX: no overflow for weights up to 4096), and ``predicted`` holds the factor used.
     """
     block = block_for(input.dtype)
     beta, mul, scale = float(beta), float(mul), float(scale)
@@ -159,10 +173,15 @@ def huber_fwd(
         beta = 0.0
     if math.isinf(beta) and mul == beta:
         # Huber's delta = inf: all quadratic (0.5 d^2); mul * scale = inf would turn 0.5 d^2 / beta
-        # * mul into 0 * inf. The linear side, which that factor also scales, is never taken.
-        inv_beta, c = 1.0, scale
+        # * mul into 0 * inf. The linear side, which that factor also scales, is taken only by an
+        # infinite d, whose loss is NaN (inf - inf) and gradient +-inf (torch's delta * scale): as
+        # torch's, with INF_DELTA.
+        inv_beta, c, inf_delta = 1.0, scale, True
     else:
-        inv_beta, c = 1.0 / beta if beta else 0.0, mul * scale
+        inv_beta, c, inf_delta = 1.0 / beta if beta else 0.0, mul * scale, False
+    # fp16's "unscaled" gradient (PREDICT): the summed loss's, divided only as fp16 needs it (see above)
+    headroom = FP16_UNSCALED_MAX_WEIGHTED if weight is not None else FP16_UNSCALED_MAX
+    cap_c = scale * max(1.0, min(mul, FP16_MAX_DIFF) / headroom)
     n, n_programs, out = elementwise_loss_output(
         "huber_fwd", {"input": input, "target": target, "weight": weight, "grad_input": grad_input,
                       "grad_target": grad_target}, reduce, loss_dtype, block)
@@ -180,10 +199,12 @@ def huber_fwd(
             beta,
             inv_beta,
             c,
+            cap_c,
             prediction,  # None without PREDICT
             predicted,
             BLOCK=block,
             L1=beta == 0.0,
+            INF_DELTA=inf_delta,
             HAS_WEIGHT=weight is not None,
             REDUCE=bool(reduce),
             WRITE_GRAD_INPUT=grad_input is not None,

@@ -65,11 +65,12 @@ def elementwise_variants():
     # reduced: with a prediction (fp16 takes its own branch of it); unreduced: without
     for dt, reduce in [("bf16", False), ("fp32", False), ("bf16", True), ("fp32", True), ("fp16", True)]:
         predict = {"prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}
-        for l1 in (False, True):
+        for l1, inf_delta in ((False, False), (True, False), (False, True)):
             yield _huber_kernel, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}",
                                   "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}", "gy_ptr": f"*{dt}",
-                                  "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32", **predict}, dict(
-                BLOCK=4096, INTERPRET=False, L1=l1, HAS_WEIGHT=True, REDUCE=reduce,
+                                  "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32",
+                                  "cap_c": "fp32", **predict}, dict(
+                BLOCK=4096, INTERPRET=False, L1=l1, INF_DELTA=inf_delta, HAS_WEIGHT=True, REDUCE=reduce,
                 WRITE_GRAD_INPUT=True, WRITE_GRAD_TARGET=True, PREDICT=reduce)
         for gamma_int in (2, -1):
             yield _sigmoid_focal_kernel, {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}",

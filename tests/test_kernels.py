@@ -819,6 +819,34 @@ def test_fp16_gradients_written_unscaled_stay_finite(case):
     assert ((got.double() - truth).abs() <= 2.0 ** -10 * truth.abs() + 2.0 ** -24).all(), case
 
 
+@pytest.mark.parametrize("grad_output", [1.0, 0.125, 8.0])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("delta, weighted", [(1000.0, False), (2.0 ** 20, False), (16.0, True)], ids=str)
+def test_fp16_huber_gradients_with_a_large_delta_keep_small_entries(delta, weighted, reduction, grad_output):
+    """An fp16 Huber gradient written unscaled (its grad_output unknown, or predicted beyond its cap)
+    was written divided by delta, and the backward multiplied it back: with delta = 2^20 an entry of
+    0.0244 came back 0, with delta = 1000 a 1e-3 two significant digits off. It is now written as
+    the summed loss's gradient (torch's: the difference, times the weight), divided only by what
+    keeps it inside fp16, so every entry is within two fp16 roundings of the truth, after a first
+    step and after a predicted one alike."""
+    import fastloss.autograd as fa
+
+    x = torch.tensor([1e-4, -1e-3, 0.0244, 0.3, -0.7, 5.0, 100.0, -3000.0], device=DEVICE).half()
+    y = torch.zeros_like(x)
+    kwargs = {"delta": delta, "reduction": reduction}
+    if weighted:
+        kwargs["weight"] = torch.tensor([0.5, 2.0, 1.0, 0.25, 3.0, 1.0, 0.5, 4.0], device=DEVICE).half()
+    wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    truth = _run(reference.huber_loss, [x.double(), y.double()], (0,), wide,
+                 lambda l: torch.full_like(l, grad_output))[1]
+    limit = 2.0 ** -10 * truth.abs() + max(1.0, grad_output) * 2.0 ** -24
+    fa._PREDICTIONS.clear()
+    for step in range(2):  # unknown, then predicted
+        got = _run(fastloss.huber_loss, [x, y], (0,), kwargs, lambda l: torch.full_like(l, grad_output), "triton")[1]
+        assert got.dtype == torch.float16
+        assert ((got.double() - truth).abs() <= limit).all(), (step, got, truth)
+
+
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
 def test_inplace_backward_refuses_logits_that_cannot_hold_their_gradient(loss, backend_name):

@@ -218,11 +218,14 @@ def test_huber_low_precision_no_worse_than_torch(dtype, size_name, variant, redu
         assert max_err(ours, t) <= max_err(theirs, t) + 1e-5 * t.abs().max().item()
 
 
-@pytest.mark.parametrize("variant", [v for v in HUBER_VARIANTS if v.id in ("huber-d1", "sl1-b0.25", "l1")])
+@pytest.mark.parametrize("variant", [v for v in HUBER_VARIANTS if v.id in ("huber-d1", "sl1-b0.25", "l1")]
+                         + [pytest.param(("huber", math.inf, False), id="huber-dinf")])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_huber_nan_and_inf_as_torch(variant, reduction):
     """NaN and infinite inputs give torch's loss and gradients: a NaN difference (NaN or inf - inf)
-    has a NaN loss and NaN gradients, an infinite one an infinite loss and the linear branch's."""
+    has a NaN loss and NaN gradients, an infinite one an infinite loss and the linear branch's. With
+    delta = inf an infinite difference has a NaN loss (inf - inf on the linear side) and an infinite
+    gradient, as torch's (the kernel's was +-1 times the scale)."""
     kind, thr, _ = variant
     nan, inf = float("nan"), float("inf")
     x = dev(torch.tensor([nan, 1.0, inf, -inf, inf, 0.5, 2.0, 0.25]))
