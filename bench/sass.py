@@ -151,6 +151,7 @@ def _cross_entropy_variants(dtype: str):
     cases = [(f"{dtype} V=32768", 32768, {}), (f"{dtype} V=128256", 128256, {}),
              (f"{dtype} V=262144", 262144, {}), (f"{dtype} V=1000", 1000, {}),
              (f"{dtype} V=128256, focal", 128256, {"FOCAL": True}),
+             (f"{dtype} V=256000, softcap", 256000, {"SOFTCAP": True}),  # Gemma 2's vocabulary and cap
              (f"{dtype} V=128256, forward only", 128256, {"WRITE_GRAD": False})]
     for name, v, extra in cases:
         write_grad = extra.get("WRITE_GRAD", True)

@@ -104,13 +104,15 @@ def _empty():
 
 
 @triton.jit
-def _load_logits(row_ptr, cols, mask, cap, inv_cap, SOFTCAP: tl.constexpr, POLICY: tl.constexpr):
-    """A chunk of logits in fp32, softcapped; padded lanes are -inf (set again after softcap, which
-    would map them to -cap)."""
-    x = tl.load(row_ptr + cols, mask=mask, other=_neg_inf(), eviction_policy=POLICY).to(tl.float32)
+def _capped(raw, mask, cap, inv_cap, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr):
+    """Logits as the loss takes them, softcapped, with the cap's slope d capped / d raw (1.0 without
+    SOFTCAP); lanes outside ``mask`` -inf (set again after softcap, which would map them to -cap)."""
+    x = raw
+    slope = 1.0
     if SOFTCAP:
-        x = tl.where(mask, _softcap(x, cap, inv_cap), _neg_inf())
-    return x
+        x, slope = _softcap(raw, cap, inv_cap, INTERPRET)
+        x = tl.where(mask, x, _neg_inf())
+    return x, slope
 
 
 @triton.jit
@@ -133,14 +135,16 @@ def _coef(weight_ptr, target_row, cols, mask, eps, eps_over_v, HAS_WEIGHT: tl.co
 @triton.jit
 def _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
                 SOFTCAP: tl.constexpr, NEED_A: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
-                PROB: tl.constexpr, POLICY: tl.constexpr):
-    """Columns ``c`` of a row, below ``hi``: the logits x (see _load_logits; nothing is read past
-    ``v_live``) and, when NEED_A, the coefficients a (see _coef)."""
-    x = _load_logits(x_row, c, c < v_live, cap, inv_cap, SOFTCAP, POLICY)
+                PROB: tl.constexpr, POLICY: tl.constexpr, INTERPRET: tl.constexpr):
+    """Columns ``c`` of a row, below ``hi``: the logits x in fp32 and the cap's slope (see _capped;
+    nothing is read past ``v_live``; a sweep that drops the slope never computes it) and, when
+    NEED_A, the coefficients a (see _coef)."""
+    raw = tl.load(x_row + c, mask=c < v_live, other=_neg_inf(), eviction_policy=POLICY).to(tl.float32)
+    x, slope = _capped(raw, c < v_live, cap, inv_cap, SOFTCAP, INTERPRET)
     a = 0.0
     if NEED_A:
         a = _coef(weight_ptr, t_row, c, c < hi, eps, eps_over_v, HAS_WEIGHT, SMOOTH, PROB, POLICY)
-    return x, a
+    return x, a, slope
 
 
 @triton.jit
@@ -191,7 +195,7 @@ def _combine(m, t, sa, d, NEED_A: tl.constexpr, INTERPRET: tl.constexpr):
 
 
 @triton.jit
-def _chunk_grad(x, a, ref, ref2, kp, A, B, cap_inv, PROB: tl.constexpr, REST: tl.constexpr,
+def _chunk_grad(x, a, slope, ref, ref2, kp, A, B, PROB: tl.constexpr, REST: tl.constexpr,
                 SOFTCAP: tl.constexpr, PRECISE: tl.constexpr, INTERPRET: tl.constexpr):
     """d(loss)/d(logits) for one chunk, target lane aside (the kernel rewrites that lane after):
     kp p_c - B a_c with p_c = exp(x_c - ref) / s, kp = (K + A) / s (PROB: A / s), chained through
@@ -206,8 +210,7 @@ def _chunk_grad(x, a, ref, ref2, kp, A, B, cap_inv, PROB: tl.constexpr, REST: tl
     if REST:
         g -= B * a
     if SOFTCAP:
-        th = x * cap_inv  # tanh(raw / cap); d(cap tanh(raw / cap))/d raw = 1 - tanh^2
-        g = tl.where(x > _neg_inf(), g * (1.0 - th * th), g)  # -inf: lanes of a dead row (0 * inf)
+        g = tl.where(x > _neg_inf(), g * slope, g)  # -inf: lanes of a dead row (0 * inf)
     return g
 
 
@@ -352,7 +355,8 @@ def _cross_entropy_kernel(
         live = in_range & (y64 != ignore_index)  # ignored and out-of-range rows read no logits
         y = tl.where(in_range, y64, 0).to(tl.int32)  # never address out of bounds
         if SOFTCAP:
-            x_y = 0.0  # taken from the sweep below
+            x_y = 0.0  # taken from the sweep below; the raw value for the cap's slope (as below)
+            raw_y = tl.load(x_row + y, mask=live, other=0.0).to(tl.float32)
         else:
             # (in place, every program reads x_y before the row's gradient is written: see SPLIT)
             x_y = tl.load(x_row + y, mask=live, other=0.0).to(tl.float32)
@@ -374,10 +378,11 @@ def _cross_entropy_kernel(
     d = tl.zeros([BLOCK], tl.float32)
     xy = tl.zeros([BLOCK], tl.float32)
     if SINGLE:
-        # The whole row (segment) fits one chunk: read it once and keep x (and a) in registers.
+        # The whole row (segment) fits one chunk: read it once and keep x (a, and the cap's slope) in
+        # registers.
         mask = cols < hi
-        x, a = _load_chunk(x_row, t_row, weight_ptr, cols, hi, v_live, cap, inv_cap, eps, eps_over_v,
-                           SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
+        x, a, slope = _load_chunk(x_row, t_row, weight_ptr, cols, hi, v_live, cap, inv_cap, eps, eps_over_v,
+                                  SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first", INTERPRET)
         m = x
         t = tl.zeros([BLOCK], tl.float32)
         if NEED_A:  # padding lanes must be -FLT_MAX, not -inf, for d's sa (m - ref) = 0 * (-inf) terms
@@ -393,20 +398,20 @@ def _cross_entropy_kernel(
             # through shared memory)
             for start in tl.range(0, hi - lo, BLOCK, num_stages=STAGES):
                 c = start + cols
-                xc, ac = _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
-                                     SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1)
+                xc, ac, _ = _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
+                                        SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1, INTERPRET)
                 m, t, sa, d = _lane_update(xc, ac, c < hi, m, t, sa, d, NEED_A, INTERPRET)
                 if CAPTURE_XY:
                     xy = tl.where(c == y, xc, xy)
         else:
             # The next chunk's load is issued before this one is folded in (two in flight).
-            xn, an = _load_chunk(x_row, t_row, weight_ptr, cols, hi, v_live, cap, inv_cap, eps, eps_over_v,
-                                 SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1)
+            xn, an, _ = _load_chunk(x_row, t_row, weight_ptr, cols, hi, v_live, cap, inv_cap, eps, eps_over_v,
+                                    SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1, INTERPRET)
             for start in range(0, hi - lo, BLOCK):
                 c = start + cols
                 xc, ac = xn, an
-                xn, an = _load_chunk(x_row, t_row, weight_ptr, c + BLOCK, hi, v_live, cap, inv_cap, eps,
-                                     eps_over_v, SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1)
+                xn, an, _ = _load_chunk(x_row, t_row, weight_ptr, c + BLOCK, hi, v_live, cap, inv_cap, eps,
+                                        eps_over_v, SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1, INTERPRET)
                 m, t, sa, d = _lane_update(xc, ac, c < hi, m, t, sa, d, NEED_A, INTERPRET)
                 if CAPTURE_XY:
                     xy = tl.where(c == y, xc, xy)
@@ -522,28 +527,31 @@ def _cross_entropy_kernel(
         out_ty = grad_ptr.dtype.element_ty
         PRECISE: tl.constexpr = out_ty == tl.float32
         if SINGLE:
-            g = _chunk_grad(x, a, ref, ref2, kp, A, B, inv_cap, PROB, REST, SOFTCAP, PRECISE, INTERPRET)
+            g = _chunk_grad(x, a, slope, ref, ref2, kp, A, B, PROB, REST, SOFTCAP, PRECISE, INTERPRET)
             tl.store(g_row + cols, cast_to(g, out_ty, INTERPRET), mask=mask)
         else:
             n_chunks = tl.cdiv(hi - lo, BLOCK)
             first = (n_chunks - 1 if REVERSE else 0) * BLOCK + cols
             step = -BLOCK if REVERSE else BLOCK
             if not STAGES2:
-                xn, an = _load_chunk(x_row, t_row, weight_ptr, first, hi, v_live, cap, inv_cap, eps, eps_over_v,
-                                     SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
+                xn, an, sn = _load_chunk(x_row, t_row, weight_ptr, first, hi, v_live, cap, inv_cap, eps,
+                                         eps_over_v, SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first",
+                                         INTERPRET)
             for i in tl.range(0, n_chunks, num_stages=STAGES2):
                 c = first + i * step
                 if STAGES2:
-                    xc, ac = _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
-                                         SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
+                    xc, ac, sc = _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps,
+                                             eps_over_v, SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first",
+                                             INTERPRET)
                 else:
                     # In place (grad is the logits): a chunk is read before it is overwritten, and the
                     # prefetched next chunk is another one, not yet written.
-                    xc, ac = xn, an
+                    xc, ac, sc = xn, an, sn
                     cn = c + tl.where(i + 1 < n_chunks, step, hi + BLOCK)  # after the last: past hi
-                    xn, an = _load_chunk(x_row, t_row, weight_ptr, cn, hi, v_live, cap, inv_cap, eps,
-                                         eps_over_v, SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first")
-                g = _chunk_grad(xc, ac, ref, ref2, kp, A, B, inv_cap, PROB, REST, SOFTCAP, PRECISE, INTERPRET)
+                    xn, an, sn = _load_chunk(x_row, t_row, weight_ptr, cn, hi, v_live, cap, inv_cap, eps,
+                                             eps_over_v, SOFTCAP, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first",
+                                             INTERPRET)
+                g = _chunk_grad(xc, ac, sc, ref, ref2, kp, A, B, PROB, REST, SOFTCAP, PRECISE, INTERPRET)
                 # First out of L2: the gradient is not read again, and other programs' segments, kept
                 # there by sweep 1, are still to be read (bf16 8192 x 128256 on an H100: DRAM read
                 # 2.36 -> 2.16 GB of the logits' 2.10, 81.5 -> 84.6% of the floor; bench/NOTES.md)
@@ -558,8 +566,8 @@ def _cross_entropy_kernel(
                 if SMOOTH:
                     g_y -= B * w_y  # a_y = w_y (1 without weights)
             if SOFTCAP:
-                th = x_y * inv_cap
-                g_y = g_y * (1.0 - th * th)
+                _, slope_y = _softcap(raw_y, cap, inv_cap, INTERPRET)
+                g_y = g_y * slope_y
             tl.debug_barrier()
             tl.store(g_row + y, cast_to(g_y, out_ty, INTERPRET), mask=(y >= lo) & (y < hi))
 

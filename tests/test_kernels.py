@@ -158,6 +158,24 @@ def test_cross_entropy_options(option, reduction, dtype):
     check("cross_entropy", [logits(n, v, dtype=dtype), t], {**kwargs, "reduction": reduction})
 
 
+@pytest.mark.parametrize("v", [37, 5000], ids=["one_chunk", "chunked"])
+@pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
+def test_softcap_slope_keeps_its_digits_on_saturated_logits(loss, v):
+    """Logits up to ~12 caps: the cap's slope 1 - tanh^2 was taken from the capped logit, as 1 - th^2
+    with th = capped / cap, which loses its digits as |th| nears 1. Of the gradient entries above
+    1e-6 of the largest, the worst was 6.8e-3 off float64, relatively (here, V = 37; torch's fp32,
+    whose tanh backward takes 1 - t^2 from its rounded tanh, 3.2e-3); now 4e-6. Checked in the row
+    that fits one chunk and in the chunked one."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(6, v, generator=g, dtype=torch.float64) * 100).to(DEVICE)
+    t = torch.randint(0, v, (6,), generator=g).to(DEVICE)
+    kwargs = {"softcap": 30.0, "reduction": "sum"}
+    ours = _run(getattr(fastloss, loss), [x.float(), t], (0,), kwargs, torch.ones_like, "triton")[1].double()
+    truth = _run(getattr(reference, loss), [x, t], (0,), kwargs, torch.ones_like)[1]
+    big = truth.abs() > 1e-6 * truth.abs().max()
+    assert ((ours - truth).abs()[big] / truth.abs()[big]).max() <= 1e-4
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("option", ["plain", "smoothing", "weight_smoothing", "everything"])
