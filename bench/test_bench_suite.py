@@ -27,6 +27,7 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 if CUDA:
     CASES = {
         "ce": Case("ce", "bf16", (8192, 128256)),
+        "ce_softcap": Case("ce_softcap", "bf16", (8192, 256000)),
         "focal": Case("focal", "bf16", (8192, 128256)),
         "sigmoid_focal": Case("sigmoid_focal", "bf16", (1 << 20, 80)),
         "huber": Case("huber", "bf16", (1 << 27,)),
@@ -36,6 +37,7 @@ if CUDA:
 else:
     CASES = {
         "ce": Case("ce", "fp32", (128, 2048)),
+        "ce_softcap": Case("ce_softcap", "fp32", (128, 2048)),
         "focal": Case("focal", "fp32", (128, 2048)),
         "sigmoid_focal": Case("sigmoid_focal", "fp32", (2048, 80)),
         "huber": Case("huber", "fp32", (1 << 16,)),
