@@ -104,18 +104,6 @@ def _empty():
 
 
 @triton.jit
-def _capped(raw, mask, cap, inv_cap, SOFTCAP: tl.constexpr, INTERPRET: tl.constexpr):
-    """Logits as the loss takes them, softcapped, with the cap's slope d capped / d raw (1.0 without
-    SOFTCAP); lanes outside ``mask`` -inf (set again after softcap, which would map them to -cap)."""
-    x = raw
-    slope = 1.0
-    if SOFTCAP:
-        x, slope = _softcap(raw, cap, inv_cap, INTERPRET)
-        x = tl.where(mask, x, _neg_inf())
-    return x, slope
-
-
-@triton.jit
 def _coef(weight_ptr, target_row, cols, mask, eps, eps_over_v, HAS_WEIGHT: tl.constexpr,
           SMOOTH: tl.constexpr, PROB: tl.constexpr, POLICY: tl.constexpr):
     """a_c, the weight of (lse - x_c) in the smoothing term (w_c) or in the probability-target loss
@@ -136,11 +124,16 @@ def _coef(weight_ptr, target_row, cols, mask, eps, eps_over_v, HAS_WEIGHT: tl.co
 def _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
                 SOFTCAP: tl.constexpr, NEED_A: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
                 PROB: tl.constexpr, POLICY: tl.constexpr, INTERPRET: tl.constexpr):
-    """Columns ``c`` of a row, below ``hi``: the logits x in fp32 and the cap's slope (see _capped;
-    nothing is read past ``v_live``; a sweep that drops the slope never computes it) and, when
-    NEED_A, the coefficients a (see _coef)."""
-    raw = tl.load(x_row + c, mask=c < v_live, other=_neg_inf(), eviction_policy=POLICY).to(tl.float32)
-    x, slope = _capped(raw, c < v_live, cap, inv_cap, SOFTCAP, INTERPRET)
+    """Columns ``c`` of a row, below ``hi``: the logits x in fp32, softcapped, with the cap's slope
+    d capped / d raw (1.0 without SOFTCAP; a sweep that drops it never computes it), and, when
+    NEED_A, the coefficients a (see _coef). Nothing is read past ``v_live``; lanes there are -inf
+    (set again after softcap, which would map them to -cap)."""
+    live = c < v_live
+    x = tl.load(x_row + c, mask=live, other=_neg_inf(), eviction_policy=POLICY).to(tl.float32)
+    slope = 1.0
+    if SOFTCAP:
+        x, slope = _softcap(x, cap, inv_cap, INTERPRET)
+        x = tl.where(live, x, _neg_inf())
     a = 0.0
     if NEED_A:
         a = _coef(weight_ptr, t_row, c, c < hi, eps, eps_over_v, HAS_WEIGHT, SMOOTH, PROB, POLICY)
