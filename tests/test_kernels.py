@@ -73,14 +73,18 @@ def _max_err(got, truth):
     return diff.max().item() if diff.numel() else 0.0
 
 
+def _float64_kwargs(kwargs: dict) -> dict:
+    """``kwargs`` with their floating-point tensors (class or element weights) in float64, for the truth."""
+    return {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+
+
 def check(name, tensors, kwargs, grad_of=(0,), grad_output=_random_grad_output):
     """Checks fastloss.<name> on the triton backend against the float64 reference."""
     fn = getattr(fastloss, name)
     dtype = tensors[0].dtype
     ours = _run(fn, tensors, grad_of, kwargs, grad_output, "triton")
     wide = [t.double() if t.is_floating_point() else t for t in tensors]
-    wide_kwargs = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-                   for k, v in kwargs.items()}
+    wide_kwargs = _float64_kwargs(kwargs)
     # The truth takes the grad_output fastloss received, in its dtype (an fp16 1.2576 is 1.2578: 1.4e-4
     # off, half of fp16's rounding), so that only the kernel's error is measured.
     given = grad_output(ours[0])
@@ -777,7 +781,7 @@ def test_fp16_gradients_of_a_mean_meet_a_loss_scale_before_rounding(loss, scale,
             (torch.rand(x.shape, device=DEVICE) < 0.1).half()
         kwargs = {"reduction": "mean"}
         divisor = x.numel()
-    wide_kwargs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    wide_kwargs = _float64_kwargs(kwargs)
     truth = _run(getattr(reference, loss), [x.double(), t.double() if t.is_floating_point() else t], (0,),
                  wide_kwargs, lambda l: torch.full_like(l, scale))[1]
     limit = 2.0 ** -10 * truth.abs() + max(1.0, scale / divisor) * 2.0 ** -24
@@ -827,7 +831,7 @@ def test_fp16_gradients_written_unscaled_stay_finite(case):
         x, t = logits(8, 64, dtype=torch.float16) + 200.0, labels(8, 64)
         kwargs = {"weight": torch.full((64,), 4096.0, device=DEVICE, dtype=torch.float16), "z_loss": 0.1}
         loss = "cross_entropy"
-    wide_kwargs = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    wide_kwargs = _float64_kwargs(kwargs)
     truth = _run(getattr(reference, loss), [x.double(), t.double() if t.is_floating_point() else t], (0,),
                  wide_kwargs, torch.ones_like)[1]
     fa._PREDICTIONS.clear()
@@ -854,7 +858,7 @@ def test_fp16_huber_gradients_with_a_large_delta_keep_small_entries(delta, weigh
     kwargs = {"delta": delta, "reduction": reduction}
     if weighted:
         kwargs["weight"] = torch.tensor([0.5, 2.0, 1.0, 0.25, 3.0, 1.0, 0.5, 4.0], device=DEVICE).half()
-    wide = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    wide = _float64_kwargs(kwargs)
     truth = _run(reference.huber_loss, [x.double(), y.double()], (0,), wide,
                  lambda l: torch.full_like(l, grad_output))[1]
     limit = 2.0 ** -10 * truth.abs() + max(1.0, grad_output) * 2.0 ** -24
