@@ -145,13 +145,14 @@ def _cross_entropy_variants(dtype: str):
     from fastloss.kernels.common import cdiv
     from fastloss.kernels.cross_entropy import MAX_SEGMENTS, PARTS, STATS, _default_config
 
-    plain = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, PROB=False, FOCAL=False,
+    plain = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, TANH_SERIES=False, PROB=False, FOCAL=False,
                  WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, STATS=STATS, PARTS=PARTS)
     size = ELEMENT_SIZE[dtype]
     cases = [(f"{dtype} V=32768", 32768, {}), (f"{dtype} V=128256", 128256, {}),
              (f"{dtype} V=262144", 262144, {}), (f"{dtype} V=1000", 1000, {}),
              (f"{dtype} V=128256, focal", 128256, {"FOCAL": True}),
-             (f"{dtype} V=256000, softcap", 256000, {"SOFTCAP": True}),  # Gemma 2's vocabulary and cap
+             (f"{dtype} V=256000, softcap", 256000,  # Gemma 2's vocabulary and cap (30)
+              {"SOFTCAP": True, "TANH_SERIES": dtype == "fp32"}),
              (f"{dtype} V=128256, forward only", 128256, {"WRITE_GRAD": False})]
     for name, v, extra in cases:
         write_grad = extra.get("WRITE_GRAD", True)

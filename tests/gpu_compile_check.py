@@ -45,8 +45,10 @@ def cross_entropy_variants():
         launch = LaunchConfig(block=8192 if split else 1024 if single else 4096, num_warps=8,
                               stages=0 if single else 4 if split else 3, stages2=4 if split and not single else 0,
                               **({} if split else {"sleep_ns": 0}))
+        # softcap's tanh with its series: fp32, and (as a cap past FAST_TANH_MAX_CAP) bf16 probabilities
         constexprs = dict(HAS_WEIGHT=bool(weight), SMOOTH=bool(smooth), ZLOSS=bool(z), SOFTCAP=bool(cap),
-                          PROB=bool(prob), FOCAL=bool(focal), WRITE_GRAD=True, NEED_A=bool(prob or smooth),
+                          TANH_SERIES=bool(cap) and (dt == "fp32" or bool(prob)), PROB=bool(prob),
+                          FOCAL=bool(focal), WRITE_GRAD=True, NEED_A=bool(prob or smooth),
                           REST=bool(prob or smooth or z), INTERPRET=False, SCALED=True,
                           BLOCK=launch.block, SINGLE=single, SPLIT=split, SEGMENTS=16 if split else 1,
                           STATS=STATS, PARTS=PARTS, PREDICT=single != split, **launch.kernel_constexprs)

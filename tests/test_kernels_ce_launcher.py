@@ -872,9 +872,13 @@ def _apply_helper(x_ptr, out_ptr, n, HELPER: tl.constexpr, INTERPRET: tl.constex
     elif HELPER == "log1p":
         y = log1p(x)
     elif HELPER == "tanh":
-        y, _ = softcap(x, 1.0, 1.0, INTERPRET)  # a cap of 1: tanh itself
+        y, _ = softcap(x, 1.0, 1.0, True, INTERPRET)  # a cap of 1: tanh itself
     elif HELPER == "tanh_slope":
-        _, y = softcap(x, 1.0, 1.0, INTERPRET)
+        _, y = softcap(x, 1.0, 1.0, True, INTERPRET)
+    elif HELPER == "tanh_no_series":
+        y, _ = softcap(x, 1.0, 1.0, False, INTERPRET)
+    elif HELPER == "tanh_slope_no_series":
+        _, y = softcap(x, 1.0, 1.0, False, INTERPRET)
     elif HELPER == "atanh_log":
         y = atanh_log(x)
     else:
@@ -897,6 +901,7 @@ def apply_helper(helper, x, dtype=torch.float32):
     # 1 - tanh^2 without cancellation; the exponential of -2|x| carries its argument's rounding,
     # ~|2x| ulps of relative error (5e-6 at |x| = 40, where the slope is 4e-35)
     ("tanh_slope", lambda x: torch.cosh(x) ** -2, (-40.0, 40.0), 100),
+    ("tanh_slope_no_series", lambda x: torch.cosh(x) ** -2, (-40.0, 40.0), 100),
 ])
 def test_math_helpers_keep_their_relative_precision(helper, exact, far, far_ulps):
     """Within 6 fp32 ulps of the exact value for |x| <= 0.5, down to 1e-30, where the plain formulas
@@ -909,6 +914,17 @@ def test_math_helpers_keep_their_relative_precision(helper, exact, far, far_ulps
         truth = exact(xs.double())
         err = (apply_helper(helper, xs).cpu().double() - truth).abs() / (truth.abs() * 2.0**-23)
         assert err.max().item() <= ulps, (helper, xs[err.argmax()].item(), err.max().item())
+
+
+def test_tanh_without_its_series_keeps_absolute_precision():
+    """softcap's tanh for 16-bit logits (SERIES off) loses relative digits near 0, but stays within
+    a few 2^-23 of tanh absolutely everywhere: the capped logit within that times the cap, which the
+    softmax takes as a relative error of its probabilities (kernels/cross_entropy.FAST_TANH_MAX_CAP).
+    Here 1 of those units (the GPU's approximate exp2: ~2)."""
+    tiny = torch.logspace(-30, 0, 600)
+    xs = torch.cat([torch.linspace(-9.0, 9.0, 4001), tiny, -tiny])
+    err = (apply_helper("tanh_no_series", xs).cpu().double() - torch.tanh(xs.double())).abs()
+    assert err.max().item() <= 4 * 2.0**-23, (xs[err.argmax()].item(), err.max().item())
 
 
 def test_atanh_log_keeps_full_precision():
