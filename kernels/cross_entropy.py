@@ -84,7 +84,8 @@ PIPELINE_MIN_CHUNKS = 4
 # 16-bit logits with a softcap up to this take tanh without its series near 0 (common.softcap): the
 # capped logit is then within ~2.4e-7 cap absolutely, here 1.5e-5, 1/32 of fp16's half ulp (1/128
 # of bf16's), what the softmax makes a relative error of its probabilities. Larger caps, and fp32,
-# take the series, ~30% more instructions per element (bf16, V = 256000, sm_90: 69.7 against 100.1).
+# take the series, and the target's capped logit from the sweep (CAPTURE_XY in the kernel): bf16,
+# V = 256000, sm_90, 100.5 instructions per element against 61.4.
 FAST_TANH_MAX_CAP = 64.0
 
 STATS = 8  # floats per segment in the SPLIT statistics buffer (5 used; 32-byte records)
@@ -354,8 +355,10 @@ def _cross_entropy_kernel(
         live = in_range & (y64 != ignore_index)  # ignored and out-of-range rows read no logits
         y = tl.where(in_range, y64, 0).to(tl.int32)  # never address out of bounds
         if SOFTCAP:
-            x_y = 0.0  # taken from the sweep below; the raw value for the cap's slope (as below)
-            raw_y = tl.load(x_row + y, mask=live, other=0.0).to(tl.float32)
+            # capped (with the series: taken from the sweep below instead), and the cap's slope there
+            # for the target's gradient; read as below
+            x_y, slope_y = _softcap(tl.load(x_row + y, mask=live, other=0.0).to(tl.float32), cap, inv_cap,
+                                    TANH_SERIES, INTERPRET)
         else:
             # (in place, every program reads x_y before the row's gradient is written: see SPLIT)
             x_y = tl.load(x_row + y, mask=live, other=0.0).to(tl.float32)
@@ -365,10 +368,15 @@ def _cross_entropy_kernel(
             w_y = 1.0
 
     # ---- sweep 1: per-lane max / sum-exp (+ smoothing / probability-target sums) --------------------
-    # With softcap, the target's capped logit is taken from the lanes too (xy): capped on its own, it
-    # can round differently from the same value in the sweep, and the loss of a confident row,
-    # lse - x_y ~ 1e-7, would be off by an ulp of x_y.
-    CAPTURE_XY: tl.constexpr = SOFTCAP and not PROB
+    # With softcap, the target's capped logit x_y must be the same bits as in its lane, or the loss of a
+    # confident row, lse - x_y ~ 1e-7, is off by an ulp of x_y. Without the series (TANH_SERIES), the
+    # cap is products, sums, an exp2, a reciprocal and selects with no product that feeds a sum, and
+    # its last product, by the cap, is never fused into one (common.mul_rn), so x_y capped on its own
+    # (above) is those bits. The series' Horner steps leave fusion to the compiler (and its sum
+    # 1 + expm1), so there x_y is taken from the lanes (xy), at ~9 instructions per element of sweep 1
+    # and a vector more of registers (bf16 V = 256000 launch on sm_90: 100.5 against 61.4 instructions
+    # per element in all, 255 registers and spills against 144; bench/NOTES.md section 23).
+    CAPTURE_XY: tl.constexpr = SOFTCAP and TANH_SERIES and not PROB
     cols = lo + tl.arange(0, BLOCK)
     v_live = tl.where(live, hi, 0)  # logits are read only below this column (none for a dead row)
     m = tl.full([BLOCK], _empty(), tl.float32)
@@ -566,7 +574,6 @@ def _cross_entropy_kernel(
                 if SMOOTH:
                     g_y -= B * w_y  # a_y = w_y (1 without weights)
             if SOFTCAP:
-                _, slope_y = _softcap(raw_y, cap, inv_cap, TANH_SERIES, INTERPRET)
                 g_y = g_y * slope_y
             tl.debug_barrier()
             tl.store(g_row + y, cast_to(g_y, out_ty, INTERPRET), mask=(y >= lo) & (y < hi))

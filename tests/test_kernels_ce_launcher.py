@@ -354,6 +354,25 @@ def test_confident_rows_keep_relative_precision(v):
         torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-30)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("v", [1000, 4099])
+def test_confident_rows_keep_relative_precision_under_softcap(v, dtype):
+    """The same with a cap of 30 (the target's capped logit 16 to 25: lse - x_y ~ 1e-3 .. 1e-7). The
+    capped x_y must be the bits its lane holds in the sweep: an ulp of it (2e-6 near 30) would swamp
+    these losses. fp32 takes it from the lanes; 16-bit logits (no series in the tanh) cap it on
+    their own, with the product by the cap kept out of any multiply-add (common.mul_rn)."""
+    logits, target = make(4, v, dtype, scale=1.0)
+    for i, raw in enumerate((18.0, 24.0, 30.0, 36.0)):
+        logits[i, target[i]] = raw
+    loss, grad = run(logits, target, softcap=30.0)
+    ref_loss, ref_grad = oracle(logits, target, softcap=30.0)
+    assert ref_loss.max() < 1e-3 and ref_loss.min() < 1e-6
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-4, atol=0)
+    rows = torch.arange(4, device=DEV)
+    torch.testing.assert_close(grad[rows, target].double(), ref_grad[rows, target],
+                               rtol=max(2e-5, ULP[dtype]), atol=0)
+
+
 def test_out_of_range_target_is_nan():
     logits, target = make(5, 20, torch.float32)
     target[1], target[3] = 20, -5
