@@ -198,11 +198,11 @@ def main(argv=None) -> int:
     predict = {"prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}  # used with reduce
     ew = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}", **out, "gx_ptr": f"*{dt}",
           "gy_ptr": f"*{dt}", "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32",
-          "cap_c": "fp32", **predict}
+          "cap_c": "fp32", "w_bound": "fp32", **predict, "wmax_ptr": f"*{dt}"}
     for block, warps in [(4096, 8), (8192, 8), (16384, 16)]:
         c = compile_sm90(_huber_kernel, ew, dict(BLOCK=block, INTERPRET=False, L1=False, INF_DELTA=False,
                                                  HAS_WEIGHT=False, REDUCE=args.reduce, WRITE_GRAD_INPUT=True,
-                                                 WRITE_GRAD_TARGET=False, PREDICT=args.reduce), warps,
+                                                 WRITE_GRAD_TARGET=False, PREDICT=args.reduce, WMAX=False), warps,
                          aligned=("n",))
         report(f"huber BLOCK={block} warps={warps}", c, block // (32 * warps))
         c = compile_sm90(_sigmoid_focal_kernel,

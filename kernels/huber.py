@@ -44,11 +44,15 @@ FLT_MAX = torch.finfo(torch.float32).max
 # An fp16 gradient of a reduced loss is written "unscaled" while its grad_output is unknown (see
 # common.predicted_factor): as the gradient of the summed loss, torch's (Huber: clamp(d, -delta,
 # delta) times the weight; SmoothL1 and L1: at most 1 times the weight), and divided only by what
-# keeps it inside fp16: its bound, min(mul, FP16_MAX_DIFF) (two fp16 values differ by less than
-# 2^17), divided by FP16_UNSCALED_MAX, or FP16_UNSCALED_MAX_WEIGHTED with a weight (whose size the
-# launcher cannot know: weights up to 4096 are held). Divided by delta, as it was, a Huber gradient
-# with a large delta lost its small entries to fp16's subnormals before the backward multiplied
-# them back (delta 2^20: 0.0244 -> 0).
+# keeps it inside fp16, its bound over FP16_UNSCALED_MAX: min(mul, FP16_MAX_DIFF) (two fp16 values
+# differ by less than 2^17), times the weights' largest magnitude. Where that product can pass
+# 2^15 only through the weights (mul <= FP16_UNSCALED_MAX_WEIGHTED), weights up to 4096 are taken
+# as held, and nothing is divided; past it the launcher reads the weights' largest magnitude on
+# the device (one more pass over them, no sync), and the kernel divides by what they need.
+# Divided by delta, as it was, a Huber gradient with a large delta lost its small entries to
+# fp16's subnormals before the backward multiplied them back (delta 2^20: 0.0244 -> 0); so did a
+# weighted one divided by the largest weight allowed (delta 2^20, weights near 1, values ~1e-3: 7
+# of 38 entries 0, the error 80x torch's).
 FP16_MAX_DIFF = 2.0**17
 FP16_UNSCALED_MAX = 2.0**15
 FP16_UNSCALED_MAX_WEIGHTED = 16.0
@@ -72,8 +76,10 @@ def _huber_kernel(
     inv_beta,  # 1 / beta, rounded once on the host (unused when L1)
     c,  # mul * scale, folded on the host
     cap_c,  # PREDICT: fp16 takes the prediction only up to 1 / cap_c (its "unscaled" gradient: huber_fwd)
+    w_bound,  # WMAX: cap_c is multiplied by max(1, w_bound * the weights' largest magnitude)
     prediction_ptr,  # PREDICT: fp32, the gradients' extra factor (see common.predicted_factor)
     predicted_ptr,  # PREDICT: fp32, where program 0 copies the factor used, for the backward
+    wmax_ptr,  # WMAX: the weights' largest magnitude (0-dim)
     BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
     L1: tl.constexpr,
@@ -83,13 +89,20 @@ def _huber_kernel(
     WRITE_GRAD_INPUT: tl.constexpr,
     WRITE_GRAD_TARGET: tl.constexpr,
     PREDICT: tl.constexpr,  # the gradients are multiplied by *prediction_ptr (the loss is not)
+    WMAX: tl.constexpr,  # fp16's unscaled gradient bounded by the weights' largest magnitude (huber_fwd)
 ):
     # Bytes per element (e = element size): reads 2e (input, target) + e with a weight; writes e for
     # the unreduced loss (4 bytes per BLOCK when reduced) + e per gradient requested. The usual
     # training step (reduced, grad_input only) reads 2n and writes n elements.
     cg = c  # the gradients' factor
     if PREDICT:  # times the prediction (the loss's is not)
-        cg = c * predicted_factor(prediction_ptr, predicted_ptr, cap_c, tl.program_id(0) == 0, gx_ptr)
+        cap = cap_c
+        if WMAX:
+            # a NaN or infinite weight (whose own gradient is NaN or inf) falls back to the weights
+            # held without it, 2048 = FP16_UNSCALED_MAX / FP16_UNSCALED_MAX_WEIGHTED (up to 4096)
+            wm = tl.load(wmax_ptr).to(tl.float32)
+            cap = cap * tl.maximum(w_bound * tl.where(wm < float("inf"), wm, 2048.0), 1.0)
+        cg = c * predicted_factor(prediction_ptr, predicted_ptr, cap, tl.program_id(0) == 0, gx_ptr)
     offs, mask, x, y = load_block_pair(x_ptr, y_ptr, n, BLOCK)
     d = x - y
     ad = tl.abs(d)
@@ -160,7 +173,7 @@ def huber_fwd(
     The gradients are written multiplied by ``prediction`` as well, a power of two (the backward's
     grad_output foreseen: ``common.scale_grad_``), which is copied to ``predicted`` for the
     backward. fp16 gradients are multiplied by at most their "unscaled" factor instead (see
-    FP16_UNSCALED_MAX: no overflow for weights up to 4096), and ``predicted`` holds the factor used.
+    FP16_UNSCALED_MAX: no overflow), and ``predicted`` holds the factor used.
     """
     block = block_for(input.dtype)
     beta, mul, scale = float(beta), float(mul), float(scale)
@@ -180,8 +193,15 @@ def huber_fwd(
     else:
         inv_beta, c, inf_delta = 1.0 / beta if beta else 0.0, mul * scale, False
     # fp16's "unscaled" gradient (PREDICT): the summed loss's, divided only as fp16 needs it (see above)
-    headroom = FP16_UNSCALED_MAX_WEIGHTED if weight is not None else FP16_UNSCALED_MAX
-    cap_c = scale * max(1.0, min(mul, FP16_MAX_DIFF) / headroom)
+    bound = min(mul, FP16_MAX_DIFF)
+    wmax, w_bound = None, 0.0
+    if weight is None:
+        cap_c = scale * max(1.0, bound / FP16_UNSCALED_MAX)
+    elif prediction is not None and input.dtype == torch.float16 and bound > FP16_UNSCALED_MAX_WEIGHTED:
+        cap_c, w_bound = scale, bound / FP16_UNSCALED_MAX
+        wmax = torch.linalg.vector_norm(weight, float("inf"))  # on the device; NaN if any weight is
+    else:
+        cap_c = scale
     n, n_programs, out = elementwise_loss_output(
         "huber_fwd", {"input": input, "target": target, "weight": weight, "grad_input": grad_input,
                       "grad_target": grad_target}, reduce, loss_dtype, block)
@@ -200,8 +220,10 @@ def huber_fwd(
             inv_beta,
             c,
             cap_c,
+            w_bound,
             prediction,  # None without PREDICT
             predicted,
+            wmax,  # None without WMAX
             BLOCK=block,
             L1=beta == 0.0,
             INF_DELTA=inf_delta,
@@ -211,6 +233,7 @@ def huber_fwd(
             INTERPRET=interpreting(),
             WRITE_GRAD_TARGET=grad_target is not None,
             PREDICT=prediction is not None,
+            WMAX=wmax is not None,
             num_warps=num_warps_for(block),
             enable_fp_fusion=FP_FUSION,
         )

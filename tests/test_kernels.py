@@ -853,23 +853,30 @@ def test_fp16_gradients_written_unscaled_stay_finite(case):
     assert ((got.double() - truth).abs() <= 2.0 ** -10 * truth.abs() + 2.0 ** -24).all(), case
 
 
+HUBER_WEIGHTS = {"unweighted": None, "weights up to 4": [0.5, 2.0, 1.0, 0.25, 3.0, 1.0, 0.5, 4.0],
+                 "weights up to 1": [1.0, 0.5, 1.0, 0.25, 0.75, 1.0, 0.5, 1.0]}
+
+
 @pytest.mark.parametrize("grad_output", [1.0, 0.125, 8.0])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-@pytest.mark.parametrize("delta, weighted", [(1000.0, False), (2.0 ** 20, False), (16.0, True)], ids=str)
-def test_fp16_huber_gradients_with_a_large_delta_keep_small_entries(delta, weighted, reduction, grad_output):
+@pytest.mark.parametrize("delta, weights", [(1000.0, "unweighted"), (2.0 ** 20, "unweighted"), (16.0, "weights up to 4"),
+                                            (1000.0, "weights up to 1"), (2.0 ** 20, "weights up to 1")], ids=str)
+def test_fp16_huber_gradients_with_a_large_delta_keep_small_entries(delta, weights, reduction, grad_output):
     """An fp16 Huber gradient written unscaled (its grad_output unknown, or predicted beyond its cap)
     was written divided by delta, and the backward multiplied it back: with delta = 2^20 an entry of
     0.0244 came back 0, with delta = 1000 a 1e-3 two significant digits off. It is now written as
     the summed loss's gradient (torch's: the difference, times the weight), divided only by what
     keeps it inside fp16, so every entry is within two fp16 roundings of the truth, after a first
-    step and after a predicted one alike."""
+    step and after a predicted one alike. With a weight and delta past 16, that divisor was the
+    largest weight allowed (4096), and the entry of 1e-4 came back 0 (delta 2^20) or 1% off (1000);
+    it now comes from the weights' own largest magnitude."""
     import fastloss.autograd as fa
 
     x = torch.tensor([1e-4, -1e-3, 0.0244, 0.3, -0.7, 5.0, 100.0, -3000.0], device=DEVICE).half()
     y = torch.zeros_like(x)
     kwargs = {"delta": delta, "reduction": reduction}
-    if weighted:
-        kwargs["weight"] = torch.tensor([0.5, 2.0, 1.0, 0.25, 3.0, 1.0, 0.5, 4.0], device=DEVICE).half()
+    if HUBER_WEIGHTS[weights] is not None:
+        kwargs["weight"] = torch.tensor(HUBER_WEIGHTS[weights], device=DEVICE).half()
     wide = _float64_kwargs(kwargs)
     truth = _run(reference.huber_loss, [x.double(), y.double()], (0,), wide,
                  lambda l: torch.full_like(l, grad_output))[1]
