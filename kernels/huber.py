@@ -194,18 +194,16 @@ def huber_fwd(
         inv_beta, c, inf_delta = 1.0 / beta if beta else 0.0, mul * scale, False
     # fp16's "unscaled" gradient (PREDICT): the summed loss's, divided only as fp16 needs it (see above)
     bound = min(mul, FP16_MAX_DIFF)
-    wmax, w_bound = None, 0.0
-    if weight is None:
-        cap_c = scale * max(1.0, bound / FP16_UNSCALED_MAX)
-    elif prediction is not None and input.dtype == torch.float16 and bound > FP16_UNSCALED_MAX_WEIGHTED:
-        cap_c, w_bound = scale, bound / FP16_UNSCALED_MAX
-        wmax = torch.linalg.vector_norm(weight, float("inf"))  # on the device; NaN if any weight is
-    else:
-        cap_c = scale
+    use_wmax = (weight is not None and prediction is not None and input.dtype == torch.float16
+                and bound > FP16_UNSCALED_MAX_WEIGHTED)
+    cap_c = scale * max(1.0, bound / FP16_UNSCALED_MAX) if weight is None else scale
+    w_bound = bound / FP16_UNSCALED_MAX if use_wmax else 0.0
     n, n_programs, out = elementwise_loss_output(
         "huber_fwd", {"input": input, "target": target, "weight": weight, "grad_input": grad_input,
                       "grad_target": grad_target}, reduce, loss_dtype, block)
     if n > 0:
+        # the weights' largest magnitude, on the device (NaN if any weight is)
+        wmax = torch.linalg.vector_norm(weight, float("inf")) if use_wmax else None
         launch(
             _huber_kernel,
             n_programs,
@@ -233,7 +231,7 @@ def huber_fwd(
             INTERPRET=interpreting(),
             WRITE_GRAD_TARGET=grad_target is not None,
             PREDICT=prediction is not None,
-            WMAX=wmax is not None,
+            WMAX=use_wmax,
             num_warps=num_warps_for(block),
             enable_fp_fusion=FP_FUSION,
         )
