@@ -45,17 +45,16 @@ FLT_MAX = torch.finfo(torch.float32).max
 # common.predicted_factor): as the gradient of the summed loss, torch's (Huber: clamp(d, -delta,
 # delta) times the weight; SmoothL1 and L1: at most 1 times the weight), and divided only by what
 # keeps it inside fp16, its bound over FP16_UNSCALED_MAX: min(mul, FP16_MAX_DIFF) (two fp16 values
-# differ by less than 2^17), times the weights' largest magnitude. Where that product can pass
-# 2^15 only through the weights (mul <= FP16_UNSCALED_MAX_WEIGHTED), weights up to 4096 are taken
-# as held, and nothing is divided; past it the launcher reads the weights' largest magnitude on
-# the device (one more pass over them, no sync), and the kernel divides by what they need.
-# Divided by delta, as it was, a Huber gradient with a large delta lost its small entries to
-# fp16's subnormals before the backward multiplied them back (delta 2^20: 0.0244 -> 0); so did a
-# weighted one divided by the largest weight allowed (delta 2^20, weights near 1, values ~1e-3: 7
-# of 38 entries 0, the error 80x torch's).
+# differ by less than 2^17), times the weights' largest magnitude, which the launcher reads on the
+# device (one more pass over the weights, no sync). Divided by delta, as it was, a Huber gradient
+# with a large delta lost its small entries to fp16's subnormals before the backward multiplied
+# them back (delta 2^20: 0.0244 -> 0); so did a weighted one divided for the largest weight once
+# assumed, 4096 (by min(mul, 2^17) / 16: delta 2^20, weights near 1, values ~1e-3 gave 7 of 38
+# entries 0, the error 80x torch's), and larger weights overflowed (delta 16, weights 8192: inf
+# where torch's is 16384). A NaN or infinite weight still takes that assumption (the kernel's
+# 2048: 2^15 / 16).
 FP16_MAX_DIFF = 2.0**17
 FP16_UNSCALED_MAX = 2.0**15
-FP16_UNSCALED_MAX_WEIGHTED = 16.0
 
 
 def block_for(dtype: torch.dtype) -> int:
@@ -89,7 +88,7 @@ def _huber_kernel(
     WRITE_GRAD_INPUT: tl.constexpr,
     WRITE_GRAD_TARGET: tl.constexpr,
     PREDICT: tl.constexpr,  # the gradients are multiplied by *prediction_ptr (the loss is not)
-    WMAX: tl.constexpr,  # fp16's unscaled gradient bounded by the weights' largest magnitude (huber_fwd)
+    WMAX: tl.constexpr,  # fp16 with a weight: its unscaled gradient bounded by the weights' largest magnitude
 ):
     # Bytes per element (e = element size): reads 2e (input, target) + e with a weight; writes e for
     # the unreduced loss (4 bytes per BLOCK when reduced) + e per gradient requested. The usual
@@ -98,8 +97,8 @@ def _huber_kernel(
     if PREDICT:  # times the prediction (the loss's is not)
         cap = cap_c
         if WMAX:
-            # a NaN or infinite weight (whose own gradient is NaN or inf) falls back to the weights
-            # held without it, 2048 = FP16_UNSCALED_MAX / FP16_UNSCALED_MAX_WEIGHTED (up to 4096)
+            # a NaN or infinite weight (whose own gradient is NaN or inf) falls back to weights up
+            # to 4096 (see FP16_UNSCALED_MAX)
             wm = tl.load(wmax_ptr).to(tl.float32)
             cap = cap * tl.maximum(w_bound * tl.where(wm < float("inf"), wm, 2048.0), 1.0)
         cg = c * predicted_factor(prediction_ptr, predicted_ptr, cap, tl.program_id(0) == 0, gx_ptr)
@@ -194,8 +193,7 @@ def huber_fwd(
         inv_beta, c, inf_delta = 1.0 / beta if beta else 0.0, mul * scale, False
     # fp16's "unscaled" gradient (PREDICT): the summed loss's, divided only as fp16 needs it (see above)
     bound = min(mul, FP16_MAX_DIFF)
-    use_wmax = (weight is not None and prediction is not None and input.dtype == torch.float16
-                and bound > FP16_UNSCALED_MAX_WEIGHTED)
+    use_wmax = weight is not None and prediction is not None and input.dtype == torch.float16
     cap_c = scale * max(1.0, bound / FP16_UNSCALED_MAX) if weight is None else scale
     w_bound = bound / FP16_UNSCALED_MAX if use_wmax else 0.0
     n, n_programs, out = elementwise_loss_output(

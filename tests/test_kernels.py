@@ -888,6 +888,22 @@ def test_fp16_huber_gradients_with_a_large_delta_keep_small_entries(delta, weigh
         assert ((got.double() - truth).abs() <= limit).all(), (step, got, truth)
 
 
+def test_fp16_huber_gradients_with_large_weights_do_not_overflow():
+    """The unscaled fp16 gradient (the summed loss's) once assumed weights up to 4096: with weights of
+    8192 and delta 16 it overflowed to inf, where the mean's gradient, torch's, is 32768. It is now
+    divided by what the weights' largest magnitude needs, after a first step and a predicted one."""
+    import fastloss.autograd as fa
+
+    x = torch.tensor([20.0, -7.0, 30.0, 0.5], device=DEVICE).half()
+    y = torch.zeros_like(x)
+    kwargs = {"delta": 16.0, "weight": torch.full_like(x, 8192.0)}
+    truth = _run(reference.huber_loss, [x.double(), y.double()], (0,), _float64_kwargs(kwargs), torch.ones_like)[1]
+    fa._PREDICTIONS.clear()
+    for step in range(2):
+        got = _run(fastloss.huber_loss, [x, y], (0,), kwargs, torch.ones_like, "triton")[1]
+        assert ((got.double() - truth).abs() <= 2.0 ** -10 * truth.abs()).all(), (step, got, truth)
+
+
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
 def test_inplace_backward_refuses_logits_that_cannot_hold_their_gradient(loss, backend_name):
