@@ -74,7 +74,7 @@ def elementwise_variants():
                                   "cap_c": "fp32", "w_bound": "fp32", **predict, "wmax_ptr": f"*{dt}"}, dict(
                 BLOCK=4096, INTERPRET=False, L1=l1, INF_DELTA=inf_delta, HAS_WEIGHT=True, REDUCE=reduce,
                 WRITE_GRAD_INPUT=True, WRITE_GRAD_TARGET=True, PREDICT=reduce,
-                WMAX=dt == "fp16" and not l1)  # fp16 with a weight and a delta past 16
+                WMAX=dt == "fp16" and not l1)  # fp16 with a weight (and a prediction)
         for gamma_int in (2, -1):
             yield _sigmoid_focal_kernel, {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}",
                                           "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}",
