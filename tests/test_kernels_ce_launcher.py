@@ -583,6 +583,24 @@ def _launch_config_checks(config, v, kind):
     torch.testing.assert_close(total, loss.sum(), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("config", [CONFIGS[0], INTERPRETED_SPLITS[0]], ids=_launch_id)
+@pytest.mark.parametrize("cap", [30.0, 100.0])  # the tanh without its series, and with it (FAST_TANH_MAX_CAP)
+def test_16_bit_softcap_in_a_row_and_split(config, cap):
+    """bf16 logits under a cap, a row in one program or split across two: without the tanh's series
+    every program caps the target's logit on its own; with it, the lane that holds it shares it
+    through the split's statistics. A confident row among them; in place, the same bits."""
+    logits, target = make(5, 4099, torch.bfloat16, ignore=1)
+    logits[2, target[2]] = 28.0  # its loss ~1e-4 and ~1e-6: one ulp of its capped logit is 2e-6
+    with concurrent_programs() if config.segments > 1 else contextlib.nullcontext():
+        loss, grad = check(logits, target, None, (0.5, 0.25), softcap=cap, config=config)
+        view = logits.clone()
+        loss2 = cross_entropy_fwd(view, target, None, torch.tensor([2.0, 4.0], device=DEV), view, softcap=cap,
+                                  config=config)
+    assert torch.equal(loss, loss2) and torch.equal(view, grad)
+    ref_loss = oracle(logits, target, None, (0.5, 0.25), softcap=cap)[0]
+    torch.testing.assert_close(loss[2].double(), ref_loss[2], rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("config", [LaunchConfig(block=1024, num_warps=4), INTERPRETED_SPLITS[0]], ids=_launch_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["all", "prob", "focal"])
