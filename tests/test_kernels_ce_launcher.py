@@ -590,7 +590,7 @@ def test_16_bit_softcap_in_a_row_and_split(config, cap):
     every program caps the target's logit on its own; with it, the lane that holds it shares it
     through the split's statistics. A confident row among them; in place, the same bits."""
     logits, target = make(5, 4099, torch.bfloat16, ignore=1)
-    logits[2, target[2]] = 28.0  # its loss ~1e-4 and ~1e-6: one ulp of its capped logit is 2e-6
+    logits[2, target[2]] = 28.0  # its loss 3e-5 (cap 30) and 2e-7 (cap 100); an ulp of its capped logit, 2e-6
     with concurrent_programs() if config.segments > 1 else contextlib.nullcontext():
         loss, grad = check(logits, target, None, (0.5, 0.25), softcap=cap, config=config)
         view = logits.clone()
