@@ -8,11 +8,14 @@ With x the logit and t the (possibly soft) target, in fp32:
     a_t = alpha*t + (1 - alpha)*(1 - t)                (1 when alpha < 0)
     loss = a_t * ce * q^gamma
     dloss/dx = a_t * q^gamma * [(p - t) - gamma * ce * (2t - 1) * p(1 - p) / q]
-The last form follows from dce/dx = p - t and dq/dx = -p(1 - p)(2t - 1); it folds q^(gamma - 1) into
-q^gamma / q, and p(1 - p) / q <= 1 for t in [0, 1], so it is finite for every gamma >= 0 even on
-saturated logits (q = 0 gives 0 there, the limit of the exact gradient). A target outside [0, 1]
-can make q negative; q^gamma is taken as 0 there for gamma > 0 (loss and gradient 0), as the
-reference takes it (torchvision's pow gives a sign or NaN there).
+The last form follows from dce/dx = p - t and dq/dx = -p(1 - p)(2t - 1). For a small integer gamma
+(the usual 2) q^(gamma - 1) and q^gamma are products of q, exact to a rounding and without a
+division; gamma = 0 leaves BCE's gradient a_t (p - t). Any other gamma takes q^gamma through
+exp2(gamma log2 q) and folds q^(gamma - 1) into q^gamma / q, where p(1 - p) / q <= 1 for t in
+[0, 1]. Either way the gradient is finite for every gamma >= 0 even on saturated logits (q = 0
+gives 0 there, the limit of the exact gradient). A target outside [0, 1] can make q negative;
+q^gamma is taken as 0 there for gamma > 0 (loss and gradient 0), as the reference takes it
+(torchvision's pow gives a sign or NaN there).
 """
 
 from __future__ import annotations
@@ -93,8 +96,9 @@ def _sigmoid_focal_kernel(
     offs, mask, x, t = load_block_pair(x_ptr, t_ptr, n, BLOCK)
     two_gamma = 2.0 * gamma
 
-    # The MUFU forms of exp2 / 1/x (common.py): this kernel does ~46 instructions per element, so
-    # at 16-bit it is bound by them, not by its bytes.
+    # The MUFU forms of exp2 / 1/x (common.py): this kernel does ~47 instructions per element (gamma
+    # 2, bf16, reduced, with the gradient; bench.sass), so at 16-bit it is bound by them as much as by
+    # its bytes.
     e = exp2(tl.abs(x) * -log2e(), INTERPRET)  # exp(-|x|) in [0, 1]; 0 for |x| > ~87
     r = rcp(1.0 + e, INTERPRET)
     pos = x >= 0
@@ -104,32 +108,48 @@ def _sigmoid_focal_kernel(
     # max(x, 0) - x t as x (1 - t) or -x t: no cancellation where x > 0 and t is near 1 (it lost ulp(x))
     ce = x * tl.where(pos, 1.0 - t, -t) + atanh_log(e * rcp(2.0 + e, INTERPRET))  # log1p(e), e <= 1: no log
     q = p * (1.0 - t) + omp * t
-    # Keeps log2 and 1/q finite where q is 0 (or subnormal). q < 0 only for targets outside [0, 1],
-    # where the focal factor is 0 (the reference's): its magnitude keeps 1/q from blowing up there.
-    q_safe = tl.maximum(tl.abs(q), _flt_min())
-
-    if GAMMA_INT >= 0:
-        qg = tl.full(q.shape, 1.0, tl.float32)  # q^0 = 1, including 0^0
-        q_pos = tl.maximum(q, 0.0)
-        for _ in tl.static_range(GAMMA_INT):
-            qg = qg * q_pos
-    else:
-        # gamma > 0 here, so q == 0 gives 0.
-        qg = tl.where(q > 0, exp2(gamma * log2(q_safe, INTERPRET), INTERPRET), 0.0)
 
     k = k1 * t + k0  # scale * a_t
-    kq = k * qg
+    if GAMMA_INT > 0:
+        # q^gamma = q^(gamma - 1) q by multiplication, and the gradient takes q^(gamma - 1) as it is:
+        # no 1/q (a reciprocal, and q's clamp, per element). q < 0 (a target outside [0, 1]) counts
+        # as 0: loss and gradient 0 there, as below.
+        q_pos = tl.maximum(q, 0.0)
+        if GAMMA_INT == 1:
+            qg1 = tl.where(q > 0, 1.0, 0.0)  # the slope of max(q, 0)
+        else:
+            qg1 = q_pos
+            for _ in tl.static_range(GAMMA_INT - 2):
+                qg1 = qg1 * q_pos
+        kq1 = k * qg1
+        kq = kq1 * q_pos
+    elif GAMMA_INT == 0:
+        kq = k  # q^0 = 1, including 0^0
+    else:
+        # gamma > 0 here, so q == 0 gives 0. Keeps log2 and 1/q finite where q is 0 (or subnormal).
+        # q < 0 only for targets outside [0, 1], where the focal factor is 0 (the reference's): its
+        # magnitude keeps 1/q from blowing up there.
+        q_safe = tl.maximum(tl.abs(q), _flt_min())
+        kq = k * tl.where(q > 0, exp2(gamma * log2(q_safe, INTERPRET), INTERPRET), 0.0)
     loss = ce * kq
     store_loss(out_ptr, offs, mask, loss, REDUCE, INTERPRET)
 
     if WRITE_GRAD_INPUT:
         p_minus_t = p * (1.0 - t) - omp * t  # = p - t, exact for hard labels
-        # p(1-p)/q, in [0, 1] for t in [0, 1]. Where q <= 0 it does not matter: kq = 0 when
-        # gamma > 0, and gamma = 0 multiplies it by 0.
-        h = p * omp * rcp(q_safe, INTERPRET)
+        if GAMMA_INT == 0:
+            g = kq * p_minus_t
+        else:
+            # d(ce)/dx = p - t and dq/dx = -p (1 - p) (2t - 1): the second term is gamma (2t - 1) ce
+            # p (1 - p) q^(gamma - 1), its gamma (2t - 1) in one FMA.
+            if GAMMA_INT > 0:
+                g = kq * p_minus_t - (t * two_gamma - gamma) * (ce * (p * omp) * kq1)
+            else:
+                # q^(gamma - 1) as q^gamma / q: p(1-p)/q is in [0, 1] for t in [0, 1]. Where q <= 0
+                # it does not matter: kq = 0 there.
+                h = p * omp * rcp(q_safe, INTERPRET)
+                g = kq * (p_minus_t - (t * two_gamma - gamma) * (ce * h))
         if PREDICT:
-            kq = kq * pg
-        g = kq * (p_minus_t - (t * two_gamma - gamma) * (ce * h))  # gamma (2t - 1) in one FMA
+            g = g * pg
         tl.store(gx_ptr + offs, cast_to(g, gx_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 

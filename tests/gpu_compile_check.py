@@ -75,7 +75,7 @@ def elementwise_variants():
                 BLOCK=4096, INTERPRET=False, L1=l1, INF_DELTA=inf_delta, HAS_WEIGHT=True, REDUCE=reduce,
                 WRITE_GRAD_INPUT=True, WRITE_GRAD_TARGET=True, PREDICT=reduce,
                 WMAX=dt == "fp16" and not l1)  # fp16 with a weight (and a prediction)
-        for gamma_int in (2, -1):
+        for gamma_int in (0, 1, 2, -1):  # each a path of its own
             yield _sigmoid_focal_kernel, {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}",
                                           "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}",
                                           "n": "i64", "k1": "fp32", "k0": "fp32", "gamma": "fp32", "scale": "fp32",

@@ -1263,7 +1263,7 @@ def test_huber_large_delta_small_differences_as_torch(delta, weight):
     _assert_elementwise_as_torch("huber_loss", x, y, kwargs)
 
 
-@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 3.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 3.0])
 def test_sigmoid_focal_targets_outside_zero_one_as_the_reference(gamma):
     """A target a rounding outside [0, 1] (1 + 1e-7 from soft-label arithmetic), or further, can make
     1 - p_t negative: the focal factor is 0 there, as in the reference, and the gradient finite (it

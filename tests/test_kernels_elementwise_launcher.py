@@ -343,7 +343,7 @@ def close_fp32(ours, ref, soft=False):
 
 
 @pytest.mark.parametrize("size_name", SIZES)
-@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0, 2.5])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 2.5, 3.0])  # integers to 4 by products of q
 @pytest.mark.parametrize("alpha", [0.25, -1.0], ids=["alpha0.25", "no-alpha"])
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -359,7 +359,7 @@ def test_sigmoid_focal_fp32(size_name, gamma, alpha, soft, reduction):
 
 
 @pytest.mark.parametrize("dtype", LOW, ids=str)
-@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0])
 @pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_sigmoid_focal_low_precision(dtype, gamma, soft, reduction):
@@ -400,7 +400,7 @@ def test_sigmoid_focal_target_dtypes(target_dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32] + LOW, ids=str)
-@pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("gamma", [0.0, 0.5, 1.0, 2.0, 4.0])
 def test_sigmoid_focal_saturated_logits(dtype, gamma):
     """|x| up to 1e4 with hard and soft targets: loss and gradient are finite for every gamma,
     match the stable float64 formula to full relative precision, and are 0 where that formula's
