@@ -18,14 +18,18 @@ import torch.nn.functional as F
 import fastloss
 import fastloss.reference as reference
 
-LOSSES = ("ce", "ce_softcap", "focal", "sigmoid_focal", "huber", "smooth_l1")
+LOSSES = ("ce", "ce_softcap", "ce_tokens", "focal", "sigmoid_focal", "huber", "smooth_l1")
 PROVIDERS = ("fastloss", "torch", "compile", "liger", "cce")
 MODES = ("fwdbwd", "fwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPE_SETS = ("headline", "sweep", "all")
 
-CLASS_LOSSES = ("ce", "ce_softcap", "focal")  # [N, V] logits and int64 class targets
+CLASS_LOSSES = ("ce", "ce_softcap", "ce_tokens", "focal")  # [N, V] logits and int64 class targets
 SOFTCAP = 30.0  # ce_softcap: cross-entropy of SOFTCAP * tanh(logits / SOFTCAP), as Gemma 2 trains
+# ce_tokens: the summed loss over the counted tokens of this many micro-batches of this size, as
+# gradient accumulation normalises (a count that changes every step, no power of two): fastloss
+# divides inside the kernel (``divisor``); a sum divided afterwards makes the backward scale the gradient
+MICRO_BATCHES = 3
 GAMMA = 2.0  # focal losses
 ALPHA = 0.25  # sigmoid focal loss (torchvision's default)
 
@@ -145,6 +149,7 @@ def gpu_cases(quick: bool) -> tuple[list[Case], list[Case]]:
         _classes("ce", "bf16", n_rows, 128256, loss_div=8),  # no target: how gradient accumulation costs
         _classes("ce", "fp16", n_rows, 128256, loss_div=8),  # no target: fp16 takes no prediction below 1 (NOTES 12)
         _classes("ce_softcap", "bf16", n_rows, 256000),  # no target: Gemma 2's vocabulary and cap
+        _classes("ce_tokens", "bf16", n_rows, 128256),  # no target: gradient accumulation's sum / tokens
         _classes("focal", "bf16", n_rows, 32768, goal=0.90),
         _classes("focal", "bf16", n_rows, 128256, goal=0.90),
         Case("sigmoid_focal", "fp32", (1 << 20, 80), goal=0.90),
@@ -170,6 +175,7 @@ def cpu_cases(quick: bool) -> tuple[list[Case], list[Case]]:
         _classes("ce", "fp32", n_rows, 8192, mode="fwd"),
         _classes("ce", "fp32", n_rows, 8192, loss_div=8),
         _classes("ce_softcap", "fp32", n_rows, 8192),
+        _classes("ce_tokens", "fp32", n_rows, 8192),
         _classes("focal", "fp32", n_rows, 8192),
         Case("sigmoid_focal", "fp32", (n_elem // 64, 80)),
         _elementwise("huber", "fp32", n_elem),
@@ -244,9 +250,16 @@ def torch_sigmoid_focal(x, t, alpha=ALPHA, gamma=GAMMA, reduction="mean"):
     return {"none": lambda: loss, "mean": loss.mean, "sum": loss.sum}[reduction]()
 
 
+def _tokens(target):
+    """ce_tokens' divisor: the counted tokens of MICRO_BATCHES micro-batches like this one, a 0-dim
+    tensor on the device, counted in every step as a training loop counts them."""
+    return MICRO_BATCHES * (target != -100).sum()
+
+
 TORCH_FNS = {
     "ce": lambda x, t: F.cross_entropy(x, t),
     "ce_softcap": lambda x, t: F.cross_entropy(SOFTCAP * torch.tanh(x / SOFTCAP), t),
+    "ce_tokens": lambda x, t: F.cross_entropy(x, t, reduction="sum") / _tokens(t),
     "focal": torch_focal,
     "sigmoid_focal": torch_sigmoid_focal,
     "huber": lambda x, y: F.huber_loss(x, y),
@@ -256,6 +269,7 @@ TORCH_FNS = {
 FASTLOSS_FNS = {
     "ce": lambda x, t: fastloss.cross_entropy(x, t),
     "ce_softcap": lambda x, t: fastloss.cross_entropy(x, t, softcap=SOFTCAP),
+    "ce_tokens": lambda x, t: fastloss.cross_entropy(x, t, reduction="sum", divisor=_tokens(t)),
     "focal": lambda x, t: fastloss.focal_loss(x, t, gamma=GAMMA),
     "sigmoid_focal": lambda x, t: fastloss.sigmoid_focal_loss(x, t, alpha=ALPHA, gamma=GAMMA, reduction="mean"),
     "huber": lambda x, y: fastloss.huber_loss(x, y),
@@ -266,6 +280,7 @@ FASTLOSS_FNS = {
 REFERENCE_FNS = {
     "ce": lambda x, t: reference.cross_entropy(x, t, None, -100, "mean", 0.0, 0.0, None),
     "ce_softcap": lambda x, t: reference.cross_entropy(x, t, None, -100, "mean", 0.0, 0.0, SOFTCAP),
+    "ce_tokens": lambda x, t: reference.cross_entropy(x, t, None, -100, "sum", 0.0, 0.0, None) / _tokens(t),
     "focal": lambda x, t: reference.focal_loss(x, t, GAMMA, None, -100, "mean", None),
     "sigmoid_focal": lambda x, t: reference.sigmoid_focal_loss(x, t, ALPHA, GAMMA, "mean"),
     "huber": lambda x, y: reference.huber_loss(x, y, "mean", 1.0, None),

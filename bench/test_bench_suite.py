@@ -28,6 +28,7 @@ if CUDA:
     CASES = {
         "ce": Case("ce", "bf16", (8192, 128256)),
         "ce_softcap": Case("ce_softcap", "bf16", (8192, 256000)),
+        "ce_tokens": Case("ce_tokens", "bf16", (8192, 128256)),
         "focal": Case("focal", "bf16", (8192, 128256)),
         "sigmoid_focal": Case("sigmoid_focal", "bf16", (1 << 20, 80)),
         "huber": Case("huber", "bf16", (1 << 27,)),
@@ -38,6 +39,7 @@ else:
     CASES = {
         "ce": Case("ce", "fp32", (128, 2048)),
         "ce_softcap": Case("ce_softcap", "fp32", (128, 2048)),
+        "ce_tokens": Case("ce_tokens", "fp32", (128, 2048)),
         "focal": Case("focal", "fp32", (128, 2048)),
         "sigmoid_focal": Case("sigmoid_focal", "fp32", (2048, 80)),
         "huber": Case("huber", "fp32", (1 << 16,)),

@@ -163,14 +163,14 @@ def _forward_prediction(input: Tensor, predicted: Optional[Tensor],
 # ``predicted``: None, or one fp32 value, into which the kernel copies the prediction it multiplied
 # the gradient by (see _PREDICTIONS).
 @_op("softmax_loss_fwd", mutates_args=("predicted",))
-def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], mean: bool,
+def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisor: Optional[Tensor], mean: bool,
                       write_grad: bool, reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,
                       z_loss: float, softcap: Optional[float], gamma: Optional[float],
                       predicted: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
     prediction, predicted = _forward_prediction(logits, predicted, SOFTMAX)
     with _on(logits):
-        loss = cross_entropy_fwd(logits, target, weight, None, grad, ignore_index=ignore_index,
+        loss = cross_entropy_fwd(logits, target, weight, divisor, grad, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
                                  mean=mean, reduce=reduce, loss_dtype=loss_dtype,
                                  prediction=prediction, predicted=predicted)
@@ -178,27 +178,27 @@ def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], 
 
 
 @_softmax_loss_fwd.register_fake
-def _(logits, target, weight, mean, write_grad, reduce, loss_dtype, ignore_index, label_smoothing, z_loss,
+def _(logits, target, weight, divisor, mean, write_grad, reduce, loss_dtype, ignore_index, label_smoothing, z_loss,
       softcap, gamma, predicted):
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else _no_grad_buffer(logits)
     return _fake_softmax_loss(logits, reduce, loss_dtype), grad
 
 
 @_op("softmax_loss_fwd_inplace", mutates_args=("logits", "predicted"))
-def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], mean: bool,
-                              reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,
-                              z_loss: float, softcap: Optional[float], gamma: Optional[float],
+def _softmax_loss_fwd_inplace(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisor: Optional[Tensor],
+                              mean: bool, reduce: bool, loss_dtype: torch.dtype, ignore_index: int,
+                              label_smoothing: float, z_loss: float, softcap: Optional[float], gamma: Optional[float],
                               predicted: Optional[Tensor]) -> Tensor:
     prediction, predicted = _forward_prediction(logits, predicted, SOFTMAX)
     with _on(logits):
-        return cross_entropy_fwd(logits, target, weight, None, logits, ignore_index=ignore_index,
+        return cross_entropy_fwd(logits, target, weight, divisor, logits, ignore_index=ignore_index,
                                  label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, gamma=gamma,
                                  mean=mean, reduce=reduce, loss_dtype=loss_dtype,
                                  prediction=prediction, predicted=predicted)
 
 
 @_softmax_loss_fwd_inplace.register_fake
-def _(logits, target, weight, mean, reduce, loss_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma,
+def _(logits, target, weight, divisor, mean, reduce, loss_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma,
       predicted):
     return _fake_softmax_loss(logits, reduce, loss_dtype)
 
@@ -403,10 +403,10 @@ class SoftmaxLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, target, weight, mean, reduce, inplace, ignore_index, label_smoothing,
+    def forward(ctx, logits, target, weight, divisor, mean, reduce, inplace, ignore_index, label_smoothing,
                 z_loss, softcap, gamma, out_dtype):
         write_grad = ctx.needs_input_grad[0]
-        args = (target, weight, mean)
+        args = (target, weight, divisor, mean)
         predicted = _predicted(logits, write_grad, reduce)
         rows = None if reduce or target.is_floating_point() else (target, ignore_index)
         opts = (reduce, out_dtype, ignore_index, label_smoothing, z_loss, softcap, gamma, predicted)
@@ -420,17 +420,20 @@ class SoftmaxLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _backward(ctx, grad_loss, 11)
+        return _backward(ctx, grad_loss, 12)
 
 
 def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], mean: bool,
                  reduce: bool, inplace: bool, ignore_index: int, label_smoothing: float, z_loss: float,
-                 softcap: Optional[float], gamma: Optional[float], out_dtype: torch.dtype) -> Tensor:
+                 softcap: Optional[float], gamma: Optional[float], out_dtype: torch.dtype,
+                 divisor: Optional[Tensor] = None) -> Tensor:
     """Runs :class:`SoftmaxLoss` on 2-D logits; returns the loss as ``out_dtype``, summed when
-    ``reduce``, and divided by the mean's denominators (computed on the device) when ``mean``."""
+    ``reduce``, and divided by the mean's denominators (computed on the device) when ``mean``, or by
+    ``divisor`` (one fp32 value on the logits' device, which does not require grad) when given: each
+    row's loss and gradient, inside the kernel."""
     (logits,) = _evaluated(logits)
     inplace = inplace and logits.requires_grad  # (refused logits: functional._check_inplace)
-    loss = SoftmaxLoss.apply(logits, target, weight, mean, reduce, inplace, ignore_index,
+    loss = SoftmaxLoss.apply(logits, target, weight, divisor, mean, reduce, inplace, ignore_index,
                              label_smoothing, z_loss, softcap, gamma, out_dtype)
     if inplace and not torch.compiler.is_compiling():
         _Overwritten.apply(logits)

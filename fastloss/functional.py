@@ -10,6 +10,7 @@ Argument errors are raised here, before any kernel launch, so both backends fail
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import sys
 import warnings
@@ -349,8 +350,49 @@ def _check_inplace(input: Tensor) -> None:
         )
 
 
+def _check_divisor(fn: str, divisor, reduction: str) -> None:
+    """The ``divisor`` extra: None, a real number, or a 0-dim real tensor (on any device: the
+    division raises where torch's raises), with ``reduction="sum"`` only."""
+    if divisor is None:
+        return
+    if reduction != "sum":
+        raise ValueError(f"{fn}: divisor divides the summed loss: it needs reduction='sum', got {reduction!r}")
+    if isinstance(divisor, Tensor):
+        if divisor.dim() != 0:
+            raise ValueError(f"{fn}: divisor must be a number or a 0-dim tensor, got a tensor of shape "
+                             f"{list(divisor.shape)}")
+        if divisor.is_complex():
+            raise TypeError(f"{fn}: divisor must be real, got a tensor of dtype {divisor.dtype}")
+    elif not isinstance(divisor, numbers.Real):  # int, float, bool, NumPy's integers and floats
+        raise TypeError(f"{fn}: divisor must be a real number or a 0-dim tensor, got {type(divisor).__name__}")
+
+
+def _kernel_divisor(input: Tensor, divisor, out_dtype: torch.dtype) -> tuple[Tensor, torch.dtype] | None:
+    """For the kernels: ``divisor`` as one fp32 value on the input's device, and the dtype of
+    ``loss / divisor`` (torch's: a 0-dim float tensor promotes the loss's), or None where the kernel's
+    sum is divided afterwards instead: a divisor that requires grad (its gradient), a tensor on another
+    GPU (torch's division raises), a CPU tensor while compiling (its value would be a host read), or a
+    dtype the kernels do not write (fp64). A CPU tensor's value is read on the host (no GPU sync); a
+    number takes one small fill on the device."""
+    if isinstance(divisor, Tensor):
+        if divisor.requires_grad:
+            return None
+        if divisor.is_floating_point():
+            out_dtype = torch.promote_types(out_dtype, divisor.dtype)
+        if out_dtype not in (input.dtype, torch.float32):
+            return None
+        if divisor.device == input.device:
+            return divisor.reshape(1).to(torch.float32), out_dtype
+        if divisor.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        divisor = divisor.item()
+    elif out_dtype not in (input.dtype, torch.float32):
+        return None
+    return torch.full((1,), float(divisor), dtype=torch.float32, device=input.device), out_dtype
+
+
 def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label_smoothing,
-                  z_loss, softcap, gamma, inplace_backward) -> Tensor:
+                  z_loss, softcap, gamma, inplace_backward, divisor=None) -> Tensor:
     ignore_index = _int(fn, "ignore_index", ignore_index)
     target, class_targets, label_smoothing = _check_softmax_args(fn, input, target, weight, ignore_index,
                                                                  label_smoothing, class_targets_only=gamma is not None)
@@ -372,9 +414,11 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
         if out_dtype != input.dtype:
             input, target, weight = _upcast(input, target, weight)
         if gamma is None:
-            return reference.cross_entropy(input, target, weight, ignore_index, reduction,
-                                           label_smoothing, z_loss, softcap)
-        return reference.focal_loss(input, target, gamma, weight, ignore_index, reduction, softcap)
+            loss = reference.cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                                           softcap)
+        else:
+            loss = reference.focal_loss(input, target, gamma, weight, ignore_index, reduction, softcap)
+        return loss if divisor is None else loss / divisor
 
     if target.dtype == torch.uint8:  # compared with ignore_index = -100 as a uint8, 156 would pass as ignored
         target = target.long()
@@ -389,12 +433,21 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
     # import statement costs a quarter of the `from .autograd import ...` form's microsecond.)
     import fastloss.autograd as autograd  # noqa: PLR0402
 
+    div = None
+    if divisor is not None:
+        # The kernel divides each row's loss and gradient, so that a plain backward has nothing to scale
+        # (a sum divided after it would make the backward a pass over the whole gradient)
+        fused = _kernel_divisor(input, divisor, out_dtype)
+        if fused is None:
+            return _softmax_loss(fn, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                 gamma, inplace_backward) / divisor
+        div, out_dtype = fused
     x2d, t = _rows(input, target)
     if weight is not None:
         weight = weight.float().contiguous()
     # mean: the kernels count the rows (and sum their class weights) on the device, with no sync
     loss = autograd.softmax_loss(x2d, t, weight, reduction == "mean", reduction != "none", inplace_backward,
-                                 ignore_index, label_smoothing, z_loss, softcap, gamma, out_dtype)
+                                 ignore_index, label_smoothing, z_loss, softcap, gamma, out_dtype, div)
     if reduction == "none":
         loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ())
     return loss
@@ -413,6 +466,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     softcap: float | None = None,
     inplace_backward: bool = False,
+    divisor: float | Tensor | None = None,
 ) -> Tensor:
     """Drop-in ``torch.nn.functional.cross_entropy`` that computes loss and gradient in one pass.
 
@@ -441,17 +495,23 @@ def cross_entropy(
             whose classes are strided in memory (a contiguous ``(N, C, d1, ...)`` tensor, a
             transposed one): that is copied first, the copy takes the gradient, and the logits keep
             their values.
+        divisor: with ``reduction="sum"``, returns ``cross_entropy(..., reduction="sum") / divisor``
+            (its value, dtype and gradients; a number or a 0-dim tensor, such as the batch's count of
+            tokens for gradient accumulation), with the division inside the kernel: its gradient is
+            written already divided, where a sum divided afterwards would leave the backward a pass
+            over the whole gradient to scale it.
     """
     # A tensor subclass, a mode or torch.fx's Proxy takes the call over, as in torch's functions.
     if has_torch_function_variadic(input, target, weight):
         return handle_torch_function(cross_entropy, (input, target, weight), input, target, weight, size_average,
                                      ignore_index, reduce, reduction, label_smoothing, z_loss=z_loss,
-                                     softcap=softcap, inplace_backward=inplace_backward)
+                                     softcap=softcap, inplace_backward=inplace_backward, divisor=divisor)
     reduction = _reduction(reduction, size_average, reduce)
     label_smoothing = _float("cross_entropy", "label_smoothing", label_smoothing)  # its range: with the shapes
     z_loss = _check_range("cross_entropy", "z_loss", z_loss, 0.0)
+    _check_divisor("cross_entropy", divisor, reduction)
     return _softmax_loss("cross_entropy", input, target, weight, ignore_index, reduction,
-                         label_smoothing, z_loss, softcap, None, inplace_backward)
+                         label_smoothing, z_loss, softcap, None, inplace_backward, divisor)
 
 
 def focal_loss(
@@ -464,6 +524,7 @@ def focal_loss(
     *,
     softcap: float | None = None,
     inplace_backward: bool = False,
+    divisor: float | Tensor | None = None,
 ) -> Tensor:
     """Softmax focal loss ``-w_y (1 - p_y)**gamma * log p_y`` over class-index targets.
 
@@ -474,11 +535,13 @@ def focal_loss(
     """
     if has_torch_function_variadic(input, target, weight):
         return handle_torch_function(focal_loss, (input, target, weight), input, target, gamma, weight,
-                                     ignore_index, reduction, softcap=softcap, inplace_backward=inplace_backward)
+                                     ignore_index, reduction, softcap=softcap, inplace_backward=inplace_backward,
+                                     divisor=divisor)
     reduction = _reduction(reduction)
     gamma = _check_range("focal_loss", "gamma", gamma, 0.0)
+    _check_divisor("focal_loss", divisor, reduction)
     return _softmax_loss("focal_loss", input, target, weight, ignore_index, reduction,
-                         0.0, 0.0, softcap, gamma, inplace_backward)
+                         0.0, 0.0, softcap, gamma, inplace_backward, divisor)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -27,11 +27,12 @@ class CrossEntropyLoss(_WeightedLoss):
         self.softcap = softcap
         self.inplace_backward = inplace_backward
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, *, divisor: float | Tensor | None = None) -> Tensor:
+        """``divisor`` (with ``reduction="sum"``): see :func:`fastloss.cross_entropy`."""
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                                reduction=self.reduction, label_smoothing=self.label_smoothing,
                                z_loss=self.z_loss, softcap=self.softcap,
-                               inplace_backward=self.inplace_backward)
+                               inplace_backward=self.inplace_backward, divisor=divisor)
 
 
 class FocalLoss(_WeightedLoss):
@@ -46,10 +47,11 @@ class FocalLoss(_WeightedLoss):
         self.softcap = softcap
         self.inplace_backward = inplace_backward
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, *, divisor: float | Tensor | None = None) -> Tensor:
+        """``divisor`` (with ``reduction="sum"``): see :func:`fastloss.cross_entropy`."""
         return F.focal_loss(input, target, gamma=self.gamma, weight=self.weight,
                             ignore_index=self.ignore_index, reduction=self.reduction,
-                            softcap=self.softcap, inplace_backward=self.inplace_backward)
+                            softcap=self.softcap, inplace_backward=self.inplace_backward, divisor=divisor)
 
 
 class SigmoidFocalLoss(_Loss):

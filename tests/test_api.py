@@ -28,7 +28,7 @@ from fastloss import backend, reference
 # --------------------------------------------------------------------------------------------------
 
 PAIRS = [
-    (fastloss.cross_entropy, F.cross_entropy, {"z_loss", "softcap", "inplace_backward"}),
+    (fastloss.cross_entropy, F.cross_entropy, {"z_loss", "softcap", "inplace_backward", "divisor"}),
     (fastloss.huber_loss, F.huber_loss, set()),
     (fastloss.smooth_l1_loss, F.smooth_l1_loss, set()),
     (fnn.CrossEntropyLoss.__init__, torch.nn.CrossEntropyLoss.__init__, {"z_loss", "softcap", "inplace_backward"}),
@@ -287,6 +287,30 @@ def test_a_mean_compiles_once_for_every_batch_size(loss, backend_name):
                                        dynamic_shapes=({0: batch}, {0: batch}))
         x, t = torch.randn(7, 3, device=device), torch.rand(7, 3, device=device)
         torch.testing.assert_close(exported.module()(x, t), fn(x, t))
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_a_divisor_tensor_compiles_once_with_fullgraph(backend_name):
+    """A divisor that changes every step (a token count, as a 0-dim tensor on the device) compiles with
+    fullgraph=True into one graph for every value, and gives eager mode's loss and gradient."""
+    import torch._dynamo.testing
+
+    device = _device(backend_name)
+    fn = lambda x, t, d: fastloss.cross_entropy(x, t, reduction="sum", divisor=d)  # noqa: E731
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    x0, t = torch.randn(6, 11, device=device), torch.randint(0, 11, (6,), device=device)
+    with fastloss.use_backend(backend_name):
+        for count in (5, 9, 6):
+            d = torch.tensor(count, device=device)
+            x, x_eager = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+            got, expected = compiled(x, t, d), fn(x_eager, t, d)
+            got.backward()
+            expected.backward()
+            torch.testing.assert_close(got, expected)
+            torch.testing.assert_close(x.grad, x_eager.grad)
+    assert counter.frame_count == 1
 
 
 def test_the_first_call_of_a_process_compiles_once():
@@ -570,6 +594,14 @@ FASTLOSS_ONLY_BAD_CALLS = [
     (lambda: fastloss.cross_entropy(X, T, softcap=np.array(30.0)), TypeError, "softcap"),
     (lambda: fastloss.focal_loss(X, T, gamma=torch.tensor(2.0, requires_grad=True)), TypeError, "gamma"),
     (lambda: fastloss.sigmoid_focal_loss(X, Y, alpha=np.array(0.25)), TypeError, "alpha"),
+    # divisor divides a sum: reduction="sum" only, by a real number or a 0-dim tensor
+    (lambda: fastloss.cross_entropy(X, T, divisor=4), ValueError, "reduction='sum'"),
+    (lambda: fastloss.focal_loss(X, T, reduction="none", divisor=torch.tensor(4.0)), ValueError, "reduction='sum'"),
+    (lambda: fastloss.cross_entropy(X, T, reduction="sum", divisor=torch.ones(1)), ValueError, "0-dim"),
+    (lambda: fastloss.cross_entropy(X, T, reduction="sum", divisor="4"), TypeError, "divisor"),
+    (lambda: fastloss.cross_entropy(X, T, reduction="sum", divisor=2j), TypeError, "divisor"),
+    (lambda: fastloss.focal_loss(X, T, reduction="sum", divisor=torch.tensor(2j)), TypeError, "divisor"),
+    (lambda: fastloss.nn.CrossEntropyLoss()(X, T, divisor=4), ValueError, "reduction='sum'"),
 ]
 
 

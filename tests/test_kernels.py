@@ -759,6 +759,100 @@ def test_a_predicted_grad_output_and_subnormal_gradients(dtype):
     assert (twice[differ].abs() <= torch.finfo(torch.float32).tiny).all()
 
 
+# divisors of a summed loss: the forms a training loop passes (a token count for gradient accumulation
+# is often a 0-dim int64 tensor on the device), all >= 1 so that fp16 takes them in the forward too
+DIVISORS = {"int": lambda: 7, "float": lambda: 2.5, "count_tensor": lambda: torch.tensor(13, device=DEVICE),
+            "fp32_tensor": lambda: torch.tensor(3.0, device=DEVICE),
+            "cpu_tensor": lambda: torch.tensor(5)}  # (on a GPU: read on the host, no sync)
+
+
+@pytest.mark.parametrize("divisor", list(DIVISORS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("loss, kwargs", [
+    ("cross_entropy", {}),
+    ("cross_entropy", {"weight": "w", "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 20.0}),
+    ("cross_entropy", {"inplace_backward": True}),
+    ("cross_entropy", {"probabilities": True}),
+    ("focal_loss", {"gamma": 2.0}),
+], ids=["ce", "ce_options", "ce_inplace", "ce_probabilities", "focal"])
+def test_a_divisor_divides_the_sum_inside_the_kernel(loss, kwargs, dtype, divisor):
+    """``reduction="sum", divisor=d`` is the summed loss divided by d, with torch's dtype for that
+    division (a 0-dim float tensor promotes it), as close to the float64 truth as the kernel's own
+    rounding (once to the dtype), for its gradient too, with grad_output 1 and another; and with
+    grad_output 1, as a plain ``loss.backward()`` gives it, the backward has nothing left to scale:
+    the gradient returned is the one the forward wrote (no pass over it)."""
+    import fastloss.autograd as fa
+
+    kwargs = dict(kwargs)
+    n, v = 6, 300
+    x0 = logits(n, v, dtype=dtype)
+    t = torch.rand(n, v, device=DEVICE).softmax(-1) if kwargs.pop("probabilities", False) else labels(n, v, ignore=1)
+    if kwargs.get("weight") == "w":
+        kwargs["weight"] = (torch.rand(v, device=DEVICE) + 0.5).to(dtype)  # (torch: the input's dtype)
+    inplace = kwargs.get("inplace_backward", False)
+    options = {k: v for k, v in kwargs.items() if k != "inplace_backward"}  # for leaves: the truth's
+    d = DIVISORS[divisor]()
+    fn = getattr(fastloss, loss)
+
+    def step(grad_output):
+        leaf = x0.clone().requires_grad_()
+        x = leaf * 1.0 if inplace else leaf  # in place needs a non-leaf
+        with fastloss.use_backend("triton"):
+            out = fn(x, t, reduction="sum", divisor=d, **kwargs)
+        written = x if inplace else out.grad_fn.saved_tensors[0]
+        written = written.detach().clone()
+        (g,) = torch.autograd.grad(out, leaf, None if grad_output is None else grad_output.to(out))
+        return out.detach(), g, written
+
+    # the truth in float64, through the reference, divided after the sum
+    x64 = x0.double().requires_grad_()
+    with fastloss.use_backend("reference"):
+        truth = fn(x64, t.double() if t.is_floating_point() else t, reduction="sum", **_float64_kwargs(options)) / (
+            d.double() if isinstance(d, torch.Tensor) else d)
+    (truth_g,) = torch.autograd.grad(truth, x64)
+    with fastloss.use_backend("triton"):
+        undivided = fn(x0, t, reduction="sum", **options)
+    expected_dtype = torch.result_type(undivided, d) if isinstance(d, torch.Tensor) else undivided.dtype
+
+    step(None)  # a first step sets the prediction of grad_output (1) that the next forward takes
+    out, g, written = step(None)
+    assert out.dtype == expected_dtype and out.shape == () and g.dtype == dtype
+    eps = 1e-5 if out.dtype == torch.float32 else torch.finfo(out.dtype).eps  # (the interpreter truncates)
+    torch.testing.assert_close(out.double(), truth.detach(), rtol=eps, atol=0)
+    eps = 1e-5 if dtype == torch.float32 else torch.finfo(dtype).eps
+    torch.testing.assert_close(g.double(), truth_g, rtol=eps, atol=eps * truth_g.abs().max().item())
+    assert torch.equal(g, written)  # nothing left to scale
+
+    go = torch.tensor(0.37, device=DEVICE)  # a factor the forward did not foresee: the backward's pass
+    _, g_scaled, _ = step(go)
+    torch.testing.assert_close(g_scaled.double(), truth_g * go.to(expected_dtype).double(), rtol=2 * eps,
+                               atol=2 * eps * truth_g.abs().max().item())
+    fa._PREDICTIONS.clear()
+
+
+def test_a_divisor_that_requires_grad_or_widens_the_dtype_divides_after_the_kernel():
+    """Where the kernel cannot take the divisor, the kernel's sum is divided afterwards, as torch
+    divides it: a divisor that requires grad gets its gradient, and a float64 one makes the loss
+    float64."""
+    x0, t = logits(6, 300), labels(6, 300, ignore=1)
+    d = torch.tensor(3.0, device=DEVICE, requires_grad=True)
+    x = x0.clone().requires_grad_()
+    with fastloss.use_backend("triton"):
+        out = fastloss.cross_entropy(x, t, reduction="sum", divisor=d)
+    out.backward()
+    x_t, d_t = x0.clone().requires_grad_(), d.detach().clone().requires_grad_()
+    expected = F.cross_entropy(x_t, t, reduction="sum") / d_t
+    expected.backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, x_t.grad)
+    torch.testing.assert_close(d.grad, d_t.grad)
+    with fastloss.use_backend("triton"):
+        out = fastloss.focal_loss(x0, t, gamma=0.0, reduction="sum",
+                                  divisor=torch.tensor(3.0, dtype=torch.float64, device=DEVICE))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, F.cross_entropy(x0, t, reduction="sum").double() / 3.0)
+
+
 @pytest.mark.parametrize("before", [None, 2.0 ** -24, 0.3], ids=["first", "after_2^-24", "after_0.3"])
 @pytest.mark.parametrize("scale", [2.0 ** 16, 2.0 ** 12], ids=["scale_2^16", "scale_2^12"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss", "huber_loss", "sigmoid_focal_loss"])
