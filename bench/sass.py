@@ -198,18 +198,20 @@ def main(argv=None) -> int:
     predict = {"prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}  # used with reduce
     ew = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}", **out, "gx_ptr": f"*{dt}",
           "gy_ptr": f"*{dt}", "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32",
-          "cap_c": "fp32", "w_bound": "fp32", **predict, "wmax_ptr": f"*{dt}"}
+          "cap_c": "fp32", "w_bound": "fp32", **predict, "wmax_ptr": f"*{dt}", "div_ptr": "*fp32"}
     for block, warps in [(4096, 8), (8192, 8), (16384, 16)]:
         c = compile_sm90(_huber_kernel, ew, dict(BLOCK=block, INTERPRET=False, L1=False, INF_DELTA=False,
                                                  HAS_WEIGHT=False, REDUCE=args.reduce, WRITE_GRAD_INPUT=True,
-                                                 WRITE_GRAD_TARGET=False, PREDICT=args.reduce, WMAX=False), warps,
+                                                 WRITE_GRAD_TARGET=False, PREDICT=args.reduce, WMAX=False,
+                                                 DIVIDE=False), warps,
                          aligned=("n",))
         report(f"huber BLOCK={block} warps={warps}", c, block // (32 * warps))
         c = compile_sm90(_sigmoid_focal_kernel,
                          {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}", **out, "gx_ptr": f"*{dt}", "n": "i64",
-                          "k1": "fp32", "k0": "fp32", "gamma": "fp32", "scale": "fp32", **predict},
+                          "k1": "fp32", "k0": "fp32", "gamma": "fp32", "scale": "fp32", **predict,
+                          "div_ptr": "*fp32"},
                          dict(BLOCK=block, INTERPRET=False, GAMMA_INT=2, REDUCE=args.reduce,
-                              WRITE_GRAD_INPUT=True, PREDICT=args.reduce), warps, aligned=("n",),
+                              WRITE_GRAD_INPUT=True, PREDICT=args.reduce, DIVIDE=False), warps, aligned=("n",),
                          maxnreg=maxnreg(ELEMENT_SIZE[dt]))
         report(f"sigmoid focal BLOCK={block} warps={warps}", c, block // (32 * warps))
     return 0

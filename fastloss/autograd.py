@@ -212,8 +212,8 @@ def _scale(mean: bool, input: Tensor) -> float:
 
 
 @_op("huber_fwd", mutates_args=("predicted",))
-def _huber_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, mul: float,
-               mean: bool, reduce: bool, grad_input: bool, grad_target: bool,
+def _huber_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], divisor: Optional[Tensor], beta: float,
+               mul: float, mean: bool, reduce: bool, grad_input: bool, grad_target: bool,
                loss_dtype: torch.dtype, predicted: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
     scale = _scale(mean, input)
     gi = torch.empty_like(input) if grad_input else None
@@ -222,7 +222,7 @@ def _huber_fwd(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: fl
     with _on(input):
         loss = huber_fwd(input, target, weight, beta=beta, mul=mul, scale=scale, reduce=reduce,
                          grad_input=gi, grad_target=gt, loss_dtype=loss_dtype,
-                         prediction=prediction, predicted=predicted)
+                         prediction=prediction, predicted=predicted, divisor=divisor)
     return loss, gi if gi is not None else _no_grad_buffer(input), gt if gt is not None else _no_grad_buffer(input)
 
 
@@ -231,27 +231,28 @@ def _fake_elementwise_loss(input: Tensor, reduce: bool, loss_dtype: torch.dtype)
 
 
 @_huber_fwd.register_fake
-def _(input, target, weight, beta, mul, mean, reduce, grad_input, grad_target, loss_dtype, predicted):
+def _(input, target, weight, divisor, beta, mul, mean, reduce, grad_input, grad_target, loss_dtype, predicted):
     gi = torch.empty_like(input) if grad_input else _no_grad_buffer(input)
     gt = torch.empty_like(target) if grad_target else _no_grad_buffer(input)
     return _fake_elementwise_loss(input, reduce, loss_dtype), gi, gt
 
 
 @_op("sigmoid_focal_fwd", mutates_args=("predicted",))
-def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, mean: bool,
-                       reduce: bool, grad_input: bool, loss_dtype: torch.dtype,
+def _sigmoid_focal_fwd(inputs: Tensor, targets: Tensor, divisor: Optional[Tensor], alpha: float, gamma: float,
+                       mean: bool, reduce: bool, grad_input: bool, loss_dtype: torch.dtype,
                        predicted: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     scale = _scale(mean, inputs)
     gi = torch.empty_like(inputs) if grad_input else None
     prediction, predicted = _forward_prediction(inputs, predicted, SIGMOID_FOCAL)
     with _on(inputs):
         loss = sigmoid_focal_fwd(inputs, targets, alpha=alpha, gamma=gamma, scale=scale, reduce=reduce,
-                                 grad_input=gi, loss_dtype=loss_dtype, prediction=prediction, predicted=predicted)
+                                 grad_input=gi, loss_dtype=loss_dtype, prediction=prediction, predicted=predicted,
+                                 divisor=divisor)
     return loss, gi if gi is not None else _no_grad_buffer(inputs)
 
 
 @_sigmoid_focal_fwd.register_fake
-def _(inputs, targets, alpha, gamma, mean, reduce, grad_input, loss_dtype, predicted):
+def _(inputs, targets, divisor, alpha, gamma, mean, reduce, grad_input, loss_dtype, predicted):
     return _fake_elementwise_loss(inputs, reduce, loss_dtype), torch.empty_like(inputs) if grad_input else _no_grad_buffer(inputs)
 
 
@@ -468,49 +469,53 @@ class Huber(torch.autograd.Function):
     """Huber, SmoothL1 and L1: one elementwise kernel, gradients for input and target."""
 
     @staticmethod
-    def forward(ctx, input, target, weight, beta, mul, reduction, out_dtype):
+    def forward(ctx, input, target, weight, divisor, beta, mul, reduction, out_dtype):
         reduce, (grad_input, grad_target) = reduction != "none", ctx.needs_input_grad[:2]
         predicted = _predicted(input, grad_input or grad_target, reduce)
-        loss, g_in, g_t = _huber_fwd(input, target, weight, beta, mul, reduction == "mean", reduce,
+        loss, g_in, g_t = _huber_fwd(input, target, weight, divisor, beta, mul, reduction == "mean", reduce,
                                      grad_input, grad_target, out_dtype, predicted)
         _save(ctx, HUBER, (g_in, g_t), per_element=not reduce, predicted=predicted)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _backward(ctx, grad_loss, 5)
+        return _backward(ctx, grad_loss, 6)
 
 
 def huber(input: Tensor, target: Tensor, weight: Optional[Tensor], beta: float, mul: float,
-          reduction: str, out_dtype: torch.dtype) -> Tensor:
-    """``mul * smooth_l1(input - target; beta)``, times ``weight``, reduced, as ``out_dtype``."""
+          reduction: str, out_dtype: torch.dtype, divisor: Optional[Tensor] = None) -> Tensor:
+    """``mul * smooth_l1(input - target; beta)``, times ``weight``, reduced, as ``out_dtype``, and
+    divided by ``divisor`` (one fp32 value on the input's device) when given."""
     input, target = _evaluated(input.contiguous(), target.contiguous())
     weight = weight.contiguous() if weight is not None else None
-    return Huber.apply(input, target, weight, beta, mul, reduction, out_dtype)
+    return Huber.apply(input, target, weight, divisor, beta, mul, reduction, out_dtype)
 
 
 class SigmoidFocal(torch.autograd.Function):
     """torchvision's sigmoid focal loss: one elementwise kernel, gradient for the inputs."""
 
     @staticmethod
-    def forward(ctx, inputs, targets, alpha, gamma, reduction, out_dtype):
+    def forward(ctx, inputs, targets, divisor, alpha, gamma, reduction, out_dtype):
         reduce, grad_input = reduction != "none", ctx.needs_input_grad[0]
         # Predicted for fp16 only, which needs its capped factor (see _PREDICTIONS). This kernel is
         # bound by its arithmetic in 16 bits, and the prediction's multiplication adds 1.5 of its
         # 47.5 instructions per element (bf16, sm_90), while its usual grad_output, 1 / the number of
-        # positive anchors of a summed loss, is no power of two: a prediction would seldom pay.
+        # positive anchors of a summed loss, is no power of two: a prediction would seldom pay (a
+        # ``divisor`` folds that factor into the kernel instead).
         predicted = _predicted(inputs, grad_input and inputs.dtype == torch.float16, reduce)
-        loss, g_in = _sigmoid_focal_fwd(inputs, targets, alpha, gamma, reduction == "mean", reduce,
+        loss, g_in = _sigmoid_focal_fwd(inputs, targets, divisor, alpha, gamma, reduction == "mean", reduce,
                                         grad_input, out_dtype, predicted)
         _save(ctx, SIGMOID_FOCAL, (g_in,), per_element=not reduce, predicted=predicted)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        return _backward(ctx, grad_loss, 5)
+        return _backward(ctx, grad_loss, 6)
 
 
 def sigmoid_focal(inputs: Tensor, targets: Tensor, alpha: float, gamma: float, reduction: str,
-                  out_dtype: torch.dtype) -> Tensor:
+                  out_dtype: torch.dtype, divisor: Optional[Tensor] = None) -> Tensor:
+    """torchvision's sigmoid focal loss, as ``out_dtype``, divided by ``divisor`` (one fp32 value on the
+    inputs' device) when given."""
     inputs, targets = _evaluated(inputs.contiguous(), targets.contiguous())
-    return SigmoidFocal.apply(inputs, targets, alpha, gamma, reduction, out_dtype)
+    return SigmoidFocal.apply(inputs, targets, divisor, alpha, gamma, reduction, out_dtype)

@@ -367,6 +367,24 @@ def _check_divisor(fn: str, divisor, reduction: str) -> None:
         raise TypeError(f"{fn}: divisor must be a real number or a 0-dim tensor, got {type(divisor).__name__}")
 
 
+def _divided(loss: Tensor, divisor) -> Tensor:
+    """``loss / divisor`` as torch divides, or ``loss`` without a divisor: the reference's path."""
+    return loss if divisor is None else loss / divisor
+
+
+def _kernel_loss(run, input: Tensor, out_dtype: torch.dtype, divisor) -> Tensor:
+    """``run(out_dtype, div)``, the kernels' loss in ``out_dtype`` divided by the fp32 device tensor
+    ``div`` inside the kernel (None: by nothing): with ``divisor`` folded in where the kernels can take
+    it (see ``_kernel_divisor``), else divided afterwards, as torch divides."""
+    if divisor is None:
+        return run(out_dtype, None)
+    fused = _kernel_divisor(input, divisor, out_dtype)
+    if fused is None:
+        return run(out_dtype, None) / divisor
+    div, out_dtype = fused
+    return run(out_dtype, div)
+
+
 def _kernel_divisor(input: Tensor, divisor, out_dtype: torch.dtype) -> tuple[Tensor, torch.dtype] | None:
     """For the kernels: ``divisor`` as one fp32 value on the input's device, and the dtype of
     ``loss / divisor`` (torch's: a 0-dim float tensor promotes the loss's), or None where the kernel's
@@ -418,7 +436,7 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
                                            softcap)
         else:
             loss = reference.focal_loss(input, target, gamma, weight, ignore_index, reduction, softcap)
-        return loss if divisor is None else loss / divisor
+        return _divided(loss, divisor)
 
     if target.dtype == torch.uint8:  # compared with ignore_index = -100 as a uint8, 156 would pass as ignored
         target = target.long()
@@ -433,21 +451,13 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
     # import statement costs a quarter of the `from .autograd import ...` form's microsecond.)
     import fastloss.autograd as autograd  # noqa: PLR0402
 
-    div = None
-    if divisor is not None:
-        # The kernel divides each row's loss and gradient, so that a plain backward has nothing to scale
-        # (a sum divided after it would make the backward a pass over the whole gradient)
-        fused = _kernel_divisor(input, divisor, out_dtype)
-        if fused is None:
-            return _softmax_loss(fn, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                                 gamma, inplace_backward) / divisor
-        div, out_dtype = fused
     x2d, t = _rows(input, target)
     if weight is not None:
         weight = weight.float().contiguous()
     # mean: the kernels count the rows (and sum their class weights) on the device, with no sync
-    loss = autograd.softmax_loss(x2d, t, weight, reduction == "mean", reduction != "none", inplace_backward,
-                                 ignore_index, label_smoothing, z_loss, softcap, gamma, out_dtype, div)
+    loss = _kernel_loss(lambda dtype, div: autograd.softmax_loss(
+        x2d, t, weight, reduction == "mean", reduction != "none", inplace_backward, ignore_index, label_smoothing,
+        z_loss, softcap, gamma, dtype, div), input, out_dtype, divisor)
     if reduction == "none":
         loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ())
     return loss
@@ -600,6 +610,8 @@ def sigmoid_focal_loss(
     alpha: float = 0.25,
     gamma: float = 2.0,
     reduction: str = "none",
+    *,
+    divisor: float | Tensor | None = None,
 ) -> Tensor:
     """Drop-in ``torchvision.ops.sigmoid_focal_loss`` (same formula and defaults).
 
@@ -610,10 +622,13 @@ def sigmoid_focal_loss(
     targets' shape (ValueError) and dtype (RuntimeError), then the reduction. Where torchvision
     differs: every negative alpha disables the weighting (torchvision's releases with torch 2.13
     take only -1, as older ones took any), and a negative or NaN gamma raises ValueError.
+
+    Extra (keyword-only): ``divisor``, with ``reduction="sum"``: the summed loss divided by it (the
+    number of positive anchors, say), inside the kernel; see :func:`cross_entropy`.
     """
     if has_torch_function_variadic(inputs, targets):
         return handle_torch_function(sigmoid_focal_loss, (inputs, targets), inputs, targets, alpha, gamma,
-                                     reduction)
+                                     reduction, divisor=divisor)
     alpha = _float("sigmoid_focal_loss", "alpha", alpha)
     if not alpha <= 1.0:  # NaN too
         raise ValueError(f"sigmoid_focal_loss: alpha must be in [0, 1], or negative for no weighting, got {alpha}")
@@ -629,16 +644,18 @@ def sigmoid_focal_loss(
     _check_devices("sigmoid_focal_loss", ("inputs", inputs), ("targets", targets), no_kernel=_SIGMOID_FOCAL_NO_KERNEL)
     gamma = _check_range("sigmoid_focal_loss", "gamma", gamma, 0.0)
     reduction = _reduction(reduction, deprecated_mean=False)  # torchvision's: none, mean or sum
+    _check_divisor("sigmoid_focal_loss", divisor, reduction)
     out_dtype = _loss_dtype(inputs, targets)
     if (inputs.numel() == 0 or inputs.dtype not in _KERNEL_DTYPES or targets.requires_grad
             or out_dtype not in (inputs.dtype, torch.float32) or not backend.use_triton(inputs, targets)):
         if out_dtype != inputs.dtype:
             inputs, targets = _upcast(inputs, targets)
-        return reference.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction)
+        return _divided(reference.sigmoid_focal_loss(inputs, targets, alpha, gamma, reduction), divisor)
 
     import fastloss.autograd as autograd  # noqa: PLR0402
 
-    return autograd.sigmoid_focal(inputs, targets, alpha, gamma, reduction, out_dtype)
+    return _kernel_loss(lambda dtype, div: autograd.sigmoid_focal(inputs, targets, alpha, gamma, reduction, dtype, div),
+                        inputs, out_dtype, divisor)
 
 
 def huber_loss(
@@ -647,6 +664,8 @@ def huber_loss(
     reduction: str = "mean",
     delta: float = 1.0,
     weight: Tensor | None = None,
+    *,
+    divisor: float | Tensor | None = None,
 ) -> Tensor:
     """Drop-in ``torch.nn.functional.huber_loss``: quadratic below ``delta``, linear above.
 
@@ -656,9 +675,13 @@ def huber_loss(
     the kernel: the loss is 0.5 d^2 throughout). Gradients flow to ``input`` and ``target``, each in
     its own dtype where the two differ (the loss keeps the input's, as torch's; torch's backward
     raises there).
+
+    Extra (keyword-only): ``divisor``, with ``reduction="sum"``: the summed loss divided by it,
+    inside the kernel; see :func:`cross_entropy`.
     """
     if has_torch_function_variadic(input, target, weight):
-        return handle_torch_function(huber_loss, (input, target, weight), input, target, reduction, delta, weight)
+        return handle_torch_function(huber_loss, (input, target, weight), input, target, reduction, delta, weight,
+                                     divisor=divisor)
     same_shape = _check_pair("huber_loss", input, target, weight)
     if weight is not None and weight.shape != input.shape:
         raise ValueError(f"huber_loss: weight must have the input's shape {list(input.shape)}, got {list(weight.shape)}")
@@ -674,6 +697,7 @@ def huber_loss(
     _check_float_input("huber_loss", input, target, keeps_input_dtype=True)
     if weight is not None:
         reduction = _reduction(reduction)
+    _check_divisor("huber_loss", divisor, reduction)
     # The kernel gives no gradient for weight; the reference does. torch's result has the input's
     # dtype, promoted with the weight's (not the target's).
     out_dtype = _loss_dtype(input, weight)
@@ -681,11 +705,12 @@ def huber_loss(
             or (weight is not None and weight.requires_grad) or _HUBER_KERNEL_MAX_DELTA < delta < math.inf):
         if out_dtype != input.dtype:
             input, target, weight = _upcast(input, target, weight)
-        return reference.huber_loss(input, target, reduction, delta, weight)
+        return _divided(reference.huber_loss(input, target, reduction, delta, weight), divisor)
 
     import fastloss.autograd as autograd  # noqa: PLR0402
 
-    return autograd.huber(input, target, weight, delta, delta, reduction, out_dtype)
+    return _kernel_loss(lambda dtype, div: autograd.huber(input, target, weight, delta, delta, reduction, dtype, div),
+                        input, out_dtype, divisor)
 
 
 def smooth_l1_loss(
@@ -695,23 +720,30 @@ def smooth_l1_loss(
     reduce: bool | None = None,
     reduction: str = "mean",
     beta: float = 1.0,
+    *,
+    divisor: float | Tensor | None = None,
 ) -> Tensor:
-    """Drop-in ``torch.nn.functional.smooth_l1_loss``: Huber loss divided by ``beta``; ``beta=0`` is L1."""
+    """Drop-in ``torch.nn.functional.smooth_l1_loss``: Huber loss divided by ``beta``; ``beta=0`` is L1.
+
+    Extra (keyword-only): ``divisor``, with ``reduction="sum"``: the summed loss divided by it (the
+    number of foreground boxes, say), inside the kernel; see :func:`cross_entropy`.
+    """
     if has_torch_function_variadic(input, target):
         return handle_torch_function(smooth_l1_loss, (input, target), input, target, size_average, reduce,
-                                     reduction, beta)
+                                     reduction, beta, divisor=divisor)
     if (isinstance(input, Tensor) and isinstance(target, Tensor) and target.is_floating_point()
             and not input.is_floating_point() and not input.is_complex()):
         input = input.to(target.dtype)  # as torch promotes an integer or bool input (huber_loss refuses it)
     same_shape = _check_pair("smooth_l1_loss", input, target, None)
     reduction = _reduction(reduction, size_average, reduce)
+    _check_divisor("smooth_l1_loss", divisor, reduction)
     no_kernel = _SMOOTH_L1_NO_KERNEL
     if (input.layout is not torch.strided or target.layout is not torch.strided) and beta == 0.0:
         # torch's beta = 0 is its l1_loss, input - target: it computes with a COO target, and with two
         # jagged tensors (torch's own l1_loss here: the reference's reshape cannot take them), and
         # refuses other layouts with RuntimeError
         if input.layout is torch.jagged and target.layout is torch.jagged:
-            return torch.nn.functional.l1_loss(input, target, reduction=reduction)
+            return _divided(torch.nn.functional.l1_loss(input, target, reduction=reduction), divisor)
         if target.layout is torch.sparse_coo and input.layout is torch.strided:
             target = target.to_dense()
         no_kernel = ()
@@ -722,8 +754,9 @@ def smooth_l1_loss(
     if not _elementwise_ready(same_shape, input, target, None, out_dtype):
         if out_dtype != input.dtype:
             input, target = _upcast(input, target)
-        return reference.smooth_l1_loss(input, target, reduction, beta)
+        return _divided(reference.smooth_l1_loss(input, target, reduction, beta), divisor)
 
     import fastloss.autograd as autograd  # noqa: PLR0402
 
-    return autograd.huber(input, target, None, beta, 1.0, reduction, out_dtype)
+    return _kernel_loss(lambda dtype, div: autograd.huber(input, target, None, beta, 1.0, reduction, dtype, div),
+                        input, out_dtype, divisor)

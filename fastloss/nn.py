@@ -62,9 +62,10 @@ class SigmoidFocalLoss(_Loss):
         self.alpha = alpha
         self.gamma = gamma
 
-    def forward(self, inputs: Tensor, targets: Tensor) -> Tensor:
+    def forward(self, inputs: Tensor, targets: Tensor, *, divisor: float | Tensor | None = None) -> Tensor:
+        """``divisor`` (with ``reduction="sum"``): see :func:`fastloss.sigmoid_focal_loss`."""
         return F.sigmoid_focal_loss(inputs, targets, alpha=self.alpha, gamma=self.gamma,
-                                    reduction=self.reduction)
+                                    reduction=self.reduction, divisor=divisor)
 
 
 class HuberLoss(_Loss):
@@ -76,8 +77,9 @@ class HuberLoss(_Loss):
         super().__init__(None, None, reduction)
         self.delta = delta
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.huber_loss(input, target, reduction=self.reduction, delta=self.delta)
+    def forward(self, input: Tensor, target: Tensor, *, divisor: float | Tensor | None = None) -> Tensor:
+        """``divisor`` (with ``reduction="sum"``): see :func:`fastloss.huber_loss`."""
+        return F.huber_loss(input, target, reduction=self.reduction, delta=self.delta, divisor=divisor)
 
 
 class SmoothL1Loss(_Loss):
@@ -87,5 +89,6 @@ class SmoothL1Loss(_Loss):
         super().__init__(size_average, reduce, reduction)
         self.beta = beta
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)
+    def forward(self, input: Tensor, target: Tensor, *, divisor: float | Tensor | None = None) -> Tensor:
+        """``divisor`` (with ``reduction="sum"``): see :func:`fastloss.smooth_l1_loss`."""
+        return F.smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta, divisor=divisor)

@@ -217,6 +217,13 @@ def load_block_pair(a_ptr, b_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def inverse_divisor(div_ptr):
+    """1 / the fp32 value at div_ptr, correctly rounded: a summed loss's divisor on the device (the
+    public functions' ``divisor``), which the elementwise kernels fold into their per-program factors."""
+    return tl.math.div_rn(1.0, tl.load(div_ptr).to(tl.float32))
+
+
+@triton.jit
 def _sum_kernel(x_ptr, out_ptr, n, INTERPRET: tl.constexpr, BLOCK: tl.constexpr):
     """One program: out = the sum of the n fp32 values at x_ptr, accumulated in fp32 lane by lane over
     the blocks in order, then summed across the lanes, and rounded once to out's dtype."""
@@ -271,6 +278,13 @@ def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype, bloc
     if reduce:
         return n, n_programs, first.new_empty(n_programs, dtype=torch.float32)
     return n, n_programs, first.new_empty(first.shape, dtype=loss_dtype or first.dtype)
+
+
+def check_divisor(fn: str, divisor: Tensor | None) -> None:
+    """Elementwise launchers: ``divisor``, when given, is one fp32 value (on the inputs' device), which
+    the kernel divides the loss and the gradients by."""
+    if divisor is not None and (divisor.dtype != torch.float32 or divisor.numel() != 1):
+        raise ValueError(f"{fn}: divisor must be an fp32 tensor of one value, or None")
 
 
 def check_prediction(fn: str, prediction: Tensor | None, predicted: Tensor | None, reduce: bool,

@@ -30,10 +30,12 @@ from .common import (
     FP_FUSION,
     atanh_log,
     cast_to,
+    check_divisor,
     check_prediction,
     elementwise_loss_output,
     exp2,
     interpreting,
+    inverse_divisor,
     launch,
     load_block_pair,
     log2,
@@ -81,16 +83,23 @@ def _sigmoid_focal_kernel(
     scale,  # PREDICT: the mean's scale (1/numel, else 1), to which fp16 caps the prediction
     prediction_ptr,  # PREDICT: fp32, the gradient's extra factor (see common.predicted_factor)
     predicted_ptr,  # PREDICT: fp32, where program 0 copies the factor used, for the backward
+    div_ptr,  # DIVIDE: fp32, what loss and gradient are divided by (a summed loss's divisor)
     BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
     GAMMA_INT: tl.constexpr,  # gamma when it is a small integer, else -1
     REDUCE: tl.constexpr,
     WRITE_GRAD_INPUT: tl.constexpr,
     PREDICT: tl.constexpr,  # the gradient is multiplied by *prediction_ptr (the loss is not)
+    DIVIDE: tl.constexpr,
 ):
     # Bytes per element: reads the logit and the target; writes the unreduced loss (4 bytes per
     # BLOCK when reduced) and the gradient. The usual training step (reduced, with gradient) reads
     # 2n and writes n elements.
+    if DIVIDE:  # one more factor of scale * a_t, in every program
+        inv_d = inverse_divisor(div_ptr)
+        k1 = k1 * inv_d
+        k0 = k0 * inv_d
+        scale = scale * inv_d
     if PREDICT:  # the gradient's extra factor (the loss's is 1): one more multiplication per element
         pg = predicted_factor(prediction_ptr, predicted_ptr, scale, tl.program_id(0) == 0, gx_ptr)
     offs, mask, x, t = load_block_pair(x_ptr, t_ptr, n, BLOCK)
@@ -165,8 +174,10 @@ def sigmoid_focal_fwd(
     loss_dtype: torch.dtype | None = None,
     prediction: Tensor | None = None,
     predicted: Tensor | None = None,
+    divisor: Tensor | None = None,
 ) -> Tensor:
-    """Sigmoid focal loss ``scale * a_t * ce * (1 - p_t)^gamma`` and optionally its gradient.
+    """Sigmoid focal loss ``scale * a_t * ce * (1 - p_t)^gamma`` and optionally its gradient, both
+    divided by ``divisor`` (one fp32 value on the device; see ``common.check_divisor``) when given.
 
     inputs, targets (and grad_input when given): contiguous, same number of elements, one device;
     inputs fp32, bf16 or fp16; targets any float dtype, soft labels in [0, 1] allowed. alpha < 0
@@ -186,6 +197,7 @@ def sigmoid_focal_fwd(
     gamma_int = int(gamma) if gamma.is_integer() and 0 <= gamma <= MAX_INT_GAMMA else -1
     alpha, scale = float(alpha), float(scale)
     check_prediction("sigmoid_focal_fwd", prediction, predicted, reduce, (grad_input,))
+    check_divisor("sigmoid_focal_fwd", divisor)
     use_alpha = alpha >= 0
     if n > 0:
         launch(
@@ -202,11 +214,13 @@ def sigmoid_focal_fwd(
             scale,
             prediction,  # None without PREDICT
             predicted,
+            divisor,  # None without DIVIDE
             BLOCK=BLOCK,
             GAMMA_INT=gamma_int,
             REDUCE=bool(reduce),
             WRITE_GRAD_INPUT=grad_input is not None,
             PREDICT=prediction is not None,
+            DIVIDE=divisor is not None,
             INTERPRET=interpreting(),
             num_warps=num_warps_for(BLOCK),
             maxnreg=maxnreg(inputs.element_size()),

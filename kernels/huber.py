@@ -24,9 +24,11 @@ from .common import (
     ELEMENTWISE_BLOCK,
     FP_FUSION,
     cast_to,
+    check_divisor,
     check_prediction,
     elementwise_loss_output,
     interpreting,
+    inverse_divisor,
     launch,
     load_block_pair,
     num_warps_for,
@@ -79,6 +81,7 @@ def _huber_kernel(
     prediction_ptr,  # PREDICT: fp32, the gradients' extra factor (see common.predicted_factor)
     predicted_ptr,  # PREDICT: fp32, where program 0 copies the factor used, for the backward
     wmax_ptr,  # WMAX: the weights' largest magnitude (0-dim)
+    div_ptr,  # DIVIDE: fp32, what loss and gradients are divided by (a summed loss's divisor)
     BLOCK: tl.constexpr,
     INTERPRET: tl.constexpr,
     L1: tl.constexpr,
@@ -89,10 +92,15 @@ def _huber_kernel(
     WRITE_GRAD_TARGET: tl.constexpr,
     PREDICT: tl.constexpr,  # the gradients are multiplied by *prediction_ptr (the loss is not)
     WMAX: tl.constexpr,  # fp16 with a weight: its unscaled gradient bounded by the weights' largest magnitude
+    DIVIDE: tl.constexpr,
 ):
     # Bytes per element (e = element size): reads 2e (input, target) + e with a weight; writes e for
     # the unreduced loss (4 bytes per BLOCK when reduced) + e per gradient requested. The usual
     # training step (reduced, grad_input only) reads 2n and writes n elements.
+    if DIVIDE:  # one more factor of c, in every program
+        inv_d = inverse_divisor(div_ptr)
+        c = c * inv_d
+        cap_c = cap_c * inv_d
     cg = c  # the gradients' factor
     if PREDICT:  # times the prediction (the loss's is not)
         cap = cap_c
@@ -154,8 +162,10 @@ def huber_fwd(
     loss_dtype: torch.dtype | None = None,
     prediction: Tensor | None = None,
     predicted: Tensor | None = None,
+    divisor: Tensor | None = None,
 ) -> Tensor:
-    """Loss (and optionally gradients) of ``mul * weight * scale * smoothl1(input - target; beta)``.
+    """Loss (and optionally gradients) of ``mul * weight * scale * smoothl1(input - target; beta)``,
+    divided by ``divisor`` (one fp32 value on the device; see ``common.check_divisor``) when given.
 
     input, target (and weight, grad_input, grad_target when given): contiguous, same number of
     elements, on one device; input/target fp32, bf16 or fp16. beta = 0 is pure L1. Huber(delta) is
@@ -177,6 +187,7 @@ def huber_fwd(
     block = block_for(input.dtype)
     beta, mul, scale = float(beta), float(mul), float(scale)
     check_prediction("huber_fwd", prediction, predicted, reduce, (grad_input, grad_target))
+    check_divisor("huber_fwd", divisor)
     # The kernel takes them in fp32, as torch computes: a delta past fp32's largest is inf there.
     beta, mul = (math.inf if v > FLT_MAX else v for v in (beta, mul))
     if 0.0 < beta < 1.0 / FLT_MAX:
@@ -220,6 +231,7 @@ def huber_fwd(
             prediction,  # None without PREDICT
             predicted,
             wmax,  # None without WMAX
+            divisor,  # None without DIVIDE
             BLOCK=block,
             L1=beta == 0.0,
             INF_DELTA=inf_delta,
@@ -230,6 +242,7 @@ def huber_fwd(
             WRITE_GRAD_TARGET=grad_target is not None,
             PREDICT=prediction is not None,
             WMAX=use_wmax,
+            DIVIDE=divisor is not None,
             num_warps=num_warps_for(block),
             enable_fp_fusion=FP_FUSION,
         )

@@ -71,17 +71,18 @@ def elementwise_variants():
             yield _huber_kernel, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}",
                                   "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}", "gy_ptr": f"*{dt}",
                                   "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32",
-                                  "cap_c": "fp32", "w_bound": "fp32", **predict, "wmax_ptr": f"*{dt}"}, dict(
+                                  "cap_c": "fp32", "w_bound": "fp32", **predict, "wmax_ptr": f"*{dt}", "div_ptr": "*fp32"}, dict(
                 BLOCK=4096, INTERPRET=False, L1=l1, INF_DELTA=inf_delta, HAS_WEIGHT=True, REDUCE=reduce,
                 WRITE_GRAD_INPUT=True, WRITE_GRAD_TARGET=True, PREDICT=reduce,
-                WMAX=dt == "fp16" and not l1)  # fp16 with a weight (and a prediction)
+                WMAX=dt == "fp16" and not l1,  # fp16 with a weight (and a prediction)
+                DIVIDE=reduce)
         for gamma_int in (0, 1, 2, -1):  # each a path of its own
             yield _sigmoid_focal_kernel, {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}",
                                           "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}",
                                           "n": "i64", "k1": "fp32", "k0": "fp32", "gamma": "fp32", "scale": "fp32",
-                                          **predict}, dict(
+                                          **predict, "div_ptr": "*fp32"}, dict(
                 BLOCK=4096, INTERPRET=False, GAMMA_INT=gamma_int, REDUCE=reduce,
-                WRITE_GRAD_INPUT=True, PREDICT=reduce)
+                WRITE_GRAD_INPUT=True, PREDICT=reduce, DIVIDE=reduce)
     for dt in ("bf16", "fp16"):
         yield _sum_kernel, {"x_ptr": "*fp32", "out_ptr": f"*{dt}", "n": "i32"}, dict(INTERPRET=False, BLOCK=4096)
     for per_row, strided, predicted, pair in itertools.product([False, True], repeat=4):

@@ -29,8 +29,8 @@ from fastloss import backend, reference
 
 PAIRS = [
     (fastloss.cross_entropy, F.cross_entropy, {"z_loss", "softcap", "inplace_backward", "divisor"}),
-    (fastloss.huber_loss, F.huber_loss, set()),
-    (fastloss.smooth_l1_loss, F.smooth_l1_loss, set()),
+    (fastloss.huber_loss, F.huber_loss, {"divisor"}),
+    (fastloss.smooth_l1_loss, F.smooth_l1_loss, {"divisor"}),
     (fnn.CrossEntropyLoss.__init__, torch.nn.CrossEntropyLoss.__init__, {"z_loss", "softcap", "inplace_backward"}),
     (fnn.HuberLoss.__init__, torch.nn.HuberLoss.__init__, set()),
     (fnn.SmoothL1Loss.__init__, torch.nn.SmoothL1Loss.__init__, set()),
@@ -48,10 +48,12 @@ def test_signature_matches_torch(ours, theirs, extras):
 
 def test_focal_signatures():
     params = inspect.signature(fastloss.sigmoid_focal_loss).parameters
-    # torchvision.ops.sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2, reduction="none")
-    assert [(n, p.default) for n, p in params.items()] == [
+    # torchvision.ops.sigmoid_focal_loss(inputs, targets, alpha=0.25, gamma=2, reduction="none"), and
+    # the keyword-only extra
+    assert [(n, p.default) for n, p in params.items() if p.kind != p.KEYWORD_ONLY] == [
         ("inputs", inspect.Parameter.empty), ("targets", inspect.Parameter.empty),
         ("alpha", 0.25), ("gamma", 2.0), ("reduction", "none")]
+    assert [n for n, p in params.items() if p.kind == p.KEYWORD_ONLY] == ["divisor"]
     params = inspect.signature(fastloss.focal_loss).parameters
     assert list(params)[:6] == ["input", "target", "gamma", "weight", "ignore_index", "reduction"]
     assert params["gamma"].default == 2.0 and params["reduction"].default == "mean"
@@ -290,17 +292,19 @@ def test_a_mean_compiles_once_for_every_batch_size(loss, backend_name):
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
-def test_a_divisor_tensor_compiles_once_with_fullgraph(backend_name):
+@pytest.mark.parametrize("loss", ["cross_entropy", "sigmoid_focal_loss", "huber_loss"])
+def test_a_divisor_tensor_compiles_once_with_fullgraph(loss, backend_name):
     """A divisor that changes every step (a token count, as a 0-dim tensor on the device) compiles with
     fullgraph=True into one graph for every value, and gives eager mode's loss and gradient."""
     import torch._dynamo.testing
 
     device = _device(backend_name)
-    fn = lambda x, t, d: fastloss.cross_entropy(x, t, reduction="sum", divisor=d)  # noqa: E731
+    fn = lambda x, t, d: getattr(fastloss, loss)(x, t, reduction="sum", divisor=d)  # noqa: E731
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(fn, fullgraph=True, backend=counter)
-    x0, t = torch.randn(6, 11, device=device), torch.randint(0, 11, (6,), device=device)
+    x0 = torch.randn(6, 11, device=device)
+    t = torch.randint(0, 11, (6,), device=device) if loss == "cross_entropy" else torch.rand(6, 11, device=device)
     with fastloss.use_backend(backend_name):
         for count in (5, 9, 6):
             d = torch.tensor(count, device=device)
@@ -602,6 +606,11 @@ FASTLOSS_ONLY_BAD_CALLS = [
     (lambda: fastloss.cross_entropy(X, T, reduction="sum", divisor=2j), TypeError, "divisor"),
     (lambda: fastloss.focal_loss(X, T, reduction="sum", divisor=torch.tensor(2j)), TypeError, "divisor"),
     (lambda: fastloss.nn.CrossEntropyLoss()(X, T, divisor=4), ValueError, "reduction='sum'"),
+    (lambda: fastloss.sigmoid_focal_loss(X, Y, divisor=4), ValueError, "reduction='sum'"),  # its default: none
+    (lambda: fastloss.huber_loss(X, Y, divisor=torch.tensor(4.0)), ValueError, "reduction='sum'"),
+    (lambda: fastloss.smooth_l1_loss(X, Y, reduction="sum", divisor=torch.ones(2)), ValueError, "0-dim"),
+    (lambda: fastloss.huber_loss(X, Y, reduction="sum", divisor="n"), TypeError, "divisor"),
+    (lambda: fastloss.nn.HuberLoss()(X, Y, divisor=2), ValueError, "reduction='sum'"),
 ]
 
 

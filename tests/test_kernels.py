@@ -770,11 +770,15 @@ DIVISORS = {"int": lambda: 7, "float": lambda: 2.5, "count_tensor": lambda: torc
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("loss, kwargs", [
     ("cross_entropy", {}),
-    ("cross_entropy", {"weight": "w", "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 20.0}),
+    ("cross_entropy", {"weight": "classes", "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 20.0}),
     ("cross_entropy", {"inplace_backward": True}),
     ("cross_entropy", {"probabilities": True}),
     ("focal_loss", {"gamma": 2.0}),
-], ids=["ce", "ce_options", "ce_inplace", "ce_probabilities", "focal"])
+    ("sigmoid_focal_loss", {}),
+    ("huber_loss", {"delta": 0.7, "weight": "elements"}),
+    ("smooth_l1_loss", {"beta": 0.5}),
+], ids=["ce", "ce_options", "ce_inplace", "ce_probabilities", "focal", "sigmoid_focal", "huber_weighted",
+        "smooth_l1"])
 def test_a_divisor_divides_the_sum_inside_the_kernel(loss, kwargs, dtype, divisor):
     """``reduction="sum", divisor=d`` is the summed loss divided by d, with torch's dtype for that
     division (a 0-dim float tensor promotes it), as close to the float64 truth as the kernel's own
@@ -786,9 +790,15 @@ def test_a_divisor_divides_the_sum_inside_the_kernel(loss, kwargs, dtype, diviso
     kwargs = dict(kwargs)
     n, v = 6, 300
     x0 = logits(n, v, dtype=dtype)
-    t = torch.rand(n, v, device=DEVICE).softmax(-1) if kwargs.pop("probabilities", False) else labels(n, v, ignore=1)
-    if kwargs.get("weight") == "w":
-        kwargs["weight"] = (torch.rand(v, device=DEVICE) + 0.5).to(dtype)  # (torch: the input's dtype)
+    if loss in ("cross_entropy", "focal_loss"):
+        t = torch.rand(n, v, device=DEVICE).softmax(-1) if kwargs.pop("probabilities", False) else labels(n, v, 1)
+    elif loss == "sigmoid_focal_loss":
+        t = (torch.rand(n, v, device=DEVICE) < 0.3).to(dtype)
+    else:
+        t = (x0.float() + torch.randn(n, v, device=DEVICE)).to(dtype)
+    weight = kwargs.get("weight")
+    if weight is not None:  # (torch: the input's dtype)
+        kwargs["weight"] = (torch.rand(v if weight == "classes" else (n, v), device=DEVICE) + 0.5).to(dtype)
     inplace = kwargs.get("inplace_backward", False)
     options = {k: v for k, v in kwargs.items() if k != "inplace_backward"}  # for leaves: the truth's
     d = DIVISORS[divisor]()
