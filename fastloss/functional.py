@@ -23,6 +23,7 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from . import backend, reference
 
 _REDUCTIONS = ("none", "mean", "sum")
+_CPU = torch.device("cpu")
 # What the kernels read and write; float64 (and anything else) runs the reference everywhere.
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Huber's kernel computes the quadratic side as 0.5 d^2 / delta, times delta: past this delta the
@@ -350,9 +351,9 @@ def _check_inplace(input: Tensor) -> None:
         )
 
 
-def _check_divisor(fn: str, divisor, reduction: str) -> None:
-    """The ``divisor`` extra: None, a real number, or a 0-dim real tensor (on any device: the
-    division raises where torch's raises), with ``reduction="sum"`` only."""
+def _check_divisor(fn: str, divisor, reduction: str, input: Tensor) -> None:
+    """The ``divisor`` extra: None, a real number, or a 0-dim real tensor on the input's device or the
+    CPU (as torch divides a loss by a CPU scalar tensor), with ``reduction="sum"`` only."""
     if divisor is None:
         return
     if reduction != "sum":
@@ -363,6 +364,9 @@ def _check_divisor(fn: str, divisor, reduction: str) -> None:
                              f"{list(divisor.shape)}")
         if divisor.is_complex():
             raise TypeError(f"{fn}: divisor must be real, got a tensor of dtype {divisor.dtype}")
+        if isinstance(input, Tensor) and divisor.device not in (input.device, _CPU):
+            raise RuntimeError(f"{fn}: expected the divisor on the input's device, {input.device}, or the CPU, "
+                               f"but it is on {divisor.device}")
     elif not isinstance(divisor, numbers.Real):  # int, float, bool, NumPy's integers and floats
         raise TypeError(f"{fn}: divisor must be a real number or a 0-dim tensor, got {type(divisor).__name__}")
 
@@ -388,10 +392,9 @@ def _kernel_loss(run, input: Tensor, out_dtype: torch.dtype, divisor) -> Tensor:
 def _kernel_divisor(input: Tensor, divisor, out_dtype: torch.dtype) -> tuple[Tensor, torch.dtype] | None:
     """For the kernels: ``divisor`` as one fp32 value on the input's device, and the dtype of
     ``loss / divisor`` (torch's: a 0-dim float tensor promotes the loss's), or None where the kernel's
-    sum is divided afterwards instead: a divisor that requires grad (its gradient), a tensor on another
-    GPU (torch's division raises), a CPU tensor while compiling (its value would be a host read), or a
-    dtype the kernels do not write (fp64). A CPU tensor's value is read on the host (no GPU sync); a
-    number takes one small fill on the device."""
+    sum is divided afterwards instead: a divisor that requires grad (its gradient), a CPU tensor
+    while compiling (its value would be a host read), or a dtype the kernels do not write (fp64). A
+    CPU tensor's value is read on the host (no GPU sync); a number takes one small fill on the device."""
     if isinstance(divisor, Tensor):
         if divisor.requires_grad:
             return None
@@ -401,7 +404,7 @@ def _kernel_divisor(input: Tensor, divisor, out_dtype: torch.dtype) -> tuple[Ten
             return None
         if divisor.device == input.device:
             return divisor.reshape(1).to(torch.float32), out_dtype
-        if divisor.device.type != "cpu" or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # a CPU tensor (_check_divisor)
             return None
         divisor = divisor.item()
     elif out_dtype not in (input.dtype, torch.float32):
@@ -519,7 +522,7 @@ def cross_entropy(
     reduction = _reduction(reduction, size_average, reduce)
     label_smoothing = _float("cross_entropy", "label_smoothing", label_smoothing)  # its range: with the shapes
     z_loss = _check_range("cross_entropy", "z_loss", z_loss, 0.0)
-    _check_divisor("cross_entropy", divisor, reduction)
+    _check_divisor("cross_entropy", divisor, reduction, input)
     return _softmax_loss("cross_entropy", input, target, weight, ignore_index, reduction,
                          label_smoothing, z_loss, softcap, None, inplace_backward, divisor)
 
@@ -549,7 +552,7 @@ def focal_loss(
                                      divisor=divisor)
     reduction = _reduction(reduction)
     gamma = _check_range("focal_loss", "gamma", gamma, 0.0)
-    _check_divisor("focal_loss", divisor, reduction)
+    _check_divisor("focal_loss", divisor, reduction, input)
     return _softmax_loss("focal_loss", input, target, weight, ignore_index, reduction,
                          0.0, 0.0, softcap, gamma, inplace_backward, divisor)
 
@@ -644,7 +647,7 @@ def sigmoid_focal_loss(
     _check_devices("sigmoid_focal_loss", ("inputs", inputs), ("targets", targets), no_kernel=_SIGMOID_FOCAL_NO_KERNEL)
     gamma = _check_range("sigmoid_focal_loss", "gamma", gamma, 0.0)
     reduction = _reduction(reduction, deprecated_mean=False)  # torchvision's: none, mean or sum
-    _check_divisor("sigmoid_focal_loss", divisor, reduction)
+    _check_divisor("sigmoid_focal_loss", divisor, reduction, inputs)
     out_dtype = _loss_dtype(inputs, targets)
     if (inputs.numel() == 0 or inputs.dtype not in _KERNEL_DTYPES or targets.requires_grad
             or out_dtype not in (inputs.dtype, torch.float32) or not backend.use_triton(inputs, targets)):
@@ -697,7 +700,7 @@ def huber_loss(
     _check_float_input("huber_loss", input, target, keeps_input_dtype=True)
     if weight is not None:
         reduction = _reduction(reduction)
-    _check_divisor("huber_loss", divisor, reduction)
+    _check_divisor("huber_loss", divisor, reduction, input)
     # The kernel gives no gradient for weight; the reference does. torch's result has the input's
     # dtype, promoted with the weight's (not the target's).
     out_dtype = _loss_dtype(input, weight)
@@ -736,7 +739,7 @@ def smooth_l1_loss(
         input = input.to(target.dtype)  # as torch promotes an integer or bool input (huber_loss refuses it)
     same_shape = _check_pair("smooth_l1_loss", input, target, None)
     reduction = _reduction(reduction, size_average, reduce)
-    _check_divisor("smooth_l1_loss", divisor, reduction)
+    _check_divisor("smooth_l1_loss", divisor, reduction, input)
     no_kernel = _SMOOTH_L1_NO_KERNEL
     if (input.layout is not torch.strided or target.layout is not torch.strided) and beta == 0.0:
         # torch's beta = 0 is its l1_loss, input - target: it computes with a COO target, and with two

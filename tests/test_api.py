@@ -611,6 +611,11 @@ FASTLOSS_ONLY_BAD_CALLS = [
     (lambda: fastloss.smooth_l1_loss(X, Y, reduction="sum", divisor=torch.ones(2)), ValueError, "0-dim"),
     (lambda: fastloss.huber_loss(X, Y, reduction="sum", divisor="n"), TypeError, "divisor"),
     (lambda: fastloss.nn.HuberLoss()(X, Y, divisor=2), ValueError, "reduction='sum'"),
+    # on the input's device or the CPU (a meta tensor stands for another GPU's here)
+    (lambda: fastloss.cross_entropy(X, T, reduction="sum", divisor=torch.tensor(2.0, device="meta")), RuntimeError,
+     "device"),
+    (lambda: fastloss.sigmoid_focal_loss(X, Y, reduction="sum", divisor=torch.tensor(2, device="meta")), RuntimeError,
+     "device"),
 ]
 
 
