@@ -1,6 +1,7 @@
 """The public API: signatures, the backend switch, bad arguments, modules and legacy arguments."""
 
 import contextlib
+import functools
 import importlib.util
 import inspect
 import math
@@ -976,6 +977,24 @@ def test_extras_reach_the_function():
     expected = fastloss.cross_entropy(X, T, z_loss=1e-2, softcap=3.0)
     torch.testing.assert_close(m(X, T), expected)
     assert not torch.allclose(expected, fastloss.cross_entropy(X, T))
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_every_module_takes_a_divisor_in_forward(backend_name):
+    """``module(input, target, divisor=d)`` with reduction "sum": the summed loss divided by d, the
+    loss's own division's value (torch's ``sum / d``), for each module."""
+    device = _device(backend_name)
+    x, t, y = X.to(device), T.to(device), Y.to(device)
+    d = torch.tensor(3, device=device)
+    cases = [(fnn.CrossEntropyLoss(reduction="sum"), t, F.cross_entropy),
+             (fnn.FocalLoss(gamma=0.0, reduction="sum"), t, F.cross_entropy),
+             (fnn.SigmoidFocalLoss(alpha=-1, gamma=0.0, reduction="sum"), y.sigmoid(),
+              F.binary_cross_entropy_with_logits),
+             (fnn.HuberLoss(reduction="sum", delta=0.5), y, functools.partial(F.huber_loss, delta=0.5)),
+             (fnn.SmoothL1Loss(reduction="sum", beta=0.5), y, functools.partial(F.smooth_l1_loss, beta=0.5))]
+    with fastloss.use_backend(backend_name):
+        for module, target, torch_fn in cases:
+            torch.testing.assert_close(module(x, target, divisor=d), torch_fn(x, target, reduction="sum") / d)
 
 
 _BF, _P = torch.bfloat16, torch.softmax(torch.randn(4, 5, generator=torch.Generator().manual_seed(3)), -1)
