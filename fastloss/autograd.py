@@ -163,9 +163,9 @@ def _forward_prediction(input: Tensor, predicted: Optional[Tensor],
 # ``predicted``: None, or one fp32 value, into which the kernel copies the prediction it multiplied
 # the gradient by (see _PREDICTIONS).
 @_op("softmax_loss_fwd", mutates_args=("predicted",))
-def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisor: Optional[Tensor], mean: bool,
-                      write_grad: bool, reduce: bool, loss_dtype: torch.dtype, ignore_index: int, label_smoothing: float,
-                      z_loss: float, softcap: Optional[float], gamma: Optional[float],
+def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], divisor: Optional[Tensor],
+                      mean: bool, write_grad: bool, reduce: bool, loss_dtype: torch.dtype, ignore_index: int,
+                      label_smoothing: float, z_loss: float, softcap: Optional[float], gamma: Optional[float],
                       predicted: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
     prediction, predicted = _forward_prediction(logits, predicted, SOFTMAX)

@@ -71,7 +71,8 @@ def elementwise_variants():
             yield _huber_kernel, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}",
                                   "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}", "gy_ptr": f"*{dt}",
                                   "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32",
-                                  "cap_c": "fp32", "w_bound": "fp32", **predict, "wmax_ptr": f"*{dt}", "div_ptr": "*fp32"}, dict(
+                                  "cap_c": "fp32", "w_bound": "fp32", **predict, "wmax_ptr": f"*{dt}",
+                                  "div_ptr": "*fp32"}, dict(
                 BLOCK=4096, INTERPRET=False, L1=l1, INF_DELTA=inf_delta, HAS_WEIGHT=True, REDUCE=reduce,
                 WRITE_GRAD_INPUT=True, WRITE_GRAD_TARGET=True, PREDICT=reduce,
                 WMAX=dt == "fp16" and not l1,  # fp16 with a weight (and a prediction)
