@@ -211,6 +211,18 @@ def test_compiled_torch_func_transforms_run_the_reference(name, monkeypatch):
             torch.compile(per_sample(ours), fullgraph=True, backend="aot_eager")(x, t)
 
 
+def test_a_divisor_under_torch_func_transforms(monkeypatch):
+    """Per-sample gradients of summed losses divided by a count (vmap(grad(...)), which takes the
+    reference): torch's sum / d, for a number and for a 0-dim tensor."""
+    monkeypatch.delenv("FASTLOSS_BACKEND", raising=False)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(4, 3, 7, generator=g), torch.randint(0, 7, (4, 3), generator=g)
+    for d in (5, torch.tensor(5.0)):
+        per_sample = lambda fn: torch.func.vmap(torch.func.grad(fn))(x, t)  # noqa: E731
+        got = per_sample(lambda a, b: fastloss.cross_entropy(a, b, reduction="sum", divisor=d))
+        torch.testing.assert_close(got, per_sample(lambda a, b: F.cross_entropy(a, b, reduction="sum") / d))
+
+
 def test_out_of_range_class_where_no_check_can_branch(monkeypatch):
     """Eager CPU raises IndexError as torch does; under torch.func and inside a compiled graph no
     check can branch on the targets, so the row's loss is NaN, as the kernels give on CUDA (never a
