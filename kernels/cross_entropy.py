@@ -376,7 +376,7 @@ def _cross_entropy_kernel(
     # 1 + expm1), so there x_y is taken from the lanes (xy), at ~9 instructions per element of sweep 1
     # and a vector more of registers (bf16 V = 256000 launch on sm_90: 100.5 against 61.4 instructions
     # per element in all, 255 registers and spills against 144; bench/NOTES.md section 23).
-    CAPTURE_XY: tl.constexpr = SOFTCAP and TANH_SERIES and not PROB
+    CAPTURE_XY: tl.constexpr = (SOFTCAP and TANH_SERIES) and not PROB  # (Triton < 3.4: no chained and)
     cols = lo + tl.arange(0, BLOCK)
     v_live = tl.where(live, hi, 0)  # logits are read only below this column (none for a dead row)
     m = tl.full([BLOCK], _empty(), tl.float32)
