@@ -409,7 +409,9 @@ def _kernel_divisor(input: Tensor, divisor, out_dtype: torch.dtype) -> tuple[Ten
         divisor = divisor.item()
     elif out_dtype not in (input.dtype, torch.float32):
         return None
-    return torch.full((1,), float(divisor), dtype=torch.float32, device=input.device), out_dtype
+    if torch.compiler.is_compiling():  # a product keeps a Python float symbolic: one graph for every value
+        return torch.ones(1, dtype=torch.float32, device=input.device) * divisor, out_dtype
+    return torch.full((1,), divisor, dtype=torch.float32, device=input.device), out_dtype
 
 
 def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label_smoothing,

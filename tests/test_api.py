@@ -305,10 +305,13 @@ def test_a_mean_compiles_once_for_every_batch_size(loss, backend_name):
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
+@pytest.mark.parametrize("form", ["tensor", "float"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "sigmoid_focal_loss", "huber_loss"])
-def test_a_divisor_tensor_compiles_once_with_fullgraph(loss, backend_name):
-    """A divisor that changes every step (a token count, as a 0-dim tensor on the device) compiles with
-    fullgraph=True into one graph for every value, and gives eager mode's loss and gradient."""
+def test_a_divisor_compiles_once_for_every_value(loss, form, backend_name):
+    """A divisor that changes every step compiles with fullgraph=True into one graph for every value,
+    and gives eager mode's loss and gradient: a 0-dim tensor on the device (a token count) at once, a
+    Python float after its first value (torch.compile's first graph takes a number as a constant; the
+    kernels' path took every value as one, compiling again for each, until the recompile limit)."""
     import torch._dynamo.testing
 
     device = _device(backend_name)
@@ -319,15 +322,15 @@ def test_a_divisor_tensor_compiles_once_with_fullgraph(loss, backend_name):
     x0 = torch.randn(6, 11, device=device)
     t = torch.randint(0, 11, (6,), device=device) if loss == "cross_entropy" else torch.rand(6, 11, device=device)
     with fastloss.use_backend(backend_name):
-        for count in (5, 9, 6):
-            d = torch.tensor(count, device=device)
+        for count in (5, 9, 6, 7, 12):
+            d = torch.tensor(count, device=device) if form == "tensor" else count + 0.5
             x, x_eager = x0.clone().requires_grad_(), x0.clone().requires_grad_()
             got, expected = compiled(x, t, d), fn(x_eager, t, d)
             got.backward()
             expected.backward()
             torch.testing.assert_close(got, expected)
             torch.testing.assert_close(x.grad, x_eager.grad)
-    assert counter.frame_count == 1
+    assert counter.frame_count == (1 if form == "tensor" else 2)
 
 
 def test_the_first_call_of_a_process_compiles_once():
