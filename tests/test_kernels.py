@@ -383,15 +383,19 @@ def test_plus_inf_logit_gives_a_nan_row(loss, v):
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
 def test_ignored_row_has_a_zero_gradient_whatever_its_logits(loss):
-    """The kernels read no logits of an ignored row: NaN and +inf there change nothing (torch's
-    gradient is NaN there, 0 times NaN; README)."""
-    x = logits(3, 9)
+    """The kernels read no logits of an ignored row: NaN and +inf there change nothing, nor a row of
+    -inf (torch's gradient is NaN there, 0 times NaN; README)."""
+    x = logits(4, 9)
     x[1, 2], x[1, 4] = float("nan"), float("inf")
+    x[3] = float("-inf")
     x.requires_grad_()
     with fastloss.use_backend("triton"):
-        out = getattr(fastloss, loss)(x, torch.tensor([0, -100, 5], device=DEVICE), reduction="sum")
+        out = getattr(fastloss, loss)(x, torch.tensor([0, -100, 5, -100], device=DEVICE), reduction="sum")
     out.backward()
-    assert torch.isfinite(out) and not x.grad[1].any() and torch.isfinite(x.grad).all()
+    assert torch.isfinite(out) and not x.grad[1].any() and not x.grad[3].any() and torch.isfinite(x.grad).all()
+    x_torch = x.detach()[3:].requires_grad_()
+    F.cross_entropy(x_torch, torch.tensor([-100], device=DEVICE), reduction="sum").backward()
+    assert x_torch.grad.isnan().all()  # the difference the README states
 
 
 @pytest.mark.parametrize("inplace", [False, True])
