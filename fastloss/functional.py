@@ -390,7 +390,7 @@ def _kernel_loss(run, input: Tensor, out_dtype: torch.dtype, divisor) -> Tensor:
 
 
 def _kernel_divisor(input: Tensor, divisor, out_dtype: torch.dtype) -> tuple[Tensor, torch.dtype] | None:
-    """For the kernels: ``divisor`` as one fp32 value on the input's device, and the dtype of
+    """For the kernels: ``divisor`` as one value on the input's device, and the dtype of
     ``loss / divisor`` (torch's: a 0-dim float tensor promotes the loss's), or None where the kernel's
     sum is divided afterwards instead: a divisor that requires grad (its gradient), a CPU tensor
     while compiling (its value would be a host read), or a dtype the kernels do not write (fp64). A
@@ -403,7 +403,7 @@ def _kernel_divisor(input: Tensor, divisor, out_dtype: torch.dtype) -> tuple[Ten
         if out_dtype not in (input.dtype, torch.float32):
             return None
         if divisor.device == input.device:
-            return divisor.reshape(1).to(torch.float32), out_dtype
+            return divisor.reshape(1), out_dtype  # read by the kernel as it is (a count's int64, say)
         if torch.compiler.is_compiling():  # a CPU tensor (_check_divisor)
             return None
         divisor = divisor.item()

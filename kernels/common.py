@@ -280,11 +280,21 @@ def elementwise_loss_output(fn: str, named: dict, reduce: bool, loss_dtype, bloc
     return n, n_programs, first.new_empty(first.shape, dtype=loss_dtype or first.dtype)
 
 
-def check_divisor(fn: str, divisor: Tensor | None) -> None:
-    """Elementwise launchers: ``divisor``, when given, is one fp32 value (on the inputs' device), which
-    the kernel divides the loss and the gradients by."""
-    if divisor is not None and (divisor.dtype != torch.float32 or divisor.numel() != 1):
-        raise ValueError(f"{fn}: divisor must be an fp32 tensor of one value, or None")
+# What a divisor may be stored as on the device: the kernels read it in fp32 (a token count as the
+# int64 it was counted in, with no cast of its own before the launch).
+DIVISOR_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32)
+
+
+def launch_divisor(fn: str, divisor: Tensor | None, sizes: tuple[int, ...] = (1,)) -> Tensor | None:
+    """Launchers: ``divisor`` (None, or a contiguous tensor of one of ``sizes`` real values, on the
+    inputs' device), which the kernel divides the loss and the gradients by, as the kernel reads it:
+    as it is in a dtype of DIVISOR_DTYPES, else cast to fp32."""
+    if divisor is None:
+        return None
+    if divisor.numel() not in sizes or not divisor.is_contiguous() or divisor.is_complex():
+        raise ValueError(f"{fn}: divisor must be a contiguous real tensor of {' or '.join(map(str, sizes))} "
+                         f"value(s), or None")
+    return divisor if divisor.dtype in DIVISOR_DTYPES else divisor.to(torch.float32)
 
 
 def check_prediction(fn: str, prediction: Tensor | None, predicted: Tensor | None, reduce: bool,

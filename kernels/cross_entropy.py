@@ -43,6 +43,7 @@ from .common import (
     expm1,
     interpreting,
     launch,
+    launch_divisor,
     log1p,
     log2e,
     next_power_of_2,
@@ -215,10 +216,10 @@ def _chunk_grad(x, a, slope, ref, ref2, kp, A, B, PROB: tl.constexpr, REST: tl.c
 
 @triton.jit
 def _inverse_of_parts(parts_ptr, n_parts, PARTS: tl.constexpr):
-    """1 / (the sum of the n_parts <= PARTS fp32 values at parts_ptr): summed in a fixed order,
+    """1 / (the sum of the n_parts <= PARTS values at parts_ptr, in fp32): summed in a fixed order,
     inverted correctly rounded."""
     k = tl.arange(0, PARTS)
-    return tl.math.div_rn(1.0, tl.sum(tl.load(parts_ptr + k, mask=k < n_parts, other=0.0), axis=0))
+    return tl.math.div_rn(1.0, tl.sum(tl.load(parts_ptr + k, mask=k < n_parts, other=0).to(tl.float32), axis=0))
 
 
 @triton.jit
@@ -681,7 +682,8 @@ def cross_entropy_fwd(
 
     logits: (N, V) fp32/bf16/fp16 with stride(1) == 1 (any row stride). target: (N,) int64 class
     indices, or (N, V) float probabilities with stride(1) == 1. weight: (V,) fp32 contiguous, or None.
-    divisors: fp32 on the device, what each row's loss and gradient are divided by: [ce_div, z_div]
+    divisors: on the device (read in fp32; see ``common.launch_divisor``), what each row's loss and
+    gradient are divided by: [ce_div, z_div]
     (ce_scale = 1 / ce_div, z_scale = 1 / z_div below), or one value for both, or None for 1 (no
     tensor, no read).
     mean: divide by the mean's denominators instead, computed on the device by a small kernel
@@ -733,10 +735,9 @@ def cross_entropy_fwd(
     if weight is not None and (weight.shape != (n_cols,) or not weight.is_contiguous()):
         raise ValueError(f"cross_entropy_fwd: weight must be a contiguous ({n_cols},) tensor")
     check_prediction("cross_entropy_fwd", prediction, predicted, reduce, (grad,))
-    if divisors is not None and (mean or divisors.dtype != torch.float32 or divisors.numel() not in (1, 2)
-                                 or not divisors.is_contiguous()):
-        raise ValueError("cross_entropy_fwd: divisors must be a contiguous fp32 tensor of 1 or 2 values, or None "
-                         "(and None with mean=True)")
+    if divisors is not None and mean:
+        raise ValueError("cross_entropy_fwd: divisors must be None with mean=True (the mean's are computed)")
+    divisors = launch_divisor("cross_entropy_fwd", divisors, (1, 2))
 
     if n_rows == 0:
         return logits.new_zeros((), dtype=loss_dtype) if reduce else logits.new_empty(0, dtype=loss_dtype)

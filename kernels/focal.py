@@ -30,13 +30,13 @@ from .common import (
     FP_FUSION,
     atanh_log,
     cast_to,
-    check_divisor,
     check_prediction,
     elementwise_loss_output,
     exp2,
     interpreting,
     inverse_divisor,
     launch,
+    launch_divisor,
     load_block_pair,
     log2,
     log2e,
@@ -177,7 +177,7 @@ def sigmoid_focal_fwd(
     divisor: Tensor | None = None,
 ) -> Tensor:
     """Sigmoid focal loss ``scale * a_t * ce * (1 - p_t)^gamma`` and optionally its gradient, both
-    divided by ``divisor`` (one fp32 value on the device; see ``common.check_divisor``) when given.
+    divided by ``divisor`` (one value on the device; see ``common.launch_divisor``) when given.
 
     inputs, targets (and grad_input when given): contiguous, same number of elements, one device;
     inputs fp32, bf16 or fp16; targets any float dtype, soft labels in [0, 1] allowed. alpha < 0
@@ -197,7 +197,7 @@ def sigmoid_focal_fwd(
     gamma_int = int(gamma) if gamma.is_integer() and 0 <= gamma <= MAX_INT_GAMMA else -1
     alpha, scale = float(alpha), float(scale)
     check_prediction("sigmoid_focal_fwd", prediction, predicted, reduce, (grad_input,))
-    check_divisor("sigmoid_focal_fwd", divisor)
+    divisor = launch_divisor("sigmoid_focal_fwd", divisor)
     use_alpha = alpha >= 0
     if n > 0:
         launch(

@@ -24,12 +24,12 @@ from .common import (
     ELEMENTWISE_BLOCK,
     FP_FUSION,
     cast_to,
-    check_divisor,
     check_prediction,
     elementwise_loss_output,
     interpreting,
     inverse_divisor,
     launch,
+    launch_divisor,
     load_block_pair,
     num_warps_for,
     predicted_factor,
@@ -165,7 +165,7 @@ def huber_fwd(
     divisor: Tensor | None = None,
 ) -> Tensor:
     """Loss (and optionally gradients) of ``mul * weight * scale * smoothl1(input - target; beta)``,
-    divided by ``divisor`` (one fp32 value on the device; see ``common.check_divisor``) when given.
+    divided by ``divisor`` (one value on the device; see ``common.launch_divisor``) when given.
 
     input, target (and weight, grad_input, grad_target when given): contiguous, same number of
     elements, on one device; input/target fp32, bf16 or fp16. beta = 0 is pure L1. Huber(delta) is
@@ -187,7 +187,7 @@ def huber_fwd(
     block = block_for(input.dtype)
     beta, mul, scale = float(beta), float(mul), float(scale)
     check_prediction("huber_fwd", prediction, predicted, reduce, (grad_input, grad_target))
-    check_divisor("huber_fwd", divisor)
+    divisor = launch_divisor("huber_fwd", divisor)
     # The kernel takes them in fp32, as torch computes: a delta past fp32's largest is inf there.
     beta, mul = (math.inf if v > FLT_MAX else v for v in (beta, mul))
     if 0.0 < beta < 1.0 / FLT_MAX:

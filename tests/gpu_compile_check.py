@@ -67,12 +67,13 @@ def elementwise_variants():
     # reduced: with a prediction (fp16 takes its own branch of it); unreduced: without
     for dt, reduce in [("bf16", False), ("fp32", False), ("bf16", True), ("fp32", True), ("fp16", True)]:
         predict = {"prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}
+        divisor = "*i64" if dt == "fp16" else "*fp32"  # (DIVIDE with reduce: a token count as it is counted)
         for l1, inf_delta in ((False, False), (True, False), (False, True)):
             yield _huber_kernel, {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}",
                                   "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}", "gy_ptr": f"*{dt}",
                                   "n": "i64", "beta": "fp32", "inv_beta": "fp32", "c": "fp32",
                                   "cap_c": "fp32", "w_bound": "fp32", **predict, "wmax_ptr": f"*{dt}",
-                                  "div_ptr": "*fp32"}, dict(
+                                  "div_ptr": divisor}, dict(
                 BLOCK=4096, INTERPRET=False, L1=l1, INF_DELTA=inf_delta, HAS_WEIGHT=True, REDUCE=reduce,
                 WRITE_GRAD_INPUT=True, WRITE_GRAD_TARGET=True, PREDICT=reduce,
                 WMAX=dt == "fp16" and not l1,  # fp16 with a weight (and a prediction)
@@ -81,7 +82,7 @@ def elementwise_variants():
             yield _sigmoid_focal_kernel, {"x_ptr": f"*{dt}", "t_ptr": f"*{dt}",
                                           "out_ptr": "*fp32" if reduce else f"*{dt}", "gx_ptr": f"*{dt}",
                                           "n": "i64", "k1": "fp32", "k0": "fp32", "gamma": "fp32", "scale": "fp32",
-                                          **predict, "div_ptr": "*fp32"}, dict(
+                                          **predict, "div_ptr": divisor}, dict(
                 BLOCK=4096, INTERPRET=False, GAMMA_INT=gamma_int, REDUCE=reduce,
                 WRITE_GRAD_INPUT=True, PREDICT=reduce, DIVIDE=reduce)
     for dt in ("bf16", "fp16"):

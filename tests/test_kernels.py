@@ -767,7 +767,8 @@ def test_a_predicted_grad_output_and_subnormal_gradients(dtype):
 # is often a 0-dim int64 tensor on the device), all >= 1 so that fp16 takes them in the forward too
 DIVISORS = {"int": lambda: 7, "float": lambda: 2.5, "count_tensor": lambda: torch.tensor(13, device=DEVICE),
             "fp32_tensor": lambda: torch.tensor(3.0, device=DEVICE),
-            "cpu_tensor": lambda: torch.tensor(5)}  # (on a GPU: read on the host, no sync)
+            "cpu_tensor": lambda: torch.tensor(5),  # (on a GPU: read on the host, no sync)
+            "int16_tensor": lambda: torch.tensor(9, dtype=torch.int16, device=DEVICE)}  # (cast for the kernel)
 
 
 @pytest.mark.parametrize("divisor", list(DIVISORS))

@@ -700,15 +700,21 @@ def test_reduce(loss_dtype):
 
 
 def test_divisors_none_one_or_two_values():
-    """divisors=None divides by 1 without a tensor; one value serves both terms."""
+    """divisors=None divides by 1 without a tensor; one value serves both terms. Counts are read as
+    they are stored (int64, bf16: no cast before the launch), other dtypes cast to fp32 first; three
+    values are refused."""
     logits, target = make(4, 300, torch.float32, ignore=1)
     opts = dict(z_loss=1e-2, label_smoothing=0.1)
-    for divisors, same in ((None, (1.0, 1.0)), ((4.0,), (0.25, 0.25))):
-        sc = None if divisors is None else torch.tensor(divisors, device=DEV)
+    for divisors, dtype, same in ((None, None, (1.0, 1.0)), ((4.0,), torch.float32, (0.25, 0.25)),
+                                  ((4, 8), torch.int64, (0.25, 0.125)), ((4.0,), torch.bfloat16, (0.25, 0.25)),
+                                  ((8,), torch.int16, (0.125, 0.125))):
+        sc = None if divisors is None else torch.tensor(divisors, dtype=dtype, device=DEV)
         grad = torch.empty_like(logits)
         loss = cross_entropy_fwd(logits, target, None, sc, grad, **opts)
         ref_loss, ref_grad = run(logits, target, None, same, **opts)
-        assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad)
+        assert torch.equal(loss, ref_loss) and torch.equal(grad, ref_grad), dtype
+    with pytest.raises(ValueError, match="divisor"):
+        cross_entropy_fwd(logits, target, None, torch.ones(3, device=DEV), torch.empty_like(logits), **opts)
 
 
 @pytest.mark.parametrize("split", [False, True])
