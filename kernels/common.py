@@ -217,10 +217,12 @@ def load_block_pair(a_ptr, b_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def inverse_divisor(div_ptr):
-    """1 / the fp32 value at div_ptr, correctly rounded: a summed loss's divisor on the device (the
-    public functions' ``divisor``), which the elementwise kernels fold into their per-program factors."""
-    return tl.math.div_rn(1.0, tl.load(div_ptr).to(tl.float32))
+def inverse_of_parts(parts_ptr, n_parts, PARTS: tl.constexpr):
+    """1 / (the sum of the n_parts <= PARTS values at parts_ptr, in fp32): summed in a fixed order,
+    inverted correctly rounded. A loss's divisor on the device: the mean's, in parts, or the public
+    functions' ``divisor`` (one part)."""
+    k = tl.arange(0, PARTS)
+    return tl.math.div_rn(1.0, tl.sum(tl.load(parts_ptr + k, mask=k < n_parts, other=0).to(tl.float32), axis=0))
 
 
 @triton.jit

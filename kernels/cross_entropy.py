@@ -42,6 +42,7 @@ from .common import (
     exp2,
     expm1,
     interpreting,
+    inverse_of_parts,
     launch,
     launch_divisor,
     log1p,
@@ -215,14 +216,6 @@ def _chunk_grad(x, a, slope, ref, ref2, kp, A, B, PROB: tl.constexpr, REST: tl.c
 
 
 @triton.jit
-def _inverse_of_parts(parts_ptr, n_parts, PARTS: tl.constexpr):
-    """1 / (the sum of the n_parts <= PARTS values at parts_ptr, in fp32): summed in a fixed order,
-    inverted correctly rounded."""
-    k = tl.arange(0, PARTS)
-    return tl.math.div_rn(1.0, tl.sum(tl.load(parts_ptr + k, mask=k < n_parts, other=0).to(tl.float32), axis=0))
-
-
-@triton.jit
 def _prologue_kernel(target_ptr, weight_ptr, parts_ptr, sync_ptr, N, V, ignore_index, COUNT: tl.constexpr,
                      WEIGHTED: tl.constexpr, PROB: tl.constexpr, ZERO_SYNC: tl.constexpr, BLOCK: tl.constexpr):
     """What the loss kernel needs before it starts, in one small launch ahead of it. Program p of P
@@ -333,10 +326,10 @@ def _cross_entropy_kernel(
     t_row = target_ptr + row * target_stride
     if SCALED:
         # The mean's denominators, inverted here rather than by more launches
-        ce_scale = _inverse_of_parts(div_ptr, n_parts, PARTS)
+        ce_scale = inverse_of_parts(div_ptr, n_parts, PARTS)
         z_scale = ce_scale
         if ZLOSS:
-            z_scale = _inverse_of_parts(div_ptr + z_off, n_parts, PARTS)
+            z_scale = inverse_of_parts(div_ptr + z_off, n_parts, PARTS)
     else:
         ce_scale = 1.0
         z_scale = 1.0
@@ -512,7 +505,7 @@ def _cross_entropy_kernel(
     if WRITE_GRAD:
         if PREDICT:
             # The gradient's every term carries K, A or B: scaled by the prediction, exactly when it
-            # is a power of two. The same factor in every program, as ce_scale is (_inverse_of_parts).
+            # is a power of two. The same factor in every program, as ce_scale is (inverse_of_parts).
             # fp16 caps p at 1 / the larger scale: the z-loss term's own (1 / the counted rows)
             # exceeds ce_scale (1 / their class weights) where the weights exceed 1, and capped at
             # 1 / ce_scale, 2 z lse p_c times the mean weight overflowed fp16 (z 0.1, lse 200, 4096)

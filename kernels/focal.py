@@ -34,7 +34,7 @@ from .common import (
     elementwise_loss_output,
     exp2,
     interpreting,
-    inverse_divisor,
+    inverse_of_parts,
     launch,
     launch_divisor,
     load_block_pair,
@@ -96,7 +96,7 @@ def _sigmoid_focal_kernel(
     # BLOCK when reduced) and the gradient. The usual training step (reduced, with gradient) reads
     # 2n and writes n elements.
     if DIVIDE:  # one more factor of scale * a_t, in every program
-        inv_d = inverse_divisor(div_ptr)
+        inv_d = inverse_of_parts(div_ptr, 1, 1)
         k1 = k1 * inv_d
         k0 = k0 * inv_d
         scale = scale * inv_d

@@ -27,7 +27,7 @@ from .common import (
     check_prediction,
     elementwise_loss_output,
     interpreting,
-    inverse_divisor,
+    inverse_of_parts,
     launch,
     launch_divisor,
     load_block_pair,
@@ -98,7 +98,7 @@ def _huber_kernel(
     # the unreduced loss (4 bytes per BLOCK when reduced) + e per gradient requested. The usual
     # training step (reduced, grad_input only) reads 2n and writes n elements.
     if DIVIDE:  # one more factor of c, in every program
-        inv_d = inverse_divisor(div_ptr)
+        inv_d = inverse_of_parts(div_ptr, 1, 1)
         c = c * inv_d
         cap_c = cap_c * inv_d
     cg = c  # the gradients' factor
