@@ -377,9 +377,9 @@ def _divided(loss: Tensor, divisor) -> Tensor:
 
 
 def _kernel_loss(run, input: Tensor, out_dtype: torch.dtype, divisor) -> Tensor:
-    """``run(out_dtype, div)``, the kernels' loss in ``out_dtype`` divided by the fp32 device tensor
-    ``div`` inside the kernel (None: by nothing): with ``divisor`` folded in where the kernels can take
-    it (see ``_kernel_divisor``), else divided afterwards, as torch divides."""
+    """``run(out_dtype, div)``, the kernels' loss in ``out_dtype`` (one they write) divided by the
+    one-value device tensor ``div`` inside the kernel (None: by nothing): with ``divisor`` folded in
+    where the kernels can take it (see ``_kernel_divisor``), else divided afterwards, as torch divides."""
     if divisor is None:
         return run(out_dtype, None)
     fused = _kernel_divisor(input, divisor, out_dtype)
@@ -398,17 +398,15 @@ def _kernel_divisor(input: Tensor, divisor, out_dtype: torch.dtype) -> tuple[Ten
     if isinstance(divisor, Tensor):
         if divisor.requires_grad:
             return None
-        if divisor.is_floating_point():
+        if divisor.is_floating_point():  # (a number, or an integer tensor, keeps the loss's dtype)
             out_dtype = torch.promote_types(out_dtype, divisor.dtype)
-        if out_dtype not in (input.dtype, torch.float32):
-            return None
+            if out_dtype not in (input.dtype, torch.float32):
+                return None
         if divisor.device == input.device:
             return divisor.reshape(1), out_dtype  # read by the kernel as it is (a count's int64, say)
         if torch.compiler.is_compiling():  # a CPU tensor (_check_divisor)
             return None
         divisor = divisor.item()
-    elif out_dtype not in (input.dtype, torch.float32):
-        return None
     if torch.compiler.is_compiling():  # a product keeps a Python float symbolic: one graph for every value
         return torch.ones(1, dtype=torch.float32, device=input.device) * divisor, out_dtype
     return torch.full((1,), divisor, dtype=torch.float32, device=input.device), out_dtype
