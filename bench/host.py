@@ -436,7 +436,7 @@ def _launch_costs(grad: Tensor, one: Tensor, reps: int) -> dict:
     from fastloss.kernels import common
 
     kernel = common._scale_grad_kernel
-    args = (grad, None, one, None, None, grad.numel(), grad.numel(), 0)  # the runtime parameters, in order
+    args = (grad, None, one, None, None, grad.numel(), grad.numel(), 1, 0, 1, 0)  # the runtime parameters, in order
     consts = dict(PER_ROW=False, STRIDED=False, PREDICTED=False, PAIR=False, INTERPRET=False,
                   BLOCK=common.ELEMENTWISE_BLOCK,
                   num_warps=8, enable_fp_fusion=common.FP_FUSION)

@@ -169,6 +169,43 @@ def _cross_entropy_variants(dtype: str):
         yield label, constexprs, cfg.num_warps, cdiv(min(seg_len, v), threads), None if single else cfg.block // threads
 
 
+def _report_columns(dt: str) -> None:
+    """The columns kernel at the benchmark's segmentation shape (ce_seg: 19 classes strided in memory,
+    positions contiguous), its mean loss with a gradient: each loop steps through one class for every
+    position of the thread's, so a loop's instructions per element are per position a class."""
+    from fastloss.kernels.cross_entropy import PARTS, _cross_entropy_columns_kernel, columns_config
+
+    classes = 19
+    cfg = columns_config(classes)
+    sig = {"logits_ptr": f"*{dt}", "x_sn": "i64", "x_sc": "i64", "target_ptr": "*i64", "t_sn": "i64", "t_sc": "i64",
+           "t_sd": "i64", "weight_ptr": "*fp32", "div_ptr": "*fp32", "n_parts": "i32", "z_off": "i32",
+           "grad_ptr": f"*{dt}", "g_sn": "i64", "g_sc": "i64", "loss_ptr": "*fp32", "prediction_ptr": "*fp32",
+           "predicted_ptr": "*fp32", "P": "i64", "D": "i64", "V": "i32", "ignore_index": "i64", "eps": "fp32",
+           "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32", "gamma": "fp32"}
+    constexprs = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, TANH_SERIES=False, PROB=False,
+                      FOCAL=False, WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True,
+                      PREDICT=True, BLOCK=cfg.block, PARTS=PARTS, x_sd=1, g_sd=1,  # (strides of 1: constants)
+                      ROW_BLOCKS=True)  # (H W positions a row: many blocks of them)
+    c = compile_sm90(_cross_entropy_columns_kernel, sig, constexprs, cfg.num_warps,
+                     aligned=("x_sn", "x_sc", "g_sn", "g_sc", "D"))
+    positions = cfg.block // (32 * cfg.num_warps)
+    report(f"cross-entropy {dt} (N, {classes}, H, W), columns kernel: {cfg.block} positions a program, "
+           f"warps={cfg.num_warps}", c)
+    # The compiler unrolls a sweep over the classes (a loop of several class steps, and one of the
+    # rest): a loop's class steps are its loads of the logits, one a step (a vector of the thread's
+    # positions).
+    sass = Sass.of(c)
+    sweeps, steps = [], 0
+    for loop in sass.loops:
+        body = sass.loop_ops(loop)
+        loads = sum(op.startswith("LDG") for op in body)
+        if loads:
+            sweeps.append(f"{len(body) / (loads * positions):.1f} ({loads} step{'s' if loads > 1 else ''} a loop)")
+    print(f"    per element, a class step of a sweep: {', '.join(sweeps)}; outside the loops "
+          f"{sass.outside_loops() / positions:.0f} a position ({sass.outside_loops() / (positions * classes):.1f} "
+          f"per element at {classes} classes)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sass", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=tuple(ELEMENT_SIZE), default="bf16",
@@ -194,6 +231,7 @@ def main(argv=None) -> int:
         c = compile_sm90(_cross_entropy_kernel, ce_sig, constexprs, warps,
                          aligned=("logits_stride", "grad_stride", "V", "seg_len"))
         report(f"cross-entropy {name}", c, per_thread, chunk_per_thread)
+    _report_columns(dt)
     out = {"out_ptr": "*fp32" if args.reduce else f"*{dt}"}
     predict = {"prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}  # used with reduce
     ew = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}", **out, "gx_ptr": f"*{dt}",

@@ -398,17 +398,24 @@ def launch(kernel, programs: int, *args, **constexprs) -> None:
 
 
 @triton.jit
-def _scale_block(grad_ptr, offs, n_elements, n_cols, row_stride, s, go_ptr, PER_ROW: tl.constexpr,
-                 STRIDED: tl.constexpr, INTERPRET: tl.constexpr):
+def _scale_block(grad_ptr, offs, n_elements, row_len, inner, row_stride, col_stride, inner_stride, s, go_ptr,
+                 PER_ROW: tl.constexpr, STRIDED: tl.constexpr, INTERPRET: tl.constexpr):
+    """grad *= s at the flat indices ``offs`` of grad's logical (rows, cols, inner) view (row_len =
+    cols x inner; inner = 1 for 2-D gradients): with PER_ROW, s is grad_output's value of the row's
+    (row, inner) position; with STRIDED, the element is at row row_stride + col col_stride + d
+    inner_stride."""
     mask = offs < n_elements
     if PER_ROW or STRIDED:
-        row = offs // n_cols
+        row = offs // row_len
+        rem = offs - row * row_len
+        col = rem // inner
+        d = rem - col * inner  # (0 for 2-D gradients: inner is the constant 1 there)
     if STRIDED:
-        addr = row * row_stride + (offs - row * n_cols)
+        addr = row * row_stride + col * col_stride + d * inner_stride
     else:
         addr = offs
     if PER_ROW:
-        s = tl.load(go_ptr + row, mask=mask, other=1.0).to(tl.float32)
+        s = tl.load(go_ptr + row * inner + d, mask=mask, other=1.0).to(tl.float32)
     g = tl.load(grad_ptr + addr, mask=mask, eviction_policy="evict_first").to(tl.float32)
     tl.store(grad_ptr + addr, cast_to(g * s, grad_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
@@ -466,8 +473,11 @@ def _scale_grad_kernel(
     predicted_ptr,  # PREDICTED: what the forward already multiplied grad by (a power of two)
     prediction_ptr,  # PREDICTED: the next forwards' prediction, updated from this grad_output
     n_elements,
-    n_cols,
+    row_len,  # the logical (rows, cols, inner) view's cols x inner (see _scale_block)
+    inner,
     row_stride,
+    col_stride,
+    inner_stride,
     PER_ROW: tl.constexpr,
     STRIDED: tl.constexpr,
     PREDICTED: tl.constexpr,
@@ -475,13 +485,13 @@ def _scale_grad_kernel(
     INTERPRET: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # Flat index over the logical (rows, n_cols) view; int64 so > 2^31 elements work. Reads N*V
+    # Flat index over the logical (rows, cols, inner) view; int64 so > 2^31 elements work. Reads N*V
     # (+ R per-row factors) and writes N*V (twice that with PAIR).
     start = tl.program_id(0).to(tl.int64) * BLOCK
     if PER_ROW:
         # One grad_output value per row (reduction='none'): one block per program.
-        _scale_block(grad_ptr, start + tl.arange(0, BLOCK), n_elements, n_cols, row_stride, 1.0, go_ptr,
-                     PER_ROW, STRIDED, INTERPRET)
+        _scale_block(grad_ptr, start + tl.arange(0, BLOCK), n_elements, row_len, inner, row_stride, col_stride,
+                     inner_stride, 1.0, go_ptr, PER_ROW, STRIDED, INTERPRET)
     else:
         # Scalar grad_output, read on the device. When it is exactly 1.0 (the usual loss.backward())
         # every program exits at once, and the grid is small (see scale_grad_) so that this costs a
@@ -496,11 +506,11 @@ def _scale_grad_kernel(
         if s != 1.0:
             step = tl.num_programs(0).to(tl.int64) * BLOCK
             for base in range(start, n_elements, step):
-                _scale_block(grad_ptr, base + tl.arange(0, BLOCK), n_elements, n_cols, row_stride, s, go_ptr,
-                             PER_ROW, STRIDED, INTERPRET)
+                _scale_block(grad_ptr, base + tl.arange(0, BLOCK), n_elements, row_len, inner, row_stride,
+                             col_stride, inner_stride, s, go_ptr, PER_ROW, STRIDED, INTERPRET)
                 if PAIR:
-                    _scale_block(other_ptr, base + tl.arange(0, BLOCK), n_elements, n_cols, row_stride, s,
-                                 go_ptr, PER_ROW, STRIDED, INTERPRET)
+                    _scale_block(other_ptr, base + tl.arange(0, BLOCK), n_elements, row_len, inner, row_stride,
+                                 col_stride, inner_stride, s, go_ptr, PER_ROW, STRIDED, INTERPRET)
 
 
 # Programs of the scalar scale_grad_ launch: a grid of 65536 programs that all exit at once still
@@ -521,17 +531,24 @@ def scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Tensor | None = No
     ``next_prediction(grad_output)`` for the forwards to come.
 
     grad: contiguous (any float dtype), or 2-D with stride(1) == 1 and any row stride (the logits
-    buffer reused by an in-place backward). grad_output: fp32/bf16/fp16 with either 1 element (a
-    scalar: the kernel reads it on the device and every program exits at once when it is exactly
-    1.0, so the common loss.backward() moves no memory) or R elements, one per row of grad viewed as
-    (R, grad.numel() // R) (reduction='none': per row for CE, per element for Huber). Multiplies in
-    fp32 and stores in grad's dtype.
+    buffer reused by an in-place backward), or 3-D (N, C, D) of any strides (cross-entropy's
+    positions: see ``cross_entropy.cross_entropy_fwd``). grad_output: fp32/bf16/fp16 with either 1
+    element (a scalar: the kernel reads it on the device and every program exits at once when it is
+    exactly 1.0, so the common loss.backward() moves no memory) or R elements, one per row of grad
+    viewed as (R, grad.numel() // R) (reduction='none': per row for CE, per element for Huber); for a
+    3-D grad, (N, D), one per position (n, d). Multiplies in fp32 and stores in grad's dtype.
     """
     n = grad.numel()
     n_go = grad_output.numel()
     if n == 0:
         return grad
-    if grad.is_contiguous():
+    # grad as a logical (rows, cols, inner) view: see _scale_block
+    inner, col_stride, inner_stride = 1, 1, 0
+    positions = grad.dim() == 3 and (grad_output.shape == grad.shape[::2] or (n_go == 1 and not grad.is_contiguous()))
+    if positions:
+        strided = not grad.is_contiguous()
+        (n_rows, _, inner), (row_stride, col_stride, inner_stride) = grad.shape, grad.stride()
+    elif grad.is_contiguous():
         strided, row_stride = False, 0
         n_rows = max(n_go, 1)
     elif grad.dim() == 2 and grad.stride(1) == 1:
@@ -540,7 +557,8 @@ def scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Tensor | None = No
         if n_go not in (1, n_rows):
             raise ValueError(f"scale_grad_: grad_output must have 1 or {n_rows} elements, got {n_go}")
     else:
-        raise ValueError("scale_grad_: grad must be contiguous, or 2-D with stride(1) == 1")
+        raise ValueError("scale_grad_: grad must be contiguous, 2-D with stride(1) == 1, or 3-D with a grad_output "
+                         "of 1 element or one a position")
     if n_go == 0 or n % n_rows != 0:
         raise ValueError(f"scale_grad_: grad_output has {n_go} elements, which does not divide {n}")
     per_row = n_go > 1
@@ -562,7 +580,10 @@ def scale_grad_(grad: Tensor, grad_output: Tensor, predicted: Tensor | None = No
         prediction,
         n,
         n // n_rows,
+        inner,
         row_stride,
+        col_stride,
+        inner_stride,
         PER_ROW=per_row,
         STRIDED=strided,
         PREDICTED=predicted is not None,

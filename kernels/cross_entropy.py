@@ -20,6 +20,11 @@ parts that each loss program adds up) and zeroes SPLIT's counters. One Triton la
 the torch ops these took (a compare and a sum, five more with class weights, SPLIT's zeros), each
 of which cost host time.
 
+COLUMNS (``_cross_entropy_columns_kernel``): (N, C, d1, ...) logits whose classes are strided in
+memory (a segmentation map) are read where they are, one lane a position, the program stepping
+through the classes; the row's math above is shared with it (``_target_terms``, ``_row_loss``,
+``_grad_coefs``, ``_target_grad``).
+
 Each row's statistics are combined in a fixed order: no atomics on data, bitwise deterministic.
 """
 
@@ -112,16 +117,17 @@ def _empty():
 
 
 @triton.jit
-def _coef(weight_ptr, target_row, cols, mask, eps, eps_over_v, HAS_WEIGHT: tl.constexpr,
-          SMOOTH: tl.constexpr, PROB: tl.constexpr, POLICY: tl.constexpr):
+def _coef(w_ptrs, t_ptrs, mask, eps, eps_over_v, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+          PROB: tl.constexpr, POLICY: tl.constexpr):
     """a_c, the weight of (lse - x_c) in the smoothing term (w_c) or in the probability-target loss
-    (w_c t'_c, with t' = (1 - eps) t + eps / V); 0 on padded lanes."""
+    (w_c t'_c, with t' = (1 - eps) t + eps / V); 0 on masked lanes. ``w_ptrs``, ``t_ptrs``: where
+    the lanes' class weights and target probabilities are."""
     if HAS_WEIGHT:
-        a = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        a = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     else:
         a = tl.where(mask, 1.0, 0.0)
     if PROB:
-        t = tl.load(target_row + cols, mask=mask, other=0.0, eviction_policy=POLICY).to(tl.float32)
+        t = tl.load(t_ptrs, mask=mask, other=0.0, eviction_policy=POLICY).to(tl.float32)
         if SMOOTH:
             t = (1.0 - eps) * t + eps_over_v
         a = tl.where(mask, a * t, 0.0)
@@ -129,23 +135,31 @@ def _coef(weight_ptr, target_row, cols, mask, eps, eps_over_v, HAS_WEIGHT: tl.co
 
 
 @triton.jit
-def _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
-                SOFTCAP: tl.constexpr, TANH_SERIES: tl.constexpr, NEED_A: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                SMOOTH: tl.constexpr, PROB: tl.constexpr, POLICY: tl.constexpr, INTERPRET: tl.constexpr):
-    """Columns ``c`` of a row, below ``hi``: the logits x in fp32, softcapped, with the cap's slope
-    d capped / d raw (1.0 without SOFTCAP; a sweep that drops it never computes it), and, when
-    NEED_A, the coefficients a (see _coef). Nothing is read past ``v_live``; lanes there are -inf
-    (set again after softcap, which would map them to -cap)."""
-    live = c < v_live
-    x = tl.load(x_row + c, mask=live, other=_neg_inf(), eviction_policy=POLICY).to(tl.float32)
+def _load_values(x_ptrs, live, t_ptrs, w_ptrs, mask, cap, inv_cap, eps, eps_over_v, SOFTCAP: tl.constexpr,
+                 TANH_SERIES: tl.constexpr, NEED_A: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr,
+                 PROB: tl.constexpr, POLICY: tl.constexpr, INTERPRET: tl.constexpr):
+    """The logits at ``x_ptrs`` in fp32, softcapped, with the cap's slope d capped / d raw (1.0
+    without SOFTCAP; a sweep that drops it never computes it), and, when NEED_A, the coefficients a
+    (see _coef) of the lanes in ``mask``. Only ``live`` lanes are read; the others are -inf (set
+    again after softcap, which would map them to -cap)."""
+    x = tl.load(x_ptrs, mask=live, other=_neg_inf(), eviction_policy=POLICY).to(tl.float32)
     slope = 1.0
     if SOFTCAP:
         x, slope = _softcap(x, cap, inv_cap, TANH_SERIES, INTERPRET)
         x = tl.where(live, x, _neg_inf())
     a = 0.0
     if NEED_A:
-        a = _coef(weight_ptr, t_row, c, c < hi, eps, eps_over_v, HAS_WEIGHT, SMOOTH, PROB, POLICY)
+        a = _coef(w_ptrs, t_ptrs, mask, eps, eps_over_v, HAS_WEIGHT, SMOOTH, PROB, POLICY)
     return x, a, slope
+
+
+@triton.jit
+def _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
+                SOFTCAP: tl.constexpr, TANH_SERIES: tl.constexpr, NEED_A: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                SMOOTH: tl.constexpr, PROB: tl.constexpr, POLICY: tl.constexpr, INTERPRET: tl.constexpr):
+    """Columns ``c`` of a row, below ``hi`` (see _load_values). Nothing is read past ``v_live``."""
+    return _load_values(x_row + c, c < v_live, t_row + c, weight_ptr + c, c < hi, cap, inv_cap, eps, eps_over_v,
+                        SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY, INTERPRET)
 
 
 @triton.jit
@@ -213,6 +227,155 @@ def _chunk_grad(x, a, slope, ref, ref2, kp, A, B, PROB: tl.constexpr, REST: tl.c
     if SOFTCAP:
         g = tl.where(x > _neg_inf(), g * slope, g)  # -inf: lanes of a dead row (0 * inf)
     return g
+
+
+@triton.jit
+def _target_terms(y64, valid, x_row, x_sc, weight_ptr, V, ignore_index, cap, inv_cap, HAS_WEIGHT: tl.constexpr,
+                  SOFTCAP: tl.constexpr, TANH_SERIES: tl.constexpr, PROB: tl.constexpr, INTERPRET: tl.constexpr):
+    """A row's target terms (a scalar row, or a vector of rows, one a lane): whether it counts
+    (``live``), whether it is ignored, its class y (0 when out of range: never addressed out of
+    bounds), its logit x_y (capped, with the cap's slope there for the target's gradient) and its
+    class weight w_y, read at ``x_row + y * x_sc`` and ``weight_ptr + y``. ``y64``: the class
+    index as loaded (unused for PROB, where every ``valid`` row counts). Ignored and out-of-range
+    rows read no logits. (With the series, softcap's x_y is taken from the sweep instead: see
+    CAPTURE_XY in the kernel.)"""
+    slope_y = 1.0
+    if PROB:
+        live = valid
+        ignored = ~valid
+        y = 0
+        x_y = 0.0
+        w_y = 1.0
+    else:
+        ignored = y64 == ignore_index
+        in_range = (y64 >= 0) & (y64 < V)
+        live = in_range & (y64 != ignore_index)
+        y = tl.where(in_range, y64, 0).to(tl.int32)
+        x_y = tl.load(x_row + y * x_sc, mask=live, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            x_y, slope_y = _softcap(x_y, cap, inv_cap, TANH_SERIES, INTERPRET)
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + y, mask=live, other=0.0).to(tl.float32)
+        else:
+            w_y = 1.0
+    return live, ignored, y, x_y, slope_y, w_y
+
+
+@triton.jit
+def _row_loss(m, t, sa, d, x_y, w_y, live, ignored, ce_scale, z_scale, eps, eps_over_v, z_coef, gamma,
+              SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, PROB: tl.constexpr, FOCAL: tl.constexpr):
+    """A row's loss (a scalar row, or a vector of rows, one a lane) from its statistics (m, t, sa, d;
+    see _combine) and target terms (see _target_terms), and its gradient's coefficients: the
+    gradient is K (p_c - delta_cy) + A p_c - B a_c. Returns loss, t (NaN for a row with a +inf
+    logit), ref (the row's max, or 0), K, A, B, q = p_y - 1 and l = log p_y."""
+    # A +inf logit makes the whole row NaN, loss and gradient, as torch's log_softmax does (inf - inf):
+    # through t, which every term of both divides by or takes the log of.
+    nan = float("nan")
+    t = tl.where(m == -_neg_inf(), nan, t)
+    ref = tl.where((m == _empty()) | (m == _neg_inf()), 0.0, m)  # 0 for a row of -inf (or a dead row)
+    log_s = log1p(t)  # lse - m: -inf for a row of -inf (t = -1)
+    lse = ref + log_s
+    K = 0.0  # coefficient of (p_c - delta_cy)
+    q = 0.0  # p_y - 1
+    A = 0.0  # coefficient of p_c
+    B = 0.0  # coefficient of a_c
+    if PROB:
+        # sum_c a_c (lse - x_c) = sa (lse - ref) - d;  d/dx_c = sa p_c - a_c
+        loss = ce_scale * (sa * log_s - d)
+        A = ce_scale * sa
+        B = ce_scale
+        l = 0.0
+    else:
+        l = (x_y - ref) - log_s  # log p_y, without the cancellation of lse - x_y
+        l = tl.where(l > 0.0, 0.0, l)  # rounding can never make p_y > 1 (NaN passes through)
+        q = expm1(l)
+        if FOCAL:
+            # loss = -w_y (1 - p_y)^gamma l,  grad = w_y f (p - onehot) with
+            # f = (1 - p_y)^gamma (1 - gamma p_y l / (1 - p_y)); 1 - p_y = -expm1(l) and
+            # l / (1 - p_y) -> -1 as l -> 0, so every gamma >= 0 stays finite when saturated.
+            omp = -q
+            pw = tl.where(omp > 0.0, tl.exp(gamma * tl.log(omp)), tl.where(gamma == 0.0, 1.0, 0.0))
+            p_y = tl.exp(l)
+            ratio = tl.where(omp > 0.0, l / omp, -1.0)
+            py_ratio = tl.where(p_y == 0.0, 0.0, p_y * ratio)  # p_y l -> 0 as l -> -inf
+            f = pw * (1.0 - gamma * py_ratio)
+            loss = ce_scale * (w_y * pw * -l)
+            K = ce_scale * w_y * f
+        else:
+            # (1 - eps) w_y (lse - x_y) + eps/V sum_c w_c (lse - x_c)
+            K = ce_scale * (1.0 - eps) * w_y
+            if SMOOTH:
+                # each term times the mean's scale apart, as torch divides each term's sum: a counted
+                # row of weight 0 under a scale of 1/0 (every counted row weighs 0) is NaN, not inf
+                A = ce_scale * eps_over_v * sa
+                B = ce_scale * eps_over_v
+                loss = K * -l + B * (sa * log_s - d)
+            else:
+                loss = ce_scale * ((1.0 - eps) * w_y * -l)
+    if ZLOSS:
+        loss += z_scale * z_coef * lse * lse
+        A += z_scale * 2.0 * z_coef * lse
+    # ignored rows: 0 * ce_scale (NaN when the mean's scale is 1/0); out-of-range targets: NaN
+    loss = tl.where(live, loss, tl.where(ignored, 0.0 * ce_scale, nan))
+    return loss, t, ref, K, A, B, q, l
+
+
+@triton.jit
+def _scales(div_ptr, n_parts, z_off, SCALED: tl.constexpr, ZLOSS: tl.constexpr, PARTS: tl.constexpr):
+    """ce_scale and z_scale: 1 / the CE term's and the z-loss term's divisors (the mean's
+    denominators, summed from their parts and inverted here rather than by more launches), or 1."""
+    if SCALED:
+        ce_scale = inverse_of_parts(div_ptr, n_parts, PARTS)
+        z_scale = ce_scale
+        if ZLOSS:
+            z_scale = inverse_of_parts(div_ptr + z_off, n_parts, PARTS)
+    else:
+        ce_scale = 1.0
+        z_scale = 1.0
+    return ce_scale, z_scale
+
+
+@triton.jit
+def _grad_coefs(K, A, B, t, ref, live, ignored, ce_scale, z_scale, first, prediction_ptr, predicted_ptr, grad_ptr,
+                PREDICT: tl.constexpr, ZLOSS: tl.constexpr):
+    """The gradient's coefficients as _chunk_grad takes them: kp = (K + A) / s, K, A, B, and ref2 =
+    ref log2e. With PREDICT they carry the predicted grad_output (``first``: the program that copies
+    it for the backward). A dead row's coefficients give its gradient directly: 0 (ignored) or NaN
+    (out of range); its lanes read -inf, so e = 0 and e * kp = 0 * kp."""
+    if PREDICT:
+        # The gradient's every term carries K, A or B: scaled by the prediction, exactly when it is
+        # a power of two. The same factor in every program, as ce_scale is (inverse_of_parts). fp16
+        # caps p at 1 / the larger scale: the z-loss term's own (1 / the counted rows) exceeds
+        # ce_scale (1 / their class weights) where the weights exceed 1, and capped at 1 / ce_scale,
+        # 2 z lse p_c times the mean weight overflowed fp16 (z 0.1, lse 200, 4096)
+        cap_scale = ce_scale
+        if ZLOSS:
+            cap_scale = tl.maximum(tl.abs(ce_scale), tl.abs(z_scale))
+        p = predicted_factor(prediction_ptr, predicted_ptr, cap_scale, first, grad_ptr)
+        K = K * p
+        A = A * p
+        B = B * p
+    fill = tl.where(ignored, 0.0, float("nan"))
+    inv_s = 1.0 / (1.0 + t)
+    kp = tl.where(live, (K + A) * inv_s, fill)
+    A = tl.where(live, A, fill)
+    B = tl.where(live, B, fill)
+    K = tl.where(live, K, fill)
+    return kp, K, A, B, ref * log2e()
+
+
+@triton.jit
+def _target_grad(K, A, B, q, l, w_y, slope_y, REST: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr):
+    """The gradient of the target's class: K (p_y - 1) + A p_y - B a_y, with p_y - 1 = q computed as
+    expm1(log p_y) in fp32 (K p_y - K would round to a multiple of K's ulp)."""
+    g_y = K * q
+    if REST:
+        g_y += A * tl.exp(l)
+        if SMOOTH:
+            g_y -= B * w_y  # a_y = w_y (1 without weights)
+    if SOFTCAP:
+        g_y = g_y * slope_y
+    return g_y
 
 
 @triton.jit
@@ -324,42 +487,17 @@ def _cross_entropy_kernel(
     hi = tl.minimum(lo + seg_len, V)  # this program's columns: [lo, hi)
     x_row = logits_ptr + row * logits_stride
     t_row = target_ptr + row * target_stride
-    if SCALED:
-        # The mean's denominators, inverted here rather than by more launches
-        ce_scale = inverse_of_parts(div_ptr, n_parts, PARTS)
-        z_scale = ce_scale
-        if ZLOSS:
-            z_scale = inverse_of_parts(div_ptr + z_off, n_parts, PARTS)
-    else:
-        ce_scale = 1.0
-        z_scale = 1.0
+    ce_scale, z_scale = _scales(div_ptr, n_parts, z_off, SCALED, ZLOSS, PARTS)
     eps_over_v = eps / V
 
     # ---- the row's target --------------------------------------------------------------------------
     if PROB:
-        live = row >= 0  # every row counts
-        ignored = row < 0
-        y = 0
-        x_y = 0.0
-        w_y = 1.0
+        y64 = 0
     else:
         y64 = tl.load(target_ptr + row).to(tl.int64)
-        ignored = y64 == ignore_index
-        in_range = (y64 >= 0) & (y64 < V)
-        live = in_range & (y64 != ignore_index)  # ignored and out-of-range rows read no logits
-        y = tl.where(in_range, y64, 0).to(tl.int32)  # never address out of bounds
-        if SOFTCAP:
-            # capped (with the series: taken from the sweep below instead), and the cap's slope there
-            # for the target's gradient; read as below
-            x_y, slope_y = _softcap(tl.load(x_row + y, mask=live, other=0.0).to(tl.float32), cap, inv_cap,
-                                    TANH_SERIES, INTERPRET)
-        else:
-            # (in place, every program reads x_y before the row's gradient is written: see SPLIT)
-            x_y = tl.load(x_row + y, mask=live, other=0.0).to(tl.float32)
-        if HAS_WEIGHT:
-            w_y = tl.load(weight_ptr + y, mask=live, other=0.0).to(tl.float32)
-        else:
-            w_y = 1.0
+    # (in place, every program reads x_y before the row's gradient is written: see SPLIT)
+    live, ignored, y, x_y, slope_y, w_y = _target_terms(y64, row >= 0, x_row, 1, weight_ptr, V, ignore_index, cap,
+                                                        inv_cap, HAS_WEIGHT, SOFTCAP, TANH_SERIES, PROB, INTERPRET)
 
     # ---- sweep 1: per-lane max / sum-exp (+ smoothing / probability-target sums) --------------------
     # With softcap, the target's capped logit x_y must be the same bits as in its lane, or the loss of a
@@ -449,82 +587,15 @@ def _cross_entropy_kernel(
         x_y = tl.where(live, x_y, 0.0)  # a dead row's lanes are -inf
 
     # ---- the row's loss ---------------------------------------------------------------------------
-    # A +inf logit makes the whole row NaN, loss and gradient, as torch's log_softmax does (inf - inf):
-    # through t, which every term of both divides by or takes the log of.
-    nan = float("nan")
-    t = tl.where(m == -_neg_inf(), nan, t)
-    ref = tl.where((m == _empty()) | (m == _neg_inf()), 0.0, m)  # 0 for a row of -inf (or a dead row)
-    log_s = log1p(t)  # lse - m: -inf for a row of -inf (t = -1)
-    lse = ref + log_s
-    K = 0.0  # coefficient of (p_c - delta_cy)
-    q = 0.0  # p_y - 1
-    A = 0.0  # coefficient of p_c
-    B = 0.0  # coefficient of a_c
-    if PROB:
-        # sum_c a_c (lse - x_c) = sa (lse - ref) - d;  d/dx_c = sa p_c - a_c
-        loss = ce_scale * (sa * log_s - d)
-        A = ce_scale * sa
-        B = ce_scale
-        l = 0.0
-    else:
-        l = (x_y - ref) - log_s  # log p_y, without the cancellation of lse - x_y
-        l = tl.where(l > 0.0, 0.0, l)  # rounding can never make p_y > 1 (NaN passes through)
-        q = expm1(l)
-        if FOCAL:
-            # loss = -w_y (1 - p_y)^gamma l,  grad = w_y f (p - onehot) with
-            # f = (1 - p_y)^gamma (1 - gamma p_y l / (1 - p_y)); 1 - p_y = -expm1(l) and
-            # l / (1 - p_y) -> -1 as l -> 0, so every gamma >= 0 stays finite when saturated.
-            omp = -q
-            pw = tl.where(omp > 0.0, tl.exp(gamma * tl.log(omp)), tl.where(gamma == 0.0, 1.0, 0.0))
-            p_y = tl.exp(l)
-            ratio = tl.where(omp > 0.0, l / omp, -1.0)
-            py_ratio = tl.where(p_y == 0.0, 0.0, p_y * ratio)  # p_y l -> 0 as l -> -inf
-            f = pw * (1.0 - gamma * py_ratio)
-            loss = ce_scale * (w_y * pw * -l)
-            K = ce_scale * w_y * f
-        else:
-            # (1 - eps) w_y (lse - x_y) + eps/V sum_c w_c (lse - x_c)
-            K = ce_scale * (1.0 - eps) * w_y
-            if SMOOTH:
-                # each term times the mean's scale apart, as torch divides each term's sum: a counted
-                # row of weight 0 under a scale of 1/0 (every counted row weighs 0) is NaN, not inf
-                A = ce_scale * eps_over_v * sa
-                B = ce_scale * eps_over_v
-                loss = K * -l + B * (sa * log_s - d)
-            else:
-                loss = ce_scale * ((1.0 - eps) * w_y * -l)
-    if ZLOSS:
-        loss += z_scale * z_coef * lse * lse
-        A += z_scale * 2.0 * z_coef * lse
-    # ignored rows: 0 * ce_scale (NaN when the mean's scale is 1/0); out-of-range targets: NaN
-    loss = tl.where(live, loss, tl.where(ignored, 0.0 * ce_scale, nan))
+    loss, t, ref, K, A, B, q, l = _row_loss(m, t, sa, d, x_y, w_y, live, ignored, ce_scale, z_scale, eps, eps_over_v,
+                                            z_coef, gamma, SMOOTH, ZLOSS, PROB, FOCAL)
     if seg == 0:
         tl.store(loss_ptr + row, cast_to(loss, loss_ptr.dtype.element_ty, INTERPRET))
 
     # ---- sweep 2: the gradient --------------------------------------------------------------------
     if WRITE_GRAD:
-        if PREDICT:
-            # The gradient's every term carries K, A or B: scaled by the prediction, exactly when it
-            # is a power of two. The same factor in every program, as ce_scale is (inverse_of_parts).
-            # fp16 caps p at 1 / the larger scale: the z-loss term's own (1 / the counted rows)
-            # exceeds ce_scale (1 / their class weights) where the weights exceed 1, and capped at
-            # 1 / ce_scale, 2 z lse p_c times the mean weight overflowed fp16 (z 0.1, lse 200, 4096)
-            cap_scale = ce_scale
-            if ZLOSS:
-                cap_scale = tl.maximum(tl.abs(ce_scale), tl.abs(z_scale))
-            p = predicted_factor(prediction_ptr, predicted_ptr, cap_scale, (row == 0) & (seg == 0), grad_ptr)
-            K = K * p
-            A = A * p
-            B = B * p
-        # A dead row's coefficients give its gradient directly: 0 (ignored) or NaN (out of range).
-        # Its lanes read -inf, so e = 0 and e * kp = 0 * kp.
-        fill = tl.where(ignored, 0.0, nan)
-        inv_s = 1.0 / (1.0 + t)
-        kp = tl.where(live, (K + A) * inv_s, fill)
-        A = tl.where(live, A, fill)
-        B = tl.where(live, B, fill)
-        K = tl.where(live, K, fill)
-        ref2 = ref * log2e()
+        kp, K, A, B, ref2 = _grad_coefs(K, A, B, t, ref, live, ignored, ce_scale, z_scale, (row == 0) & (seg == 0),
+                                        prediction_ptr, predicted_ptr, grad_ptr, PREDICT, ZLOSS)
         g_row = grad_ptr + row * grad_stride
         out_ty = grad_ptr.dtype.element_ty
         PRECISE: tl.constexpr = out_ty == tl.float32
@@ -560,17 +631,143 @@ def _cross_entropy_kernel(
                 tl.store(g_row + c, cast_to(g, out_ty, INTERPRET), mask=c < hi, eviction_policy="evict_first")
         if not PROB:
             # The target lane, written again by the program that holds it once the barrier has
-            # ordered its threads' stores: K (p_y - 1) + A p_y - B a_y, with p_y - 1 = q computed as
-            # expm1(log p_y) in fp32 (K p_y - K would round to a multiple of K's ulp).
-            g_y = K * q
-            if REST:
-                g_y += A * tl.exp(l)
-                if SMOOTH:
-                    g_y -= B * w_y  # a_y = w_y (1 without weights)
-            if SOFTCAP:
-                g_y = g_y * slope_y
+            # ordered its threads' stores.
+            g_y = _target_grad(K, A, B, q, l, w_y, slope_y, REST, SMOOTH, SOFTCAP)
             tl.debug_barrier()
             tl.store(g_row + y, cast_to(g_y, out_ty, INTERPRET), mask=(y >= lo) & (y < hi))
+
+
+@triton.jit
+def _cross_entropy_columns_kernel(
+    logits_ptr,
+    x_sn,  # logits (N, C, D): the logit of class c at position (n, d) is at n x_sn + c x_sc + d x_sd
+    x_sc,
+    x_sd,
+    target_ptr,  # class indices: (N, D) contiguous, position p = n D + d at p; PROB: (N, C, D) probabilities
+    t_sn,  # PROB: the probabilities' strides (else unused)
+    t_sc,
+    t_sd,
+    weight_ptr,
+    div_ptr,  # SCALED: as in _cross_entropy_kernel
+    n_parts,
+    z_off,
+    grad_ptr,  # WRITE_GRAD: (N, C, D), strides of its own (or the logits themselves)
+    g_sn,
+    g_sc,
+    g_sd,
+    loss_ptr,  # each position's loss, at p, in its dtype (fp32 when the launcher sums them)
+    prediction_ptr,  # PREDICT: as in _cross_entropy_kernel
+    predicted_ptr,
+    P,  # positions: N D
+    D,
+    V,
+    ignore_index,
+    eps,
+    z_coef,
+    cap,
+    inv_cap,
+    gamma,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    ZLOSS: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    TANH_SERIES: tl.constexpr,
+    PROB: tl.constexpr,
+    FOCAL: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    NEED_A: tl.constexpr,
+    REST: tl.constexpr,
+    INTERPRET: tl.constexpr,
+    SCALED: tl.constexpr,
+    PREDICT: tl.constexpr,
+    BLOCK: tl.constexpr,  # positions a program
+    ROW_BLOCKS: tl.constexpr,  # a program takes BLOCK positions of one n (else of all N D, in order)
+    PARTS: tl.constexpr,
+):
+    """The kernel above, turned: for (N, C, d1, ...) logits whose classes are strided in memory (a
+    segmentation map's (N, C, H, W)), read where they are. Each lane is one position (n, d) and
+    keeps that position's running statistics (_lane_update) while the program steps through the
+    classes, one a step: a step reads BLOCK neighbouring positions of one class, contiguous in
+    memory where the positions are (x_sd = 1). No lane waits for another, so there is no reduction
+    across lanes. Sweep 2 steps through the classes again, reading them from L1/L2 (V BLOCK values
+    a program: the launcher keeps that small), and writes the gradient with its own strides.
+
+    Bytes per position: reads its V logits once from memory (and again from cache), writes V
+    gradients and one loss, reads its target (or V probabilities) and x_y, w_y from cache."""
+    pid = tl.program_id(0).to(tl.int64)
+    if ROW_BLOCKS:
+        # n is the program's, and its positions d are contiguous: with x_sd = 1 (a constant where the
+        # positions are contiguous in memory) a thread's are read and written as vectors
+        blocks = tl.cdiv(D, BLOCK)
+        n = pid // blocks
+        dd = (pid - n * blocks) * BLOCK + tl.arange(0, BLOCK)
+        valid = dd < D
+        pos = n * D + dd
+    else:
+        pos = pid * BLOCK + tl.arange(0, BLOCK)
+        valid = pos < P
+        n = pos // D
+        dd = pos - n * D
+    x_base = logits_ptr + n * x_sn + dd * x_sd
+    t_base = target_ptr + n * t_sn + dd * t_sd  # PROB
+    ce_scale, z_scale = _scales(div_ptr, n_parts, z_off, SCALED, ZLOSS, PARTS)
+    eps_over_v = eps / V
+    if PROB:
+        y64 = 0
+    else:
+        y64 = tl.load(target_ptr + pos, mask=valid, other=ignore_index).to(tl.int64)
+    live, ignored, y, x_y, slope_y, w_y = _target_terms(y64, valid, x_base, tl.cast(x_sc, tl.int64), weight_ptr, V,
+                                                        ignore_index, cap, inv_cap, HAS_WEIGHT, SOFTCAP, TANH_SERIES,
+                                                        PROB, INTERPRET)
+    CAPTURE_XY: tl.constexpr = (SOFTCAP and TANH_SERIES) and not PROB  # see _cross_entropy_kernel
+    # (each class's weight, read by every lane of a step: one address, one transaction a warp)
+    same = tl.zeros([BLOCK], tl.int32)
+    POLICY1: tl.constexpr = "evict_last" if WRITE_GRAD else "evict_first"  # kept for sweep 2
+    m = tl.full([BLOCK], _empty(), tl.float32)
+    t = tl.full([BLOCK], -1.0, tl.float32)
+    sa = tl.zeros([BLOCK], tl.float32)
+    d = tl.zeros([BLOCK], tl.float32)
+    xy = tl.zeros([BLOCK], tl.float32)
+    # Every valid lane is read (a mask of contiguous positions lets a thread's be one vector), and a dead
+    # one's logits are set to -inf after, as the other kernel's never-read lanes are.
+    for c in range(0, V):
+        c64 = tl.cast(c, tl.int64)
+        x, a, _ = _load_values(x_base + c64 * x_sc, valid, t_base + c64 * t_sc, weight_ptr + c + same, valid, cap,
+                               inv_cap, eps, eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB,
+                               POLICY1, INTERPRET)
+        x = tl.where(live, x, _neg_inf())
+        m, t, sa, d = _lane_update(x, a, valid, m, t, sa, d, NEED_A, INTERPRET)
+        if CAPTURE_XY:
+            xy = tl.where(y == c, x, xy)
+    if CAPTURE_XY:
+        x_y = tl.where(live, xy, 0.0)
+    # A lane's statistics are its position's: _lane_update's t and d are already those _combine gives
+    # one lane (its m never becomes -inf: an empty lane keeps -FLT_MAX).
+    loss, t, ref, K, A, B, q, l = _row_loss(m, t, sa, d, x_y, w_y, live, ignored, ce_scale, z_scale, eps, eps_over_v,
+                                            z_coef, gamma, SMOOTH, ZLOSS, PROB, FOCAL)
+    tl.store(loss_ptr + pos, cast_to(loss, loss_ptr.dtype.element_ty, INTERPRET), mask=valid)
+
+    if WRITE_GRAD:
+        kp, K, A, B, ref2 = _grad_coefs(K, A, B, t, ref, live, ignored, ce_scale, z_scale, tl.program_id(0) == 0,
+                                        prediction_ptr, predicted_ptr, grad_ptr, PREDICT, ZLOSS)
+        g_base = grad_ptr + n * g_sn + dd * g_sd
+        out_ty = grad_ptr.dtype.element_ty
+        PRECISE: tl.constexpr = out_ty == tl.float32
+        # Last class first: the most recently read. In place (grad is the logits), each lane reads a
+        # class's logit before it writes its gradient there.
+        for i in range(0, V):
+            c64 = tl.cast(V - 1 - i, tl.int64)
+            x, a, slope = _load_values(x_base + c64 * x_sc, valid, t_base + c64 * t_sc, weight_ptr + c64 + same,
+                                       valid, cap, inv_cap, eps, eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT,
+                                       SMOOTH, PROB, "evict_first", INTERPRET)
+            g = _chunk_grad(tl.where(live, x, _neg_inf()), a, slope, ref, ref2, kp, A, B, PROB, REST, SOFTCAP, PRECISE,
+                            INTERPRET)
+            tl.store(g_base + c64 * g_sc, cast_to(g, out_ty, INTERPRET), mask=valid)
+        if not PROB:
+            # the target's class, written again by the lane that wrote it above
+            g_y = _target_grad(K, A, B, q, l, w_y, slope_y, REST, SMOOTH, SOFTCAP)
+            tl.debug_barrier()
+            tl.store(g_base + y.to(tl.int64) * g_sc, cast_to(g_y, out_ty, INTERPRET), mask=live)
 
 
 @dataclass(frozen=True)
@@ -652,6 +849,23 @@ def _default_config(n_cols: int, element_size: int, segments_cap: int, write_gra
     return LaunchConfig(block=block, num_warps=max(1, min(16, block // 256)), stages=3 if pipelined else 0)
 
 
+# Columns launches (3-D logits): positions a program and warps. A program's sweep 2 re-reads its
+# V x block logits from cache, so the block shrinks as V grows, down to one position a thread
+# (chosen from those sizes, not yet tuned on a GPU).
+COLUMNS_WARPS = 4
+COLUMNS_CACHED_VALUES = 16384  # V x block, at most, where the block is above its floor
+
+
+@functools.lru_cache(maxsize=1024)
+def columns_config(n_cols: int) -> LaunchConfig:
+    """The launch of the columns kernel for rows of ``n_cols`` strided classes: up to 512 positions a
+    program (4 a thread), fewer as the classes grow (V x block <= COLUMNS_CACHED_VALUES), at least
+    one a thread."""
+    floor = 32 * COLUMNS_WARPS
+    block = max(floor, min(512, 1 << max(0, (COLUMNS_CACHED_VALUES // max(n_cols, 1)).bit_length() - 1)))
+    return LaunchConfig(block=block, num_warps=COLUMNS_WARPS)
+
+
 def cross_entropy_fwd(
     logits: Tensor,
     target: Tensor,
@@ -673,8 +887,12 @@ def cross_entropy_fwd(
 ) -> Tensor:
     """Per-row cross-entropy (or softmax focal loss when ``gamma`` is set), and optionally its gradient.
 
-    logits: (N, V) fp32/bf16/fp16 with stride(1) == 1 (any row stride). target: (N,) int64 class
-    indices, or (N, V) float probabilities with stride(1) == 1. weight: (V,) fp32 contiguous, or None.
+    logits: (N, V) fp32/bf16/fp16 with stride(1) == 1 (any row stride); or (N, V, D), any strides:
+    N D positions (n, d), each a row of V classes strided in memory (``_cross_entropy_columns_kernel``;
+    the N-D input of torch's cross_entropy with its class dimension second, its inner ones flattened).
+    target: (N,) int64 class indices, or (N, V) float probabilities with stride(1) == 1; for 3-D
+    logits, (N, D) contiguous class indices, or (N, V, D) probabilities of any strides. weight: (V,)
+    fp32 contiguous, or None.
     divisors: on the device (read in fp32; see ``common.launch_divisor``), what each row's loss and
     gradient are divided by: [ce_div, z_div]
     (ce_scale = 1 / ce_div, z_scale = 1 / z_div below), or one value for both, or None for 1 (no
@@ -683,8 +901,8 @@ def cross_entropy_fwd(
     launched first (``divisors`` must be None): ce_div is the sum of the class weights w_y of the
     counted rows (target != ignore_index), or their count without weights; z_div is their count.
     With probability targets every row counts and ce_div = z_div = N (torch's mean for them).
-    grad: None (forward only), an (N, V) tensor of logits.dtype with stride(1) == 1, or ``logits``
-    itself (the gradient overwrites the logits row by row).
+    grad: None (forward only), a tensor of the logits' shape and dtype (2-D: with stride(1) == 1), or
+    ``logits`` itself (the gradient overwrites the logits row by row).
 
     prediction, predicted (both or neither; ``reduce`` only, with ``grad``): one fp32 value each. The gradient is
     written multiplied by ``prediction``, a power of two (the backward's grad_output foreseen, see
@@ -693,38 +911,44 @@ def cross_entropy_fwd(
     ``predicted`` holds the factor used.
     config: launch parameters (``launch_config(logits, grad is not None)`` when None); for tuning.
 
-    Extra memory: the (N,) loss, for ``mean`` up to 32 floats, and for a split launch N + 1 int32
-    counters and N x segments x 8 floats of statistics.
+    Extra memory: the (N,) loss (N D for 3-D logits), for ``mean`` up to 32 floats, and for a split
+    launch N + 1 int32 counters and N x segments x 8 floats of statistics.
 
     Launches the prologue kernel (for ``mean``, and a split launch's counters), the loss kernel, and
     for a 16-bit ``reduce`` the sum's (``reduce_partials``).
 
-    Returns the (N,) loss in ``loss_dtype``: ce_scale * loss_ce + z_scale * z_loss * lse^2 per row.
-    With ``reduce``, the 0-dim sum of those losses instead, in ``loss_dtype``, summed in fp32 in a
-    fixed order (the rows' fp32 losses are a temporary, summed by ``reduce_partials``). Ignored rows give
-    0 * ce_scale and a zero gradient row; out-of-range targets give NaN (loss and gradient row).
+    Returns the loss in ``loss_dtype``, one a row: (N,), or (N, D) for 3-D logits; ce_scale *
+    loss_ce + z_scale * z_loss * lse^2 each. With ``reduce``, the 0-dim sum of those losses instead,
+    in ``loss_dtype``, summed in fp32 in a fixed order (the rows' fp32 losses are a temporary, summed
+    by ``reduce_partials``). Ignored rows give 0 * ce_scale and a zero gradient row; out-of-range
+    targets give NaN (loss and gradient row).
     """
-    if logits.dim() != 2:
-        raise ValueError(f"cross_entropy_fwd: logits must be 2-D, got {tuple(logits.shape)}")
-    n_rows, n_cols = logits.shape
+    columns = logits.dim() == 3
+    if logits.dim() != 2 and not columns:
+        raise ValueError(f"cross_entropy_fwd: logits must be 2-D or 3-D, got {tuple(logits.shape)}")
+    n_cols = logits.shape[1]
+    n_rows = logits.shape[0] * (logits.shape[2] if columns else 1)  # positions, for 3-D logits
     if n_cols >= 2**31:
         raise ValueError(f"cross_entropy_fwd: {n_cols} classes: the kernel indexes columns with int32")
 
     def unit_class_stride(t: Tensor) -> bool:  # a single class has no class stride to speak of
-        return t.stride(1) == 1 or n_cols == 1
+        return columns or t.stride(1) == 1 or n_cols == 1
 
     if not unit_class_stride(logits):
-        raise ValueError(f"cross_entropy_fwd: logits must have stride(1) == 1, got strides {logits.stride()}")
+        raise ValueError(f"cross_entropy_fwd: 2-D logits must have stride(1) == 1, got strides {logits.stride()}")
     prob = target.is_floating_point()
     if prob:
         if target.shape != logits.shape or not unit_class_stride(target):
-            raise ValueError("cross_entropy_fwd: probability targets must be (N, V) with stride(1) == 1")
+            raise ValueError("cross_entropy_fwd: probability targets must have the logits' shape (2-D: with "
+                             "stride(1) == 1)")
         if gamma is not None:
             raise ValueError("cross_entropy_fwd: focal loss (gamma) takes class-index targets only")
-    elif target.shape != (n_rows,) or (n_rows > 1 and target.stride(0) != 1):
-        raise ValueError(f"cross_entropy_fwd: class-index target must be a contiguous ({n_rows},) tensor")
+    else:
+        rows_shape = (logits.shape[0], logits.shape[2]) if columns else (n_rows,)
+        if target.shape != rows_shape or (n_rows > 1 and not target.is_contiguous()):
+            raise ValueError(f"cross_entropy_fwd: class-index target must be a contiguous {rows_shape} tensor")
     if grad is not None and (grad.shape != logits.shape or not unit_class_stride(grad)):
-        raise ValueError("cross_entropy_fwd: grad must be (N, V) with stride(1) == 1")
+        raise ValueError("cross_entropy_fwd: grad must have the logits' shape (2-D: with stride(1) == 1)")
     if weight is not None and (weight.shape != (n_cols,) or not weight.is_contiguous()):
         raise ValueError(f"cross_entropy_fwd: weight must be a contiguous ({n_cols},) tensor")
     check_prediction("cross_entropy_fwd", prediction, predicted, reduce, (grad,))
@@ -732,11 +956,12 @@ def cross_entropy_fwd(
         raise ValueError("cross_entropy_fwd: divisors must be None with mean=True (the mean's are computed)")
     divisors = launch_divisor("cross_entropy_fwd", divisors, (1, 2))
 
+    rows_out = (logits.shape[0], logits.shape[2]) if columns else (n_rows,)
     if n_rows == 0:
-        return logits.new_zeros((), dtype=loss_dtype) if reduce else logits.new_empty(0, dtype=loss_dtype)
+        return logits.new_zeros((), dtype=loss_dtype) if reduce else logits.new_empty(rows_out, dtype=loss_dtype)
     loss = logits.new_empty(n_rows, dtype=torch.float32 if reduce else loss_dtype)
-    cfg = config or launch_config(logits, grad is not None)
-    split = cfg.segments > 0
+    cfg = config or (columns_config(n_cols) if columns else launch_config(logits, grad is not None))
+    split = cfg.segments > 0 and not columns
     segments = max(cfg.segments, 1)
     if segments & (segments - 1):
         raise ValueError(f"cross_entropy_fwd: segments must be 0 or a power of two, got {segments}")
@@ -770,32 +995,8 @@ def cross_entropy_fwd(
             enable_fp_fusion=FP_FUSION,
         )
     cap = 1.0 if softcap is None else float(softcap)
-    launch(
-        _cross_entropy_kernel,
-        n_rows * segments,
-        logits,
-        logits.stride(0),
-        target,
-        target.stride(0) if prob else 0,
-        weight if weight is not None else logits,  # placeholders are never read
-        divisors if divisors is not None else logits,
-        n_parts,
-        z_off,
-        grad if grad is not None else logits,
-        grad.stride(0) if grad is not None else 0,
-        loss,
-        sync,
-        stats,
-        prediction,  # None without PREDICT (cheaper to launch than a placeholder tensor)
-        predicted,
-        n_cols,
-        seg_len,
-        ignore_index,
-        float(label_smoothing),
-        float(z_loss),
-        cap,
-        1.0 / cap,
-        0.0 if gamma is None else float(gamma),
+    # the constexpr arguments both kernels take
+    options = dict(
         HAS_WEIGHT=weight is not None,
         SMOOTH=label_smoothing != 0.0,
         ZLOSS=z_loss != 0.0,
@@ -808,15 +1009,69 @@ def cross_entropy_fwd(
         REST=prob or label_smoothing != 0.0 or z_loss != 0.0,
         INTERPRET=interpreting(),
         SCALED=divisors is not None,
+        PREDICT=prediction is not None,
+        PARTS=PARTS,
         BLOCK=cfg.block,
+        num_warps=cfg.num_warps,
+        enable_fp_fusion=FP_FUSION,
+    )
+    scalars = (ignore_index, float(label_smoothing), float(z_loss), cap, 1.0 / cap,
+               0.0 if gamma is None else float(gamma))
+    weight = weight if weight is not None else logits  # placeholders are never read
+    divisors = divisors if divisors is not None else logits
+    if columns:
+        n_inner = logits.shape[2]
+        row_blocks = n_inner >= cfg.block
+        launch(
+            _cross_entropy_columns_kernel,
+            logits.shape[0] * cdiv(n_inner, cfg.block) if row_blocks else cdiv(n_rows, cfg.block),
+            logits,
+            *logits.stride(),
+            target,
+            *(target.stride() if prob else (0, 0, 0)),
+            weight,
+            divisors,
+            n_parts,
+            z_off,
+            grad if grad is not None else logits,
+            *(grad.stride() if grad is not None else (0, 0, 0)),
+            loss,
+            prediction,  # None without PREDICT (cheaper to launch than a placeholder tensor)
+            predicted,
+            n_rows,
+            n_inner,
+            n_cols,
+            *scalars,
+            **options,
+            ROW_BLOCKS=row_blocks,
+        )
+        return reduce_partials(loss, loss_dtype) if reduce else loss.view(rows_out)
+    launch(
+        _cross_entropy_kernel,
+        n_rows * segments,
+        logits,
+        logits.stride(0),
+        target,
+        target.stride(0) if prob else 0,
+        weight,
+        divisors,
+        n_parts,
+        z_off,
+        grad if grad is not None else logits,
+        grad.stride(0) if grad is not None else 0,
+        loss,
+        sync,
+        stats,
+        prediction,
+        predicted,
+        n_cols,
+        seg_len,
+        *scalars,
+        **options,
         SINGLE=seg_len <= cfg.block,
         SPLIT=split,
-        PREDICT=prediction is not None,
         SEGMENTS=segments,
         **cfg.kernel_constexprs,
         STATS=STATS,
-        PARTS=PARTS,
-        num_warps=cfg.num_warps,
-        enable_fp_fusion=FP_FUSION,
     )
     return reduce_partials(loss, loss_dtype) if reduce else loss

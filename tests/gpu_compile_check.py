@@ -14,7 +14,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastloss.kernels.common import FP_FUSION, _scale_grad_kernel, _sum_kernel
-from fastloss.kernels.cross_entropy import PARTS, STATS, LaunchConfig, _cross_entropy_kernel, _prologue_kernel
+from fastloss.kernels.cross_entropy import (PARTS, STATS, LaunchConfig, _cross_entropy_columns_kernel,
+                                            _cross_entropy_kernel, _prologue_kernel)
 from fastloss.kernels.focal import _sigmoid_focal_kernel
 from fastloss.kernels.huber import _huber_kernel
 
@@ -56,6 +57,24 @@ def cross_entropy_variants():
         if dt == "bf16" and constexprs["PREDICT"]:  # fp16 takes its own prediction branch (a mean or not)
             yield (_cross_entropy_kernel, {**runtime, "logits_ptr": "*fp16", "grad_ptr": "*fp16"},
                    {**constexprs, "SCALED": bool(weight)})
+    # the columns kernel ((N, C, D) logits, classes strided): the same families of options, each dtype
+    for dt, (prob, smooth, z, cap, focal, weight) in itertools.product(
+        ["bf16", "fp32", "fp16"],
+        [(0, 0, 0, 0, 0, 0), (0, 1, 1, 1, 0, 1), (1, 1, 1, 1, 0, 1), (0, 0, 0, 1, 1, 1), (1, 0, 0, 0, 0, 0)],
+    ):
+        runtime = {"logits_ptr": f"*{dt}", "x_sn": "i64", "x_sc": "i64", "x_sd": "i64",
+                   "target_ptr": "*fp32" if prob else "*i64", "t_sn": "i64", "t_sc": "i64", "t_sd": "i64",
+                   "weight_ptr": "*fp32", "div_ptr": "*fp32", "n_parts": "i32", "z_off": "i32", "grad_ptr": f"*{dt}",
+                   "g_sn": "i64", "g_sc": "i64", "g_sd": "i64", "loss_ptr": "*fp32",
+                   "prediction_ptr": "*fp32", "predicted_ptr": "*fp32", "P": "i64", "D": "i32", "V": "i32",
+                   "ignore_index": "i64", "eps": "fp32", "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32",
+                   "gamma": "fp32"}
+        constexprs = dict(HAS_WEIGHT=bool(weight), SMOOTH=bool(smooth), ZLOSS=bool(z), SOFTCAP=bool(cap),
+                          TANH_SERIES=bool(cap) and (dt == "fp32" or bool(prob)), PROB=bool(prob),
+                          FOCAL=bool(focal), WRITE_GRAD=True, NEED_A=bool(prob or smooth),
+                          REST=bool(prob or smooth or z), INTERPRET=False, SCALED=True, PREDICT=True,
+                          BLOCK=512, PARTS=PARTS, ROW_BLOCKS=not prob)
+        yield _cross_entropy_columns_kernel, runtime, constexprs
     for count, weighted, prob, zero_sync in [(1, 0, 0, 0), (1, 1, 0, 1), (1, 0, 1, 0), (0, 0, 0, 1)]:
         yield _prologue_kernel, {"target_ptr": "*fp32" if prob else "*i64", "weight_ptr": "*fp32",
                                  "parts_ptr": "*fp32", "sync_ptr": "*i32", "N": "i32", "V": "i32",
@@ -92,7 +111,8 @@ def elementwise_variants():
             continue
         yield _scale_grad_kernel, {"grad_ptr": "*bf16", "other_ptr": "*bf16", "go_ptr": "*fp32",
                                    "predicted_ptr": "*fp32", "prediction_ptr": "*fp32", "n_elements": "i64",
-                                   "n_cols": "i64", "row_stride": "i64"}, dict(
+                                   "row_len": "i64", "inner": "i64", "row_stride": "i64", "col_stride": "i64",
+                                   "inner_stride": "i64"}, dict(
             PER_ROW=per_row, STRIDED=strided, PREDICTED=predicted, PAIR=pair, INTERPRET=False, BLOCK=4096)
 
 

@@ -111,8 +111,14 @@ def check(logits, target, weight=None, scales=(1.0, 1.0), **opts):
     """Kernel vs oracle: loss within 1e-5 relative (fp32 accumulation); gradient within one ulp of the
     logits dtype (fp32: a few ulps)."""
     loss, grad = run(logits, target, weight, scales, **opts)
+    assert loss.shape == (logits.shape[0],)
+    return assert_close_to_oracle(loss, grad, logits, target, weight, scales, **opts)
+
+
+def assert_close_to_oracle(loss, grad, logits, target, weight=None, scales=(1.0, 1.0), **opts):
+    """``check``'s assertions, for a loss and gradient of the (N, V) ``logits`` computed already."""
     ref_loss, ref_grad = oracle(logits, target, weight, scales, **oracle_opts(opts))
-    assert loss.dtype == torch.float32 and loss.shape == (logits.shape[0],)
+    assert loss.dtype == torch.float32
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-7, equal_nan=True)
     assert grad.dtype == logits.dtype
     ulp = ULP[logits.dtype]
@@ -251,6 +257,48 @@ def test_class_index_fp32(v, name):
     logits, target = make(6, v, torch.float32, ignore=opts.pop("ignore", 0))
     weight = torch.rand(v, device=DEV) + 0.5 if opts.pop("weight", False) else None
     check(logits, target, weight, opts.pop("scales", (1.0, 1.0)), **opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", [*OPTIONS, "probabilities", "focal"])
+def test_positions_with_strided_classes(name, dtype):
+    """3-D logits (N, C, D) whose classes are strided in memory (the columns kernel): each position's
+    loss and gradient as the oracle gives them for its row of classes; the gradient written with
+    strides of its own (here a transposed buffer), the loss one a position, (N, D)."""
+    opts = dict(OPTIONS.get(name, {}))
+    n, v, d = 3, 37, 5
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(n, v, d, generator=g) * 3).to(dtype).to(DEV)
+    target = torch.randint(0, v, (n, d), generator=g).to(DEV)
+    target.view(-1)[:opts.pop("ignore", 0)] = -100
+    rows_target = target.reshape(-1)
+    if name == "probabilities":  # in a layout of their own: (N, D, C) memory
+        rows_target = torch.rand(n * d, v, generator=g).softmax(-1).to(DEV)
+        target = rows_target.view(n, d, v).transpose(1, 2)
+    elif name == "focal":
+        opts["gamma"] = 2.0
+    weight = torch.rand(v, device=DEV) + 0.5 if opts.pop("weight", False) else None
+    scales = opts.pop("scales", (1.0, 1.0))
+    grad = torch.empty(n, d, v, dtype=dtype, device=DEV).transpose(1, 2)
+    divisors = torch.tensor([1.0 / s for s in scales], dtype=torch.float32, device=DEV)
+    loss = cross_entropy_fwd(logits, target, weight, divisors, grad, **opts)
+    assert loss.shape == (n, d)
+    rows = logits.transpose(1, 2).reshape(-1, v)
+    assert_close_to_oracle(loss.reshape(-1), grad.transpose(1, 2).reshape(-1, v), rows, rows_target, weight, scales,
+                           **opts)
+
+
+def test_positions_launcher_refuses_what_it_cannot_read():
+    x = torch.randn(2, 5, 3, device=DEV)
+    t = torch.zeros(2, 3, dtype=torch.long, device=DEV)
+    with pytest.raises(ValueError, match=r"contiguous \(2, 3\)"):
+        cross_entropy_fwd(x, torch.zeros(3, 2, dtype=torch.long, device=DEV).t(), None, None, None)
+    with pytest.raises(ValueError, match="logits' shape"):
+        cross_entropy_fwd(x, t, None, None, torch.empty(2, 3, 5, device=DEV))
+    with pytest.raises(ValueError, match="2-D or 3-D"):
+        cross_entropy_fwd(x[..., None], t, None, None, None)
+    with pytest.raises(ValueError, match="stride"):
+        cross_entropy_fwd(x[:, :, 0].t().contiguous().t(), t[:, 0], None, None, None)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -889,6 +937,30 @@ def test_scale_grad_scales_a_second_gradient_in_the_same_launch(dtype):
                       (b0, torch.randn(3, device=DEV))]:  # a grad_output per row
         with pytest.raises(ValueError, match="other must be"):
             scale_grad_(a0.clone(), go, other=other)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_grad_of_positions(dtype):
+    """A 3-D (N, C, D) gradient (cross-entropy's positions): one factor a position (n, d), broadcast over
+    its C classes, contiguous and with any strides (in place: the logits' own, inside a wider buffer),
+    and a scalar factor on strided memory."""
+    go = torch.randn(3, 5, device=DEV)
+    h0 = torch.randn(3, 4, 5, device=DEV).to(dtype)
+    h = h0.clone()
+    scale_grad_(h, go)
+    assert torch.equal(h, (h0.float() * go[:, None, :]).to(dtype))
+    buf = torch.randn(3, 7, 10, device=DEV).to(dtype)
+    b0 = buf.clone()
+    view = buf[:, 1:5, ::2]  # strides (70, 10, 2)
+    scale_grad_(view, go)
+    expected = b0.clone()
+    expected[:, 1:5, ::2] = (b0[:, 1:5, ::2].float() * go[:, None, :]).to(dtype)
+    assert torch.equal(buf, expected)
+    scale_grad_(view, torch.tensor(3.0, device=DEV))
+    expected[:, 1:5, ::2] = (expected[:, 1:5, ::2].float() * 3.0).to(dtype)
+    assert torch.equal(buf, expected)
+    with pytest.raises(ValueError, match="one a position"):
+        scale_grad_(view, torch.randn(3, device=DEV))
 
 
 def test_scale_grad_strided():
