@@ -91,7 +91,15 @@ def _op(name: str, mutates_args: tuple[str, ...] = ()):
 
 
 def _fake_softmax_loss(logits: Tensor, reduce: bool, loss_dtype: torch.dtype) -> Tensor:
-    return logits.new_empty(() if reduce else logits.shape[0], dtype=loss_dtype)
+    return logits.new_empty(() if reduce else logits.shape[:1] + logits.shape[2:], dtype=loss_dtype)
+
+
+def _softmax_grad_buffer(logits: Tensor) -> Tensor:
+    """The gradient of (N, V) logits, contiguous; of (N, C, D) positions (see ``cross_entropy_fwd``),
+    laid out as the logits are where they are dense, so that the kernel's steps over the positions
+    write it as they read them."""
+    return torch.empty_like(logits, memory_format=torch.contiguous_format if logits.dim() == 2 else
+                            torch.preserve_format)
 
 
 # The predicted grad_output. A backward with grad_output != 1 (a loss divided for gradient
@@ -167,7 +175,7 @@ def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], 
                       mean: bool, write_grad: bool, reduce: bool, loss_dtype: torch.dtype, ignore_index: int,
                       label_smoothing: float, z_loss: float, softcap: Optional[float], gamma: Optional[float],
                       predicted: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else None
+    grad = _softmax_grad_buffer(logits) if write_grad else None
     prediction, predicted = _forward_prediction(logits, predicted, SOFTMAX)
     with _on(logits):
         loss = cross_entropy_fwd(logits, target, weight, divisor, grad, ignore_index=ignore_index,
@@ -180,7 +188,7 @@ def _softmax_loss_fwd(logits: Tensor, target: Tensor, weight: Optional[Tensor], 
 @_softmax_loss_fwd.register_fake
 def _(logits, target, weight, divisor, mean, write_grad, reduce, loss_dtype, ignore_index, label_smoothing, z_loss,
       softcap, gamma, predicted):
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if write_grad else _no_grad_buffer(logits)
+    grad = _softmax_grad_buffer(logits) if write_grad else _no_grad_buffer(logits)
     return _fake_softmax_loss(logits, reduce, loss_dtype), grad
 
 
@@ -428,10 +436,11 @@ def softmax_loss(logits: Tensor, target: Tensor, weight: Optional[Tensor], mean:
                  reduce: bool, inplace: bool, ignore_index: int, label_smoothing: float, z_loss: float,
                  softcap: Optional[float], gamma: Optional[float], out_dtype: torch.dtype,
                  divisor: Optional[Tensor] = None) -> Tensor:
-    """Runs :class:`SoftmaxLoss` on 2-D logits; returns the loss as ``out_dtype``, summed when
-    ``reduce``, and divided by the mean's denominators (computed on the device) when ``mean``, or by
-    ``divisor`` (one fp32 value on the logits' device, which does not require grad) when given: each
-    row's loss and gradient, inside the kernel."""
+    """Runs :class:`SoftmaxLoss` on (N, V) logits, or (N, C, D) ones whose C classes are strided in
+    memory (see ``cross_entropy_fwd``); returns the loss as ``out_dtype``, one a row ((N,) or (N, D)),
+    summed when ``reduce``, and divided by the mean's denominators (computed on the device) when
+    ``mean``, or by ``divisor`` (one fp32 value on the logits' device, which does not require grad)
+    when given: each row's loss and gradient, inside the kernel."""
     (logits,) = _evaluated(logits)
     inplace = inplace and logits.requires_grad  # (refused logits: functional._check_inplace)
     loss = SoftmaxLoss.apply(logits, target, weight, divisor, mean, reduce, inplace, ignore_index,

@@ -23,6 +23,11 @@ from torch.overrides import handle_torch_function, has_torch_function_variadic
 from . import backend, reference
 
 _REDUCTIONS = ("none", "mean", "sum")
+# Cross-entropy inputs whose classes are strided in memory ((N, C, H, W), say) run the kernel that
+# steps through the classes (kernels/cross_entropy.py: the columns kernel) up to this many classes;
+# more are copied into rows (its sweep 2 would re-read them from memory rather than from cache, and
+# few positions would leave the GPU idle).
+_COLUMNS_MAX_CLASSES = 1024
 _CPU = torch.device("cpu")
 # What the kernels read and write; float64 (and anything else) runs the reference everywhere.
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -307,16 +312,27 @@ def _check_class_range(target: Tensor, n_classes: int, ignore_index: int) -> Non
 
 
 def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """Views the input as (rows, classes) with unit class stride, and the target to match.
+    """The input as the kernels read it, and the target to match: (rows, classes) with unit class
+    stride, or, where the classes are strided in memory, (N, C, D) positions.
 
-    ``(N, C, d1, ...)`` inputs move the class dimension last, which costs one copy (none where the
-    classes are already innermost in memory: ``channels_last``): the kernel needs the classes of a
-    row contiguous. A 2-D input with a row stride is used as it is.
+    ``(N, C, d1, ...)`` inputs whose classes are innermost in memory (``channels_last``) are viewed as
+    rows; so are those with more classes than _COLUMNS_MAX_CLASSES, which cost one copy to move the
+    classes last. Other inputs with strided classes (a contiguous (N, C, H, W) segmentation map, a
+    transposed (N, C)) are read where they are, their inner dimensions flattened into D (a view
+    wherever they flatten; else a copy). A 2-D input with a row stride is used as it is.
     """
     if input.dim() == 1:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
-    elif input.dim() > 2:
-        n_classes = input.shape[1]
+    n_classes = input.shape[1]
+    if input.stride(1) != 1 and 1 < n_classes <= _COLUMNS_MAX_CLASSES:
+        n = input.shape[0]
+        x = input.reshape(n, n_classes, -1)
+        if _may_overlap(x):  # (an expanded input: an in-place gradient would write over other logits)
+            x = x.contiguous()
+        if target.is_floating_point():
+            return x, target.reshape(n, n_classes, -1)
+        return x, target.reshape(n, -1).contiguous()
+    if input.dim() > 2:
         input = input.movedim(1, -1).reshape(-1, n_classes)
         target = target.movedim(1, -1).reshape(-1, n_classes) if target.is_floating_point() else target.reshape(-1)
     if input.stride(-1) != 1:
@@ -327,6 +343,18 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     else:
         target = target.contiguous()  # the kernel reads the class index of row i at offset i
     return input, target
+
+
+def _may_overlap(t: Tensor) -> bool:
+    """Whether two elements of ``t`` may share memory: False where each of its dimensions of more than
+    one element, in the order of their strides, steps over all that the smaller ones span (a
+    sufficient test of no overlap)."""
+    span = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= span:
+            return True
+        span += (size - 1) * stride
+    return False
 
 
 def _check_inplace(input: Tensor) -> None:
@@ -341,7 +369,8 @@ def _check_inplace(input: Tensor) -> None:
             "that requires grad (or a view of one) does not allow: pass logits computed by the "
             "model, or set inplace_backward=False"
         )
-    # (N, C) logits with unit class stride are overwritten where they are; others are copied first
+    # (N, C) logits with unit class stride are overwritten where they are (as are classes strided in
+    # memory, where no two elements share it: see _rows; others are copied first)
     if input.dim() == 2 and input.stride(1) == 1 and input.shape[0] > 1 and input.stride(0) < input.shape[1]:
         raise RuntimeError(  # as torch refuses an in-place write to such a tensor
             "inplace_backward=True overwrites the logits with their gradient, but their rows share memory "
@@ -454,12 +483,12 @@ def _softmax_loss(fn: str, input, target, weight, ignore_index, reduction, label
     # import statement costs a quarter of the `from .autograd import ...` form's microsecond.)
     import fastloss.autograd as autograd  # noqa: PLR0402
 
-    x2d, t = _rows(input, target)
+    x, t = _rows(input, target)
     if weight is not None:
         weight = weight.float().contiguous()
     # mean: the kernels count the rows (and sum their class weights) on the device, with no sync
     loss = _kernel_loss(lambda dtype, div: autograd.softmax_loss(
-        x2d, t, weight, reduction == "mean", reduction != "none", inplace_backward, ignore_index, label_smoothing,
+        x, t, weight, reduction == "mean", reduction != "none", inplace_backward, ignore_index, label_smoothing,
         z_loss, softcap, gamma, dtype, div), input, out_dtype, divisor)
     if reduction == "none":
         loss = loss.reshape(input.shape[:1] + input.shape[2:] if input.dim() >= 2 else ())
@@ -487,9 +516,12 @@ def cross_entropy(
     inputs of shape ``(C,)``, ``(N, C)`` or ``(N, C, d1, ...)``. As in torch, a target of the
     input's shape holds probabilities and any other class indices; a ``(C,)`` input takes a 0-d
     target, or one of shape ``(1,)`` (torch's forward takes that too, and its backward fails).
-    ``(N, C, d1, ...)`` inputs move the class dimension last with one copy (the kernel needs unit
-    class stride); a 2-D input with a padded row stride is read in place, and any other class stride
-    is copied.
+    Inputs are read where they are: rows of classes contiguous in memory (a 2-D input with any row
+    stride; an ``(N, C, d1, ...)`` one in ``channels_last``), and classes strided in memory (a
+    contiguous ``(N, C, d1, ...)`` segmentation map, a transposed ``(N, C)``), which a kernel of
+    their own steps through class by class, up to 1024 classes. Those past it, and ``(N, C, d1,
+    ...)`` inputs whose inner dimensions do not flatten into one stride (or whose elements share
+    memory: an expanded tensor), are copied first.
 
     ``label_smoothing`` outside [0, 1], or NaN, raises RuntimeError. (torch raises only above 1; a
     negative or NaN value it takes and ignores, for class indices and probabilities alike.)
@@ -504,10 +536,8 @@ def cross_entropy(
             autograd node saved them before the loss, and in eager mode also if they are written
             to after it or they (or the tensor they view) are used again after it. Leaf logits (or
             views of them), and logits whose rows share memory, are refused, on every backend. The
-            reference backend then overwrites nothing, and neither does the kernel for an input
-            whose classes are strided in memory (a contiguous ``(N, C, d1, ...)`` tensor, a
-            transposed one): that is copied first, the copy takes the gradient, and the logits keep
-            their values.
+            reference backend then overwrites nothing, and neither does the kernel for an input it
+            copies first (see above): the copy takes the gradient, and the logits keep their values.
         divisor: with ``reduction="sum"``, returns ``cross_entropy(..., reduction="sum") / divisor``
             (its value, dtype and gradients; a number or a 0-dim tensor, such as the batch's count of
             tokens for gradient accumulation), with the division inside the kernel: its gradient is

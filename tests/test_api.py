@@ -408,10 +408,12 @@ def test_every_launch_asks_for_fused_multiply_adds(monkeypatch):
     x, y = torch.randn(2, 40, device=device, requires_grad=True), torch.rand(2, 40, device=device)
     with fastloss.use_backend("triton"):
         fastloss.cross_entropy(logits, torch.tensor([1, 0, 8, 2], device=device)).backward(torch.tensor(0.5))
+        spatial = torch.randn(2, 9, 3, device=device, requires_grad=True)  # (N, C, d): classes strided in memory
+        fastloss.cross_entropy(spatial, torch.tensor([[1, 0, 8], [2, 2, 0]], device=device)).backward()
         fastloss.huber_loss(x, y).backward()
         fastloss.sigmoid_focal_loss(x, y, reduction="mean").backward()
-    assert set(asked) >= {"_prologue_kernel", "_cross_entropy_kernel", "_sum_kernel", "_scale_grad_kernel",
-                          "_huber_kernel", "_sigmoid_focal_kernel"}
+    assert set(asked) >= {"_prologue_kernel", "_cross_entropy_kernel", "_cross_entropy_columns_kernel", "_sum_kernel",
+                          "_scale_grad_kernel", "_huber_kernel", "_sigmoid_focal_kernel"}
     assert all(v is True for v in asked.values()), asked
 
 # --------------------------------------------------------------------------------------------------

@@ -266,6 +266,97 @@ def test_cross_entropy_spatial_inputs(shape, reduction):
     check("cross_entropy", [x, torch.rand_like(x)], {"reduction": reduction})
 
 
+# Logits of every layout the kernels take: a shape, the view of it given to the loss, and whether
+# the kernel reads them where they are (True) or a copy.
+LAYOUTS = {
+    "3d": ((2, 40, 3), lambda b: b, True),  # classes strided: the columns kernel
+    "transposed": ((40, 6), lambda b: b.t(), True),
+    "4d": ((2, 5, 3, 4), lambda b: b, True),
+    "4d_sliced": ((4, 5, 3, 4), lambda b: b[::2, 1:], True),  # rows and classes sliced, inner dims flat
+    "3d_view_of_class_last": ((2, 3, 40), lambda b: b.transpose(1, 2), True),  # rows of classes
+    "4d_inner_dims_not_flat": ((2, 40, 4, 4), lambda b: b[:, :, ::2], False),  # (2, 4) strides (8, 1)
+    "more_classes_than_columns_take": ((2, 1100, 3), lambda b: b, False),
+}
+
+
+def _spatial_target(x, ignore=1, value=None):
+    """Class indices for (N, C, d1, ...) logits: the first ``ignore`` positions ignored (-100, or
+    ``value``), and position 3 class 7 when there is one (CE_OPTIONS' ignore_index)."""
+    t = torch.randint(0, x.shape[1], x.shape[:1] + x.shape[2:], device=DEVICE)
+    t.view(-1)[:ignore] = -100 if value is None else value
+    if t.numel() > 3 and x.shape[1] > 7:
+        t.view(-1)[3] = 7
+    return t
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("option", list(CE_OPTIONS))
+def test_cross_entropy_options_with_strided_classes(option, reduction, dtype):
+    """(N, C, d1, d2) logits with their classes strided in memory (a segmentation map's layout) run
+    the columns kernel, which steps through the classes with one lane a position: every option."""
+    v = 37
+    kwargs = {k: ((torch.rand(v, device=DEVICE) + 0.1).to(dtype) if val == "w" else val)
+              for k, val in CE_OPTIONS[option].items()}
+    x = logits(3, v, 2, 3, dtype=dtype)
+    check("cross_entropy", [x, _spatial_target(x, 2, kwargs.get("ignore_index"))], {**kwargs, "reduction": reduction})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", ["probabilities", "probabilities_own_layout", "probabilities_everything", "focal",
+                                  "focal_weight_gamma_half"])
+def test_probabilities_and_focal_with_strided_classes(case, reduction, dtype):
+    """The columns kernel with probability targets (laid out as the logits, or in a layout of their
+    own: channels_last) and softmax focal loss."""
+    v = 23
+    x = logits(2, v, 3, 4, dtype=dtype)
+    w = (torch.rand(v, device=DEVICE) + 0.1).to(dtype)
+    if case.startswith("probabilities"):
+        p = torch.rand(2, v, 3, 4, device=DEVICE).softmax(1).to(dtype)
+        if case == "probabilities_own_layout":
+            p = p.contiguous(memory_format=torch.channels_last)
+        kwargs = {"weight": w, "label_smoothing": 0.2, "z_loss": 1e-3, "softcap": 5.0} if case.endswith("everything") else {}
+        check("cross_entropy", [x, p], {**kwargs, "reduction": reduction})
+    else:
+        kwargs = {"weight": w, "gamma": 0.5} if case.endswith("half") else {}
+        check("focal_loss", [x, _spatial_target(x, 2)], {**kwargs, "reduction": reduction})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(3, 5, 333), (2, 3, 1100), (2, 2, 5, 77), (1, 150, 7)],
+                         ids=["many_positions", "blocks_of_a_row", "two_classes", "more_classes_than_block"])
+def test_strided_classes_over_several_programs(shape, dtype):
+    """Positions over several programs of the columns kernel, the last one part full: of all N D in
+    order, and (where a row has more positions than a program takes) blocks of one row each; two
+    classes; and more classes than positions a program."""
+    x = logits(*shape, dtype=dtype)
+    for reduction in ("mean", "none"):
+        check("cross_entropy", [x, _spatial_target(x, 5)], {"reduction": reduction})
+    w = (torch.rand(shape[1], device=DEVICE) + 0.1).to(dtype)
+    check("cross_entropy", [x, _spatial_target(x, 5)], {"weight": w, "label_smoothing": 0.1, "reduction": "sum"})
+    check("cross_entropy", [x, torch.rand_like(x, dtype=torch.float32).softmax(1).to(dtype)], {"label_smoothing": 0.1})
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_the_kernel_reads_the_logits_where_they_are(layout, monkeypatch):
+    """Which logits the kernel is given: classes strided in memory as (N, C, D) positions, a view of
+    the logits (no copy); classes innermost as rows, a view; a copy only where the inner dimensions do
+    not flatten into one stride, or past the classes the columns kernel takes."""
+    import fastloss.autograd as autograd
+
+    shape, view, in_place = LAYOUTS[layout]
+    x = view(logits(*shape))
+    given = []
+    launched = autograd.softmax_loss
+    monkeypatch.setattr(autograd, "softmax_loss", lambda rows, *args: given.append(rows) or launched(rows, *args))
+    check("cross_entropy", [x, _spatial_target(x)], {})
+    (rows,) = given  # a view of the (leaf copy of) x given to the loss, or a copy
+    assert (rows._base is not None and rows.data_ptr() == rows._base.data_ptr()) == in_place
+    strided_classes = x.stride(1) != 1 and x.shape[1] <= 1024
+    assert rows.dim() == (3 if strided_classes else 2)
+
+
 @pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
 def test_channels_last_logits_are_read_where_they_are(loss, monkeypatch):
     """(N, C, H, W) logits in channels_last hold each position's classes together: the kernel reads
@@ -599,24 +690,46 @@ def test_inplace_backward_on_views(shape):
     torch.testing.assert_close(grads[1], grads[0])
 
 
-@pytest.mark.parametrize("layout", ["3d", "transposed", "3d_view_of_class_last"])
-def test_inplace_backward_on_a_copied_input(layout):
-    """An input whose classes are strided in memory (a contiguous (N, C, d) tensor, a transposed one)
-    is copied for the kernel, and the copy takes the gradient: the logits keep their values, and the
-    gradient is the out-of-place one. A (N, C, d) view of class-last memory is not copied: it takes
-    the gradient itself."""
-    x0 = {"3d": lambda: logits(2, 40, 3), "transposed": lambda: logits(40, 6).t(),
-          "3d_view_of_class_last": lambda: logits(2, 3, 40).transpose(1, 2)}[layout]()
-    t = labels(6, 40).view(2, 3) if x0.dim() == 3 else labels(6, 40)
+def test_an_expanded_input_is_copied_before_an_inplace_gradient():
+    """Logits whose elements share memory (an expanded (N, C, d) tensor: every n reads one place) are
+    copied before the kernel writes a gradient over them, or one position's gradient would overwrite
+    another's logits; loss and gradient as the reference gives them, and the logits unchanged."""
+    base = logits(1, 6, 5)
+    t = _spatial_target(base.expand(3, 6, 5))
+    leaf = base.detach().requires_grad_()
+    x = (leaf * 1.0).expand(3, 6, 5)
+    with fastloss.use_backend("triton"):
+        out = fastloss.cross_entropy(x, t, inplace_backward=True, reduction="none")
+    go = _random_grad_output(out)
+    (g,) = torch.autograd.grad(out, leaf, go)
+    wide = base.double().requires_grad_()
+    truth = reference.cross_entropy(wide.expand(3, 6, 5), t, None, -100, "none", 0.0, 0.0, None)
+    (truth_g,) = torch.autograd.grad(truth, wide, go.double())
+    torch.testing.assert_close(out.double(), truth)
+    torch.testing.assert_close(g.double(), truth_g)
+    assert torch.equal(x.detach(), base.expand(3, 6, 5))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_inplace_backward_where_the_logits_are(layout):
+    """inplace_backward=True writes the gradient into the logits wherever the kernel reads them where
+    they are: rows of classes, and classes strided in memory (a contiguous (N, C, d) tensor, a
+    transposed one), which the columns kernel reads. Where the kernel needs a copy (inner dimensions
+    that do not flatten into one stride, more strided classes than the columns kernel takes), the copy
+    takes it and the logits keep their values. The loss and gradient are the out-of-place ones."""
+    shape, view, in_place = LAYOUTS[layout]
+    base = logits(*shape)
+    x0 = view(base)
+    t = _spatial_target(x0)
     expected = _run(fastloss.cross_entropy, [x0, t], (0,), {}, _random_grad_output, "triton")
-    leaf = x0.detach().requires_grad_()
-    x = leaf * 1.0
+    leaf = base.detach().requires_grad_()
+    x = view(leaf * 1.0)
     with fastloss.use_backend("triton"):
         out = fastloss.cross_entropy(x, t, inplace_backward=True)
     (g,) = torch.autograd.grad(out, leaf, _random_grad_output(out))
     torch.testing.assert_close(out, expected[0])
-    torch.testing.assert_close(g, expected[1])
-    if layout == "3d_view_of_class_last":
+    torch.testing.assert_close(view(g), expected[1])
+    if in_place:
         torch.testing.assert_close(x.detach(), expected[1])
     else:
         assert torch.equal(x.detach(), x0)
@@ -778,12 +891,14 @@ DIVISORS = {"int": lambda: 7, "float": lambda: 2.5, "count_tensor": lambda: torc
     ("cross_entropy", {"weight": "classes", "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 20.0}),
     ("cross_entropy", {"inplace_backward": True}),
     ("cross_entropy", {"probabilities": True}),
+    ("cross_entropy", {"spatial": True}),
+    ("cross_entropy", {"spatial": True, "inplace_backward": True}),
     ("focal_loss", {"gamma": 2.0}),
     ("sigmoid_focal_loss", {}),
     ("huber_loss", {"delta": 0.7, "weight": "elements"}),
     ("smooth_l1_loss", {"beta": 0.5}),
-], ids=["ce", "ce_options", "ce_inplace", "ce_probabilities", "focal", "sigmoid_focal", "huber_weighted",
-        "smooth_l1"])
+], ids=["ce", "ce_options", "ce_inplace", "ce_probabilities", "ce_spatial", "ce_spatial_inplace", "focal",
+        "sigmoid_focal", "huber_weighted", "smooth_l1"])
 def test_a_divisor_divides_the_sum_inside_the_kernel(loss, kwargs, dtype, divisor):
     """``reduction="sum", divisor=d`` is the summed loss divided by d, with torch's dtype for that
     division (a 0-dim float tensor promotes it), as close to the float64 truth as the kernel's own
@@ -795,7 +910,10 @@ def test_a_divisor_divides_the_sum_inside_the_kernel(loss, kwargs, dtype, diviso
     kwargs = dict(kwargs)
     n, v = 6, 300
     x0 = logits(n, v, dtype=dtype)
-    if loss in ("cross_entropy", "focal_loss"):
+    if kwargs.pop("spatial", False):  # (N, C, d): 30 classes strided in memory (the columns kernel)
+        x0 = x0.view(n, 30, 10)
+        t = _spatial_target(x0, 2)
+    elif loss in ("cross_entropy", "focal_loss"):
         t = torch.rand(n, v, device=DEVICE).softmax(-1) if kwargs.pop("probabilities", False) else labels(n, v, 1)
     elif loss == "sigmoid_focal_loss":
         t = (torch.rand(n, v, device=DEVICE) < 0.3).to(dtype)
@@ -1508,7 +1626,9 @@ def test_more_than_2_31_elements():
     ("cross_entropy", {}), ("focal_loss", {}), ("huber_loss", {}), ("sigmoid_focal_loss", {}),
     ("smooth_l1_loss", {"beta": 0.5, "reduction": "sum"}),
     ("cross_entropy", {"weight": "w", "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0, "reduction": "none"}),
-], ids=["cross_entropy", "focal_loss", "huber_loss", "sigmoid_focal_loss", "smooth_l1_loss", "cross_entropy-options"])
+    ("cross_entropy", {"spatial": True}), ("cross_entropy", {"spatial": True, "reduction": "none"}),
+], ids=["cross_entropy", "focal_loss", "huber_loss", "sigmoid_focal_loss", "smooth_l1_loss", "cross_entropy-options",
+        "cross_entropy-spatial", "cross_entropy-spatial-none"])
 def test_torch_compile_fullgraph(loss, kwargs):
     # Runs on CPU too (the kernels under the interpreter, inside a compiled graph): no graph break
     # in argument checks, backend selection, the custom ops or the autograd.Function.
@@ -1516,7 +1636,10 @@ def test_torch_compile_fullgraph(loss, kwargs):
     fn = getattr(fastloss, loss)
     n, v = (64, 1000) if CUDA else (8, 50)
     kwargs = {k: (torch.rand(v, device=DEVICE) + 0.1 if val == "w" else val) for k, val in kwargs.items()}
-    if loss in ("cross_entropy", "focal_loss"):
+    if kwargs.pop("spatial", False):  # (N, C, H, W), classes strided in memory: the columns kernel
+        x = logits(n, 19, 64, 64) if CUDA else logits(n, 19, 3, 5)
+        args = [x, _spatial_target(x, 3)]
+    elif loss in ("cross_entropy", "focal_loss"):
         args = [logits(n, v), labels(n, v, ignore=2)]
     else:
         args = [logits(n, v), torch.rand(n, v, device=DEVICE)]
