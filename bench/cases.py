@@ -18,13 +18,15 @@ import torch.nn.functional as F
 import fastloss
 import fastloss.reference as reference
 
-LOSSES = ("ce", "ce_softcap", "ce_tokens", "focal", "sigmoid_focal", "huber", "smooth_l1")
+LOSSES = ("ce", "ce_softcap", "ce_tokens", "ce_seg", "focal", "sigmoid_focal", "huber", "smooth_l1")
 PROVIDERS = ("fastloss", "torch", "compile", "liger", "cce")
 MODES = ("fwdbwd", "fwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SHAPE_SETS = ("headline", "sweep", "all")
 
-CLASS_LOSSES = ("ce", "ce_softcap", "ce_tokens", "focal")  # [N, V] logits and int64 class targets
+# [N, V] logits and int64 class targets; ce_seg: a segmentation map's [N, C, H, W] logits (classes
+# strided in memory, as a model's output lays them out) and [N, H, W] targets
+CLASS_LOSSES = ("ce", "ce_softcap", "ce_tokens", "ce_seg", "focal")
 SOFTCAP = 30.0  # ce_softcap: cross-entropy of SOFTCAP * tanh(logits / SOFTCAP), as Gemma 2 trains
 # ce_tokens: the summed loss over the counted tokens of this many micro-batches of this size, as
 # gradient accumulation normalises (a count that changes every step, no power of two): fastloss
@@ -47,7 +49,7 @@ CPU_SWEEP = (1024, 2048, 4096, 8192, 16384, 32768)
 class Case:
     loss: str  # one of LOSSES
     dtype: str  # key of DTYPES
-    shape: tuple[int, ...]  # (N, V) for ce/focal, (rows, classes) for sigmoid focal, (n,) elementwise
+    shape: tuple[int, ...]  # (N, V) for ce/focal ((N, C, H, W) for ce_seg), (rows, classes) for sigmoid focal, (n,) elementwise
     mode: str = "fwdbwd"  # "fwdbwd": forward + loss.backward(); "fwd": forward under no_grad
     target_grad: bool = False  # huber / smooth_l1: the target requires grad too
     # fwd+bwd: the loss is divided by this before ``backward()``, as gradient accumulation does (or a
@@ -86,8 +88,7 @@ class Case:
         """Bytes of one set of inputs (logits/predictions, targets)."""
         e = self.torch_dtype.itemsize
         if self.loss in CLASS_LOSSES:
-            n_rows, n_cls = self.shape
-            return n_rows * n_cls * e + n_rows * 8
+            return self.numel * e + self.numel // self.shape[1] * 8
         return 2 * self.numel * e
 
     def floor_bytes(self) -> int:
@@ -116,10 +117,9 @@ class Case:
         def randn(*shape):
             return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
 
-        if self.loss in CLASS_LOSSES:
-            n_rows, n_cls = self.shape
-            target = torch.randint(0, n_cls, (n_rows,), generator=gen, device=device)
-            return randn(n_rows, n_cls).requires_grad_(grad), target
+        if self.loss in CLASS_LOSSES:  # (the class dimension second)
+            target = torch.randint(0, self.shape[1], self.shape[:1] + self.shape[2:], generator=gen, device=device)
+            return randn(*self.shape).requires_grad_(grad), target
         if self.loss == "sigmoid_focal":
             # Detection-style targets: mostly negatives, some positives.
             positive = torch.rand(self.shape, generator=gen, device=device) < 0.1
@@ -150,6 +150,7 @@ def gpu_cases(quick: bool) -> tuple[list[Case], list[Case]]:
         _classes("ce", "fp16", n_rows, 128256, loss_div=8),  # no target: fp16 takes no prediction below 1 (NOTES 12)
         _classes("ce_softcap", "bf16", n_rows, 256000),  # no target: Gemma 2's vocabulary and cap
         _classes("ce_tokens", "bf16", n_rows, 128256),  # no target: gradient accumulation's sum / tokens
+        Case("ce_seg", "bf16", (8, 19, 512, 1024)),  # no target: Cityscapes' 19 classes, a segmentation map
         _classes("focal", "bf16", n_rows, 32768, goal=0.90),
         _classes("focal", "bf16", n_rows, 128256, goal=0.90),
         Case("sigmoid_focal", "fp32", (1 << 20, 80), goal=0.90),
@@ -176,6 +177,7 @@ def cpu_cases(quick: bool) -> tuple[list[Case], list[Case]]:
         _classes("ce", "fp32", n_rows, 8192, loss_div=8),
         _classes("ce_softcap", "fp32", n_rows, 8192),
         _classes("ce_tokens", "fp32", n_rows, 8192),
+        Case("ce_seg", "fp32", (4, 19, 64, 64)),
         _classes("focal", "fp32", n_rows, 8192),
         Case("sigmoid_focal", "fp32", (n_elem // 64, 80)),
         _elementwise("huber", "fp32", n_elem),
@@ -260,6 +262,7 @@ TORCH_FNS = {
     "ce": lambda x, t: F.cross_entropy(x, t),
     "ce_softcap": lambda x, t: F.cross_entropy(SOFTCAP * torch.tanh(x / SOFTCAP), t),
     "ce_tokens": lambda x, t: F.cross_entropy(x, t, reduction="sum") / _tokens(t),
+    "ce_seg": lambda x, t: F.cross_entropy(x, t),
     "focal": torch_focal,
     "sigmoid_focal": torch_sigmoid_focal,
     "huber": lambda x, y: F.huber_loss(x, y),
@@ -270,6 +273,7 @@ FASTLOSS_FNS = {
     "ce": lambda x, t: fastloss.cross_entropy(x, t),
     "ce_softcap": lambda x, t: fastloss.cross_entropy(x, t, softcap=SOFTCAP),
     "ce_tokens": lambda x, t: fastloss.cross_entropy(x, t, reduction="sum", divisor=_tokens(t)),
+    "ce_seg": lambda x, t: fastloss.cross_entropy(x, t),
     "focal": lambda x, t: fastloss.focal_loss(x, t, gamma=GAMMA),
     "sigmoid_focal": lambda x, t: fastloss.sigmoid_focal_loss(x, t, alpha=ALPHA, gamma=GAMMA, reduction="mean"),
     "huber": lambda x, y: fastloss.huber_loss(x, y),
@@ -281,6 +285,7 @@ REFERENCE_FNS = {
     "ce": lambda x, t: reference.cross_entropy(x, t, None, -100, "mean", 0.0, 0.0, None),
     "ce_softcap": lambda x, t: reference.cross_entropy(x, t, None, -100, "mean", 0.0, 0.0, SOFTCAP),
     "ce_tokens": lambda x, t: reference.cross_entropy(x, t, None, -100, "sum", 0.0, 0.0, None) / _tokens(t),
+    "ce_seg": lambda x, t: reference.cross_entropy(x, t, None, -100, "mean", 0.0, 0.0, None),
     "focal": lambda x, t: reference.focal_loss(x, t, GAMMA, None, -100, "mean", None),
     "sigmoid_focal": lambda x, t: reference.sigmoid_focal_loss(x, t, ALPHA, GAMMA, "mean"),
     "huber": lambda x, y: reference.huber_loss(x, y, "mean", 1.0, None),

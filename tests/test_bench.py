@@ -577,7 +577,8 @@ def test_every_baseline_computes_the_loss_it_is_compared_on(loss):
     formula in eager torch's focal losses would otherwise drop out of the table silently (a mismatch
     fails the run only for fastloss). Inputs as the benchmark makes them: class targets across the
     vocabulary, detection-style targets with some positives."""
-    shape = {"sigmoid_focal": (512, 80)}.get(loss, (64, 300) if loss in cases.CLASS_LOSSES else (4096,))
+    shape = {"sigmoid_focal": (512, 80), "ce_seg": (4, 19, 6, 5)}.get(
+        loss, (64, 300) if loss in cases.CLASS_LOSSES else (4096,))
     case = cases.Case(loss, "fp32", shape, target_grad=loss in ("huber", "smooth_l1"))
     inputs = case.make_inputs(CPU)
     target = inputs[1]
