@@ -316,10 +316,11 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     stride, or, where the classes are strided in memory, (N, C, D) positions.
 
     ``(N, C, d1, ...)`` inputs whose classes are innermost in memory (``channels_last``) are viewed as
-    rows; so are those with more classes than _COLUMNS_MAX_CLASSES, which cost one copy to move the
-    classes last. Other inputs with strided classes (a contiguous (N, C, H, W) segmentation map, a
-    transposed (N, C)) are read where they are, their inner dimensions flattened into D (a view
-    wherever they flatten; else a copy). A 2-D input with a row stride is used as it is.
+    rows; so are those with more classes than _COLUMNS_MAX_CLASSES, or whose neighbouring positions
+    lie farther apart than their classes, which cost one copy to move the classes last. Other inputs
+    with strided classes (a contiguous (N, C, H, W) segmentation map, a transposed (N, C)) are read
+    where they are, their inner dimensions flattened into D (a view wherever they flatten; else a
+    copy). A 2-D input with a row stride is used as it is.
     """
     if input.dim() == 1:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
@@ -327,11 +328,15 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     if input.stride(1) != 1 and 1 < n_classes <= _COLUMNS_MAX_CLASSES:
         n = input.shape[0]
         x = input.reshape(n, n_classes, -1)
-        if _may_overlap(x):  # (an expanded input: an in-place gradient would write over other logits)
-            x = x.contiguous()
-        if target.is_floating_point():
-            return x, target.reshape(n, n_classes, -1)
-        return x, target.reshape(n, -1).contiguous()
+        # the columns kernel's lanes, neighbouring positions, must be nearer in memory than its steps,
+        # neighbouring classes (classes sliced out of rows, x[:, ::2], are not)
+        lanes = x.stride(2) if x.shape[2] > 1 else x.stride(0) if n > 1 else 0
+        if abs(lanes) < x.stride(1):
+            if _may_overlap(x):  # (an expanded input: an in-place gradient would write over other logits)
+                x = x.contiguous()
+            if target.is_floating_point():
+                return x, target.reshape(n, n_classes, -1)
+            return x, target.reshape(n, -1).contiguous()
     if input.dim() > 2:
         input = input.movedim(1, -1).reshape(-1, n_classes)
         target = target.movedim(1, -1).reshape(-1, n_classes) if target.is_floating_point() else target.reshape(-1)
@@ -519,9 +524,10 @@ def cross_entropy(
     Inputs are read where they are: rows of classes contiguous in memory (a 2-D input with any row
     stride; an ``(N, C, d1, ...)`` one in ``channels_last``), and classes strided in memory (a
     contiguous ``(N, C, d1, ...)`` segmentation map, a transposed ``(N, C)``), which a kernel of
-    their own steps through class by class, up to 1024 classes. Those past it, and ``(N, C, d1,
-    ...)`` inputs whose inner dimensions do not flatten into one stride (or whose elements share
-    memory: an expanded tensor), are copied first.
+    their own steps through class by class, up to 1024 classes. Those past it, those whose
+    neighbouring positions lie farther apart than their classes (classes sliced out of rows), and
+    ``(N, C, d1, ...)`` inputs whose inner dimensions do not flatten into one stride (or whose
+    elements share memory: an expanded tensor), are copied first.
 
     ``label_smoothing`` outside [0, 1], or NaN, raises RuntimeError. (torch raises only above 1; a
     negative or NaN value it takes and ignores, for class indices and probabilities alike.)

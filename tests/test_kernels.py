@@ -266,16 +266,18 @@ def test_cross_entropy_spatial_inputs(shape, reduction):
     check("cross_entropy", [x, torch.rand_like(x)], {"reduction": reduction})
 
 
-# Logits of every layout the kernels take: a shape, the view of it given to the loss, and whether
-# the kernel reads them where they are (True) or a copy.
+# Logits of every layout the kernels take: a shape, the view of it given to the loss, whether the
+# kernel reads them where they are (True) or a copy, and whether the columns kernel does (classes
+# strided in memory, neighbouring positions nearer) or the rows kernel.
 LAYOUTS = {
-    "3d": ((2, 40, 3), lambda b: b, True),  # classes strided: the columns kernel
-    "transposed": ((40, 6), lambda b: b.t(), True),
-    "4d": ((2, 5, 3, 4), lambda b: b, True),
-    "4d_sliced": ((4, 5, 3, 4), lambda b: b[::2, 1:], True),  # rows and classes sliced, inner dims flat
-    "3d_view_of_class_last": ((2, 3, 40), lambda b: b.transpose(1, 2), True),  # rows of classes
-    "4d_inner_dims_not_flat": ((2, 40, 4, 4), lambda b: b[:, :, ::2], False),  # (2, 4) strides (8, 1)
-    "more_classes_than_columns_take": ((2, 1100, 3), lambda b: b, False),
+    "3d": ((2, 40, 3), lambda b: b, True, True),
+    "transposed": ((40, 6), lambda b: b.t(), True, True),
+    "4d": ((2, 5, 3, 4), lambda b: b, True, True),
+    "4d_sliced": ((4, 5, 3, 4), lambda b: b[::2, 1:], True, True),  # rows and classes sliced, inner dims flat
+    "3d_view_of_class_last": ((2, 3, 40), lambda b: b.transpose(1, 2), True, False),  # rows of classes
+    "classes_sliced": ((6, 80), lambda b: b[:, ::2], False, False),  # rows farther apart than classes
+    "4d_inner_dims_not_flat": ((2, 40, 4, 4), lambda b: b[:, :, ::2], False, True),  # (2, 4) strides (8, 1)
+    "more_classes_than_columns_take": ((2, 1100, 3), lambda b: b, False, False),
 }
 
 
@@ -345,7 +347,7 @@ def test_the_kernel_reads_the_logits_where_they_are(layout, monkeypatch):
     not flatten into one stride, or past the classes the columns kernel takes."""
     import fastloss.autograd as autograd
 
-    shape, view, in_place = LAYOUTS[layout]
+    shape, view, in_place, columns = LAYOUTS[layout]
     x = view(logits(*shape))
     given = []
     launched = autograd.softmax_loss
@@ -353,8 +355,7 @@ def test_the_kernel_reads_the_logits_where_they_are(layout, monkeypatch):
     check("cross_entropy", [x, _spatial_target(x)], {})
     (rows,) = given  # a view of the (leaf copy of) x given to the loss, or a copy
     assert (rows._base is not None and rows.data_ptr() == rows._base.data_ptr()) == in_place
-    strided_classes = x.stride(1) != 1 and x.shape[1] <= 1024
-    assert rows.dim() == (3 if strided_classes else 2)
+    assert rows.dim() == (3 if columns else 2)
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
@@ -717,7 +718,7 @@ def test_inplace_backward_where_the_logits_are(layout):
     transposed one), which the columns kernel reads. Where the kernel needs a copy (inner dimensions
     that do not flatten into one stride, more strided classes than the columns kernel takes), the copy
     takes it and the logits keep their values. The loss and gradient are the out-of-place ones."""
-    shape, view, in_place = LAYOUTS[layout]
+    shape, view, in_place, _ = LAYOUTS[layout]
     base = logits(*shape)
     x0 = view(base)
     t = _spatial_target(x0)
