@@ -163,6 +163,20 @@ def _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_
 
 
 @triton.jit
+def _load_class(x_base, x_sc, t_base, t_sc, weight_ptr, c, same, valid, live, cap, inv_cap, eps, eps_over_v,
+                SOFTCAP: tl.constexpr, TANH_SERIES: tl.constexpr, NEED_A: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                SMOOTH: tl.constexpr, PROB: tl.constexpr, POLICY: tl.constexpr, INTERPRET: tl.constexpr):
+    """Class ``c`` (int64) of the columns kernel's positions (see _load_values). Every valid lane is
+    read (a mask of contiguous positions lets a thread's be one vector), and a dead one's logit is set
+    to -inf after, as _load_chunk's never-read lanes are. ``same``: a block of zeros, so that every
+    lane reads the class's weight (one address, one transaction a warp)."""
+    x, a, slope = _load_values(x_base + c * x_sc, valid, t_base + c * t_sc, weight_ptr + c + same, valid, cap,
+                               inv_cap, eps, eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB,
+                               POLICY, INTERPRET)
+    return tl.where(live, x, _neg_inf()), a, slope
+
+
+@triton.jit
 def _lane_update(x, a, mask, m, t, sa, d, NEED_A: tl.constexpr, INTERPRET: tl.constexpr):
     """Folds a chunk into per-lane running statistics (vectors of BLOCK lanes, no cross-lane
     reduction, so the sweep has no barriers): m = max x, s = sum exp(x - m) kept as t = s - 1, and
@@ -720,22 +734,17 @@ def _cross_entropy_columns_kernel(
                                                         ignore_index, cap, inv_cap, HAS_WEIGHT, SOFTCAP, TANH_SERIES,
                                                         PROB, INTERPRET)
     CAPTURE_XY: tl.constexpr = (SOFTCAP and TANH_SERIES) and not PROB  # see _cross_entropy_kernel
-    # (each class's weight, read by every lane of a step: one address, one transaction a warp)
-    same = tl.zeros([BLOCK], tl.int32)
+    same = tl.zeros([BLOCK], tl.int32)  # (see _load_class)
     POLICY1: tl.constexpr = "evict_last" if WRITE_GRAD else "evict_first"  # kept for sweep 2
     m = tl.full([BLOCK], _empty(), tl.float32)
     t = tl.full([BLOCK], -1.0, tl.float32)
     sa = tl.zeros([BLOCK], tl.float32)
     d = tl.zeros([BLOCK], tl.float32)
     xy = tl.zeros([BLOCK], tl.float32)
-    # Every valid lane is read (a mask of contiguous positions lets a thread's be one vector), and a dead
-    # one's logits are set to -inf after, as the other kernel's never-read lanes are.
     for c in range(0, V):
-        c64 = tl.cast(c, tl.int64)
-        x, a, _ = _load_values(x_base + c64 * x_sc, valid, t_base + c64 * t_sc, weight_ptr + c + same, valid, cap,
-                               inv_cap, eps, eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB,
-                               POLICY1, INTERPRET)
-        x = tl.where(live, x, _neg_inf())
+        x, a, _ = _load_class(x_base, x_sc, t_base, t_sc, weight_ptr, tl.cast(c, tl.int64), same, valid, live, cap,
+                              inv_cap, eps, eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB,
+                              POLICY1, INTERPRET)
         m, t, sa, d = _lane_update(x, a, valid, m, t, sa, d, NEED_A, INTERPRET)
         if CAPTURE_XY:
             xy = tl.where(y == c, x, xy)
@@ -757,11 +766,10 @@ def _cross_entropy_columns_kernel(
         # class's logit before it writes its gradient there.
         for i in range(0, V):
             c64 = tl.cast(V - 1 - i, tl.int64)
-            x, a, slope = _load_values(x_base + c64 * x_sc, valid, t_base + c64 * t_sc, weight_ptr + c64 + same,
-                                       valid, cap, inv_cap, eps, eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT,
-                                       SMOOTH, PROB, "evict_first", INTERPRET)
-            g = _chunk_grad(tl.where(live, x, _neg_inf()), a, slope, ref, ref2, kp, A, B, PROB, REST, SOFTCAP, PRECISE,
-                            INTERPRET)
+            x, a, slope = _load_class(x_base, x_sc, t_base, t_sc, weight_ptr, c64, same, valid, live, cap, inv_cap, eps,
+                                      eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first",
+                                      INTERPRET)
+            g = _chunk_grad(x, a, slope, ref, ref2, kp, A, B, PROB, REST, SOFTCAP, PRECISE, INTERPRET)
             tl.store(g_base + c64 * g_sc, cast_to(g, out_ty, INTERPRET), mask=valid)
         if not PROB:
             # the target's class, written again by the lane that wrote it above
