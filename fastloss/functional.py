@@ -28,6 +28,13 @@ _REDUCTIONS = ("none", "mean", "sum")
 # more are copied into rows (its sweep 2 would re-read them from memory rather than from cache, and
 # few positions would leave the GPU idle).
 _COLUMNS_MAX_CLASSES = 1024
+# Rows of few classes, contiguous in memory (a channels_last map's, a flattened (N H W, C)), run that
+# kernel too while C x pitch x element size (pitch: the distance between neighbouring positions, in
+# elements, at least C) is at most this. The rows kernel spends a program of ~255 instructions on
+# each row, ~64/C cycles of an SM's issue per element; the columns kernel's lanes read a class of 32
+# positions a pitch apart, ~3 pitch x size / 128 cycles per element in cache lines (two sweeps and
+# the gradient's store), so it costs less up to a product of ~2700 (bench/NOTES.md, section 27).
+_COLUMNS_MAX_ROW_COST = 1600
 _CPU = torch.device("cpu")
 # What the kernels read and write; float64 (and anything else) runs the reference everywhere.
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -315,23 +322,26 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """The input as the kernels read it, and the target to match: (rows, classes) with unit class
     stride, or, where the classes are strided in memory, (N, C, D) positions.
 
-    ``(N, C, d1, ...)`` inputs whose classes are innermost in memory (``channels_last``) are viewed as
-    rows; so are those with more classes than _COLUMNS_MAX_CLASSES, or whose neighbouring positions
-    lie farther apart than their classes, which cost one copy to move the classes last. Other inputs
-    with strided classes (a contiguous (N, C, H, W) segmentation map, a transposed (N, C)) are read
-    where they are, their inner dimensions flattened into D (a view wherever they flatten; else a
-    copy). A 2-D input with a row stride is used as it is.
+    Inputs whose classes are innermost in memory (``channels_last``, a 2-D input with any row stride)
+    are viewed as rows, unless their rows are narrow (_narrow_rows: a 19-class map, say), which the
+    columns kernel reads faster, as (N, C, D) positions a pitch apart. Inputs with more classes than
+    _COLUMNS_MAX_CLASSES, or whose neighbouring positions lie farther apart than their classes, are
+    rows too, at the cost of one copy to move the classes last. Other inputs with strided classes (a
+    contiguous (N, C, H, W) segmentation map, a transposed (N, C)) are read where they are, their
+    inner dimensions flattened into D (a view wherever they flatten; else a copy).
     """
     if input.dim() == 1:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
     n_classes = input.shape[1]
-    if input.stride(1) != 1 and 1 < n_classes <= _COLUMNS_MAX_CLASSES:
+    narrow = (input.stride(1) == 1 and n_classes * n_classes * input.element_size() <= _COLUMNS_MAX_ROW_COST
+              and _narrow_rows(input))
+    if (input.stride(1) != 1 or narrow) and 1 < n_classes <= _COLUMNS_MAX_CLASSES:
         n = input.shape[0]
         x = input.reshape(n, n_classes, -1)
         # the columns kernel's lanes, neighbouring positions, must be nearer in memory than its steps,
-        # neighbouring classes (classes sliced out of rows, x[:, ::2], are not)
+        # neighbouring classes (classes sliced out of rows, x[:, ::2], are not), or narrow rows
         lanes = x.stride(2) if x.shape[2] > 1 else x.stride(0) if n > 1 else 0
-        if abs(lanes) < x.stride(1):
+        if abs(lanes) < x.stride(1) or narrow:
             if _may_overlap(x):  # (an expanded input: an in-place gradient would write over other logits)
                 x = x.contiguous()
             if target.is_floating_point():
@@ -348,6 +358,18 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     else:
         target = target.contiguous()  # the kernel reads the class index of row i at offset i
     return input, target
+
+
+def _narrow_rows(input: Tensor) -> bool:
+    """Whether an input of unit class stride has rows narrow enough for the columns kernel
+    (_COLUMNS_MAX_ROW_COST): the pitch is the stride of its innermost position dimension of more than
+    one element (the last such inner one, else the first), and at least the row's width."""
+    pitch = 0
+    for size, stride in zip(input.shape, input.stride()):
+        if size > 1 and stride != 1:  # (the class dimension's stride is 1)
+            pitch = stride
+    n_classes = input.shape[1]
+    return n_classes * max(abs(pitch), n_classes) * input.element_size() <= _COLUMNS_MAX_ROW_COST
 
 
 def _may_overlap(t: Tensor) -> bool:
@@ -524,10 +546,11 @@ def cross_entropy(
     Inputs are read where they are: rows of classes contiguous in memory (a 2-D input with any row
     stride; an ``(N, C, d1, ...)`` one in ``channels_last``), and classes strided in memory (a
     contiguous ``(N, C, d1, ...)`` segmentation map, a transposed ``(N, C)``), which a kernel of
-    their own steps through class by class, up to 1024 classes. Those past it, those whose
-    neighbouring positions lie farther apart than their classes (classes sliced out of rows), and
-    ``(N, C, d1, ...)`` inputs whose inner dimensions do not flatten into one stride (or whose
-    elements share memory: an expanded tensor), are copied first.
+    their own steps through class by class, up to 1024 classes (it also takes narrow rows: up to
+    28 classes in 16 bits, 20 in fp32, next to each other, as a 19-class ``channels_last`` map's).
+    Those past 1024 classes, those whose neighbouring positions lie farther apart than their classes
+    (classes sliced out of rows), and ``(N, C, d1, ...)`` inputs whose inner dimensions do not
+    flatten into one stride (or whose elements share memory: an expanded tensor), are copied first.
 
     ``label_smoothing`` outside [0, 1], or NaN, raises RuntimeError. (torch raises only above 1; a
     negative or NaN value it takes and ignores, for class indices and probabilities alike.)

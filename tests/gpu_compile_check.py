@@ -75,6 +75,9 @@ def cross_entropy_variants():
                           REST=bool(prob or smooth or z), INTERPRET=False, SCALED=True, PREDICT=True,
                           BLOCK=512, PARTS=PARTS, ROW_BLOCKS=not prob)
         yield _cross_entropy_columns_kernel, runtime, constexprs
+        if not prob and not focal:  # narrow rows (channels_last): the class strides are 1, as launches specialize
+            narrow = {k: v for k, v in runtime.items() if k not in ("x_sc", "g_sc")}
+            yield _cross_entropy_columns_kernel, narrow, {**constexprs, "x_sc": 1, "g_sc": 1}
     for count, weighted, prob, zero_sync in [(1, 0, 0, 0), (1, 1, 0, 1), (1, 0, 1, 0), (0, 0, 0, 1)]:
         yield _prologue_kernel, {"target_ptr": "*fp32" if prob else "*i64", "weight_ptr": "*fp32",
                                  "parts_ptr": "*fp32", "sync_ptr": "*i32", "N": "i32", "V": "i32",

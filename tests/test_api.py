@@ -404,7 +404,7 @@ def test_every_launch_asks_for_fused_multiply_adds(monkeypatch):
             return _real(self, *args, **kwargs)
         monkeypatch.setattr(cls, name, run)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    logits = torch.randn(4, 9, dtype=torch.bfloat16, device=device, requires_grad=True)
+    logits = torch.randn(4, 40, dtype=torch.bfloat16, device=device, requires_grad=True)  # rows (not narrow)
     x, y = torch.randn(2, 40, device=device, requires_grad=True), torch.rand(2, 40, device=device)
     with fastloss.use_backend("triton"):
         fastloss.cross_entropy(logits, torch.tensor([1, 0, 8, 2], device=device)).backward(torch.tensor(0.5))

@@ -278,6 +278,12 @@ LAYOUTS = {
     "classes_sliced": ((6, 80), lambda b: b[:, ::2], False, False),  # rows farther apart than classes
     "4d_inner_dims_not_flat": ((2, 40, 4, 4), lambda b: b[:, :, ::2], False, True),  # (2, 4) strides (8, 1)
     "more_classes_than_columns_take": ((2, 1100, 3), lambda b: b, False, False),
+    # classes innermost: rows, but narrow ones (C x pitch x size <= functional._COLUMNS_MAX_ROW_COST)
+    # run the columns kernel, its positions a pitch apart
+    "channels_last_narrow": ((2, 7, 3, 4), lambda b: b.contiguous(memory_format=torch.channels_last), True, True),
+    "rows_narrow": ((30, 7), lambda b: b, True, True),
+    "channels_last_wide": ((2, 50, 3, 4), lambda b: b.contiguous(memory_format=torch.channels_last), True, False),
+    "narrow_rows_far_apart": ((2, 3, 4, 80), lambda b: b[..., :10].permute(0, 3, 1, 2), True, False),  # 80 apart
 }
 
 
@@ -302,6 +308,52 @@ def test_cross_entropy_options_with_strided_classes(option, reduction, dtype):
               for k, val in CE_OPTIONS[option].items()}
     x = logits(3, v, 2, 3, dtype=dtype)
     check("cross_entropy", [x, _spatial_target(x, 2, kwargs.get("ignore_index"))], {**kwargs, "reduction": reduction})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("option", list(CE_OPTIONS))
+def test_cross_entropy_options_on_narrow_rows(option, dtype):
+    """A channels_last map of 19 classes, and its (N H W, 19) reshape: rows too narrow for the rows
+    kernel, which the columns kernel reads as positions 19 elements apart: every option."""
+    v = 19
+    kwargs = {k: ((torch.rand(v, device=DEVICE) + 0.1).to(dtype) if val == "w" else val)
+              for k, val in CE_OPTIONS[option].items()}
+    x = logits(3, v, 2, 3, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    t = _spatial_target(x, 2, kwargs.get("ignore_index"))
+    check("cross_entropy", [x, t], {**kwargs, "reduction": "mean"})
+    check("cross_entropy", [x.permute(0, 2, 3, 1).reshape(-1, v), t.reshape(-1)], {**kwargs, "reduction": "none"})
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ["probabilities", "probabilities_other_layout", "focal_weight_gamma_half"])
+def test_probabilities_and_focal_on_narrow_rows(case, dtype):
+    """The columns kernel on a channels_last map of 19 classes, with probability targets (in the
+    logits' layout, and contiguous) and softmax focal loss."""
+    v = 19
+    x = logits(2, v, 3, 4, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    if case.startswith("probabilities"):
+        p = torch.rand(2, v, 3, 4, device=DEVICE).softmax(1).to(dtype)
+        if case == "probabilities":
+            p = p.contiguous(memory_format=torch.channels_last)
+        check("cross_entropy", [x, p], {"label_smoothing": 0.1, "reduction": "sum"})
+    else:
+        w = (torch.rand(v, device=DEVICE) + 0.1).to(dtype)
+        check("focal_loss", [x, _spatial_target(x, 2)], {"weight": w, "gamma": 0.5, "reduction": "mean"})
+
+
+@pytest.mark.parametrize("dtype, classes, columns", [(torch.bfloat16, 28, True), (torch.bfloat16, 29, False),
+                                                     (torch.float16, 28, True), (torch.float32, 20, True),
+                                                     (torch.float32, 21, False)], ids=str)
+def test_which_rows_are_narrow(dtype, classes, columns, monkeypatch):
+    """Contiguous rows of up to 28 classes in 16 bits and 20 in fp32 (as the docs say) run the
+    columns kernel; wider ones the rows kernel."""
+    import fastloss.autograd as autograd
+
+    given = []
+    launched = autograd.softmax_loss
+    monkeypatch.setattr(autograd, "softmax_loss", lambda rows, *args: given.append(rows.dim()) or launched(rows, *args))
+    check("cross_entropy", [logits(6, classes, dtype=dtype), labels(6, classes)], {})
+    assert given == [3 if columns else 2]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
