@@ -58,6 +58,7 @@ class Case:
     loss_div: int = 1
     goal: float | None = None  # the issue's target for fastloss, as a share of the floor
     sweep: bool = False  # only there for the plot's V sweep
+    channels_last: bool = False  # ce_seg: the logits in channels_last, each position's classes together
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -80,6 +81,7 @@ class Case:
     @property
     def label(self) -> str:
         extra = (" +target grad" if self.target_grad else "") + (f" loss/{self.loss_div}" if self.loss_div != 1 else "")
+        extra += " channels_last" if self.channels_last else ""
         mode = "fwd+bwd" if self.mode == "fwdbwd" else "fwd only"
         return f"{self.loss} {self.dtype} {self.shape_str}{extra} {mode}"
 
@@ -119,7 +121,10 @@ class Case:
 
         if self.loss in CLASS_LOSSES:  # (the class dimension second)
             target = torch.randint(0, self.shape[1], self.shape[:1] + self.shape[2:], generator=gen, device=device)
-            return randn(*self.shape).requires_grad_(grad), target
+            x = randn(*self.shape)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return x.requires_grad_(grad), target
         if self.loss == "sigmoid_focal":
             # Detection-style targets: mostly negatives, some positives.
             positive = torch.rand(self.shape, generator=gen, device=device) < 0.1
@@ -151,6 +156,8 @@ def gpu_cases(quick: bool) -> tuple[list[Case], list[Case]]:
         _classes("ce_softcap", "bf16", n_rows, 256000),  # no target: Gemma 2's vocabulary and cap
         _classes("ce_tokens", "bf16", n_rows, 128256),  # no target: gradient accumulation's sum / tokens
         Case("ce_seg", "bf16", (8, 19, 512, 1024)),  # no target: Cityscapes' 19 classes, a segmentation map
+        Case("ce_seg", "bf16", (8, 19, 512, 1024), channels_last=True),  # no target: the same map, as a
+        # channels_last model gives it
         _classes("focal", "bf16", n_rows, 32768, goal=0.90),
         _classes("focal", "bf16", n_rows, 128256, goal=0.90),
         Case("sigmoid_focal", "fp32", (1 << 20, 80), goal=0.90),
@@ -178,6 +185,7 @@ def cpu_cases(quick: bool) -> tuple[list[Case], list[Case]]:
         _classes("ce_softcap", "fp32", n_rows, 8192),
         _classes("ce_tokens", "fp32", n_rows, 8192),
         Case("ce_seg", "fp32", (4, 19, 64, 64)),
+        Case("ce_seg", "fp32", (4, 19, 64, 64), channels_last=True),
         _classes("focal", "fp32", n_rows, 8192),
         Case("sigmoid_focal", "fp32", (n_elem // 64, 80)),
         _elementwise("huber", "fp32", n_elem),

@@ -139,14 +139,31 @@ def report(name: str, compiled, per_thread: int | None = None, chunk_per_thread:
     print("    " + ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
 
 
+def _ce_signature(dt: str) -> dict:
+    """The rows kernel's runtime arguments, for logits and gradient of dtype ``dt``."""
+    return {"logits_ptr": f"*{dt}", "logits_stride": "i64", "target_ptr": "*i64", "target_stride": "i64",
+            "weight_ptr": "*fp32", "div_ptr": "*fp32", "n_parts": "i32", "z_off": "i32", "grad_ptr": f"*{dt}",
+            "grad_stride": "i64", "loss_ptr": "*fp32", "sync_ptr": "*i32", "stats_ptr": "*fp32", "V": "i32",
+            "seg_len": "i32", "ignore_index": "i64", "eps": "fp32", "z_coef": "fp32", "cap": "fp32",
+            "inv_cap": "fp32", "gamma": "fp32", "prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}
+
+
+def _ce_plain() -> dict:
+    """The rows kernel's constexprs for a plain loss with a gradient (mean: SCALED)."""
+    from fastloss.kernels.cross_entropy import PARTS, STATS
+
+    return dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, TANH_SERIES=False, PROB=False,
+                FOCAL=False, WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, STATS=STATS,
+                PARTS=PARTS)
+
+
 def _cross_entropy_variants(dtype: str):
     """(name, constexprs, warps, values per thread, values per thread per chunk or None) for the
     default launches of the benchmark's headline shapes, as ``cross_entropy_fwd`` derives them."""
     from fastloss.kernels.common import cdiv
-    from fastloss.kernels.cross_entropy import MAX_SEGMENTS, PARTS, STATS, _default_config
+    from fastloss.kernels.cross_entropy import MAX_SEGMENTS, _default_config
 
-    plain = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, TANH_SERIES=False, PROB=False, FOCAL=False,
-                 WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, STATS=STATS, PARTS=PARTS)
+    plain = _ce_plain()
     size = ELEMENT_SIZE[dtype]
     cases = [(f"{dtype} V=32768", 32768, {}), (f"{dtype} V=128256", 128256, {}),
              (f"{dtype} V=262144", 262144, {}), (f"{dtype} V=1000", 1000, {}),
@@ -170,40 +187,54 @@ def _cross_entropy_variants(dtype: str):
 
 
 def _report_columns(dt: str) -> None:
-    """The columns kernel at the benchmark's segmentation shape (ce_seg: 19 classes strided in memory,
-    positions contiguous), its mean loss with a gradient: each loop steps through one class for every
-    position of the thread's, so a loop's instructions per element are per position a class."""
-    from fastloss.kernels.cross_entropy import PARTS, _cross_entropy_columns_kernel, columns_config
+    """The columns kernel at the benchmark's segmentation shape (ce_seg: 19 classes), its mean loss with
+    a gradient, in both layouts: contiguous (classes strided in memory, positions contiguous) and
+    channels_last (classes contiguous, positions 19 apart: rows too narrow for the rows kernel, see
+    functional._narrow_rows). Each loop steps through one class for every position of the thread's,
+    so a loop's instructions per element are per position a class."""
+    from fastloss.kernels.cross_entropy import (PARTS, _cross_entropy_columns_kernel, _cross_entropy_kernel,
+                                                _default_config, columns_config)
 
     classes = 19
+    # the rows kernel on such rows, one a program (what channels_last maps ran before they were narrow)
+    rows = _default_config(classes, ELEMENT_SIZE[dt], 0)
+    c = compile_sm90(_cross_entropy_kernel, _ce_signature(dt), dict(_ce_plain(), BLOCK=rows.block, SINGLE=True,
+                     SPLIT=False, SEGMENTS=1, PREDICT=True, **rows.kernel_constexprs), rows.num_warps)
+    report(f"cross-entropy {dt} rows of {classes} classes, rows kernel: BLOCK={rows.block} warps={rows.num_warps}",
+           c, classes / (32 * rows.num_warps))
     cfg = columns_config(classes)
-    sig = {"logits_ptr": f"*{dt}", "x_sn": "i64", "x_sc": "i64", "target_ptr": "*i64", "t_sn": "i64", "t_sc": "i64",
-           "t_sd": "i64", "weight_ptr": "*fp32", "div_ptr": "*fp32", "n_parts": "i32", "z_off": "i32",
-           "grad_ptr": f"*{dt}", "g_sn": "i64", "g_sc": "i64", "loss_ptr": "*fp32", "prediction_ptr": "*fp32",
-           "predicted_ptr": "*fp32", "P": "i64", "D": "i64", "V": "i32", "ignore_index": "i64", "eps": "fp32",
-           "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32", "gamma": "fp32"}
-    constexprs = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, TANH_SERIES=False, PROB=False,
-                      FOCAL=False, WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True,
-                      PREDICT=True, BLOCK=cfg.block, PARTS=PARTS, x_sd=1, g_sd=1,  # (strides of 1: constants)
-                      ROW_BLOCKS=True)  # (H W positions a row: many blocks of them)
-    c = compile_sm90(_cross_entropy_columns_kernel, sig, constexprs, cfg.num_warps,
-                     aligned=("x_sn", "x_sc", "g_sn", "g_sc", "D"))
     positions = cfg.block // (32 * cfg.num_warps)
-    report(f"cross-entropy {dt} (N, {classes}, H, W), columns kernel: {cfg.block} positions a program, "
-           f"warps={cfg.num_warps}", c)
-    # The compiler unrolls a sweep over the classes (a loop of several class steps, and one of the
-    # rest): a loop's class steps are its loads of the logits, one a step (a vector of the thread's
-    # positions).
-    sass = Sass.of(c)
-    sweeps, steps = [], 0
-    for loop in sass.loops:
-        body = sass.loop_ops(loop)
-        loads = sum(op.startswith("LDG") for op in body)
-        if loads:
-            sweeps.append(f"{len(body) / (loads * positions):.1f} ({loads} step{'s' if loads > 1 else ''} a loop)")
-    print(f"    per element, a class step of a sweep: {', '.join(sweeps)}; outside the loops "
-          f"{sass.outside_loops() / positions:.0f} a position ({sass.outside_loops() / (positions * classes):.1f} "
-          f"per element at {classes} classes)")
+    for layout, unit in (("(N, C, H, W)", "d"), ("channels_last", "c")):
+        strided = "c" if unit == "d" else "d"  # the other of the two strides, an argument
+        sig = {"logits_ptr": f"*{dt}", "x_sn": "i64", f"x_s{strided}": "i64", "target_ptr": "*i64", "t_sn": "i64",
+               "t_sc": "i64", "t_sd": "i64", "weight_ptr": "*fp32", "div_ptr": "*fp32", "n_parts": "i32",
+               "z_off": "i32", "grad_ptr": f"*{dt}", "g_sn": "i64", f"g_s{strided}": "i64", "loss_ptr": "*fp32",
+               "prediction_ptr": "*fp32", "predicted_ptr": "*fp32", "P": "i64", "D": "i64", "V": "i32",
+               "ignore_index": "i64", "eps": "fp32", "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32",
+               "gamma": "fp32"}
+        constexprs = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, TANH_SERIES=False, PROB=False,
+                          FOCAL=False, WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True,
+                          PREDICT=True, BLOCK=cfg.block, PARTS=PARTS, ROW_BLOCKS=True,  # (H W positions a row)
+                          **{f"x_s{unit}": 1, f"g_s{unit}": 1})  # (strides of 1: constants)
+        # a class's stride is H W (a multiple of 16), a position's in channels_last 19
+        aligned = ("x_sn", "g_sn", "D") + (("x_sc", "g_sc") if unit == "d" else ())
+        c = compile_sm90(_cross_entropy_columns_kernel, sig, constexprs, cfg.num_warps, aligned=aligned)
+        report(f"cross-entropy {dt} {layout}, {classes} classes, columns kernel: {cfg.block} positions a "
+               f"program, warps={cfg.num_warps}", c)
+        # The compiler unrolls a sweep over the classes (a loop of several class steps, and one of the
+        # rest): a loop's class steps are its loads of the logits, a vector of the thread's positions a
+        # step where they are contiguous, else one load a position.
+        sass = Sass.of(c)
+        sweeps = []
+        for loop in sass.loops:
+            body = sass.loop_ops(loop)
+            loads = sum(op.startswith("LDG") for op in body)
+            if loads:
+                steps = loads if unit == "d" else loads / positions
+                sweeps.append(f"{len(body) / (steps * positions):.1f} ({steps:g} step{'s' if steps > 1 else ''} a loop)")
+        print(f"    per element, a class step of a sweep: {', '.join(sweeps)}; outside the loops "
+              f"{sass.outside_loops() / positions:.0f} a position ({sass.outside_loops() / (positions * classes):.1f} "
+              f"per element at {classes} classes)")
 
 
 def main(argv=None) -> int:
@@ -221,12 +252,7 @@ def main(argv=None) -> int:
     from fastloss.kernels.huber import _huber_kernel
 
     dt = args.dtype
-    ce_sig = {"logits_ptr": f"*{dt}", "logits_stride": "i64", "target_ptr": "*i64", "target_stride": "i64",
-              "weight_ptr": "*fp32", "div_ptr": "*fp32", "n_parts": "i32", "z_off": "i32", "grad_ptr": f"*{dt}",
-              "grad_stride": "i64",
-              "loss_ptr": "*fp32", "sync_ptr": "*i32", "stats_ptr": "*fp32", "V": "i32", "seg_len": "i32",
-              "ignore_index": "i64", "eps": "fp32", "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32",
-              "gamma": "fp32", "prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}
+    ce_sig = _ce_signature(dt)
     for name, constexprs, warps, per_thread, chunk_per_thread in _cross_entropy_variants(dt):
         c = compile_sm90(_cross_entropy_kernel, ce_sig, constexprs, warps,
                          aligned=("logits_stride", "grad_stride", "V", "seg_len"))

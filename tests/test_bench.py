@@ -592,6 +592,18 @@ def test_every_baseline_computes_the_loss_it_is_compared_on(loss):
         assert check.ok, (name, check)
 
 
+def test_a_channels_last_case_checks_its_channels_last_logits():
+    """ce_seg's channels_last case gives the providers channels_last logits (what the row measures),
+    and every provider agrees with the reference on them."""
+    case = cases.Case("ce_seg", "fp32", (2, 19, 3, 4), channels_last=True)
+    assert "channels_last" in case.label
+    inputs = case.make_inputs(CPU)
+    assert inputs[0].is_contiguous(memory_format=torch.channels_last) and not inputs[0].is_contiguous()
+    ref = harness.reference_outputs(case, inputs, CPU)
+    for name in ("torch", "fastloss"):
+        assert harness.check_provider(case, cases.make_provider("ce_seg", name, CPU), inputs, ref).ok
+
+
 def test_case_selection_filters_and_leaves_no_duplicate():
     everything = cases.select_cases(CPU, shapes="all")
     labels = [c.label for c in everything]
