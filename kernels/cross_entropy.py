@@ -699,10 +699,12 @@ def _cross_entropy_columns_kernel(
     PARTS: tl.constexpr,
 ):
     """The kernel above, turned: for (N, C, d1, ...) logits whose classes are strided in memory (a
-    segmentation map's (N, C, H, W)), read where they are. Each lane is one position (n, d) and
-    keeps that position's running statistics (_lane_update) while the program steps through the
-    classes, one a step: a step reads BLOCK neighbouring positions of one class, contiguous in
-    memory where the positions are (x_sd = 1). No lane waits for another, so there is no reduction
+    segmentation map's (N, C, H, W)), read where they are; and for rows of few classes (x_sc = 1,
+    positions x_sd apart: a channels_last map's), too narrow for a program each. Each lane is one
+    position (n, d) and keeps that position's running statistics (_lane_update) while the program
+    steps through the classes, one a step: a step reads BLOCK neighbouring positions of one class,
+    contiguous in memory where the positions are (x_sd = 1), else x_sd apart, from the cache lines
+    the first class brought in (narrow rows). No lane waits for another, so there is no reduction
     across lanes. Sweep 2 steps through the classes again, reading them from L1/L2 (V BLOCK values
     a program: the launcher keeps that small), and writes the gradient with its own strides.
 
