@@ -1680,8 +1680,9 @@ def test_more_than_2_31_elements():
     ("smooth_l1_loss", {"beta": 0.5, "reduction": "sum"}),
     ("cross_entropy", {"weight": "w", "label_smoothing": 0.1, "z_loss": 1e-3, "softcap": 4.0, "reduction": "none"}),
     ("cross_entropy", {"spatial": True}), ("cross_entropy", {"spatial": True, "reduction": "none"}),
+    ("cross_entropy", {"spatial": "channels_last"}),
 ], ids=["cross_entropy", "focal_loss", "huber_loss", "sigmoid_focal_loss", "smooth_l1_loss", "cross_entropy-options",
-        "cross_entropy-spatial", "cross_entropy-spatial-none"])
+        "cross_entropy-spatial", "cross_entropy-spatial-none", "cross_entropy-channels_last"])
 def test_torch_compile_fullgraph(loss, kwargs):
     # Runs on CPU too (the kernels under the interpreter, inside a compiled graph): no graph break
     # in argument checks, backend selection, the custom ops or the autograd.Function.
@@ -1689,8 +1690,11 @@ def test_torch_compile_fullgraph(loss, kwargs):
     fn = getattr(fastloss, loss)
     n, v = (64, 1000) if CUDA else (8, 50)
     kwargs = {k: (torch.rand(v, device=DEVICE) + 0.1 if val == "w" else val) for k, val in kwargs.items()}
-    if kwargs.pop("spatial", False):  # (N, C, H, W), classes strided in memory: the columns kernel
+    spatial = kwargs.pop("spatial", False)
+    if spatial:  # (N, C, H, W), classes strided in memory, or channels_last, narrow rows: the columns kernel
         x = logits(n, 19, 64, 64) if CUDA else logits(n, 19, 3, 5)
+        if spatial == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
         args = [x, _spatial_target(x, 3)]
     elif loss in ("cross_entropy", "focal_loss"):
         args = [logits(n, v), labels(n, v, ignore=2)]
