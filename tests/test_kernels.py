@@ -341,6 +341,18 @@ def test_probabilities_and_focal_on_narrow_rows(case, dtype):
         check("focal_loss", [x, _spatial_target(x, 2)], {"weight": w, "gamma": 0.5, "reduction": "mean"})
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_narrow_rows_over_several_programs(dtype):
+    """Narrow rows over several programs of the columns kernel, the last one part full: a channels_last
+    map with more positions a row than a program takes (blocks of one row each, positions 3 apart),
+    and 2-D rows of 5 classes."""
+    x = logits(2, 3, 20, 30, dtype=dtype).contiguous(memory_format=torch.channels_last)  # 600 positions a row
+    w = (torch.rand(3, device=DEVICE) + 0.1).to(dtype)
+    check("cross_entropy", [x, _spatial_target(x, 5)], {"reduction": "mean"})
+    check("cross_entropy", [x, _spatial_target(x, 5)], {"weight": w, "label_smoothing": 0.1, "reduction": "none"})
+    check("cross_entropy", [logits(1100, 5, dtype=dtype), labels(1100, 5, ignore=3)], {"reduction": "sum"})
+
+
 @pytest.mark.parametrize("dtype, classes, columns", [(torch.bfloat16, 28, True), (torch.bfloat16, 29, False),
                                                      (torch.float16, 28, True), (torch.float32, 20, True),
                                                      (torch.float32, 21, False)], ids=str)
