@@ -231,7 +231,8 @@ def _report_columns(dt: str) -> None:
             loads = sum(op.startswith("LDG") for op in body)
             if loads:
                 steps = loads if unit == "d" else loads / positions
-                sweeps.append(f"{len(body) / (steps * positions):.1f} ({steps:g} step{'s' if steps > 1 else ''} a loop)")
+                plural = "s" if steps > 1 else ""
+                sweeps.append(f"{len(body) / (steps * positions):.1f} ({steps:g} step{plural} a loop)")
         print(f"    per element, a class step of a sweep: {', '.join(sweeps)}; outside the loops "
               f"{sass.outside_loops() / positions:.0f} a position ({sass.outside_loops() / (positions * classes):.1f} "
               f"per element at {classes} classes)")

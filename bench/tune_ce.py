@@ -4,7 +4,9 @@ For each headline shape it times the launcher alone (no autograd, preallocated g
 default ``launch_config`` and then does a coordinate search over ``LaunchConfig``'s fields
 (segments per row, chunk, warps, reverse sweep 2, Triton's pipelining of either sweep, the split
 rows' sleep between polls), two rounds, and with a gradient also tries the
-launches that hold a whole segment in registers (``in_registers``). Every configuration is first
+launches that hold a whole segment in registers (``in_registers``). The segmentation cases
+(``SEG_CASES``, ``--cases seg``) search the columns kernel's positions a program and warps, and time
+the rows kernel on a channels_last map's memory at its default. Every configuration is first
 checked against the default one's loss and gradient, with the gradient buffer poisoned with NaN
 so that an unwritten element fails. Times are medians of ``triton.testing.do_bench`` (L2 flushed
 before each rep), shown as a share of the floor, 2·N·V·b (N·V·b forward only) over the copy
@@ -37,9 +39,24 @@ CASES = [  # (name, dtype, N, V, write_grad, softcap)
     # default launch is plain cross-entropy's (bench/NOTES.md, section 23)
     ("bf16 V=256000 softcap", torch.bfloat16, 8192, 256000, True, 30.0),
 ]
+# The benchmark's ce_seg map (Cityscapes' 19 classes, 8 x 512 x 1024 positions) through the columns
+# kernel, contiguous (classes strided in memory) and channels_last (narrow rows: classes together,
+# positions 19 apart, bench/NOTES.md section 27), and that channels_last memory as (N H W, 19) rows
+# through the rows kernel, which it ran before: (name, dtype, (N, C, H W), layout), with a gradient.
+SEG_CASES = [
+    ("bf16 seg C=19", torch.bfloat16, (8, 19, 512 * 1024), "contiguous"),
+    ("bf16 seg C=19 channels_last", torch.bfloat16, (8, 19, 512 * 1024), "channels_last"),
+    ("bf16 seg C=19 channels_last rows", torch.bfloat16, (8, 19, 512 * 1024), "rows"),
+    ("fp32 seg C=19 channels_last", torch.float32, (8, 19, 512 * 1024), "channels_last"),
+    ("fp32 seg C=19 channels_last rows", torch.float32, (8, 19, 512 * 1024), "rows"),
+]
+ROW_FIELDS = ("segments", "block", "num_warps", "reverse", "stages", "stages2", "sleep_ns")
+COLUMN_FIELDS = ("block", "num_warps")  # what the columns kernel's launch takes
 
 
-def candidates(field: str, n_cols: int, write_grad: bool) -> list:
+def candidates(field: str, n_cols: int, write_grad: bool, columns: bool = False) -> list:
+    if columns:  # positions a program (at least one a thread), warps
+        return {"block": [128, 256, 512, 1024, 2048], "num_warps": [1, 2, 4, 8]}[field]
     pow2 = 1 << max(5, (n_cols - 1).bit_length())
     if field == "segments":  # 0: a row per program; else programs per row (whole chunks each)
         return [0, 1, 2, 4, 8, 16, 32] if write_grad else [0]
@@ -63,6 +80,23 @@ def in_registers(n_cols: int) -> list:
         out += [LaunchConfig(block=block, num_warps=w, segments=segments) for w in (4, 8, 16)
                 if 2048 <= block and block // (32 * w) <= 64]
     return out
+
+
+def seg_inputs(dtype: torch.dtype, shape: tuple[int, int, int], layout: str, device: torch.device):
+    """A SEG_CASES map as ``cross_entropy_fwd`` takes it: (N, C, D) logits for the columns kernel
+    ("contiguous", or "channels_last": a view of (N, D, C) memory), or that channels_last memory as
+    (N D, C) rows ("rows"); standard-normal logits, class targets to match, and the default launch."""
+    from fastloss.kernels.cross_entropy import columns_config, launch_config
+
+    n, c, d = shape
+    if layout == "contiguous":
+        logits = torch.randn(n, c, d, device=device, dtype=dtype)
+    else:
+        classes_last = torch.randn(n, d, c, device=device, dtype=dtype)
+        logits = classes_last.transpose(1, 2) if layout == "channels_last" else classes_last.view(n * d, c)
+    columns = logits.dim() == 3
+    target = torch.randint(0, c, (n, d) if columns else (n * d,), device=device)
+    return logits, target, columns_config(c) if columns else launch_config(logits, True)
 
 
 def tune_elementwise(bandwidth: float, do_bench) -> list[dict]:
@@ -152,6 +186,85 @@ def profile_steps() -> None:
         del x, t
 
 
+def tune_case(name: str, dtype: torch.dtype, shape: tuple, write_grad: bool, softcap: float | None,
+              layout: str | None, *, device: torch.device, bandwidth: float, do_bench, rounds: int,
+              deadline: float) -> dict:
+    """One case's search (``layout``: None for CASES' (N, V) rows, else a SEG_CASES layout), timed
+    by ``do_bench``; returns its record (the default launch, the best, every launch tried)."""
+    from fastloss.kernels.cross_entropy import cross_entropy_fwd, launch_config
+
+    torch.manual_seed(0)
+    if layout is None:
+        logits = torch.randn(*shape, device=device, dtype=dtype)
+        target = torch.randint(0, shape[1], shape[:1], device=device)
+        default = launch_config(logits, write_grad)
+    else:
+        logits, target, default = seg_inputs(dtype, shape, layout, device)
+    columns = logits.dim() == 3
+    n_cols = logits.shape[1]
+    # the columns kernel has no fields beyond its block and warps; the rows of a map, none worth a search
+    fields = COLUMN_FIELDS if columns else ROW_FIELDS if layout is None else ()
+    divisors = torch.tensor([float(target.numel()), 1.0], device=device)  # a mean
+    grad = torch.empty_like(logits) if write_grad else None  # (a channels_last view's strides kept)
+    floor_ms = (2 if write_grad else 1) * logits.numel() * logits.element_size() / bandwidth * 1e3
+
+    def run(cfg):
+        return cross_entropy_fwd(logits, target, None, divisors, grad, softcap=softcap, config=cfg)
+
+    ref_loss = run(default).clone()
+    ref_grad = grad.clone() if write_grad else None
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    tried: dict = {}
+
+    def measure(cfg) -> float:
+        if cfg in tried:
+            return tried[cfg]
+        try:
+            if write_grad:
+                grad.fill_(float("nan"))
+            loss = run(cfg)
+            ok = torch.allclose(loss, ref_loss, rtol=tol, atol=tol * ref_loss.abs().max().item())
+            if write_grad:
+                ok &= bool(torch.isfinite(grad).all()) and torch.allclose(
+                    grad.float(), ref_grad.float(), rtol=tol, atol=tol * ref_grad.float().abs().max().item())
+            ms = do_bench(lambda: run(cfg), warmup=10, rep=50, return_mode="median") if ok else float("inf")
+        except Exception as exc:  # a configuration the compiler rejects (registers, shared memory)
+            print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+            ms = float("inf")
+        if ms == float("inf"):
+            print(f"  {cfg}: rejected", flush=True)
+        tried[cfg] = ms
+        return ms
+
+    best, best_ms = default, measure(default)
+    default_ms = best_ms
+    for _ in range(rounds):
+        for field in fields:
+            for value in candidates(field, n_cols, write_grad, columns):
+                if time.monotonic() > deadline:
+                    break
+                cfg = dataclasses.replace(best, **{field: value})
+                ms = measure(cfg)
+                if ms < best_ms:
+                    best, best_ms = cfg, ms
+    # then segments held in registers, which the search cannot reach
+    if write_grad and rounds > 0 and "segments" in fields:
+        for cfg in in_registers(n_cols):
+            if time.monotonic() > deadline:
+                break
+            ms = measure(cfg)
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+    again = do_bench(lambda: run(best), warmup=10, rep=100, return_mode="median")
+    record = dict(case=name, floor_ms=floor_ms, default=dataclasses.asdict(default), default_ms=default_ms,
+                  default_pct=100 * floor_ms / default_ms, best=dataclasses.asdict(best), best_ms=best_ms,
+                  best_pct=100 * floor_ms / best_ms, best_again_ms=again, tried=len(tried),
+                  all=[dict(dataclasses.asdict(c), ms=m) for c, m in tried.items()])
+    print(f"{name:22} floor {floor_ms:.3f} ms | default {default_ms:.3f} ms {record['default_pct']:5.1f}% "
+          f"| best {best_ms:.3f} ms {record['best_pct']:5.1f}% (again {again:.3f}) {best}", flush=True)
+    return record
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.tune_ce", description=__doc__.split("\n\n")[0])
     parser.add_argument("--cases", default="", help="comma-separated case names' substrings (default: all)")
@@ -167,80 +280,20 @@ def main(argv=None) -> int:
 
     from triton.testing import do_bench
 
-    from fastloss.kernels.cross_entropy import cross_entropy_fwd, launch_config
-
     device = torch.device("cuda")
     bandwidth, _ = copy_bandwidth(device, 2 << 30)
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s", flush=True)
     deadline = time.monotonic() + args.budget_s
     wanted = [w for w in args.cases.split(",") if w]
     results = []
-    for name, dtype, n_rows, n_cols, write_grad, softcap in CASES:
+    cases = [(name, dtype, (n_rows, n_cols), write_grad, softcap, None)
+             for name, dtype, n_rows, n_cols, write_grad, softcap in CASES]
+    cases += [(name, dtype, shape, True, None, layout) for name, dtype, shape, layout in SEG_CASES]
+    for name, dtype, shape, write_grad, softcap, layout in cases:
         if wanted and not any(w in name for w in wanted):
             continue
-        torch.manual_seed(0)
-        logits = torch.randn(n_rows, n_cols, device=device, dtype=dtype)
-        target = torch.randint(0, n_cols, (n_rows,), device=device)
-        divisors = torch.tensor([float(n_rows), 1.0], device=device)  # a mean
-        grad = torch.empty_like(logits) if write_grad else None
-        floor_ms = (2 if write_grad else 1) * logits.numel() * logits.element_size() / bandwidth * 1e3
-
-        def run(cfg):
-            return cross_entropy_fwd(logits, target, None, divisors, grad, softcap=softcap, config=cfg)
-
-        default = launch_config(logits, write_grad)
-        ref_loss = run(default).clone()
-        ref_grad = grad.clone() if write_grad else None
-        tol = 1e-5 if dtype == torch.float32 else 1e-2
-        tried: dict = {}
-
-        def measure(cfg) -> float:
-            if cfg in tried:
-                return tried[cfg]
-            try:
-                if write_grad:
-                    grad.fill_(float("nan"))
-                loss = run(cfg)
-                ok = torch.allclose(loss, ref_loss, rtol=tol, atol=tol * ref_loss.abs().max().item())
-                if write_grad:
-                    ok &= bool(torch.isfinite(grad).all()) and torch.allclose(
-                        grad.float(), ref_grad.float(), rtol=tol, atol=tol * ref_grad.float().abs().max().item())
-                ms = do_bench(lambda: run(cfg), warmup=10, rep=50, return_mode="median") if ok else float("inf")
-            except Exception as exc:  # a configuration the compiler rejects (registers, shared memory)
-                print(f"  {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
-                ms = float("inf")
-            if ms == float("inf"):
-                print(f"  {cfg}: rejected", flush=True)
-            tried[cfg] = ms
-            return ms
-
-        best, best_ms = default, measure(default)
-        default_ms = best_ms
-        for _ in range(args.rounds):
-            for field in ("segments", "block", "num_warps", "reverse", "stages", "stages2", "sleep_ns"):
-                for value in candidates(field, n_cols, write_grad):
-                    if time.monotonic() > deadline:
-                        break
-                    cfg = dataclasses.replace(best, **{field: value})
-                    ms = measure(cfg)
-                    if ms < best_ms:
-                        best, best_ms = cfg, ms
-        if write_grad and args.rounds > 0:  # then segments held in registers, which it cannot reach
-            for cfg in in_registers(n_cols):
-                if time.monotonic() > deadline:
-                    break
-                ms = measure(cfg)
-                if ms < best_ms:
-                    best, best_ms = cfg, ms
-        again = do_bench(lambda: run(best), warmup=10, rep=100, return_mode="median")
-        record = dict(case=name, floor_ms=floor_ms, default=dataclasses.asdict(default), default_ms=default_ms,
-                      default_pct=100 * floor_ms / default_ms, best=dataclasses.asdict(best), best_ms=best_ms,
-                      best_pct=100 * floor_ms / best_ms, best_again_ms=again, tried=len(tried),
-                      all=[dict(dataclasses.asdict(c), ms=m) for c, m in tried.items()])
-        results.append(record)
-        print(f"{name:22} floor {floor_ms:.3f} ms | default {default_ms:.3f} ms {record['default_pct']:5.1f}% "
-              f"| best {best_ms:.3f} ms {record['best_pct']:5.1f}% (again {again:.3f}) {best}", flush=True)
-        del logits, target, grad, ref_grad
+        results.append(tune_case(name, dtype, shape, write_grad, softcap, layout, device=device,
+                                 bandwidth=bandwidth, do_bench=do_bench, rounds=args.rounds, deadline=deadline))
         torch.cuda.empty_cache()
     if args.elementwise:
         results += tune_elementwise(bandwidth, do_bench)

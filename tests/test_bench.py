@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import dataclasses
 import importlib.util
 import io
 import json
@@ -602,6 +603,57 @@ def test_a_channels_last_case_checks_its_channels_last_logits():
     ref = harness.reference_outputs(case, inputs, CPU)
     for name in ("torch", "fastloss"):
         assert harness.check_provider(case, cases.make_provider("ce_seg", name, CPU), inputs, ref).ok
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "rows"])
+def test_tune_ce_segmentation_cases_run_the_launcher_on_their_layout(layout):
+    """bench.tune_ce's segmentation cases: the map in the layout the case names (classes strided, or
+    together as (N, C, D) positions or as rows), the launch the loss would pick, and the launcher's
+    loss and gradient under it, and under the columns launches the search tries, equal to torch's."""
+    pytest.importorskip("triton")
+    from bench import tune_ce
+    from fastloss.kernels.cross_entropy import cross_entropy_fwd
+
+    n, c, d = 2, 19, 40
+    logits, target, default = tune_ce.seg_inputs(torch.float32, (n, c, d), layout, CPU)
+    columns = logits.dim() == 3
+    assert columns == (layout != "rows") and (logits.stride(1) == 1) == (layout != "contiguous")
+    as_map = logits if columns else logits.view(n, d, c).transpose(1, 2)
+    leaf = as_map.detach().requires_grad_()
+    expected = F.cross_entropy(leaf, target.view(n, d), reduction="none")
+    (expected_grad,) = torch.autograd.grad(expected.sum(), leaf)
+    launches = [default]
+    if columns:
+        launches += [dataclasses.replace(default, **{field: tune_ce.candidates(field, c, True, True)[0]})
+                     for field in tune_ce.COLUMN_FIELDS]
+    for cfg in launches:
+        grad = torch.empty_like(logits)
+        loss = cross_entropy_fwd(logits, target, None, None, grad, config=cfg)
+        torch.testing.assert_close(loss.view(-1), expected.detach().reshape(-1))
+        torch.testing.assert_close(grad if columns else grad.view(n, d, c).transpose(1, 2), expected_grad)
+        assert grad.stride() == logits.stride()
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "rows"])
+def test_tune_ce_searches_a_segmentation_case(layout):
+    """bench.tune_ce's search of one segmentation case, with a stand-in for the GPU timer: every launch
+    it tries passes its check against the default launch (none rejected), the columns kernel's over
+    its block and warps, the rows kernel's at its default alone."""
+    pytest.importorskip("triton")
+    from bench import tune_ce
+
+    timed = []
+    record = tune_ce.tune_case("seg", torch.float32, (2, 19, 40), True, None, layout, device=CPU, bandwidth=1e9,
+                               do_bench=lambda fn, **kw: timed.append(fn()) or 1.0, rounds=1,
+                               deadline=time.monotonic() + 600)
+    searched = {(c["block"], c["num_warps"]) for c in record["all"]}
+    if layout == "rows":
+        assert record["tried"] == 1
+    else:
+        blocks, warps = (tune_ce.candidates(f, 19, True, True) for f in tune_ce.COLUMN_FIELDS)
+        default = (record["default"]["block"], record["default"]["num_warps"])
+        assert searched == {default} | {(b, default[1]) for b in blocks} | {(default[0], w) for w in warps}
+    assert all(c["ms"] == 1.0 for c in record["all"]) and len(timed) == record["tried"] + 1
 
 
 def test_case_selection_filters_and_leaves_no_duplicate():
