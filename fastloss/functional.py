@@ -35,6 +35,7 @@ _COLUMNS_MAX_CLASSES = 1024
 # positions a pitch apart, ~3 pitch x size / 128 cycles per element in cache lines (two sweeps and
 # the gradient's store), so it costs less up to a product of ~2700 (bench/NOTES.md, section 27).
 _COLUMNS_MAX_ROW_COST = 1600
+_NARROW_MAX_CLASSES = math.isqrt(_COLUMNS_MAX_ROW_COST // 2)  # at most this many classes, in 16 bits
 _CPU = torch.device("cpu")
 # What the kernels read and write; float64 (and anything else) runs the reference everywhere.
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -333,9 +334,10 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     if input.dim() == 1:
         input, target = input.unsqueeze(0), target.unsqueeze(0)
     n_classes = input.shape[1]
-    narrow = (input.stride(1) == 1 and n_classes * n_classes * input.element_size() <= _COLUMNS_MAX_ROW_COST
-              and _narrow_rows(input))
-    if (input.stride(1) != 1 or narrow) and 1 < n_classes <= _COLUMNS_MAX_CLASSES:
+    strided = input.stride(1) != 1
+    # (_NARROW_MAX_CLASSES first: the common wide rows pay one comparison)
+    narrow = n_classes <= _NARROW_MAX_CLASSES and not strided and _narrow_rows(input)
+    if (strided or narrow) and 1 < n_classes <= _COLUMNS_MAX_CLASSES:
         n = input.shape[0]
         x = input.reshape(n, n_classes, -1)
         # the columns kernel's lanes, neighbouring positions, must be nearer in memory than its steps,
