@@ -287,6 +287,17 @@ LAYOUTS = {
 }
 
 
+def _given_to_the_kernels(monkeypatch) -> list:
+    """The logits (rows, or (N, C, D) positions) that each softmax-loss call hands its kernels, in a
+    list that fills as the calls come."""
+    import fastloss.autograd as autograd
+
+    given = []
+    launched = autograd.softmax_loss
+    monkeypatch.setattr(autograd, "softmax_loss", lambda rows, *args: given.append(rows) or launched(rows, *args))
+    return given
+
+
 def _spatial_target(x, ignore=1, value=None):
     """Class indices for (N, C, d1, ...) logits: the first ``ignore`` positions ignored (-100, or
     ``value``), and position 3 class 7 when there is one (CE_OPTIONS' ignore_index)."""
@@ -359,13 +370,9 @@ def test_narrow_rows_over_several_programs(dtype):
 def test_which_rows_are_narrow(dtype, classes, columns, monkeypatch):
     """Contiguous rows of up to 28 classes in 16 bits and 20 in fp32 (as the docs say) run the
     columns kernel; wider ones the rows kernel."""
-    import fastloss.autograd as autograd
-
-    given = []
-    launched = autograd.softmax_loss
-    monkeypatch.setattr(autograd, "softmax_loss", lambda rows, *args: given.append(rows.dim()) or launched(rows, *args))
+    given = _given_to_the_kernels(monkeypatch)
     check("cross_entropy", [logits(6, classes, dtype=dtype), labels(6, classes)], {})
-    assert given == [3 if columns else 2]
+    assert [rows.dim() for rows in given] == [3 if columns else 2]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -409,13 +416,9 @@ def test_the_kernel_reads_the_logits_where_they_are(layout, monkeypatch):
     """Which logits the kernel is given: classes strided in memory as (N, C, D) positions, a view of
     the logits (no copy); classes innermost as rows, a view; a copy only where the inner dimensions do
     not flatten into one stride, or past the classes the columns kernel takes."""
-    import fastloss.autograd as autograd
-
     shape, view, in_place, columns = LAYOUTS[layout]
     x = view(logits(*shape))
-    given = []
-    launched = autograd.softmax_loss
-    monkeypatch.setattr(autograd, "softmax_loss", lambda rows, *args: given.append(rows) or launched(rows, *args))
+    given = _given_to_the_kernels(monkeypatch)
     check("cross_entropy", [x, _spatial_target(x)], {})
     (rows,) = given  # a view of the (leaf copy of) x given to the loss, or a copy
     assert (rows._base is not None and rows.data_ptr() == rows._base.data_ptr()) == in_place
@@ -425,17 +428,14 @@ def test_the_kernel_reads_the_logits_where_they_are(layout, monkeypatch):
 @pytest.mark.parametrize("loss", ["cross_entropy", "focal_loss"])
 def test_channels_last_logits_are_read_where_they_are(loss, monkeypatch):
     """(N, C, H, W) logits in channels_last hold each position's classes together: the kernel reads
-    them in place (no copy to move the classes last), and the gradient has their layout."""
-    import fastloss.autograd as autograd
-
+    them in place (no copy to move the classes last; at 7 classes, narrow rows, the columns kernel),
+    and the gradient has their layout."""
     x = logits(2, 7, 3, 4).contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 7, (2, 3, 4), device=DEVICE)
-    views = []  # whether the kernel's (rows, classes) are a view of the logits given (a leaf copy of x)
-    launched = autograd.softmax_loss
-    monkeypatch.setattr(autograd, "softmax_loss", lambda rows, *args: views.append(
-        rows._base is not None and rows.data_ptr() == rows._base.data_ptr()) or launched(rows, *args))
+    given = _given_to_the_kernels(monkeypatch)
     _, grad = check(loss, [x, t], {})
-    assert views == [True]
+    # a view of the logits given (a leaf copy of x)
+    assert [rows._base is not None and rows.data_ptr() == rows._base.data_ptr() for rows in given] == [True]
     assert grad.is_contiguous(memory_format=torch.channels_last)
 
 
