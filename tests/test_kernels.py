@@ -282,6 +282,8 @@ LAYOUTS = {
     # run the columns kernel, its positions a pitch apart
     "channels_last_narrow": ((2, 7, 3, 4), lambda b: b.contiguous(memory_format=torch.channels_last), True, True),
     "rows_narrow": ((30, 7), lambda b: b, True, True),
+    "channels_last_3d_narrow": ((2, 3, 2, 3, 4), lambda b: b.contiguous(memory_format=torch.channels_last_3d), True,
+                                True),  # a volume of 3 classes (N, C, D, H, W)
     "channels_last_wide": ((2, 50, 3, 4), lambda b: b.contiguous(memory_format=torch.channels_last), True, False),
     "narrow_rows_far_apart": ((2, 3, 4, 80), lambda b: b[..., :10].permute(0, 3, 1, 2), True, False),  # 80 apart
 }
