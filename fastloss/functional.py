@@ -327,7 +327,8 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     are viewed as rows, unless their rows are narrow (_narrow_rows: a 19-class map, say), which the
     columns kernel reads faster, as (N, C, D) positions a pitch apart. Inputs with more classes than
     _COLUMNS_MAX_CLASSES, or whose neighbouring positions lie farther apart than their classes, are
-    rows too, at the cost of one copy to move the classes last. Other inputs with strided classes (a
+    rows too, at the cost of one copy to move the classes last (narrow ones then go to the columns
+    kernel as well). Other inputs with strided classes (a
     contiguous (N, C, H, W) segmentation map, a transposed (N, C)) are read where they are, their
     inner dimensions flattened into D (a view wherever they flatten; else a copy).
     """
@@ -359,6 +360,8 @@ def _rows(input: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
             target = target.contiguous()
     else:
         target = target.contiguous()  # the kernel reads the class index of row i at offset i
+    if 1 < n_classes <= _NARROW_MAX_CLASSES and _narrow_rows(input):  # narrow rows that a copy above made
+        return _rows(input, target)
     return input, target
 
 

@@ -286,6 +286,7 @@ LAYOUTS = {
                                 True),  # a volume of 3 classes (N, C, D, H, W)
     "channels_last_wide": ((2, 50, 3, 4), lambda b: b.contiguous(memory_format=torch.channels_last), True, False),
     "narrow_rows_far_apart": ((2, 3, 4, 80), lambda b: b[..., :10].permute(0, 3, 1, 2), True, False),  # 80 apart
+    "narrow_classes_sliced": ((6, 20), lambda b: b[:, ::2], False, True),  # copied to rows of 10: narrow ones
 }
 
 
@@ -422,8 +423,8 @@ def test_the_kernel_reads_the_logits_where_they_are(layout, monkeypatch):
     x = view(logits(*shape))
     given = _given_to_the_kernels(monkeypatch)
     check("cross_entropy", [x, _spatial_target(x)], {})
-    (rows,) = given  # a view of the (leaf copy of) x given to the loss, or a copy
-    assert (rows._base is not None and rows.data_ptr() == rows._base.data_ptr()) == in_place
+    (rows,) = given  # a view of the (leaf copy of) x given to the loss, or (of) a copy
+    assert (rows._base is not None and rows._base.is_leaf and rows.data_ptr() == rows._base.data_ptr()) == in_place
     assert rows.dim() == (3 if columns else 2)
 
 
