@@ -359,7 +359,14 @@ def _specialization(args: tuple) -> tuple | None:
 
 def launch(kernel, programs: int, *args, **constexprs) -> None:
     """``kernel[(programs,)](*args, **constexprs)``, with the runtime arguments given by position, in
-    the kernel's order, and every constexpr argument and launch option by name.
+    the kernel's order, and every constexpr argument and launch option by name (see ``launch_with``).
+    """
+    launch_with(kernel, programs, args, constexprs)
+
+
+def launch_with(kernel, programs: int, args: tuple, constexprs: dict) -> None:
+    """``launch``, with the constexpr arguments and launch options in a dict of their own, used as it
+    is (a launcher that builds its options once, for two kernels, hands them over without a copy).
 
     Before each driver call, Triton's launch path binds and specializes every argument and builds its
     cache key in Python: 10-20 µs of host time per launch on a CPU, which a short step waits for

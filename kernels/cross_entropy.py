@@ -50,6 +50,7 @@ from .common import (
     inverse_of_parts,
     launch,
     launch_divisor,
+    launch_with,
     log1p,
     log2e,
     next_power_of_2,
@@ -1005,7 +1006,7 @@ def cross_entropy_fwd(
             enable_fp_fusion=FP_FUSION,
         )
     cap = 1.0 if softcap is None else float(softcap)
-    # the constexpr arguments both kernels take
+    # the constexpr arguments both kernels take (and then each its own), handed to the launch as they are
     options = dict(
         HAS_WEIGHT=weight is not None,
         SMOOTH=label_smoothing != 0.0,
@@ -1032,9 +1033,9 @@ def cross_entropy_fwd(
     if columns:
         n_inner = logits.shape[2]
         row_blocks = n_inner >= cfg.block
-        launch(
-            _cross_entropy_columns_kernel,
-            logits.shape[0] * cdiv(n_inner, cfg.block) if row_blocks else cdiv(n_rows, cfg.block),
+        options["ROW_BLOCKS"] = row_blocks
+        programs = logits.shape[0] * cdiv(n_inner, cfg.block) if row_blocks else cdiv(n_rows, cfg.block)
+        launch_with(_cross_entropy_columns_kernel, programs, (
             logits,
             *logits.stride(),
             target,
@@ -1052,13 +1053,11 @@ def cross_entropy_fwd(
             n_inner,
             n_cols,
             *scalars,
-            **options,
-            ROW_BLOCKS=row_blocks,
-        )
+        ), options)
         return reduce_partials(loss, loss_dtype) if reduce else loss.view(rows_out)
-    launch(
-        _cross_entropy_kernel,
-        n_rows * segments,
+    options.update(SINGLE=seg_len <= cfg.block, SPLIT=split, SEGMENTS=segments, STATS=STATS)
+    options.update(cfg.kernel_constexprs)
+    launch_with(_cross_entropy_kernel, n_rows * segments, (
         logits,
         logits.stride(0),
         target,
@@ -1077,11 +1076,5 @@ def cross_entropy_fwd(
         n_cols,
         seg_len,
         *scalars,
-        **options,
-        SINGLE=seg_len <= cfg.block,
-        SPLIT=split,
-        SEGMENTS=segments,
-        **cfg.kernel_constexprs,
-        STATS=STATS,
-    )
+    ), options)
     return reduce_partials(loss, loss_dtype) if reduce else loss

@@ -124,6 +124,7 @@ def main() -> int:
     checked.count = 0
     for module in (common, cross_entropy, focal, huber):
         module.launch = checked
+    cross_entropy.launch_with = lambda kernel, programs, args, constexprs: checked(kernel, programs, *args, **constexprs)
     hook = lambda metadata: None  # noqa: E731
     for enter_hook in (None, hook):  # a profiler's hook goes to the driver call as Triton's path passes it
         triton.knobs.runtime.launch_enter_hook = enter_hook
