@@ -149,21 +149,20 @@ def _ce_signature(dt: str) -> dict:
 
 
 def _ce_plain() -> dict:
-    """The rows kernel's constexprs for a plain loss with a gradient (mean: SCALED)."""
-    from fastloss.kernels.cross_entropy import PARTS, STATS
+    """The constexprs both cross-entropy kernels take, for a plain loss with a gradient (mean: SCALED)."""
+    from fastloss.kernels.cross_entropy import PARTS
 
     return dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, TANH_SERIES=False, PROB=False,
-                FOCAL=False, WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, STATS=STATS,
-                PARTS=PARTS)
+                FOCAL=False, WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True, PARTS=PARTS)
 
 
 def _cross_entropy_variants(dtype: str):
     """(name, constexprs, warps, values per thread, values per thread per chunk or None) for the
     default launches of the benchmark's headline shapes, as ``cross_entropy_fwd`` derives them."""
     from fastloss.kernels.common import cdiv
-    from fastloss.kernels.cross_entropy import MAX_SEGMENTS, _default_config
+    from fastloss.kernels.cross_entropy import MAX_SEGMENTS, STATS, _default_config
 
-    plain = _ce_plain()
+    plain = dict(_ce_plain(), STATS=STATS)
     size = ELEMENT_SIZE[dtype]
     cases = [(f"{dtype} V=32768", 32768, {}), (f"{dtype} V=128256", 128256, {}),
              (f"{dtype} V=262144", 262144, {}), (f"{dtype} V=1000", 1000, {}),
@@ -192,14 +191,14 @@ def _report_columns(dt: str) -> None:
     channels_last (classes contiguous, positions 19 apart: rows too narrow for the rows kernel, see
     functional._narrow_rows). Each loop steps through one class for every position of the thread's,
     so a loop's instructions per element are per position a class."""
-    from fastloss.kernels.cross_entropy import (PARTS, _cross_entropy_columns_kernel, _cross_entropy_kernel,
+    from fastloss.kernels.cross_entropy import (STATS, _cross_entropy_columns_kernel, _cross_entropy_kernel,
                                                 _default_config, columns_config)
 
     classes = 19
     # the rows kernel on such rows, one a program (what channels_last maps ran before they were narrow)
     rows = _default_config(classes, ELEMENT_SIZE[dt], 0)
-    c = compile_sm90(_cross_entropy_kernel, _ce_signature(dt), dict(_ce_plain(), BLOCK=rows.block, SINGLE=True,
-                     SPLIT=False, SEGMENTS=1, PREDICT=True, **rows.kernel_constexprs), rows.num_warps)
+    c = compile_sm90(_cross_entropy_kernel, _ce_signature(dt), dict(_ce_plain(), STATS=STATS, BLOCK=rows.block,
+                     SINGLE=True, SPLIT=False, SEGMENTS=1, PREDICT=True, **rows.kernel_constexprs), rows.num_warps)
     report(f"cross-entropy {dt} rows of {classes} classes, rows kernel: BLOCK={rows.block} warps={rows.num_warps}",
            c, classes / (32 * rows.num_warps))
     cfg = columns_config(classes)
@@ -212,9 +211,7 @@ def _report_columns(dt: str) -> None:
                "prediction_ptr": "*fp32", "predicted_ptr": "*fp32", "P": "i64", "D": "i64", "V": "i32",
                "ignore_index": "i64", "eps": "fp32", "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32",
                "gamma": "fp32"}
-        constexprs = dict(HAS_WEIGHT=False, SMOOTH=False, ZLOSS=False, SOFTCAP=False, TANH_SERIES=False, PROB=False,
-                          FOCAL=False, WRITE_GRAD=True, NEED_A=False, REST=False, INTERPRET=False, SCALED=True,
-                          PREDICT=True, BLOCK=cfg.block, PARTS=PARTS, ROW_BLOCKS=True,  # (H W positions a row)
+        constexprs = dict(_ce_plain(), PREDICT=True, BLOCK=cfg.block, ROW_BLOCKS=True,  # (H W positions a row)
                           **{f"x_s{unit}": 1, f"g_s{unit}": 1})  # (strides of 1: constants)
         # a class's stride is H W (a multiple of 16), a position's in channels_last 19
         aligned = ("x_sn", "g_sn", "D") + (("x_sc", "g_sc") if unit == "d" else ())

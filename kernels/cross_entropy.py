@@ -21,9 +21,9 @@ the torch ops these took (a compare and a sum, five more with class weights, SPL
 of which cost host time.
 
 COLUMNS (``_cross_entropy_columns_kernel``): (N, C, d1, ...) logits whose classes are strided in
-memory (a segmentation map) are read where they are, one lane a position, the program stepping
-through the classes; the row's math above is shared with it (``_target_terms``, ``_row_loss``,
-``_grad_coefs``, ``_target_grad``).
+memory (a segmentation map), and rows too narrow for a program each (a channels_last map's), are
+read where they are, one lane a position, the program stepping through the classes; the row's
+math above is shared with it (``_target_terms``, ``_row_loss``, ``_grad_coefs``, ``_target_grad``).
 
 Each row's statistics are combined in a fixed order: no atomics on data, bitwise deterministic.
 """
@@ -869,7 +869,7 @@ COLUMNS_CACHED_VALUES = 16384  # V x block, at most, where the block is above it
 
 @functools.lru_cache(maxsize=1024)
 def columns_config(n_cols: int) -> LaunchConfig:
-    """The launch of the columns kernel for rows of ``n_cols`` strided classes: up to 512 positions a
+    """The launch of the columns kernel for positions of ``n_cols`` classes: up to 512 positions a
     program (4 a thread), fewer as the classes grow (V x block <= COLUMNS_CACHED_VALUES), at least
     one a thread."""
     floor = 32 * COLUMNS_WARPS
@@ -1055,8 +1055,7 @@ def cross_entropy_fwd(
             *scalars,
         ), options)
         return reduce_partials(loss, loss_dtype) if reduce else loss.view(rows_out)
-    options.update(SINGLE=seg_len <= cfg.block, SPLIT=split, SEGMENTS=segments, STATS=STATS)
-    options.update(cfg.kernel_constexprs)
+    options.update(SINGLE=seg_len <= cfg.block, SPLIT=split, SEGMENTS=segments, STATS=STATS, **cfg.kernel_constexprs)
     launch_with(_cross_entropy_kernel, n_rows * segments, (
         logits,
         logits.stride(0),
