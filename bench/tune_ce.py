@@ -38,6 +38,12 @@ CASES = [  # (name, dtype, N, V, write_grad, softcap)
     # the benchmark's ce_softcap (Gemma 2's vocabulary and cap), bound by arithmetic, not bytes: its
     # default launch is plain cross-entropy's (bench/NOTES.md, section 23)
     ("bf16 V=256000 softcap", torch.bfloat16, 8192, 256000, True, 30.0),
+    # short rows, each in one chunk (``--cases short``): how many warps share a row's own work
+    # (SINGLE_ROW_VALUES, bench/NOTES.md section 28), in 16 bits where the instructions bind; V = 150
+    # is ADE20K's classes as a channels_last map's rows (not aligned to 16 bytes: no vector loads)
+    ("bf16 short N=262144 V=150", torch.bfloat16, 262144, 150, True, None),
+    ("bf16 short N=65536 V=1000", torch.bfloat16, 65536, 1000, True, None),
+    ("bf16 short N=32768 V=2048", torch.bfloat16, 32768, 2048, True, None),
 ]
 # The benchmark's ce_seg map (Cityscapes' 19 classes, 8 x 512 x 1024 positions) through the columns
 # kernel, contiguous (classes strided in memory) and channels_last (narrow rows: classes together,

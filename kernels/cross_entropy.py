@@ -89,6 +89,13 @@ FEW_WARPS_SEGMENTS = 32
 SPIN_SLEEP_NS = 512
 # A row (not split) of this many chunks or more has its first sweep pipelined: see _default_config.
 PIPELINE_MIN_CHUNKS = 4
+# A row that fits one chunk (V <= MAX_ROW_BLOCK) runs this many values a thread: 1 warp up to V = 512,
+# 2 to 1024, 4 to 2048. Every warp of the program issues the row's own work (its target, the
+# reductions, the loss, the gradient's coefficients: ~290 SASS instructions on sm_90), which at 8
+# values a thread (the launch before) was ~60% of the kernel: 51 lane-instructions an element at
+# V = 1000, where the bf16 floor's pace allows ~39; at 16, 33 (bench/NOTES.md, section 28; not yet
+# measured on a GPU).
+SINGLE_ROW_VALUES = 16
 # 16-bit logits with a softcap up to this take tanh without its series near 0 (common.softcap): the
 # capped logit is then within ~2.4e-7 cap absolutely, here 1.5e-5, 1/32 of fp16's half ulp (1/128
 # of bf16's), what the softmax makes a relative error of its probabilities. Larger caps, and fp32,
@@ -857,7 +864,9 @@ def _default_config(n_cols: int, element_size: int, segments_cap: int, write_gra
         return LaunchConfig(block=block, num_warps=warps, segments=segments, stages=stages, stages2=stages2)
     block = row_block(n_cols)
     pipelined = cdiv(n_cols, block) >= PIPELINE_MIN_CHUNKS and (element_size == 2 or not write_grad)
-    return LaunchConfig(block=block, num_warps=max(1, min(16, block // 256)), stages=3 if pipelined else 0)
+    # a row in one chunk: see SINGLE_ROW_VALUES; in chunks: 8 values a thread (BLOCK 2048, 8 warps)
+    per_thread = SINGLE_ROW_VALUES if n_cols <= block else 8
+    return LaunchConfig(block=block, num_warps=max(1, block // (32 * per_thread)), stages=3 if pipelined else 0)
 
 
 # Columns launches (3-D logits): positions a program and warps. A program's sweep 2 re-reads its

@@ -43,7 +43,9 @@ def cross_entropy_variants():
                    "stats_ptr": "*fp32", "seg_len": "i32", "prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}
         # chunked sweeps pipelined by Triton (a split one: both sweeps), a split launch's wait asleep
         # between polls (the default sleep_ns)
-        launch = LaunchConfig(block=8192 if split else 1024 if single else 4096, num_warps=8,
+        # (a row in one chunk: 2 warps, the default launch's SINGLE_ROW_VALUES a thread)
+        launch = LaunchConfig(block=8192 if split else 1024 if single else 4096,
+                              num_warps=2 if single and not split else 8,
                               stages=0 if single else 4 if split else 3, stages2=4 if split and not single else 0,
                               **({} if split else {"sleep_ns": 0}))
         # softcap's tanh with its series: fp32, and (as a cap past FAST_TANH_MAX_CAP) bf16 probabilities
@@ -53,10 +55,10 @@ def cross_entropy_variants():
                           REST=bool(prob or smooth or z), INTERPRET=False, SCALED=True,
                           BLOCK=launch.block, SINGLE=single, SPLIT=split, SEGMENTS=16 if split else 1,
                           STATS=STATS, PARTS=PARTS, PREDICT=single != split, **launch.kernel_constexprs)
-        yield _cross_entropy_kernel, runtime, constexprs
+        yield _cross_entropy_kernel, runtime, constexprs, launch.num_warps
         if dt == "bf16" and constexprs["PREDICT"]:  # fp16 takes its own prediction branch (a mean or not)
             yield (_cross_entropy_kernel, {**runtime, "logits_ptr": "*fp16", "grad_ptr": "*fp16"},
-                   {**constexprs, "SCALED": bool(weight)})
+                   {**constexprs, "SCALED": bool(weight)}, launch.num_warps)
     # the columns kernel ((N, C, D) logits, classes strided): the same families of options, each dtype
     for dt, (prob, smooth, z, cap, focal, weight) in itertools.product(
         ["bf16", "fp32", "fp16"],
@@ -121,8 +123,8 @@ def elementwise_variants():
 
 if __name__ == "__main__":
     count = 0
-    for kernel, runtime, constexprs in itertools.chain(cross_entropy_variants(), elementwise_variants()):
-        compile_variant(kernel, runtime, constexprs)
+    for variant in itertools.chain(cross_entropy_variants(), elementwise_variants()):
+        compile_variant(*variant)  # (kernel, runtime, constexprs[, num_warps])
         count += 1
     print(f"compiled {count} kernel variants for sm_90")
     sys.exit(0)
