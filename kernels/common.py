@@ -129,10 +129,19 @@ def _expm1_series(x):
 
 
 @triton.jit
-def expm1(x):
+def expm1(x, SCALAR: tl.constexpr):
     """exp(x) - 1 with full relative precision near 0 (tl.math has no expm1, and libdevice is not
-    portable to the interpreter): the series for |x| < 0.5; elsewhere exp(x) - 1 loses no precision."""
-    return tl.where(tl.abs(x) < 0.5, _expm1_series(x), tl.exp(x) - 1.0)
+    portable to the interpreter): the series for |x| < 0.5; elsewhere exp(x) - 1 loses no precision.
+    SCALAR: x is one value for the whole program, which branches to one of the two (a tensor of
+    lanes computes both and selects)."""
+    if SCALAR:
+        if tl.abs(x) < 0.5:
+            r = _expm1_series(x)
+        else:
+            r = tl.exp(x) - 1.0
+    else:
+        r = tl.where(tl.abs(x) < 0.5, _expm1_series(x), tl.exp(x) - 1.0)
+    return r
 
 
 @triton.jit
@@ -153,10 +162,18 @@ def atanh_log(z):
 
 
 @triton.jit
-def log1p(x):
+def log1p(x, SCALAR: tl.constexpr):
     """log(1 + x) with full relative precision near 0, for x > -1: atanh_log for |x| < 0.5 (where
-    |z| <= 1/3); elsewhere log(1 + x) loses nothing, even with a fast approximate log."""
-    return tl.where(tl.abs(x) < 0.5, atanh_log(x / (2.0 + x)), tl.log(1.0 + x))
+    |z| <= 1/3); elsewhere log(1 + x) loses nothing, even with a fast approximate log. SCALAR: as
+    for expm1."""
+    if SCALAR:
+        if tl.abs(x) < 0.5:
+            r = atanh_log(x / (2.0 + x))
+        else:
+            r = tl.log(1.0 + x)
+    else:
+        r = tl.where(tl.abs(x) < 0.5, atanh_log(x / (2.0 + x)), tl.log(1.0 + x))
+    return r
 
 
 @triton.jit

@@ -285,17 +285,20 @@ def _target_terms(y64, valid, x_row, x_sc, weight_ptr, V, ignore_index, cap, inv
 
 @triton.jit
 def _row_loss(m, t, sa, d, x_y, w_y, live, ignored, ce_scale, z_scale, eps, eps_over_v, z_coef, gamma,
-              SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, PROB: tl.constexpr, FOCAL: tl.constexpr):
+              SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, PROB: tl.constexpr, FOCAL: tl.constexpr,
+              SCALAR: tl.constexpr):
     """A row's loss (a scalar row, or a vector of rows, one a lane) from its statistics (m, t, sa, d;
     see _combine) and target terms (see _target_terms), and its gradient's coefficients: the
     gradient is K (p_c - delta_cy) + A p_c - B a_c. Returns loss, t (NaN for a row with a +inf
-    logit), ref (the row's max, or 0), K, A, B, q = p_y - 1 and l = log p_y."""
+    logit), ref (the row's max, or 0), K, A, B, q = p_y - 1 and l = log p_y. SCALAR: a scalar row,
+    whose log1p and expm1 branch to one of their two formulas rather than compute both (the rows
+    kernel: ~30 SASS instructions fewer a program, bench/NOTES.md section 28)."""
     # A +inf logit makes the whole row NaN, loss and gradient, as torch's log_softmax does (inf - inf):
     # through t, which every term of both divides by or takes the log of.
     nan = float("nan")
     t = tl.where(m == -_neg_inf(), nan, t)
     ref = tl.where((m == _empty()) | (m == _neg_inf()), 0.0, m)  # 0 for a row of -inf (or a dead row)
-    log_s = log1p(t)  # lse - m: -inf for a row of -inf (t = -1)
+    log_s = log1p(t, SCALAR)  # lse - m: -inf for a row of -inf (t = -1)
     lse = ref + log_s
     K = 0.0  # coefficient of (p_c - delta_cy)
     q = 0.0  # p_y - 1
@@ -310,7 +313,7 @@ def _row_loss(m, t, sa, d, x_y, w_y, live, ignored, ce_scale, z_scale, eps, eps_
     else:
         l = (x_y - ref) - log_s  # log p_y, without the cancellation of lse - x_y
         l = tl.where(l > 0.0, 0.0, l)  # rounding can never make p_y > 1 (NaN passes through)
-        q = expm1(l)
+        q = expm1(l, SCALAR)
         if FOCAL:
             # loss = -w_y (1 - p_y)^gamma l,  grad = w_y f (p - onehot) with
             # f = (1 - p_y)^gamma (1 - gamma p_y l / (1 - p_y)); 1 - p_y = -expm1(l) and
@@ -610,7 +613,7 @@ def _cross_entropy_kernel(
 
     # ---- the row's loss ---------------------------------------------------------------------------
     loss, t, ref, K, A, B, q, l = _row_loss(m, t, sa, d, x_y, w_y, live, ignored, ce_scale, z_scale, eps, eps_over_v,
-                                            z_coef, gamma, SMOOTH, ZLOSS, PROB, FOCAL)
+                                            z_coef, gamma, SMOOTH, ZLOSS, PROB, FOCAL, True)
     if seg == 0:
         tl.store(loss_ptr + row, cast_to(loss, loss_ptr.dtype.element_ty, INTERPRET))
 
@@ -763,7 +766,7 @@ def _cross_entropy_columns_kernel(
     # A lane's statistics are its position's: _lane_update's t and d are already those _combine gives
     # one lane (its m never becomes -inf: an empty lane keeps -FLT_MAX).
     loss, t, ref, K, A, B, q, l = _row_loss(m, t, sa, d, x_y, w_y, live, ignored, ce_scale, z_scale, eps, eps_over_v,
-                                            z_coef, gamma, SMOOTH, ZLOSS, PROB, FOCAL)
+                                            z_coef, gamma, SMOOTH, ZLOSS, PROB, FOCAL, False)
     tl.store(loss_ptr + pos, cast_to(loss, loss_ptr.dtype.element_ty, INTERPRET), mask=valid)
 
     if WRITE_GRAD:

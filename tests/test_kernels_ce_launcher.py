@@ -983,9 +983,9 @@ def _apply_helper(x_ptr, out_ptr, n, HELPER: tl.constexpr, INTERPRET: tl.constex
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     if HELPER == "expm1":
-        y = expm1(x)
+        y = expm1(x, False)
     elif HELPER == "log1p":
-        y = log1p(x)
+        y = log1p(x, False)
     elif HELPER == "tanh":
         y, _ = softcap(x, 1.0, 1.0, True, INTERPRET)  # a cap of 1: tanh itself
     elif HELPER == "tanh_slope":
@@ -1001,17 +1001,34 @@ def _apply_helper(x_ptr, out_ptr, n, HELPER: tl.constexpr, INTERPRET: tl.constex
     tl.store(out_ptr + offs, y, mask=mask)
 
 
+@triton.jit
+def _apply_scalar_helper(x_ptr, out_ptr, n, HELPER: tl.constexpr):
+    for i in range(n):  # one value at a time: the helpers' branch on a scalar (SCALAR), as the rows kernel takes it
+        x = tl.load(x_ptr + i)
+        if HELPER == "expm1_scalar":
+            y = expm1(x, True)
+        else:
+            y = log1p(x, True)
+        tl.store(out_ptr + i, y)
+
+
 def apply_helper(helper, x, dtype=torch.float32):
-    """common.<helper> (or for "cast", cast_to ``dtype``) of the fp32 values x, in one program."""
+    """common.<helper> (or for "cast", cast_to ``dtype``) of the fp32 values x, in one program;
+    "<helper>_scalar": the helper of each value as a scalar."""
     out = torch.empty(x.shape, dtype=dtype, device=DEV)
-    _apply_helper[(1,)](x.to(DEV), out, x.numel(), HELPER=helper, INTERPRET=interpreting(),
-                        BLOCK=next_power_of_2(x.numel()))
+    if helper.endswith("_scalar"):
+        _apply_scalar_helper[(1,)](x.to(DEV), out, x.numel(), HELPER=helper)
+    else:
+        _apply_helper[(1,)](x.to(DEV), out, x.numel(), HELPER=helper, INTERPRET=interpreting(),
+                            BLOCK=next_power_of_2(x.numel()))
     return out
 
 
 @pytest.mark.parametrize("helper, exact, far, far_ulps", [
     ("expm1", torch.expm1, (-20.0, 5.0), 16),
     ("log1p", torch.log1p, (-0.999, 100.0), 16),
+    ("expm1_scalar", torch.expm1, (-20.0, 5.0), 16),
+    ("log1p_scalar", torch.log1p, (-0.999, 100.0), 16),
     ("tanh", torch.tanh, (-9.0, 9.0), 16),
     # 1 - tanh^2 without cancellation; the exponential of -2|x| carries its argument's rounding,
     # ~|2x| ulps of relative error (5e-6 at |x| = 40, where the slope is 4e-35)
