@@ -42,8 +42,8 @@ def cross_entropy_variants():
                    "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32", "gamma": "fp32", "sync_ptr": "*i32",
                    "stats_ptr": "*fp32", "seg_len": "i32", "prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}
         # chunked sweeps pipelined by Triton (a split one: both sweeps), a split launch's wait asleep
-        # between polls (the default sleep_ns)
-        # (a row in one chunk: 2 warps, the default launch's SINGLE_ROW_VALUES a thread)
+        # between polls (the default sleep_ns), a row in one chunk at the default's 2 warps
+        # (SINGLE_ROW_VALUES a thread)
         launch = LaunchConfig(block=8192 if split else 1024 if single else 4096,
                               num_warps=2 if single and not split else 8,
                               stages=0 if single else 4 if split else 3, stages2=4 if split and not single else 0,
