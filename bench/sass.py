@@ -143,8 +143,8 @@ def _ce_signature(dt: str) -> dict:
     """The rows kernel's runtime arguments, for logits and gradient of dtype ``dt``."""
     return {"logits_ptr": f"*{dt}", "logits_stride": "i64", "target_ptr": "*i64", "target_stride": "i64",
             "weight_ptr": "*fp32", "div_ptr": "*fp32", "n_parts": "i32", "z_off": "i32", "grad_ptr": f"*{dt}",
-            "grad_stride": "i64", "loss_ptr": "*fp32", "sync_ptr": "*i32", "stats_ptr": "*fp32", "V": "i32",
-            "seg_len": "i32", "ignore_index": "i64", "eps": "fp32", "z_coef": "fp32", "cap": "fp32",
+            "grad_stride": "i64", "loss_ptr": "*fp32", "sync_ptr": "*i32", "stats_ptr": "*fp32", "n_rows": "i32",
+            "V": "i32", "seg_len": "i32", "ignore_index": "i64", "eps": "fp32", "z_coef": "fp32", "cap": "fp32",
             "inv_cap": "fp32", "gamma": "fp32", "prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}
 
 
@@ -195,12 +195,13 @@ def _report_columns(dt: str) -> None:
                                                 _default_config, columns_config)
 
     classes = 19
-    # the rows kernel on such rows, one a program (what channels_last maps ran before they were narrow)
+    # the rows kernel on such rows at its default launch (several a program; what functional._rows sends
+    # to the columns kernel instead, see _COLUMNS_MAX_ROW_COST)
     rows = _default_config(classes, ELEMENT_SIZE[dt], 0)
     c = compile_sm90(_cross_entropy_kernel, _ce_signature(dt), dict(_ce_plain(), STATS=STATS, BLOCK=rows.block,
                      SINGLE=True, SPLIT=False, SEGMENTS=1, PREDICT=True, **rows.kernel_constexprs), rows.num_warps)
-    report(f"cross-entropy {dt} rows of {classes} classes, rows kernel: BLOCK={rows.block} warps={rows.num_warps}",
-           c, classes / (32 * rows.num_warps))
+    report(f"cross-entropy {dt} rows of {classes} classes, rows kernel: BLOCK={rows.block} warps={rows.num_warps} "
+           f"rows={rows.rows} a program", c, classes * rows.rows / (32 * rows.num_warps))
     cfg = columns_config(classes)
     positions = cfg.block // (32 * cfg.num_warps)
     for layout, unit in (("(N, C, H, W)", "d"), ("channels_last", "c")):

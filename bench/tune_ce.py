@@ -39,8 +39,10 @@ CASES = [  # (name, dtype, N, V, write_grad, softcap)
     # default launch is plain cross-entropy's (bench/NOTES.md, section 23)
     ("bf16 V=256000 softcap", torch.bfloat16, 8192, 256000, True, 30.0),
     # short rows, each in one chunk (``--cases short``): how many warps share a row's own work
-    # (SINGLE_ROW_VALUES, bench/NOTES.md section 28), in 16 bits where the instructions bind; V = 150
-    # is ADE20K's classes as a channels_last map's rows (not aligned to 16 bytes: no vector loads)
+    # (SINGLE_ROW_VALUES), or rows a program (ROWS_VALUES; bench/NOTES.md sections 28 and 29), in 16 bits
+    # where the instructions bind; V = 150 is ADE20K's classes as a channels_last map's rows (not
+    # aligned to 16 bytes: no vector loads), V = 50 a token tagger's
+    ("bf16 short N=524288 V=50", torch.bfloat16, 524288, 50, True, None),
     ("bf16 short N=262144 V=150", torch.bfloat16, 262144, 150, True, None),
     ("bf16 short N=65536 V=1000", torch.bfloat16, 65536, 1000, True, None),
     ("bf16 short N=32768 V=2048", torch.bfloat16, 32768, 2048, True, None),
@@ -48,7 +50,8 @@ CASES = [  # (name, dtype, N, V, write_grad, softcap)
 # The benchmark's ce_seg map (Cityscapes' 19 classes, 8 x 512 x 1024 positions) through the columns
 # kernel, contiguous (classes strided in memory) and channels_last (narrow rows: classes together,
 # positions 19 apart, bench/NOTES.md section 27), and that channels_last memory as (N H W, 19) rows
-# through the rows kernel, which it ran before: (name, dtype, (N, C, H W), layout), with a gradient.
+# through the rows kernel, searching its rows a program (32 by default since section 29; 1, what the
+# map ran before section 27, among them): (name, dtype, (N, C, H W), layout), with a gradient.
 SEG_CASES = [
     ("bf16 seg C=19", torch.bfloat16, (8, 19, 512 * 1024), "contiguous"),
     ("bf16 seg C=19 channels_last", torch.bfloat16, (8, 19, 512 * 1024), "channels_last"),
@@ -56,7 +59,7 @@ SEG_CASES = [
     ("fp32 seg C=19 channels_last", torch.float32, (8, 19, 512 * 1024), "channels_last"),
     ("fp32 seg C=19 channels_last rows", torch.float32, (8, 19, 512 * 1024), "rows"),
 ]
-ROW_FIELDS = ("segments", "block", "num_warps", "reverse", "stages", "stages2", "sleep_ns")
+ROW_FIELDS = ("segments", "block", "num_warps", "rows", "reverse", "stages", "stages2", "sleep_ns")
 COLUMN_FIELDS = ("block", "num_warps")  # what the columns kernel's launch takes
 
 
@@ -68,7 +71,8 @@ def candidates(field: str, n_cols: int, write_grad: bool, columns: bool = False)
         return [0, 1, 2, 4, 8, 16, 32] if write_grad else [0]
     if field == "block":
         return sorted({b for b in (1024, 2048, 4096, 8192, 16384, 32768) if b <= pow2} | ({pow2} if pow2 <= 32768 else set()))
-    return {"num_warps": [1, 2, 4, 8, 16], "reverse": [False, True], "stages": [0, 2, 3, 4], "stages2": [0, 2, 3],
+    return {"num_warps": [1, 2, 4, 8, 16], "rows": [1, 2, 4, 8, 16, 32],  # (rows > 1: rows in one chunk only)
+            "reverse": [False, True], "stages": [0, 2, 3, 4], "stages2": [0, 2, 3],
             "sleep_ns": [0, 128, 512, 2000]}[field]
 
 
@@ -208,8 +212,8 @@ def tune_case(name: str, dtype: torch.dtype, shape: tuple, write_grad: bool, sof
         logits, target, default = seg_inputs(dtype, shape, layout, device)
     columns = logits.dim() == 3
     n_cols = logits.shape[1]
-    # the columns kernel has no fields beyond its block and warps; the rows of a map, none worth a search
-    fields = COLUMN_FIELDS if columns else ROW_FIELDS if layout is None else ()
+    # the columns kernel has no fields beyond its block and warps; the rows of a map, its rows a program
+    fields = COLUMN_FIELDS if columns else ROW_FIELDS if layout is None else ("rows",)
     divisors = torch.tensor([float(target.numel()), 1.0], device=device)  # a mean
     grad = torch.empty_like(logits) if write_grad else None  # (a channels_last view's strides kept)
     floor_ms = (2 if write_grad else 1) * logits.numel() * logits.element_size() / bandwidth * 1e3

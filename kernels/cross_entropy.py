@@ -96,6 +96,14 @@ PIPELINE_MIN_CHUNKS = 4
 # V = 1000, where the bf16 floor's pace allows ~39; at 16, 33 (bench/NOTES.md, section 28; not yet
 # measured on a GPU).
 SINGLE_ROW_VALUES = 16
+# Rows of up to ROWS_MAX_BLOCK columns run ROWS_VALUES // BLOCK rows a program of one warp (32 values
+# a thread): one warp's program would otherwise issue the row's own work, the same ~265 instructions
+# at any V, for 8 values a lane or fewer (bf16 V = 150: ~78 lane-instructions an element, V = 50: ~160,
+# where the floor's pace allows ~39), and an SM would hold at most 32 such rows. The rows' reductions
+# run across the tile, and their own work one row a lane (ROWS in the kernel; bench/NOTES.md section
+# 29; not yet measured on a GPU).
+ROWS_MAX_BLOCK = 256
+ROWS_VALUES = 1024
 # 16-bit logits with a softcap up to this take tanh without its series near 0 (common.softcap): the
 # capped logit is then within ~2.4e-7 cap absolutely, here 1.5e-5, 1/32 of fp16's half ulp (1/128
 # of bf16's), what the softmax makes a relative error of its probabilities. Larger caps, and fp32,
@@ -207,27 +215,37 @@ def _lane_update(x, a, mask, m, t, sa, d, NEED_A: tl.constexpr, INTERPRET: tl.co
 
 
 @triton.jit
-def _combine(m, t, sa, d, NEED_A: tl.constexpr, INTERPRET: tl.constexpr):
+def _lanes(v, AXIS: tl.constexpr):
+    """v, reduced over AXIS (0: a vector's lanes; 1: a tile's columns), laid back against those lanes."""
+    if AXIS == 1:
+        v = v[:, None]
+    return v
+
+
+@triton.jit
+def _combine(m, t, sa, d, NEED_A: tl.constexpr, INTERPRET: tl.constexpr, AXIS: tl.constexpr):
     """Reduces per-lane (or per-segment) statistics (m, t = s - 1, sa, d; see _lane_update) to the
-    row's scalars. t keeps the max lanes' ones out of the sum, sum_l s_l exp(m_l - M) - 1 =
-    sum over max lanes of t_l + (their count - 1) + sum over the others of (1 + t_l) exp(m_l - M), so
+    row's scalars (AXIS 1: a tile's rows, a vector of each). t keeps the max lanes' ones out of the
+    sum, sum_l s_l exp(m_l - M) - 1 = sum over max lanes of t_l + (their count - 1) + sum over the
+    others of (1 + t_l) exp(m_l - M), so
     that lse - M = log1p(t) keeps its relative precision when the row is confident (lse - x_y ~ 1e-4
     is common and would lose 3 digits to 1 + t rounding in fp32). d is moved to the common reference
     before summing, which avoids the cancellation of sa * lse - sum a x for large logits.
 
     The lanes may also be raw values (m = x, t = 0, sa = a, d = 0: one value each), which is how a
     row that fits one chunk is reduced, with one exp per element; -inf is then an empty lane."""
-    M = tl.max(m, axis=0)
-    at_max = m == M  # every lane when all are empty (t = -1 each: T = -1, s = 0) or -inf
-    n_max = tl.sum(tl.where(at_max, 1.0, 0.0), axis=0)
-    T = tl.sum(tl.where(at_max, t, (1.0 + t) * exp2((m - M) * log2e(), INTERPRET)), axis=0) + (n_max - 1.0)
+    M = tl.max(m, axis=AXIS)
+    M_lanes = _lanes(M, AXIS)
+    at_max = m == M_lanes  # every lane when all are empty (t = -1 each: T = -1, s = 0) or -inf
+    n_max = tl.sum(tl.where(at_max, 1.0, 0.0), axis=AXIS)
+    T = tl.sum(tl.where(at_max, t, (1.0 + t) * exp2((m - M_lanes) * log2e(), INTERPRET)), axis=AXIS) + (n_max - 1.0)
     T = tl.where(M == _neg_inf(), -1.0, T)  # raw lanes, all -inf
     SA = 0.0
     D = 0.0
     if NEED_A:
         REF = tl.where((M == _empty()) | (M == _neg_inf()), 0.0, M)
-        SA = tl.sum(sa, axis=0)
-        D = tl.sum(d + sa * (tl.where(m == _empty(), 0.0, m) - REF), axis=0)
+        SA = tl.sum(sa, axis=AXIS)
+        D = tl.sum(d + sa * (tl.where(m == _empty(), 0.0, m) - _lanes(REF, AXIS)), axis=AXIS)
     return M, T, SA, D
 
 
@@ -460,9 +478,11 @@ def _cross_entropy_kernel(
     grad_stride,
     loss_ptr,  # each row's loss, in its dtype (fp32 when the launcher sums the rows)
     sync_ptr,  # SPLIT: int32 [1 + N], zeroed: the ticket counter, then each row's arrival count
-    stats_ptr,  # SPLIT: fp32 [N, SEGMENTS, STATS]: each segment's m, t, sa, d, x_y part
+    stats_ptr,  # SPLIT: fp32 [N, SEGMENTS, STATS]: each segment's m, t, sa, d, x_y part; ROWS: [9, N], each
+    # row's m, t, sa, d, x_y and its gradient's coefficients kp, ref (or ref2), A, B
     prediction_ptr,  # PREDICT: fp32, the gradient's extra factor (a power of two, or 0: unknown; see scale_grad_)
     predicted_ptr,  # PREDICT: fp32, where the program of row 0 copies the factor used, for the backward
+    n_rows,  # ROWS: the rows (a program's last rows may lie past them)
     V,
     seg_len,  # SPLIT: columns per segment (a multiple of BLOCK); V otherwise
     ignore_index,
@@ -488,6 +508,7 @@ def _cross_entropy_kernel(
     SPLIT: tl.constexpr,  # SEGMENTS programs share each row
     PREDICT: tl.constexpr,  # the gradient is multiplied by *prediction_ptr (the loss is not)
     SEGMENTS: tl.constexpr,
+    ROWS: tl.constexpr,  # rows a program (with SINGLE, not SPLIT), a [ROWS, BLOCK] tile
     REVERSE: tl.constexpr,  # sweep 2 walks the chunks last to first: the most recently read first
     STAGES: tl.constexpr,  # 0: sweep 1 loads the next chunk by hand; else Triton pipelines its loads
     STAGES2: tl.constexpr,  # the same for sweep 2
@@ -504,10 +525,19 @@ def _cross_entropy_kernel(
         row = ticket // SEGMENTS
         seg = (ticket - row * SEGMENTS).to(tl.int32)
         lo = seg * seg_len
+        valid = row >= 0
+    elif ROWS > 1:
+        # ROWS rows, a vector: their reductions run across a [ROWS, BLOCK] tile, their own work (target,
+        # loss, coefficients) one row a lane (see the statistics' round trip below)
+        row = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        seg = 0
+        lo = 0
+        valid = row < n_rows
     else:
         row = tl.program_id(0).to(tl.int64)
         seg = 0
         lo = 0
+        valid = row >= 0
     # Columns are int32 (V < 2^31); the row offsets, which can pass 2^31, are int64.
     hi = tl.minimum(lo + seg_len, V)  # this program's columns: [lo, hi)
     x_row = logits_ptr + row * logits_stride
@@ -518,10 +548,12 @@ def _cross_entropy_kernel(
     # ---- the row's target --------------------------------------------------------------------------
     if PROB:
         y64 = 0
+    elif ROWS > 1:
+        y64 = tl.load(target_ptr + row, mask=valid, other=ignore_index).to(tl.int64)
     else:
         y64 = tl.load(target_ptr + row).to(tl.int64)
-    # (in place, every program reads x_y before the row's gradient is written: see SPLIT)
-    live, ignored, y, x_y, slope_y, w_y = _target_terms(y64, row >= 0, x_row, 1, weight_ptr, V, ignore_index, cap,
+    # (in place, every program reads x_y before the row's gradient is written: see SPLIT and ROWS)
+    live, ignored, y, x_y, slope_y, w_y = _target_terms(y64, valid, x_row, 1, weight_ptr, V, ignore_index, cap,
                                                         inv_cap, HAS_WEIGHT, SOFTCAP, TANH_SERIES, PROB, INTERPRET)
 
     # ---- sweep 1: per-lane max / sum-exp (+ smoothing / probability-target sums) --------------------
@@ -534,8 +566,16 @@ def _cross_entropy_kernel(
     # and a vector more of registers (bf16 V = 256000 launch on sm_90: 100.5 against 61.4 instructions
     # per element in all, 255 registers and spills against 144; bench/NOTES.md section 23).
     CAPTURE_XY: tl.constexpr = (SOFTCAP and TANH_SERIES) and not PROB  # (Triton < 3.4: no chained and)
+    AXIS: tl.constexpr = 1 if ROWS > 1 else 0  # the columns' axis
     cols = lo + tl.arange(0, BLOCK)
     v_live = tl.where(live, hi, 0)  # logits are read only below this column (none for a dead row)
+    x_rows, t_rows, y_lanes = x_row, t_row, y
+    if ROWS > 1:  # rows down the tile, columns across
+        x_rows, t_rows = x_row[:, None], t_row[:, None]
+        if CAPTURE_XY:
+            y_lanes = y[:, None]
+        cols = cols[None, :]
+        v_live = v_live[:, None]
     m = tl.full([BLOCK], _empty(), tl.float32)
     t = tl.full([BLOCK], -1.0, tl.float32)
     sa = tl.zeros([BLOCK], tl.float32)
@@ -545,16 +585,16 @@ def _cross_entropy_kernel(
         # The whole row (segment) fits one chunk: read it once and keep x (a, and the cap's slope) in
         # registers.
         mask = cols < hi
-        x, a, slope = _load_chunk(x_row, t_row, weight_ptr, cols, hi, v_live, cap, inv_cap, eps, eps_over_v,
+        x, a, slope = _load_chunk(x_rows, t_rows, weight_ptr, cols, hi, v_live, cap, inv_cap, eps, eps_over_v,
                                   SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first", INTERPRET)
         m = x
-        t = tl.zeros([BLOCK], tl.float32)
+        t = tl.zeros_like(x)
         if NEED_A:  # padding lanes must be -FLT_MAX, not -inf, for d's sa (m - ref) = 0 * (-inf) terms
             m = tl.where(mask, x, _empty())
-            t = tl.where(mask, 0.0, -1.0)
-            sa = a
+            t = tl.where(mask, t, -1.0)
+            sa = tl.broadcast_to(a, x.shape)  # (a class weight's a is the same in every row)
         if CAPTURE_XY:
-            xy = tl.where(cols == y, x, 0.0)
+            xy = tl.where(cols == y_lanes, x, 0.0)
     else:
         POLICY1: tl.constexpr = "evict_last" if WRITE_GRAD else "evict_first"  # kept in L2 for sweep 2
         if STAGES:
@@ -580,9 +620,32 @@ def _cross_entropy_kernel(
                 m, t, sa, d = _lane_update(xc, ac, c < hi, m, t, sa, d, NEED_A, INTERPRET)
                 if CAPTURE_XY:
                     xy = tl.where(c == y, xc, xy)
-    m, t, sa, d = _combine(m, t, sa, d, NEED_A, INTERPRET)
+    m, t, sa, d = _combine(m, t, sa, d, NEED_A, INTERPRET, AXIS)
     if CAPTURE_XY:
-        x_y = tl.sum(xy, axis=0)  # 0 when y is outside [lo, hi) (another segment's)
+        x_y = tl.sum(xy, axis=AXIS)  # 0 when y is outside [lo, hi) (another segment's)
+    if ROWS > 1:
+        # The reductions leave each row's statistics in every lane that held its values; stored and
+        # loaded back, they are one row a lane (what a load of ROWS values gives), and the row's own
+        # work below follows them there: its ~265 instructions for ROWS rows rather than for each (the
+        # compiler, left to itself, moves the target terms to the statistics; bench/NOTES.md
+        # sections 28 and 29). The barrier orders the stores before the loads of other threads.
+        plane = stats_ptr + row
+        n64 = tl.cast(n_rows, tl.int64)
+        tl.store(plane, m, mask=valid)
+        tl.store(plane + n64, t, mask=valid)
+        if NEED_A:
+            tl.store(plane + 2 * n64, sa, mask=valid)
+            tl.store(plane + 3 * n64, d, mask=valid)
+        if CAPTURE_XY:
+            tl.store(plane + 4 * n64, x_y, mask=valid)
+        tl.debug_barrier()
+        m = tl.load(plane, mask=valid, other=0.0)
+        t = tl.load(plane + n64, mask=valid, other=0.0)
+        if NEED_A:
+            sa = tl.load(plane + 2 * n64, mask=valid, other=0.0)
+            d = tl.load(plane + 3 * n64, mask=valid, other=0.0)
+        if CAPTURE_XY:
+            x_y = tl.load(plane + 4 * n64, mask=valid, other=0.0)
     if SPLIT:
         # Publish this segment's statistics, wait for the row's other segments, combine them all.
         # The barrier orders every thread's stores (and the x_y load) before the release.
@@ -605,7 +668,7 @@ def _cross_entropy_kernel(
         all_stats = stats_ptr + (row * SEGMENTS + k) * STATS
         m, t, sa, d = _combine(tl.load(all_stats, volatile=True), tl.load(all_stats + 1, volatile=True),
                                tl.load(all_stats + 2, volatile=True), tl.load(all_stats + 3, volatile=True),
-                               NEED_A, INTERPRET)
+                               NEED_A, INTERPRET, 0)
         if CAPTURE_XY:
             x_y = tl.sum(tl.load(all_stats + 4, volatile=True), axis=0)
     if CAPTURE_XY:
@@ -613,18 +676,39 @@ def _cross_entropy_kernel(
 
     # ---- the row's loss ---------------------------------------------------------------------------
     loss, t, ref, K, A, B, q, l = _row_loss(m, t, sa, d, x_y, w_y, live, ignored, ce_scale, z_scale, eps, eps_over_v,
-                                            z_coef, gamma, SMOOTH, ZLOSS, PROB, FOCAL, True)
-    if seg == 0:
+                                            z_coef, gamma, SMOOTH, ZLOSS, PROB, FOCAL, ROWS == 1)
+    if ROWS > 1:
+        tl.store(loss_ptr + row, cast_to(loss, loss_ptr.dtype.element_ty, INTERPRET), mask=valid)
+    elif seg == 0:
         tl.store(loss_ptr + row, cast_to(loss, loss_ptr.dtype.element_ty, INTERPRET))
 
     # ---- sweep 2: the gradient --------------------------------------------------------------------
     if WRITE_GRAD:
-        kp, K, A, B, ref2 = _grad_coefs(K, A, B, t, ref, live, ignored, ce_scale, z_scale, (row == 0) & (seg == 0),
+        first = (tl.program_id(0) == 0) if ROWS > 1 else (row == 0) & (seg == 0)
+        kp, K, A, B, ref2 = _grad_coefs(K, A, B, t, ref, live, ignored, ce_scale, z_scale, first,
                                         prediction_ptr, predicted_ptr, grad_ptr, PREDICT, ZLOSS)
         g_row = grad_ptr + row * grad_stride
         out_ty = grad_ptr.dtype.element_ty
         PRECISE: tl.constexpr = out_ty == tl.float32
-        if SINGLE:
+        if ROWS > 1:
+            # The tile's rows, their coefficients brought back through memory as their statistics went: else
+            # the compiler computes them a second time from the statistics, in the tile's layout.
+            tl.store(plane + 5 * n64, kp, mask=valid)
+            tl.store(plane + 6 * n64, ref if PRECISE else ref2, mask=valid)  # (what _chunk_grad takes)
+            if REST:
+                tl.store(plane + 7 * n64, A, mask=valid)
+                tl.store(plane + 8 * n64, B, mask=valid)
+            tl.debug_barrier()
+            kp_t = tl.load(plane + 5 * n64, mask=valid, other=0.0)[:, None]
+            ref_t = tl.load(plane + 6 * n64, mask=valid, other=0.0)[:, None]
+            A_t = 0.0
+            B_t = 0.0
+            if REST:
+                A_t = tl.load(plane + 7 * n64, mask=valid, other=0.0)[:, None]
+                B_t = tl.load(plane + 8 * n64, mask=valid, other=0.0)[:, None]
+            g = _chunk_grad(x, a, slope, ref_t, ref_t, kp_t, A_t, B_t, PROB, REST, SOFTCAP, PRECISE, INTERPRET)
+            tl.store(g_row[:, None] + cols, cast_to(g, out_ty, INTERPRET), mask=mask & valid[:, None])
+        elif SINGLE:
             g = _chunk_grad(x, a, slope, ref, ref2, kp, A, B, PROB, REST, SOFTCAP, PRECISE, INTERPRET)
             tl.store(g_row + cols, cast_to(g, out_ty, INTERPRET), mask=mask)
         else:
@@ -658,8 +742,11 @@ def _cross_entropy_kernel(
             # The target lane, written again by the program that holds it once the barrier has
             # ordered its threads' stores.
             g_y = _target_grad(K, A, B, q, l, w_y, slope_y, REST, SMOOTH, SOFTCAP)
+            y_mask = (y >= lo) & (y < hi)
+            if ROWS > 1:
+                y_mask = y_mask & valid
             tl.debug_barrier()
-            tl.store(g_row + y, cast_to(g_y, out_ty, INTERPRET), mask=(y >= lo) & (y < hi))
+            tl.store(g_row + y, cast_to(g_y, out_ty, INTERPRET), mask=y_mask)
 
 
 @triton.jit
@@ -800,7 +887,8 @@ class LaunchConfig:
     and ``stages2`` (sweep 2) 0 load the next chunk by hand before using the current one, n >= 2
     let Triton's software pipeliner keep n - 1 chunks in flight (asynchronous copies into shared
     memory). ``sleep_ns``: a split launch's wait for its row's other segments sleeps this long between
-    two polls (0: it polls without pause)."""
+    two polls (0: it polls without pause). ``rows``: rows a program (ROWS in the kernel; only for rows
+    in one chunk, not split)."""
 
     block: int
     num_warps: int
@@ -809,21 +897,22 @@ class LaunchConfig:
     stages: int = 0
     stages2: int = 0
     sleep_ns: int = SPIN_SLEEP_NS
+    rows: int = 1
 
     @functools.cached_property
     def kernel_constexprs(self) -> dict:
         """The kernel's constexpr arguments that this launch decides beyond its block (computed once
         per configuration: a launch's host time counts). SPIN_SLEEP sleeps, then passes the arrivals'
         count through."""
-        return dict(REVERSE=self.reverse, STAGES=self.stages, STAGES2=self.stages2,
+        return dict(REVERSE=self.reverse, STAGES=self.stages, STAGES2=self.stages2, ROWS=self.rows,
                     SPIN_SLEEP=f"nanosleep.u32 {self.sleep_ns}; mov.b32 $0, $1;" if self.sleep_ns else None)
 
 
 def launch_config(logits: Tensor, write_grad: bool) -> LaunchConfig:
     """The default launch for (N, V) logits, from ``python -m bench.tune_ce`` on an H100 (see
     bench/NOTES.md): rows of V >= SPLIT_MIN_COLS with a gradient are split into segments of
-    SPLIT_COLS[dtype] columns (at most ``max_segments`` of them); other rows run one per program in
-    chunks of up to MAX_ROW_BLOCK."""
+    SPLIT_COLS[dtype] columns (at most ``max_segments`` of them); rows of up to ROWS_MAX_BLOCK columns
+    run several a program (ROWS_VALUES); other rows one per program, in chunks of up to MAX_ROW_BLOCK."""
     split = write_grad and logits.is_cuda
     segments_cap = _max_segments(logits.get_device()) if split else 0
     return _default_config(logits.shape[1], logits.element_size(), segments_cap, write_grad)
@@ -867,6 +956,8 @@ def _default_config(n_cols: int, element_size: int, segments_cap: int, write_gra
         return LaunchConfig(block=block, num_warps=warps, segments=segments, stages=stages, stages2=stages2)
     block = row_block(n_cols)
     pipelined = cdiv(n_cols, block) >= PIPELINE_MIN_CHUNKS and (element_size == 2 or not write_grad)
+    if n_cols <= ROWS_MAX_BLOCK:  # short rows, several a program of one warp: see ROWS_VALUES
+        return LaunchConfig(block=block, num_warps=1, rows=ROWS_VALUES // block)
     # a row in one chunk: see SINGLE_ROW_VALUES; in chunks: 8 values a thread (BLOCK 2048, 8 warps)
     per_thread = SINGLE_ROW_VALUES if n_cols <= block else 8
     return LaunchConfig(block=block, num_warps=max(1, block // (32 * per_thread)), stages=3 if pipelined else 0)
@@ -934,8 +1025,9 @@ def cross_entropy_fwd(
     ``predicted`` holds the factor used.
     config: launch parameters (``launch_config(logits, grad is not None)`` when None); for tuning.
 
-    Extra memory: the (N,) loss (N D for 3-D logits), for ``mean`` up to 32 floats, and for a split
-    launch N + 1 int32 counters and N x segments x 8 floats of statistics.
+    Extra memory: the (N,) loss (N D for 3-D logits), for ``mean`` up to 32 floats, for a split
+    launch N + 1 int32 counters and N x segments x 8 floats of statistics, and for several rows a
+    program (short rows) 9 N floats of statistics.
 
     Launches the prologue kernel (for ``mean``, and a split launch's counters), the loss kernel, and
     for a 16-bit ``reduce`` the sum's (``reduce_partials``).
@@ -989,9 +1081,14 @@ def cross_entropy_fwd(
     if segments & (segments - 1):
         raise ValueError(f"cross_entropy_fwd: segments must be 0 or a power of two, got {segments}")
     seg_len = cdiv(cdiv(n_cols, segments), cfg.block) * cfg.block if split else n_cols
-    # SPLIT's counters and statistics (a row per program touches neither: the logits stand in)
+    rows = 1 if columns else cfg.rows
+    if rows != 1 and (rows < 1 or rows & (rows - 1) or split or seg_len > cfg.block):
+        raise ValueError(f"cross_entropy_fwd: rows must be a power of two, and above 1 only for rows in one chunk "
+                         f"(not split), got {rows}")
+    # SPLIT's counters and statistics, and ROWS's (a row per program touches neither: the logits stand in)
     sync = torch.empty(1 + n_rows, dtype=torch.int32, device=logits.device) if split else logits
-    stats = torch.empty(n_rows * segments * STATS, dtype=torch.float32, device=logits.device) if split else logits
+    stats = (torch.empty(n_rows * (segments * STATS if split else 9), dtype=torch.float32, device=logits.device)
+             if split or rows > 1 else logits)
     n_parts, z_off = 1, (0 if divisors is None or divisors.numel() == 1 else 1)
     if mean or split:
         programs = min(PARTS, cdiv(n_rows, PART_ROWS))
@@ -1068,7 +1165,7 @@ def cross_entropy_fwd(
         ), options)
         return reduce_partials(loss, loss_dtype) if reduce else loss.view(rows_out)
     options.update(SINGLE=seg_len <= cfg.block, SPLIT=split, SEGMENTS=segments, STATS=STATS, **cfg.kernel_constexprs)
-    launch_with(_cross_entropy_kernel, n_rows * segments, (
+    launch_with(_cross_entropy_kernel, cdiv(n_rows, rows) * segments, (
         logits,
         logits.stride(0),
         target,
@@ -1084,6 +1181,7 @@ def cross_entropy_fwd(
         stats,
         prediction,
         predicted,
+        n_rows,
         n_cols,
         seg_len,
         *scalars,

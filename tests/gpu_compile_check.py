@@ -29,25 +29,25 @@ def compile_variant(kernel, runtime: dict, constexprs: dict, num_warps: int = 8)
 
 
 def cross_entropy_variants():
-    for dt, (prob, smooth, z, cap, focal, weight), (single, split) in itertools.product(
+    for dt, (prob, smooth, z, cap, focal, weight), (single, split, rows) in itertools.product(
         ["bf16", "fp32"],
         [(0, 0, 0, 0, 0, 0), (0, 1, 1, 1, 0, 1), (1, 1, 1, 1, 0, 1), (0, 0, 0, 1, 1, 1), (1, 0, 0, 0, 0, 0)],
-        [(False, False), (True, False), (True, True), (False, True)],
+        [(False, False, 1), (True, False, 1), (True, True, 1), (False, True, 1), (True, False, 4)],
     ):
         runtime = {"logits_ptr": f"*{dt}", "logits_stride": "i64", "target_ptr": "*fp32" if prob else "*i64",
                    "target_stride": "i64", "weight_ptr": "*fp32", "div_ptr": "*fp32", "n_parts": "i32", "z_off": "i32",
                    "grad_ptr": f"*{dt}",
                    "grad_stride": "i64", "loss_ptr": "*fp32" if single else f"*{dt}",  # fp32: reduced
-                   "V": "i32", "ignore_index": "i64", "eps": "fp32",
+                   "n_rows": "i32", "V": "i32", "ignore_index": "i64", "eps": "fp32",
                    "z_coef": "fp32", "cap": "fp32", "inv_cap": "fp32", "gamma": "fp32", "sync_ptr": "*i32",
                    "stats_ptr": "*fp32", "seg_len": "i32", "prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}
         # chunked sweeps pipelined by Triton (a split one: both sweeps), a split launch's wait asleep
         # between polls (the default sleep_ns), a row in one chunk at the default's 2 warps
-        # (SINGLE_ROW_VALUES a thread)
-        launch = LaunchConfig(block=8192 if split else 1024 if single else 4096,
-                              num_warps=2 if single and not split else 8,
+        # (SINGLE_ROW_VALUES a thread), short rows 4 a program of one warp (ROWS_VALUES)
+        launch = LaunchConfig(block=8192 if split else 256 if rows > 1 else 1024 if single else 4096,
+                              num_warps=1 if rows > 1 else 2 if single and not split else 8,
                               stages=0 if single else 4 if split else 3, stages2=4 if split and not single else 0,
-                              **({} if split else {"sleep_ns": 0}))
+                              rows=rows, **({} if split else {"sleep_ns": 0}))
         # softcap's tanh with its series: fp32, and (as a cap past FAST_TANH_MAX_CAP) bf16 probabilities
         constexprs = dict(HAS_WEIGHT=bool(weight), SMOOTH=bool(smooth), ZLOSS=bool(z), SOFTCAP=bool(cap),
                           TANH_SERIES=bool(cap) and (dt == "fp32" or bool(prob)), PROB=bool(prob),

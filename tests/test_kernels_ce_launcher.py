@@ -40,6 +40,7 @@ from fastloss.kernels.common import (  # noqa: E402
 from fastloss.kernels.cross_entropy import (  # noqa: E402
     MAX_SEGMENTS,
     LaunchConfig,
+    ROWS_VALUES,
     _default_config,
     cross_entropy_fwd,
     _max_segments,
@@ -299,6 +300,26 @@ def test_positions_launcher_refuses_what_it_cannot_read():
         cross_entropy_fwd(x[..., None], t, None, None, None)
     with pytest.raises(ValueError, match="stride"):
         cross_entropy_fwd(x[:, :, 0].t().contiguous().t(), t[:, 0], None, None, None)
+
+
+@pytest.mark.parametrize("config", [LaunchConfig(block=256, num_warps=1, rows=3),  # no power of two
+                                    LaunchConfig(block=128, num_warps=1, rows=4),  # rows in two chunks
+                                    LaunchConfig(block=256, num_warps=1, rows=4, segments=2)],  # split
+                         ids=["rows3", "chunked", "split"])
+def test_several_rows_a_program_only_where_the_kernel_takes_them(config):
+    logits, target = make(5, 200, torch.float32)
+    with pytest.raises(ValueError, match="rows must be"):
+        cross_entropy_fwd(logits, target, None, None, torch.empty_like(logits), config=config)
+
+
+@pytest.mark.parametrize("v, rows", [(29, 32), (50, 16), (150, 4), (256, 4), (257, 1), (2048, 1)])
+def test_short_rows_run_several_a_program(v, rows):
+    """The default launch gives rows of up to 256 columns a tile of ROWS_VALUES (1024) values in one
+    warp, the rows' own work one row a lane; longer rows one a program."""
+    cfg = _default_config(v, 2, 0)
+    assert cfg.rows == rows
+    if rows > 1:
+        assert cfg.num_warps == 1 and cfg.block * rows == ROWS_VALUES
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -583,11 +604,17 @@ SPLIT_CONFIGS = [*INTERPRETED_SPLITS, LaunchConfig(block=1024, num_warps=4, segm
 LAUNCHES = [(c, v) for c in CONFIGS + SPLIT_CONFIGS for v in (4099, 20000)
             if DEV.type == "cuda" or (c.segments <= 1 and (v == 4099 or c.block > 4099))
             or (c in INTERPRETED_SPLITS and v == 4099)]
+# several short rows a program (ROWS), the checks' 5 rows in one program or in two, the second of one
+# row and three past the last: rows of the default's tiles (4 of 256, 16 of 64), a row a lane's worth
+# of columns (32), and a tile of 2 rows
+LAUNCHES += [(LaunchConfig(block=256, num_warps=1, rows=4), 150), (LaunchConfig(block=64, num_warps=1, rows=16), 50),
+             (LaunchConfig(block=32, num_warps=1, rows=8), 32), (LaunchConfig(block=128, num_warps=2, rows=2), 100)]
 
 
 def _launch_id(value):
     if isinstance(value, LaunchConfig):
-        return f"b{value.block}w{value.num_warps}s{value.segments}r{int(value.reverse)}p{value.stages}{value.stages2}z{value.sleep_ns}"
+        return (f"b{value.block}w{value.num_warps}s{value.segments}r{int(value.reverse)}p{value.stages}{value.stages2}"
+                f"z{value.sleep_ns}" + (f"R{value.rows}" if value.rows > 1 else ""))
     return str(value)
 
 
