@@ -478,8 +478,8 @@ def _cross_entropy_kernel(
     grad_stride,
     loss_ptr,  # each row's loss, in its dtype (fp32 when the launcher sums the rows)
     sync_ptr,  # SPLIT: int32 [1 + N], zeroed: the ticket counter, then each row's arrival count
-    stats_ptr,  # SPLIT: fp32 [N, SEGMENTS, STATS]: each segment's m, t, sa, d, x_y part; ROWS: [9, N], each
-    # row's m, t, sa, d, x_y and its gradient's coefficients kp, ref (or ref2), A, B
+    stats_ptr,  # SPLIT: fp32 [N, SEGMENTS, STATS]: each segment's m, t, sa, d, x_y part; ROWS: [rows_planes, N],
+    # each row's statistics and its gradient's coefficients (see the statistics' round trip)
     prediction_ptr,  # PREDICT: fp32, the gradient's extra factor (a power of two, or 0: unknown; see scale_grad_)
     predicted_ptr,  # PREDICT: fp32, where the program of row 0 copies the factor used, for the backward
     n_rows,  # ROWS: the rows (a program's last rows may lie past them)
@@ -629,23 +629,27 @@ def _cross_entropy_kernel(
         # work below follows them there: its ~265 instructions for ROWS rows rather than for each (the
         # compiler, left to itself, moves the target terms to the statistics; bench/NOTES.md
         # sections 28 and 29). The barrier orders the stores before the loads of other threads.
+        # Planes of n_rows floats (rows_planes): m, t, kp, ref, then sa, d (NEED_A), A, B (REST), x_y.
+        P_SA: tl.constexpr = 4
+        P_A: tl.constexpr = 4 + 2 * NEED_A
+        P_XY: tl.constexpr = P_A + 2 * REST
         plane = stats_ptr + row
         n64 = tl.cast(n_rows, tl.int64)
         tl.store(plane, m, mask=valid)
         tl.store(plane + n64, t, mask=valid)
         if NEED_A:
-            tl.store(plane + 2 * n64, sa, mask=valid)
-            tl.store(plane + 3 * n64, d, mask=valid)
+            tl.store(plane + P_SA * n64, sa, mask=valid)
+            tl.store(plane + (P_SA + 1) * n64, d, mask=valid)
         if CAPTURE_XY:
-            tl.store(plane + 4 * n64, x_y, mask=valid)
+            tl.store(plane + P_XY * n64, x_y, mask=valid)
         tl.debug_barrier()
         m = tl.load(plane, mask=valid, other=0.0)
         t = tl.load(plane + n64, mask=valid, other=0.0)
         if NEED_A:
-            sa = tl.load(plane + 2 * n64, mask=valid, other=0.0)
-            d = tl.load(plane + 3 * n64, mask=valid, other=0.0)
+            sa = tl.load(plane + P_SA * n64, mask=valid, other=0.0)
+            d = tl.load(plane + (P_SA + 1) * n64, mask=valid, other=0.0)
         if CAPTURE_XY:
-            x_y = tl.load(plane + 4 * n64, mask=valid, other=0.0)
+            x_y = tl.load(plane + P_XY * n64, mask=valid, other=0.0)
     if SPLIT:
         # Publish this segment's statistics, wait for the row's other segments, combine them all.
         # The barrier orders every thread's stores (and the x_y load) before the release.
@@ -693,19 +697,19 @@ def _cross_entropy_kernel(
         if ROWS > 1:
             # The tile's rows, their coefficients brought back through memory as their statistics went: else
             # the compiler computes them a second time from the statistics, in the tile's layout.
-            tl.store(plane + 5 * n64, kp, mask=valid)
-            tl.store(plane + 6 * n64, ref if PRECISE else ref2, mask=valid)  # (what _chunk_grad takes)
+            tl.store(plane + 2 * n64, kp, mask=valid)
+            tl.store(plane + 3 * n64, ref if PRECISE else ref2, mask=valid)  # (what _chunk_grad takes)
             if REST:
-                tl.store(plane + 7 * n64, A, mask=valid)
-                tl.store(plane + 8 * n64, B, mask=valid)
+                tl.store(plane + P_A * n64, A, mask=valid)
+                tl.store(plane + (P_A + 1) * n64, B, mask=valid)
             tl.debug_barrier()
-            kp_t = tl.load(plane + 5 * n64, mask=valid, other=0.0)[:, None]
-            ref_t = tl.load(plane + 6 * n64, mask=valid, other=0.0)[:, None]
+            kp_t = tl.load(plane + 2 * n64, mask=valid, other=0.0)[:, None]
+            ref_t = tl.load(plane + 3 * n64, mask=valid, other=0.0)[:, None]
             A_t = 0.0
             B_t = 0.0
             if REST:
-                A_t = tl.load(plane + 7 * n64, mask=valid, other=0.0)[:, None]
-                B_t = tl.load(plane + 8 * n64, mask=valid, other=0.0)[:, None]
+                A_t = tl.load(plane + P_A * n64, mask=valid, other=0.0)[:, None]
+                B_t = tl.load(plane + (P_A + 1) * n64, mask=valid, other=0.0)[:, None]
             g = _chunk_grad(x, a, slope, ref_t, ref_t, kp_t, A_t, B_t, PROB, REST, SOFTCAP, PRECISE, INTERPRET)
             tl.store(g_row[:, None] + cols, cast_to(g, out_ty, INTERPRET), mask=mask & valid[:, None])
         elif SINGLE:
@@ -963,6 +967,13 @@ def _default_config(n_cols: int, element_size: int, segments_cap: int, write_gra
     return LaunchConfig(block=block, num_warps=max(1, block // (32 * per_thread)), stages=3 if pipelined else 0)
 
 
+def rows_planes(need_a: bool, rest: bool, capture_xy: bool) -> int:
+    """Floats a row that a launch of several rows a program (ROWS) keeps in its statistics' buffer:
+    the row's max and sum and its gradient's kp and ref, the sums of NEED_A, the coefficients A and B
+    of REST, and a softcap's captured target logit (CAPTURE_XY in the kernel)."""
+    return 4 + 2 * need_a + 2 * rest + capture_xy
+
+
 # Columns launches (3-D logits): positions a program and warps. A program's sweep 2 re-reads its
 # V x block logits from cache, so the block shrinks as V grows, down to one position a thread
 # (chosen from those sizes, not yet tuned on a GPU).
@@ -1027,7 +1038,7 @@ def cross_entropy_fwd(
 
     Extra memory: the (N,) loss (N D for 3-D logits), for ``mean`` up to 32 floats, for a split
     launch N + 1 int32 counters and N x segments x 8 floats of statistics, and for several rows a
-    program (short rows) 9 N floats of statistics.
+    program (short rows) 4 to 9 N floats of statistics (``rows_planes``).
 
     Launches the prologue kernel (for ``mean``, and a split launch's counters), the loss kernel, and
     for a 16-bit ``reduce`` the sum's (``reduce_partials``).
@@ -1085,10 +1096,9 @@ def cross_entropy_fwd(
     if rows != 1 and (rows < 1 or rows & (rows - 1) or split or seg_len > cfg.block):
         raise ValueError(f"cross_entropy_fwd: rows must be a power of two, and above 1 only for rows in one chunk "
                          f"(not split), got {rows}")
-    # SPLIT's counters and statistics, and ROWS's (a row per program touches neither: the logits stand in)
+    # SPLIT's counters and statistics (a row per program touches neither: the logits stand in)
     sync = torch.empty(1 + n_rows, dtype=torch.int32, device=logits.device) if split else logits
-    stats = (torch.empty(n_rows * (segments * STATS if split else 9), dtype=torch.float32, device=logits.device)
-             if split or rows > 1 else logits)
+    stats = torch.empty(n_rows * segments * STATS, dtype=torch.float32, device=logits.device) if split else logits
     n_parts, z_off = 1, (0 if divisors is None or divisors.numel() == 1 else 1)
     if mean or split:
         programs = min(PARTS, cdiv(n_rows, PART_ROWS))
@@ -1165,6 +1175,10 @@ def cross_entropy_fwd(
         ), options)
         return reduce_partials(loss, loss_dtype) if reduce else loss.view(rows_out)
     options.update(SINGLE=seg_len <= cfg.block, SPLIT=split, SEGMENTS=segments, STATS=STATS, **cfg.kernel_constexprs)
+    if rows > 1:  # ROWS's statistics
+        capture_xy = options["SOFTCAP"] and options["TANH_SERIES"] and not prob
+        planes = rows_planes(options["NEED_A"], options["REST"], capture_xy)
+        stats = torch.empty(n_rows * planes, dtype=torch.float32, device=logits.device)
     launch_with(_cross_entropy_kernel, cdiv(n_rows, rows) * segments, (
         logits,
         logits.stride(0),
