@@ -227,10 +227,10 @@ def _combine(m, t, sa, d, NEED_A: tl.constexpr, INTERPRET: tl.constexpr, AXIS: t
     """Reduces per-lane (or per-segment) statistics (m, t = s - 1, sa, d; see _lane_update) to the
     row's scalars (AXIS 1: a tile's rows, a vector of each). t keeps the max lanes' ones out of the
     sum, sum_l s_l exp(m_l - M) - 1 = sum over max lanes of t_l + (their count - 1) + sum over the
-    others of (1 + t_l) exp(m_l - M), so
-    that lse - M = log1p(t) keeps its relative precision when the row is confident (lse - x_y ~ 1e-4
-    is common and would lose 3 digits to 1 + t rounding in fp32). d is moved to the common reference
-    before summing, which avoids the cancellation of sa * lse - sum a x for large logits.
+    others of (1 + t_l) exp(m_l - M), so that lse - M = log1p(t) keeps its relative precision when
+    the row is confident (lse - x_y ~ 1e-4 is common and would lose 3 digits to 1 + t rounding in
+    fp32). d is moved to the common reference before summing, which avoids the cancellation of
+    sa * lse - sum a x for large logits.
 
     The lanes may also be raw values (m = x, t = 0, sa = a, d = 0: one value each), which is how a
     row that fits one chunk is reduced, with one exp per element; -inf is then an empty lane."""
