@@ -236,6 +236,27 @@ def _report_columns(dt: str) -> None:
               f"per element at {classes} classes)")
 
 
+def _report_short_rows(dt: str) -> None:
+    """Short rows at their default launch (several a program up to 256 columns, ROWS in the kernel)
+    beside one row a program of one warp, what they ran before (bench/NOTES.md, section 29): a
+    tagger's 50 classes and ADE20K's 150, rows not aligned to 16 bytes in 16 bits (no vector loads),
+    and 64, aligned. Plain mean loss with a gradient."""
+    import dataclasses
+
+    from fastloss.kernels.cross_entropy import STATS, _cross_entropy_kernel, _default_config
+
+    for v in (50, 64, 150):
+        aligned = ("logits_stride", "grad_stride", "V", "seg_len") if v * ELEMENT_SIZE[dt] % 16 == 0 else ()
+        default = _default_config(v, ELEMENT_SIZE[dt], 0)
+        for cfg in (default, dataclasses.replace(default, rows=1)):
+            c = compile_sm90(_cross_entropy_kernel, _ce_signature(dt), dict(_ce_plain(), STATS=STATS, BLOCK=cfg.block,
+                             SINGLE=True, SPLIT=False, SEGMENTS=1, PREDICT=True, **cfg.kernel_constexprs),
+                             cfg.num_warps, aligned=aligned)
+            report(f"cross-entropy {dt} V={v}: BLOCK={cfg.block} warps={cfg.num_warps} rows={cfg.rows} a program"
+                   f"{'' if cfg.rows > 1 else ' (one row, as before section 29)'}", c,
+                   v * cfg.rows / (32 * cfg.num_warps))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sass", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtype", choices=tuple(ELEMENT_SIZE), default="bf16",
@@ -257,6 +278,7 @@ def main(argv=None) -> int:
                          aligned=("logits_stride", "grad_stride", "V", "seg_len"))
         report(f"cross-entropy {name}", c, per_thread, chunk_per_thread)
     _report_columns(dt)
+    _report_short_rows(dt)
     out = {"out_ptr": "*fp32" if args.reduce else f"*{dt}"}
     predict = {"prediction_ptr": "*fp32", "predicted_ptr": "*fp32"}  # used with reduce
     ew = {"x_ptr": f"*{dt}", "y_ptr": f"*{dt}", "w_ptr": f"*{dt}", **out, "gx_ptr": f"*{dt}",
