@@ -191,17 +191,12 @@ def _report_columns(dt: str) -> None:
     channels_last (classes contiguous, positions 19 apart: rows too narrow for the rows kernel, see
     functional._narrow_rows). Each loop steps through one class for every position of the thread's,
     so a loop's instructions per element are per position a class."""
-    from fastloss.kernels.cross_entropy import (STATS, _cross_entropy_columns_kernel, _cross_entropy_kernel,
-                                                _default_config, columns_config)
+    from fastloss.kernels.cross_entropy import _cross_entropy_columns_kernel, _default_config, columns_config
 
     classes = 19
     # the rows kernel on such rows at its default launch (several a program; what functional._rows sends
     # to the columns kernel instead, see _COLUMNS_MAX_ROW_COST)
-    rows = _default_config(classes, ELEMENT_SIZE[dt], 0)
-    c = compile_sm90(_cross_entropy_kernel, _ce_signature(dt), dict(_ce_plain(), STATS=STATS, BLOCK=rows.block,
-                     SINGLE=True, SPLIT=False, SEGMENTS=1, PREDICT=True, **rows.kernel_constexprs), rows.num_warps)
-    report(f"cross-entropy {dt} rows of {classes} classes, rows kernel: BLOCK={rows.block} warps={rows.num_warps} "
-           f"rows={rows.rows} a program", c, classes * rows.rows / (32 * rows.num_warps))
+    _report_rows_in_one_chunk(dt, classes, _default_config(classes, ELEMENT_SIZE[dt], 0), "rows kernel")
     cfg = columns_config(classes)
     positions = cfg.block // (32 * cfg.num_warps)
     for layout, unit in (("(N, C, H, W)", "d"), ("channels_last", "c")):
@@ -236,6 +231,19 @@ def _report_columns(dt: str) -> None:
               f"per element at {classes} classes)")
 
 
+def _report_rows_in_one_chunk(dt: str, v: int, cfg, note: str = "") -> None:
+    """The rows kernel's launch ``cfg`` on rows of ``v`` columns that fit one chunk (plain mean loss,
+    a gradient), aligned to 16 bytes where v values are (as Triton specializes the launch)."""
+    from fastloss.kernels.cross_entropy import STATS, _cross_entropy_kernel
+
+    aligned = ("logits_stride", "grad_stride", "V", "seg_len") if v * ELEMENT_SIZE[dt] % 16 == 0 else ()
+    c = compile_sm90(_cross_entropy_kernel, _ce_signature(dt), dict(_ce_plain(), STATS=STATS, BLOCK=cfg.block,
+                     SINGLE=True, SPLIT=False, SEGMENTS=1, PREDICT=True, **cfg.kernel_constexprs), cfg.num_warps,
+                     aligned=aligned)
+    report(f"cross-entropy {dt} V={v}{note and f', {note}'}: BLOCK={cfg.block} warps={cfg.num_warps} "
+           f"rows={cfg.rows} a program", c, v * cfg.rows / (32 * cfg.num_warps))
+
+
 def _report_short_rows(dt: str) -> None:
     """Short rows at their default launch (several a program up to 256 columns, ROWS in the kernel)
     beside one row a program of one warp, what they ran before (bench/NOTES.md, section 29): a
@@ -243,18 +251,12 @@ def _report_short_rows(dt: str) -> None:
     and 64, aligned. Plain mean loss with a gradient."""
     import dataclasses
 
-    from fastloss.kernels.cross_entropy import STATS, _cross_entropy_kernel, _default_config
+    from fastloss.kernels.cross_entropy import _default_config
 
     for v in (50, 64, 150):
-        aligned = ("logits_stride", "grad_stride", "V", "seg_len") if v * ELEMENT_SIZE[dt] % 16 == 0 else ()
         default = _default_config(v, ELEMENT_SIZE[dt], 0)
-        for cfg in (default, dataclasses.replace(default, rows=1)):
-            c = compile_sm90(_cross_entropy_kernel, _ce_signature(dt), dict(_ce_plain(), STATS=STATS, BLOCK=cfg.block,
-                             SINGLE=True, SPLIT=False, SEGMENTS=1, PREDICT=True, **cfg.kernel_constexprs),
-                             cfg.num_warps, aligned=aligned)
-            report(f"cross-entropy {dt} V={v}: BLOCK={cfg.block} warps={cfg.num_warps} rows={cfg.rows} a program"
-                   f"{'' if cfg.rows > 1 else ' (one row, as before section 29)'}", c,
-                   v * cfg.rows / (32 * cfg.num_warps))
+        _report_rows_in_one_chunk(dt, v, default)
+        _report_rows_in_one_chunk(dt, v, dataclasses.replace(default, rows=1), "one a program, as before section 29")
 
 
 def main(argv=None) -> int:
