@@ -967,11 +967,12 @@ def _default_config(n_cols: int, element_size: int, segments_cap: int, write_gra
     return LaunchConfig(block=block, num_warps=max(1, block // (32 * per_thread)), stages=3 if pipelined else 0)
 
 
-def rows_planes(need_a: bool, rest: bool, capture_xy: bool) -> int:
+def rows_planes(need_a: bool, rest: bool, softcap: bool) -> int:
     """Floats a row that a launch of several rows a program (ROWS) keeps in its statistics' buffer:
     the row's max and sum and its gradient's kp and ref, the sums of NEED_A, the coefficients A and B
-    of REST, and a softcap's captured target logit (CAPTURE_XY in the kernel)."""
-    return 4 + 2 * need_a + 2 * rest + capture_xy
+    of REST, and last a softcap's captured target logit (CAPTURE_XY in the kernel, which only a softcap
+    takes: its plane is there for every softcap, so that this need not repeat the kernel's condition)."""
+    return 4 + 2 * need_a + 2 * rest + softcap
 
 
 # Columns launches (3-D logits): positions a program and warps. A program's sweep 2 re-reads its
@@ -1176,8 +1177,7 @@ def cross_entropy_fwd(
         return reduce_partials(loss, loss_dtype) if reduce else loss.view(rows_out)
     options.update(SINGLE=seg_len <= cfg.block, SPLIT=split, SEGMENTS=segments, STATS=STATS, **cfg.kernel_constexprs)
     if rows > 1:  # ROWS's statistics
-        capture_xy = options["SOFTCAP"] and options["TANH_SERIES"] and not prob
-        planes = rows_planes(options["NEED_A"], options["REST"], capture_xy)
+        planes = rows_planes(options["NEED_A"], options["REST"], options["SOFTCAP"])
         stats = torch.empty(n_rows * planes, dtype=torch.float32, device=logits.device)
     launch_with(_cross_entropy_kernel, cdiv(n_rows, rows) * segments, (
         logits,
