@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default="", help="comma-separated case names' substrings (default: all)")
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop searching after this long")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--save", default="", help="write the results as JSON to this file")
+    parser.add_argument("--save", default="", help="write the results as JSON to this file (after every case)")
     parser.add_argument("--elementwise", action="store_true", help="also time the elementwise kernels' blocks")
     parser.add_argument("--profile", action="store_true",
                         help="also profile whole fastloss.cross_entropy steps (forward + backward)")
@@ -299,23 +299,28 @@ def main(argv=None) -> int:
     cases = [(name, dtype, (n_rows, n_cols), write_grad, softcap, None)
              for name, dtype, n_rows, n_cols, write_grad, softcap in CASES]
     cases += [(name, dtype, shape, True, None, layout) for name, dtype, shape, layout in SEG_CASES]
+
+    def save():  # after every case, so that a run cut short keeps what it measured
+        if args.save:
+            with open(args.save, "w") as f:
+                json.dump(dict(device=torch.cuda.get_device_name(), copy_gbps=bandwidth / 1e9,
+                               torch=torch.__version__, results=results), f, indent=1)
+
     for name, dtype, shape, write_grad, softcap, layout in cases:
         if wanted and not any(w in name for w in wanted):
             continue
         results.append(tune_case(name, dtype, shape, write_grad, softcap, layout, device=device,
                                  bandwidth=bandwidth, do_bench=do_bench, rounds=args.rounds, deadline=deadline))
+        save()
         torch.cuda.empty_cache()
     if args.elementwise:
         results += tune_elementwise(bandwidth, do_bench)
+        save()
     if args.profile:
         profile_steps()
     print("\ncase                   default%  best%  best config")
     for r in results:
         print(f"{r['case']:22} {r['default_pct']:7.1f} {r['best_pct']:6.1f}  {r['best']}")
-    if args.save:
-        with open(args.save, "w") as f:
-            json.dump(dict(device=torch.cuda.get_device_name(), copy_gbps=bandwidth / 1e9,
-                           torch=torch.__version__, results=results), f, indent=1)
     return 0
 
 
