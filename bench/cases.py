@@ -155,6 +155,7 @@ def gpu_cases(quick: bool) -> tuple[list[Case], list[Case]]:
         _classes("ce", "fp16", n_rows, 128256, loss_div=8),  # no target: fp16 takes no prediction below 1 (NOTES 12)
         _classes("ce_softcap", "bf16", n_rows, 256000),  # no target: Gemma 2's vocabulary and cap
         _classes("ce_tokens", "bf16", n_rows, 128256),  # no target: gradient accumulation's sum / tokens
+        _classes("ce", "bf16", n_rows, 50257),  # no target: GPT-2's vocabulary, rows off 16-byte boundaries
         Case("ce_seg", "bf16", (8, 19, 512, 1024)),  # no target: Cityscapes' 19 classes, a segmentation map
         _classes("focal", "bf16", n_rows, 32768, goal=0.90),
         _classes("focal", "bf16", n_rows, 128256, goal=0.90),

@@ -157,8 +157,10 @@ def _ce_plain() -> dict:
 
 
 def _cross_entropy_variants(dtype: str):
-    """(name, constexprs, warps, values per thread, values per thread per chunk or None) for the
-    default launches of the benchmark's headline shapes, as ``cross_entropy_fwd`` derives them."""
+    """(name, constexprs, warps, values per thread, values per thread per chunk or None, the integer
+    arguments Triton knows to be multiples of 16) for the default launches of the benchmark's headline
+    shapes, and of GPT-2's vocabulary (V = 50257: rows off 16-byte boundaries, SHIFT in the kernel), as
+    ``cross_entropy_fwd`` derives them."""
     from fastloss.kernels.common import cdiv
     from fastloss.kernels.cross_entropy import MAX_SEGMENTS, STATS, _default_config
 
@@ -169,20 +171,24 @@ def _cross_entropy_variants(dtype: str):
              (f"{dtype} V=128256, focal", 128256, {"FOCAL": True}),
              (f"{dtype} V=256000, softcap", 256000,  # Gemma 2's vocabulary and cap (30)
               {"SOFTCAP": True, "TANH_SERIES": dtype == "fp32"}),
-             (f"{dtype} V=128256, forward only", 128256, {"WRITE_GRAD": False})]
+             (f"{dtype} V=128256, forward only", 128256, {"WRITE_GRAD": False}),
+             (f"{dtype} V=50257, rows off 16-byte boundaries", 50257, {})]
     for name, v, extra in cases:
         write_grad = extra.get("WRITE_GRAD", True)
         cfg = _default_config(v, size, MAX_SEGMENTS if write_grad else 0, write_grad)  # an H100's
         segments = max(cfg.segments, 1)
-        seg_len = cdiv(cdiv(v, segments), cfg.block) * cfg.block if cfg.segments else v
+        shift = 16 // size if v * size % 16 else 0  # (cross_entropy.row_shift, for contiguous logits)
+        seg_len = cdiv(cdiv(v + max(shift - 1, 0), segments), cfg.block) * cfg.block if cfg.segments else v
         single = seg_len <= cfg.block
         threads = 32 * cfg.num_warps
         # the headline's mean loss predicts grad_output when it writes a gradient (autograd._PREDICTIONS)
         constexprs = dict(plain, BLOCK=cfg.block, SINGLE=single, SPLIT=cfg.segments > 0, SEGMENTS=segments,
-                          **cfg.kernel_constexprs, PREDICT=write_grad, **extra)
+                          SHIFT=shift, **cfg.kernel_constexprs, PREDICT=write_grad, **extra)
         label = (f"{name}: BLOCK={cfg.block} warps={cfg.num_warps} "
                  + (f"segments={segments} of {seg_len}" if cfg.segments else "one row per program"))
-        yield label, constexprs, cfg.num_warps, cdiv(min(seg_len, v), threads), None if single else cfg.block // threads
+        aligned = ("seg_len",) if shift else ("logits_stride", "grad_stride", "V", "seg_len")
+        yield (label, constexprs, cfg.num_warps, cdiv(min(seg_len, v), threads),
+               None if single else cfg.block // threads, aligned)
 
 
 def _report_columns(dt: str) -> None:
@@ -238,8 +244,8 @@ def _report_rows_in_one_chunk(dt: str, v: int, cfg, note: str = "") -> None:
 
     aligned = ("logits_stride", "grad_stride", "V", "seg_len") if v * ELEMENT_SIZE[dt] % 16 == 0 else ()
     c = compile_sm90(_cross_entropy_kernel, _ce_signature(dt), dict(_ce_plain(), STATS=STATS, BLOCK=cfg.block,
-                     SINGLE=True, SPLIT=False, SEGMENTS=1, PREDICT=True, **cfg.kernel_constexprs), cfg.num_warps,
-                     aligned=aligned)
+                     SINGLE=True, SPLIT=False, SEGMENTS=1, PREDICT=True, SHIFT=0, **cfg.kernel_constexprs),
+                     cfg.num_warps, aligned=aligned)
     report(f"cross-entropy {dt} V={v}{note and f', {note}'}: BLOCK={cfg.block} warps={cfg.num_warps} "
            f"rows={cfg.rows} a program", c, v * cfg.rows / (32 * cfg.num_warps))
 
@@ -275,9 +281,8 @@ def main(argv=None) -> int:
 
     dt = args.dtype
     ce_sig = _ce_signature(dt)
-    for name, constexprs, warps, per_thread, chunk_per_thread in _cross_entropy_variants(dt):
-        c = compile_sm90(_cross_entropy_kernel, ce_sig, constexprs, warps,
-                         aligned=("logits_stride", "grad_stride", "V", "seg_len"))
+    for name, constexprs, warps, per_thread, chunk_per_thread, aligned in _cross_entropy_variants(dt):
+        c = compile_sm90(_cross_entropy_kernel, ce_sig, constexprs, warps, aligned=aligned)
         report(f"cross-entropy {name}", c, per_thread, chunk_per_thread)
     _report_columns(dt)
     _report_short_rows(dt)

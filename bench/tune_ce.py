@@ -30,6 +30,9 @@ CASES = [  # (name, dtype, N, V, write_grad, softcap)
     ("bf16 V=32768", torch.bfloat16, 8192, 32768, True, None),
     ("bf16 V=128256", torch.bfloat16, 8192, 128256, True, None),
     ("bf16 V=262144", torch.bfloat16, 8192, 262144, True, None),
+    # GPT-2's vocabulary: rows that start and end off 16-byte boundaries, swept from the boundaries
+    # before them (SHIFT in the kernel; bench/NOTES.md section 30)
+    ("bf16 V=50257", torch.bfloat16, 8192, 50257, True, None),
     # past the cap of 32 segments a row (an H100): longer segments swept in chunks, as many bytes
     ("bf16 N=4096 V=524288", torch.bfloat16, 4096, 524288, True, None),
     ("fp32 V=128256", torch.float32, 8192, 128256, True, None),

@@ -170,12 +170,38 @@ def _load_values(x_ptrs, live, t_ptrs, w_ptrs, mask, cap, inv_cap, eps, eps_over
 
 
 @triton.jit
-def _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
+def _inside(c, lo, hi, SHIFT: tl.constexpr):
+    """Which of the columns ``c`` lie in [lo, hi) (without SHIFT lo is the chunks' first column: only
+    ``hi`` is compared)."""
+    if SHIFT:
+        inside = (c >= lo) & (c < hi)
+    else:
+        inside = c < hi
+    return inside
+
+
+@triton.jit
+def _edges(sh, lo, lo_in, end_in, hi, SHIFT: tl.constexpr):
+    """With SHIFT (see the kernel), the columns of a program's edges: those of [lo, hi) before lo_in
+    (from sh on) in lanes 0 to SHIFT - 1, and those from end_in on (where the row's whole vectors end)
+    in lanes SHIFT to 2 SHIFT - 1: their columns, and which of them are the program's."""
+    k = tl.arange(0, 2 * SHIFT)
+    cols = tl.where(k < SHIFT, k, end_in + k - SHIFT)
+    mine = (((k < SHIFT) & (cols >= tl.maximum(sh, lo)) & (cols < tl.minimum(lo_in, hi)))
+            | ((k >= SHIFT) & (cols >= tl.maximum(lo_in, end_in)) & (cols < hi)))
+    return cols, mine
+
+
+@triton.jit
+def _load_chunk(x_row, t_row, weight_ptr, c, lo, hi, v_live, cap, inv_cap, eps, eps_over_v,
                 SOFTCAP: tl.constexpr, TANH_SERIES: tl.constexpr, NEED_A: tl.constexpr, HAS_WEIGHT: tl.constexpr,
-                SMOOTH: tl.constexpr, PROB: tl.constexpr, POLICY: tl.constexpr, INTERPRET: tl.constexpr):
-    """Columns ``c`` of a row, below ``hi`` (see _load_values). Nothing is read past ``v_live``."""
-    return _load_values(x_row + c, c < v_live, t_row + c, weight_ptr + c, c < hi, cap, inv_cap, eps, eps_over_v,
-                        SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY, INTERPRET)
+                SMOOTH: tl.constexpr, PROB: tl.constexpr, SHIFT: tl.constexpr, POLICY: tl.constexpr,
+                INTERPRET: tl.constexpr):
+    """Columns ``c`` of a row, those in [lo, hi) (see _load_values and _inside). Nothing is read at or
+    past ``v_live`` (nor, with SHIFT, before ``lo``)."""
+    return _load_values(x_row + c, _inside(c, lo, v_live, SHIFT), t_row + c, weight_ptr + c, _inside(c, lo, hi, SHIFT),
+                        cap, inv_cap, eps, eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY,
+                        INTERPRET)
 
 
 @triton.jit
@@ -509,6 +535,7 @@ def _cross_entropy_kernel(
     PREDICT: tl.constexpr,  # the gradient is multiplied by *prediction_ptr (the loss is not)
     SEGMENTS: tl.constexpr,
     ROWS: tl.constexpr,  # rows a program (with SINGLE, not SPLIT), a [ROWS, BLOCK] tile
+    SHIFT: tl.constexpr,  # 16 // the element size: the sweeps' columns start on a 16-byte boundary (below); or 0
     REVERSE: tl.constexpr,  # sweep 2 walks the chunks last to first: the most recently read first
     STAGES: tl.constexpr,  # 0: sweep 1 loads the next chunk by hand; else Triton pipelines its loads
     STAGES2: tl.constexpr,  # the same for sweep 2
@@ -539,9 +566,39 @@ def _cross_entropy_kernel(
         lo = 0
         valid = row >= 0
     # Columns are int32 (V < 2^31); the row offsets, which can pass 2^31, are int64.
-    hi = tl.minimum(lo + seg_len, V)  # this program's columns: [lo, hi)
     x_row = logits_ptr + row * logits_stride
     t_row = target_ptr + row * target_stride
+    g_row = grad_ptr + row * grad_stride
+    if SHIFT:
+        # A row that does not start and end on 16-byte boundaries (V or the row stride not a multiple of
+        # SHIFT: GPT-2's V = 50257, a vocabulary grown by a token) would be read and written a value at
+        # a time, as Triton cannot prove a thread's values one vector: bf16 V = 50257 on sm_90, 45.3
+        # SASS instructions an element and sweep 1 not pipelined, against 33.5 (bench/NOTES.md section
+        # 30). So the sweeps count columns from the boundary at or before the row's start, sh values
+        # before it (the launcher gives SHIFT only where the logits and the gradient start on a
+        # boundary and their row strides agree modulo SHIFT): their column j is the row's j - sh. They
+        # take the whole vectors inside the row, [lo_in, hi_in) of this program's [lo, hi), with masks
+        # that start and end on vectors; the few columns before and after them, its edges (at most
+        # SHIFT - 1 at each end of the row), are a small tile of their own, folded into the statistics
+        # and written after sweep 2.
+        sh = ((row * logits_stride) % SHIFT).to(tl.int32)
+        x_sweep = logits_ptr + tl.multiple_of(row * logits_stride - sh, SHIFT)
+        g_sweep = grad_ptr + tl.multiple_of(row * grad_stride - sh, SHIFT)
+        w_sweep = weight_ptr - sh
+        end = V + sh
+        end_in = end // SHIFT * SHIFT
+        if SPLIT:
+            hi = tl.minimum(lo + seg_len, end)  # this program's columns: [lo, hi)
+            hi_in = tl.minimum(lo + seg_len, end_in)
+        else:
+            hi = end
+            hi_in = end_in
+        lo_in = tl.maximum(lo, tl.where(sh > 0, SHIFT, 0))
+    else:
+        sh = 0
+        x_sweep, g_sweep, w_sweep = x_row, g_row, weight_ptr
+        hi = tl.minimum(lo + seg_len, V)  # this program's columns: [lo, hi)
+        lo_in, hi_in = lo, hi
     ce_scale, z_scale = _scales(div_ptr, n_parts, z_off, SCALED, ZLOSS, PARTS)
     eps_over_v = eps / V
 
@@ -568,8 +625,10 @@ def _cross_entropy_kernel(
     CAPTURE_XY: tl.constexpr = (SOFTCAP and TANH_SERIES) and not PROB  # (Triton < 3.4: no chained and)
     AXIS: tl.constexpr = 1 if ROWS > 1 else 0  # the columns' axis
     cols = lo + tl.arange(0, BLOCK)
-    v_live = tl.where(live, hi, 0)  # logits are read only below this column (none for a dead row)
-    x_rows, t_rows, y_lanes = x_row, t_row, y
+    v_live = tl.where(live, hi_in, 0)  # logits are read only below this column (none for a dead row)
+    x_rows, t_rows, y_lanes = x_sweep, t_row, y
+    if SHIFT:  # the target's column in the sweeps, or -1 where it is not in their columns (in an edge)
+        y_lanes = tl.where((y + sh >= lo_in) & (y + sh < hi_in), y + sh, -1)
     if ROWS > 1:  # rows down the tile, columns across
         x_rows, t_rows = x_row[:, None], t_row[:, None]
         if CAPTURE_XY:
@@ -584,9 +643,10 @@ def _cross_entropy_kernel(
     if SINGLE:
         # The whole row (segment) fits one chunk: read it once and keep x (a, and the cap's slope) in
         # registers.
-        mask = cols < hi
-        x, a, slope = _load_chunk(x_rows, t_rows, weight_ptr, cols, hi, v_live, cap, inv_cap, eps, eps_over_v,
-                                  SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB, "evict_first", INTERPRET)
+        mask = _inside(cols, lo_in, hi_in, SHIFT)
+        x, a, slope = _load_chunk(x_rows, t_rows, w_sweep, cols, lo_in, hi_in, v_live, cap, inv_cap, eps,
+                                  eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB, SHIFT,
+                                  "evict_first", INTERPRET)
         m = x
         t = tl.zeros_like(x)
         if NEED_A:  # padding lanes must be -FLT_MAX, not -inf, for d's sa (m - ref) = 0 * (-inf) terms
@@ -600,29 +660,50 @@ def _cross_entropy_kernel(
         if STAGES:
             # Triton's software pipeliner keeps STAGES - 1 chunks in flight (asynchronous copies
             # through shared memory)
-            for start in tl.range(0, hi - lo, BLOCK, num_stages=STAGES):
+            for start in tl.range(0, hi_in - lo, BLOCK, num_stages=STAGES):
                 c = start + cols
-                xc, ac, _ = _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps, eps_over_v,
-                                        SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1, INTERPRET)
-                m, t, sa, d = _lane_update(xc, ac, c < hi, m, t, sa, d, NEED_A, INTERPRET)
+                xc, ac, _ = _load_chunk(x_sweep, t_row, w_sweep, c, lo_in, hi_in, v_live, cap, inv_cap, eps,
+                                        eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB, SHIFT,
+                                        POLICY1, INTERPRET)
+                m, t, sa, d = _lane_update(xc, ac, _inside(c, lo_in, hi_in, SHIFT), m, t, sa, d, NEED_A, INTERPRET)
                 if CAPTURE_XY:
-                    xy = tl.where(c == y, xc, xy)
+                    xy = tl.where(c == y_lanes, xc, xy)
         else:
             # The next chunk's load is issued before this one is folded in (two in flight).
-            xn, an, _ = _load_chunk(x_row, t_row, weight_ptr, cols, hi, v_live, cap, inv_cap, eps, eps_over_v,
-                                    SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1, INTERPRET)
-            for start in range(0, hi - lo, BLOCK):
+            xn, an, _ = _load_chunk(x_sweep, t_row, w_sweep, cols, lo_in, hi_in, v_live, cap, inv_cap, eps,
+                                    eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB, SHIFT, POLICY1,
+                                    INTERPRET)
+            for start in range(0, hi_in - lo, BLOCK):
                 c = start + cols
                 xc, ac = xn, an
-                xn, an, _ = _load_chunk(x_row, t_row, weight_ptr, c + BLOCK, hi, v_live, cap, inv_cap, eps,
-                                        eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB, POLICY1,
-                                        INTERPRET)
-                m, t, sa, d = _lane_update(xc, ac, c < hi, m, t, sa, d, NEED_A, INTERPRET)
+                xn, an, _ = _load_chunk(x_sweep, t_row, w_sweep, c + BLOCK, lo_in, hi_in, v_live, cap, inv_cap, eps,
+                                        eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB, SHIFT,
+                                        POLICY1, INTERPRET)
+                m, t, sa, d = _lane_update(xc, ac, _inside(c, lo_in, hi_in, SHIFT), m, t, sa, d, NEED_A, INTERPRET)
                 if CAPTURE_XY:
-                    xy = tl.where(c == y, xc, xy)
+                    xy = tl.where(c == y_lanes, xc, xy)
     m, t, sa, d = _combine(m, t, sa, d, NEED_A, INTERPRET, AXIS)
     if CAPTURE_XY:
         x_y = tl.sum(xy, axis=AXIS)  # 0 when y is outside [lo, hi) (another segment's)
+    if SHIFT:
+        # The edges: the row's columns before lo_in (from sh, in the first vector) in lanes 0 to
+        # SHIFT - 1, and those from end_in on in lanes SHIFT to 2 SHIFT - 1, where this program holds
+        # them; their statistics, as raw lanes (see _combine), joined to the sweep's. (Read here, before
+        # a split row's programs publish their statistics: in place, before any of its gradient is
+        # written.)
+        edge_cols, on_edge = _edges(sh, lo, lo_in, end_in, hi, SHIFT)
+        _, read = _edges(sh, lo, lo_in, end_in, tl.where(live, hi, 0), SHIFT)  # (none for a dead row)
+        x_edge, a_edge, slope_edge = _load_values(x_sweep + edge_cols, read, t_row, w_sweep + edge_cols,
+                                                  on_edge, cap, inv_cap, eps, eps_over_v, SOFTCAP, TANH_SERIES, NEED_A,
+                                                  HAS_WEIGHT, SMOOTH, PROB, "evict_first", INTERPRET)
+        m_edge, t_edge, sa_edge, d_edge = _combine(tl.where(on_edge, x_edge, _empty()), tl.where(on_edge, 0.0, -1.0),
+                                                   tl.broadcast_to(a_edge, x_edge.shape), tl.zeros_like(x_edge),
+                                                   NEED_A, INTERPRET, 0)
+        sweep = tl.arange(0, 2) == 0
+        m, t, sa, d = _combine(tl.where(sweep, m, m_edge), tl.where(sweep, t, t_edge), tl.where(sweep, sa, sa_edge),
+                               tl.where(sweep, d, d_edge), NEED_A, INTERPRET, 0)
+        if CAPTURE_XY:
+            x_y += tl.sum(tl.where(on_edge & (edge_cols == y + sh), x_edge, 0.0), axis=0)
     if ROWS > 1:
         # The reductions leave each row's statistics in every lane that held its values; stored and
         # loaded back, they are one row a lane (what a load of ROWS values gives), and the row's own
@@ -691,7 +772,6 @@ def _cross_entropy_kernel(
         first = (tl.program_id(0) == 0) if ROWS > 1 else (row == 0) & (seg == 0)
         kp, K, A, B, ref2 = _grad_coefs(K, A, B, t, ref, live, ignored, ce_scale, z_scale, first,
                                         prediction_ptr, predicted_ptr, grad_ptr, PREDICT, ZLOSS)
-        g_row = grad_ptr + row * grad_stride
         out_ty = grad_ptr.dtype.element_ty
         PRECISE: tl.constexpr = out_ty == tl.float32
         if ROWS > 1:
@@ -714,39 +794,44 @@ def _cross_entropy_kernel(
             tl.store(g_row[:, None] + cols, cast_to(g, out_ty, INTERPRET), mask=mask & valid[:, None])
         elif SINGLE:
             g = _chunk_grad(x, a, slope, ref, ref2, kp, A, B, PROB, REST, SOFTCAP, PRECISE, INTERPRET)
-            tl.store(g_row + cols, cast_to(g, out_ty, INTERPRET), mask=mask)
+            tl.store(g_sweep + cols, cast_to(g, out_ty, INTERPRET), mask=mask)
         else:
-            n_chunks = tl.cdiv(hi - lo, BLOCK)
+            n_chunks = tl.cdiv(hi_in - lo, BLOCK)
             first = (n_chunks - 1 if REVERSE else 0) * BLOCK + cols
             step = -BLOCK if REVERSE else BLOCK
             if not STAGES2:
-                xn, an, sn = _load_chunk(x_row, t_row, weight_ptr, first, hi, v_live, cap, inv_cap, eps,
-                                         eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB,
+                xn, an, sn = _load_chunk(x_sweep, t_row, w_sweep, first, lo_in, hi_in, v_live, cap, inv_cap, eps,
+                                         eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB, SHIFT,
                                          "evict_first", INTERPRET)
             for i in tl.range(0, n_chunks, num_stages=STAGES2):
                 c = first + i * step
                 if STAGES2:
-                    xc, ac, sc = _load_chunk(x_row, t_row, weight_ptr, c, hi, v_live, cap, inv_cap, eps,
+                    xc, ac, sc = _load_chunk(x_sweep, t_row, w_sweep, c, lo_in, hi_in, v_live, cap, inv_cap, eps,
                                              eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB,
-                                             "evict_first", INTERPRET)
+                                             SHIFT, "evict_first", INTERPRET)
                 else:
                     # In place (grad is the logits): a chunk is read before it is overwritten, and the
                     # prefetched next chunk is another one, not yet written.
                     xc, ac, sc = xn, an, sn
-                    cn = c + tl.where(i + 1 < n_chunks, step, hi + BLOCK)  # after the last: past hi
-                    xn, an, sn = _load_chunk(x_row, t_row, weight_ptr, cn, hi, v_live, cap, inv_cap, eps,
+                    cn = c + tl.where(i + 1 < n_chunks, step, hi_in + BLOCK)  # after the last: past hi_in
+                    xn, an, sn = _load_chunk(x_sweep, t_row, w_sweep, cn, lo_in, hi_in, v_live, cap, inv_cap, eps,
                                              eps_over_v, SOFTCAP, TANH_SERIES, NEED_A, HAS_WEIGHT, SMOOTH, PROB,
-                                             "evict_first", INTERPRET)
+                                             SHIFT, "evict_first", INTERPRET)
                 g = _chunk_grad(xc, ac, sc, ref, ref2, kp, A, B, PROB, REST, SOFTCAP, PRECISE, INTERPRET)
                 # First out of L2: the gradient is not read again, and other programs' segments, kept
                 # there by sweep 1, are still to be read (bf16 8192 x 128256 on an H100: DRAM read
                 # 2.36 -> 2.16 GB of the logits' 2.10, 81.5 -> 84.6% of the floor; bench/NOTES.md)
-                tl.store(g_row + c, cast_to(g, out_ty, INTERPRET), mask=c < hi, eviction_policy="evict_first")
+                tl.store(g_sweep + c, cast_to(g, out_ty, INTERPRET), mask=_inside(c, lo_in, hi_in, SHIFT),
+                         eviction_policy="evict_first")
+        if SHIFT:  # the edges' gradient (their logits read before any of the row's gradient was written)
+            g_edge = _chunk_grad(x_edge, a_edge, slope_edge, ref, ref2, kp, A, B, PROB, REST, SOFTCAP, PRECISE,
+                                 INTERPRET)
+            tl.store(g_sweep + edge_cols, cast_to(g_edge, out_ty, INTERPRET), mask=on_edge)
         if not PROB:
             # The target lane, written again by the program that holds it once the barrier has
             # ordered its threads' stores.
             g_y = _target_grad(K, A, B, q, l, w_y, slope_y, REST, SMOOTH, SOFTCAP)
-            y_mask = (y >= lo) & (y < hi)
+            y_mask = (y + sh >= lo) & (y + sh < hi)
             if ROWS > 1:
                 y_mask = y_mask & valid
             tl.debug_barrier()
@@ -967,6 +1052,21 @@ def _default_config(n_cols: int, element_size: int, segments_cap: int, write_gra
     return LaunchConfig(block=block, num_warps=max(1, block // (32 * per_thread)), stages=3 if pipelined else 0)
 
 
+def row_shift(logits: Tensor, grad: Tensor | None) -> int:
+    """SHIFT for the rows kernel (rows swept in chunks or split): 16 // the element size where the rows
+    do not all start and end on 16-byte boundaries (V or the row stride not a multiple of it) and can
+    be swept from the boundary before them, that is where the logits and the gradient start on one
+    and their row strides agree modulo it (a gradient of the logits' strides, or the logits
+    themselves); else 0."""
+    per_vector = 16 // logits.element_size()
+    stride = logits.stride(0)
+    if not (logits.shape[1] % per_vector or stride % per_vector) or logits.data_ptr() % 16:
+        return 0
+    if grad is not None and (grad.data_ptr() % 16 or (grad.stride(0) - stride) % per_vector):
+        return 0
+    return per_vector
+
+
 def rows_planes(need_a: bool, rest: bool, softcap: bool) -> int:
     """Floats a row that a launch of several rows a program (ROWS) keeps in its statistics' buffer:
     the row's max and sum and its gradient's kp and ref, the sums of NEED_A, the coefficients A and B
@@ -1092,8 +1192,12 @@ def cross_entropy_fwd(
     segments = max(cfg.segments, 1)
     if segments & (segments - 1):
         raise ValueError(f"cross_entropy_fwd: segments must be 0 or a power of two, got {segments}")
-    seg_len = cdiv(cdiv(n_cols, segments), cfg.block) * cfg.block if split else n_cols
     rows = 1 if columns else cfg.rows
+    # (not for a row in one chunk: its edges would cost more than its vectors save, bench/NOTES.md section 30)
+    chunked = rows == 1 and not (columns or prob) and (split or n_cols > cfg.block)
+    shift = row_shift(logits, grad) if chunked else 0
+    # a split launch's segments: with a shift, its sweeps' columns run to V + (shift - 1) at most
+    seg_len = cdiv(cdiv(n_cols + max(shift - 1, 0), segments), cfg.block) * cfg.block if split else n_cols
     if rows != 1 and (rows < 1 or rows & (rows - 1) or split or seg_len > cfg.block):
         raise ValueError(f"cross_entropy_fwd: rows must be a power of two, and above 1 only for rows in one chunk "
                          f"(not split), got {rows}")
@@ -1175,7 +1279,8 @@ def cross_entropy_fwd(
             *scalars,
         ), options)
         return reduce_partials(loss, loss_dtype) if reduce else loss.view(rows_out)
-    options.update(SINGLE=seg_len <= cfg.block, SPLIT=split, SEGMENTS=segments, STATS=STATS, **cfg.kernel_constexprs)
+    options.update(SINGLE=seg_len <= cfg.block, SPLIT=split, SEGMENTS=segments, STATS=STATS, SHIFT=shift,
+                   **cfg.kernel_constexprs)
     if rows > 1:  # ROWS's statistics
         planes = rows_planes(options["NEED_A"], options["REST"], options["SOFTCAP"])
         stats = torch.empty(n_rows * planes, dtype=torch.float32, device=logits.device)

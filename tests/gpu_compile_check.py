@@ -54,8 +54,10 @@ def cross_entropy_variants():
                           FOCAL=bool(focal), WRITE_GRAD=True, NEED_A=bool(prob or smooth),
                           REST=bool(prob or smooth or z), INTERPRET=False, SCALED=True,
                           BLOCK=launch.block, SINGLE=single, SPLIT=split, SEGMENTS=16 if split else 1,
-                          STATS=STATS, PARTS=PARTS, PREDICT=single != split, **launch.kernel_constexprs)
+                          STATS=STATS, PARTS=PARTS, PREDICT=single != split, SHIFT=0, **launch.kernel_constexprs)
         yield _cross_entropy_kernel, runtime, constexprs, launch.num_warps
+        if rows == 1 and not prob and (split or not single):  # rows off 16-byte boundaries, swept in chunks
+            yield _cross_entropy_kernel, runtime, {**constexprs, "SHIFT": 8 if dt == "bf16" else 4}, launch.num_warps
         if dt == "bf16" and constexprs["PREDICT"]:  # fp16 takes its own prediction branch (a mean or not)
             yield (_cross_entropy_kernel, {**runtime, "logits_ptr": "*fp16", "grad_ptr": "*fp16"},
                    {**constexprs, "SCALED": bool(weight)}, launch.num_warps)

@@ -658,6 +658,65 @@ def _launch_config_checks(config, v, kind):
     torch.testing.assert_close(total, loss.sum(), rtol=1e-6, atol=0)
 
 
+# Rows that do not start and end on 16-byte boundaries, swept in chunks or split (SHIFT in the kernel): 9
+# rows of an odd V start at every offset from a boundary (row r starts r V values in), so each shift is
+# there, as are an ignored row (row 0: its gradient, edges included, is 0), a masked class in the first
+# column (row 1: in the head's edge, row 1's shift not being 0), and targets in the first and the last
+# column (rows 2, 3: edge lanes). A split launch of one segment: V = 1021 in one chunk (its vectors
+# end inside it), 1023 in two (the tail's vector past the first where the row is shifted by 2 or
+# more); V = 3071 in chunks swept by hand, pipelined, and split in two segments (the head and the
+# tail in different programs); and V = 3, a row of edges only.
+OFF_BOUNDARY_LAUNCHES = [(LaunchConfig(block=32, num_warps=1, segments=1), 3),
+                         (LaunchConfig(block=1024, num_warps=4, segments=1), 1021),
+                         (LaunchConfig(block=1024, num_warps=4, segments=1), 1023),
+                         (LaunchConfig(block=1024, num_warps=4), 3071),
+                         (LaunchConfig(block=1024, num_warps=4, stages=3, stages2=3, reverse=False), 3071),
+                         (LaunchConfig(block=1024, num_warps=4, segments=2), 3071)]
+
+
+@pytest.mark.parametrize("config, v", OFF_BOUNDARY_LAUNCHES, ids=_launch_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["plain", "all", "focal"])
+def test_rows_off_16_byte_boundaries(config, v, dtype, kind):
+    logits, target = make(9, v, dtype, ignore=1)
+    logits[1, 0] = float("-inf")
+    target[2], target[3] = 0, v - 1
+    weight = torch.rand(v, device=DEV) + 0.5 if kind == "all" else None
+    opts = dict(config=config)
+    if kind == "all":  # (fp32's softcap takes the target's logit from the lanes: CAPTURE_XY)
+        opts.update(label_smoothing=0.2, z_loss=1e-2, softcap=4.0)
+    elif kind == "focal":
+        opts.update(gamma=2.0)
+    assert ce.row_shift(logits, logits) == 16 // logits.element_size()
+    with concurrent_programs() if config.segments > 1 else contextlib.nullcontext():
+        loss, grad = check(logits, target, weight, (0.5, 0.25), **opts)
+        # in place over a padded buffer (its row stride v + 16: the same shifts), the same bits, and
+        # nothing written before or after a row
+        buf = torch.full((9, v + 16), 7.0, device=DEV, dtype=dtype)
+        view = buf[:, :v]
+        view.copy_(logits)
+        loss2 = cross_entropy_fwd(view, target, weight, torch.tensor([2.0, 4.0], device=DEV), view, **opts)
+    assert torch.equal(loss, loss2) and torch.equal(view, grad)
+    assert (buf[:, v:] == 7.0).all()
+    assert (grad[0] == 0).all()
+
+
+def test_row_shift_only_where_rows_can_be_shifted_to_whole_vectors():
+    """SHIFT is given to rows whose V or row stride is not a multiple of a 16-byte vector's values,
+    where the logits and the gradient start on a 16-byte boundary and their row strides agree modulo
+    a vector: else the sweeps could not start every row on one."""
+    x = torch.randn(4, 1001, device=DEV)  # fp32: 4 values a vector
+    assert ce.row_shift(x, None) == ce.row_shift(x, torch.empty_like(x)) == ce.row_shift(x, x) == 4
+    assert ce.row_shift(x.bfloat16(), None) == 8
+    assert ce.row_shift(torch.randn(4, 1000, device=DEV), None) == 0  # every row on boundaries already
+    wide = torch.randn(4, 1004, device=DEV)
+    assert ce.row_shift(wide[:, :1001], None) == 4  # rows start on boundaries, but do not end on them
+    assert ce.row_shift(wide[:, 1:1002], None) == 0  # the first row starts off a boundary
+    assert ce.row_shift(x, torch.empty(4, 1002, device=DEV)[:, :1001]) == 0  # strides 1001 and 1002
+    assert ce.row_shift(x, torch.empty(4, 1005, device=DEV)[:, :1001]) == 4  # 1001 and 1005: the same shifts
+    assert ce.row_shift(x, torch.empty(4, 1002, device=DEV)[:, 1:]) == 0  # the gradient off a boundary
+
+
 @pytest.mark.parametrize("config", [CONFIGS[0], INTERPRETED_SPLITS[0]], ids=_launch_id)
 @pytest.mark.parametrize("cap", [30.0, 100.0])  # the tanh without its series, and with it (FAST_TANH_MAX_CAP)
 def test_16_bit_softcap_in_a_row_and_split(config, cap):
