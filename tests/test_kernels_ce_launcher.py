@@ -676,7 +676,7 @@ OFF_BOUNDARY_LAUNCHES = [(LaunchConfig(block=32, num_warps=1, segments=1), 3),
 
 @pytest.mark.parametrize("config, v", OFF_BOUNDARY_LAUNCHES, ids=_launch_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["plain", "all", "focal"])
+@pytest.mark.parametrize("kind", ["plain", "all"])  # (focal's rows differ in their own work only)
 def test_rows_off_16_byte_boundaries(config, v, dtype, kind):
     logits, target = make(9, v, dtype, ignore=1)
     logits[1, 0] = float("-inf")
@@ -685,8 +685,6 @@ def test_rows_off_16_byte_boundaries(config, v, dtype, kind):
     opts = dict(config=config)
     if kind == "all":  # (fp32's softcap takes the target's logit from the lanes: CAPTURE_XY)
         opts.update(label_smoothing=0.2, z_loss=1e-2, softcap=4.0)
-    elif kind == "focal":
-        opts.update(gamma=2.0)
     assert ce.row_shift(logits, logits) == 16 // logits.element_size()
     with concurrent_programs() if config.segments > 1 else contextlib.nullcontext():
         loss, grad = check(logits, target, weight, (0.5, 0.25), **opts)
