@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -162,7 +163,7 @@ def _cross_entropy_variants(dtype: str):
     shapes, and of GPT-2's vocabulary (V = 50257: rows off 16-byte boundaries, SHIFT in the kernel), as
     ``cross_entropy_fwd`` derives them."""
     from fastloss.kernels.common import cdiv
-    from fastloss.kernels.cross_entropy import MAX_SEGMENTS, STATS, _default_config
+    from fastloss.kernels.cross_entropy import MAX_SEGMENTS, STATS, _default_config, row_shift, segment_length
 
     plain = dict(_ce_plain(), STATS=STATS)
     size = ELEMENT_SIZE[dtype]
@@ -177,8 +178,9 @@ def _cross_entropy_variants(dtype: str):
         write_grad = extra.get("WRITE_GRAD", True)
         cfg = _default_config(v, size, MAX_SEGMENTS if write_grad else 0, write_grad)  # an H100's
         segments = max(cfg.segments, 1)
-        shift = 16 // size if v * size % 16 else 0  # (cross_entropy.row_shift, for contiguous logits)
-        seg_len = cdiv(cdiv(v + max(shift - 1, 0), segments), cfg.block) * cfg.block if cfg.segments else v
+        # the shift of contiguous logits of this element size (a 16-byte aligned allocation)
+        shift = row_shift(torch.empty(2, v, dtype={2: torch.bfloat16, 4: torch.float32}[size]), None)
+        seg_len = segment_length(v, segments, cfg.block, shift) if cfg.segments else v
         single = seg_len <= cfg.block
         threads = 32 * cfg.num_warps
         # the headline's mean loss predicts grad_output when it writes a gradient (autograd._PREDICTIONS)

@@ -692,7 +692,7 @@ def _cross_entropy_kernel(
         # a split row's programs publish their statistics: in place, before any of its gradient is
         # written.)
         edge_cols, on_edge = _edges(sh, lo, lo_in, end_in, hi, SHIFT)
-        _, read = _edges(sh, lo, lo_in, end_in, tl.where(live, hi, 0), SHIFT)  # (none for a dead row)
+        read = tl.where(live, on_edge, False)  # (none for a dead row)
         x_edge, a_edge, slope_edge = _load_values(x_sweep + edge_cols, read, t_row, w_sweep + edge_cols,
                                                   on_edge, cap, inv_cap, eps, eps_over_v, SOFTCAP, TANH_SERIES, NEED_A,
                                                   HAS_WEIGHT, SMOOTH, PROB, "evict_first", INTERPRET)
@@ -1052,6 +1052,13 @@ def _default_config(n_cols: int, element_size: int, segments_cap: int, write_gra
     return LaunchConfig(block=block, num_warps=max(1, block // (32 * per_thread)), stages=3 if pipelined else 0)
 
 
+def segment_length(n_cols: int, segments: int, block: int, shift: int) -> int:
+    """The columns of each program of a split launch (``seg_len`` in the kernel): whole chunks of
+    ``block``, ``segments`` of them covering the row, and with a ``shift`` (SHIFT in the kernel) the
+    shift - 1 columns more that its sweeps may count."""
+    return cdiv(cdiv(n_cols + max(shift - 1, 0), segments), block) * block
+
+
 def row_shift(logits: Tensor, grad: Tensor | None) -> int:
     """SHIFT for the rows kernel (rows swept in chunks or split): 16 // the element size where the rows
     do not all start and end on 16-byte boundaries (V or the row stride not a multiple of it) and can
@@ -1196,8 +1203,7 @@ def cross_entropy_fwd(
     # (not for a row in one chunk: its edges would cost more than its vectors save, bench/NOTES.md section 30)
     chunked = rows == 1 and not (columns or prob) and (split or n_cols > cfg.block)
     shift = row_shift(logits, grad) if chunked else 0
-    # a split launch's segments: with a shift, its sweeps' columns run to V + (shift - 1) at most
-    seg_len = cdiv(cdiv(n_cols + max(shift - 1, 0), segments), cfg.block) * cfg.block if split else n_cols
+    seg_len = segment_length(n_cols, segments, cfg.block, shift) if split else n_cols
     if rows != 1 and (rows < 1 or rows & (rows - 1) or split or seg_len > cfg.block):
         raise ValueError(f"cross_entropy_fwd: rows must be a power of two, and above 1 only for rows in one chunk "
                          f"(not split), got {rows}")
